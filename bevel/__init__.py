@@ -1,0 +1,14 @@
+"""bevel: capture a PyTorch model as a graph, rewrite it with a pipeline of passes, and run or export the result."""
+
+from bevel.errors import (ArtifactError, BevelError, CaptureError, ExportError, ModelLoadError, ParamError,
+                          PassError, PipelineError)
+
+__version__ = "0.1.0"
+
+from bevel.compiler.compile import compile  # noqa: E402
+from bevel.compiler.pipeline import Pipeline  # noqa: E402
+from bevel import passes  # noqa: E402
+from bevel.runtime.artifact import load  # noqa: E402
+
+__all__ = ["compile", "load", "Pipeline", "passes", "ArtifactError", "BevelError", "CaptureError", "ExportError", "ModelLoadError", "ParamError",
+           "PassError", "PipelineError", "__version__"]

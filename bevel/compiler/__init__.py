@@ -1,0 +1,1 @@
+"""The compiler: pipeline language, pass manager, compile(), report, torch.compile backend and CLI."""

@@ -1,0 +1,95 @@
+"""``bevel.compile``: capture a model, run a pipeline of passes over its graph, and return a CompiledModule."""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Iterable
+
+import torch
+
+from bevel.codegen.lower import check_device, lower
+from bevel.compiler.fidelity import run_batches
+from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures
+from bevel.compiler.pipeline import build_pipeline
+from bevel.compiler.report import Report
+from bevel.errors import BevelError, CaptureError, ParamError
+from bevel.ir.capture import capture
+from bevel.passes.base import Pass, PassContext
+from bevel.runtime.compiled_module import CompiledModule
+
+
+def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
+    """A model's positional inputs as a tuple: a lone tensor becomes a 1-tuple."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    raise BevelError(f"{what} must be a tuple of positional inputs (or one tensor), got {type(batch).__name__}")
+
+
+def copy_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode, so capture and passes never touch the user's model."""
+    try:
+        clone = copy.deepcopy(model)
+    except Exception as error:  # deepcopy fails on some attributes (locks, handles): say which model
+        raise CaptureError(f"could not copy {type(model).__name__} before capture ({error}); bevel never "
+                           f"modifies the user's model, so it needs a copyable one") from error
+    return clone.eval()
+
+
+def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cleanup",
+            example_inputs: Any = None, calibration: Iterable[Any] | None = None, device: str = "cpu",
+            max_fidelity_drop: float | None = None, dynamic_shapes: Any = None, seed: int = 0,
+            on_pass_start: ProgressHook | None = None, on_pass_end: ProgressHook | None = None) -> CompiledModule:
+    """Rewrite ``model`` with the pipeline ``passes`` and return a CompiledModule to call, save or export.
+
+    Args:
+        model: the nn.Module to optimize; it is copied, never modified.
+        passes: a pipeline string (``"cleanup | prune.magnitude(sparsity=0.3)"``), a Pass, or a list
+            of strings and Pass instances. Errors in it are raised before any work.
+        example_inputs: a tuple of positional inputs used to capture the graph (a lone tensor is
+            accepted). Defaults to the first calibration batch.
+        calibration: an iterable of input tuples; the fidelity check compares the rewritten graph with
+            the original model on them, and calibrating passes read them. Defaults to the example inputs.
+        device: where the compiled module runs ("cpu" or "cuda").
+        max_fidelity_drop: the largest accepted drop in cosine similarity against the original model
+            (0.01 = outputs keep a cosine of at least 0.99); a pass that goes beyond it is rolled back
+            and the report says why. None disables the budget.
+        dynamic_shapes: None (input dimensions may vary where the model allows it), "static", or a
+            torch.export dynamic_shapes spec.
+        seed: seed set before each pass, for passes that sample.
+        on_pass_start, on_pass_end: progress callbacks ``(index, count, pass[, report_entry])``.
+    """
+    pipeline = build_pipeline(passes)
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"bevel.compile expects a torch.nn.Module, got {type(model).__name__}")
+    if max_fidelity_drop is not None and not (0.0 <= max_fidelity_drop <= 2.0):
+        raise ParamError(f"max_fidelity_drop={max_fidelity_drop} is out of range; it must be in [0, 2] "
+                         f"(a drop in cosine similarity)", key="max_fidelity_drop")
+    check_device(device)
+    batches = [as_input_tuple(b, "each calibration batch") for b in calibration] if calibration is not None else []
+    if example_inputs is None:
+        if not batches:
+            raise BevelError("bevel.compile needs example_inputs=(...) (or calibration batches) to capture the model")
+        example_inputs = batches[0]
+    example_inputs = as_input_tuple(example_inputs, "example_inputs")
+    check_order(pipeline, has_calibration=bool(batches))
+    ctx = PassContext(calibration=batches or [example_inputs], example_inputs=example_inputs, device=device,
+                      seed=seed, max_fidelity_drop=max_fidelity_drop, user_calibration=bool(batches))
+
+    original = copy_model(model)
+    try:
+        reference = run_batches(original, ctx.calibration)
+    except Exception as error:
+        raise CaptureError(f"{type(model).__name__} fails on its own inputs before capture: "
+                           f"{type(error).__name__}: {error}") from error
+    start = time.perf_counter()
+    graph = capture(original, example_inputs, dynamic_shapes)
+    capture_seconds = time.perf_counter() - start
+    report = Report(model=type(model).__name__, pipeline=" | ".join(repr(p) for p in pipeline),
+                    original=measure_figures(graph), capture_seconds=capture_seconds,
+                    calibration_batches=len(ctx.calibration), max_fidelity_drop=max_fidelity_drop)
+    manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end)
+    graph, report.passes = manager.run(graph)
+    return CompiledModule(lower(graph, device), example_inputs, report, report.pipeline)

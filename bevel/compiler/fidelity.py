@@ -1,0 +1,95 @@
+"""The fidelity check: outputs of a rewritten graph against the original model's on calibration batches.
+
+Figures, each over every calibration batch and every floating-point output tensor:
+- ``cosine``: the smallest per-sample cosine similarity (samples are rows of the first dimension);
+- ``max_abs_error``: the largest absolute difference;
+- ``top1_agreement``: for logits (outputs named ``logits``, or a bare 2-D output with more than one
+  column), the fraction of rows whose argmax is unchanged; None when no output is a logit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import keystr, tree_flatten_with_path
+
+
+@dataclass
+class Fidelity:
+    """How close the rewritten outputs are to the original ones (see the module docstring)."""
+
+    cosine: float
+    max_abs_error: float
+    top1_agreement: float | None = None
+
+    @property
+    def drop(self) -> float:
+        """1 - cosine: what ``max_fidelity_drop`` is compared with."""
+        return 1.0 - self.cosine
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Leaf:
+    path: str
+    value: torch.Tensor
+
+
+def flatten_outputs(outputs: Any) -> list[_Leaf]:
+    """The floating-point tensors of a model's output structure, with their pytree paths."""
+    leaves, _ = tree_flatten_with_path(outputs)
+    return [_Leaf(keystr(path), value.detach().float().cpu()) for path, value in leaves
+            if isinstance(value, torch.Tensor) and value.is_floating_point()]
+
+
+def run_batches(fn: Callable[..., Any], batches: list[tuple[Any, ...]]) -> list[list[_Leaf]]:
+    """Call ``fn`` on every batch without gradients and keep the flattened float outputs."""
+    with torch.no_grad():
+        return [flatten_outputs(fn(*batch)) for batch in batches]
+
+
+def _is_logits(leaf: _Leaf, single_output: bool) -> bool:
+    if "logits" in leaf.path:
+        return leaf.value.dim() >= 2 and leaf.value.shape[-1] > 1
+    return single_output and leaf.value.dim() == 2 and leaf.value.shape[-1] > 1
+
+
+def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]]) -> Fidelity:
+    """Fidelity of ``candidate`` outputs against ``reference`` outputs, batch by batch."""
+    cosine, max_err, agree, rows = 1.0, 0.0, 0, 0
+    for ref_batch, new_batch in zip(reference, candidate, strict=True):
+        if len(ref_batch) != len(new_batch):
+            raise ValueError(f"the rewritten graph returns {len(new_batch)} float outputs, "
+                             f"the original {len(ref_batch)}")
+        for ref, new in zip(ref_batch, new_batch):
+            if ref.value.shape != new.value.shape:
+                raise ValueError(f"output {ref.path or '[0]'} changed shape from {tuple(ref.value.shape)} "
+                                 f"to {tuple(new.value.shape)}")
+            a = ref.value.reshape(ref.value.shape[0], -1) if ref.value.dim() > 1 else ref.value.reshape(1, -1)
+            b = new.value.reshape(a.shape)
+            if not torch.isfinite(b).all():
+                return Fidelity(cosine=-1.0, max_abs_error=float("inf"), top1_agreement=None)
+            cosine = min(cosine, _min_row_cosine(a, b))
+            if a.numel():
+                max_err = max(max_err, float((a - b).abs().max()))
+            if _is_logits(ref, len(ref_batch) == 1):
+                same = ref.value.argmax(-1) == new.value.argmax(-1)
+                agree += int(same.sum())
+                rows += same.numel()
+    return Fidelity(cosine=cosine, max_abs_error=max_err, top1_agreement=agree / rows if rows else None)
+
+
+def _min_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 1.0
+    a, b = a.double(), b.double()
+    norms = a.norm(dim=1) * b.norm(dim=1)
+    dots = (a * b).sum(dim=1)
+    both_zero = (a.norm(dim=1) == 0) & (b.norm(dim=1) == 0)
+    cos = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
+    cos = torch.where(both_zero, torch.ones_like(cos), cos)  # two zero rows agree exactly
+    return float(cos.min().clamp(-1.0, 1.0))

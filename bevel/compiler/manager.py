@@ -1,0 +1,110 @@
+"""The pass manager: checks a pipeline's order, then runs each pass inside its instruments.
+
+Instruments around every pass: wall time, graph lint, params/bytes/FLOPs/sparsity before and after,
+and the fidelity check against the original model. A pass that raises, leaves a malformed graph,
+or breaks the fidelity budget is rolled back, and its report entry says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from bevel.compiler.fidelity import Fidelity, compare, run_batches
+from bevel.compiler.report import GraphFigures, PassReport
+from bevel.errors import PipelineError
+from bevel.ir import analysis
+from bevel.ir.graph import Graph
+from bevel.passes.base import Pass, PassContext
+
+log = logging.getLogger("bevel")
+
+# Called before each pass with (index, count, pass) and after with (index, count, pass, entry).
+ProgressHook = Callable[..., None]
+
+
+def check_order(passes: list[Pass], has_calibration: bool) -> None:
+    """Refuse a pipeline whose declared needs, requirements or conflicts are not met, before any work."""
+    names = [p.name for p in passes]
+    for i, p in enumerate(passes):
+        if p.needs_calibration and not has_calibration:
+            raise PipelineError(f"pass '{p.name}' needs calibration data: pass calibration=[batch, ...] "
+                                f"(or --calibration on the command line)")
+        for required in p.requires:
+            if required not in names[:i]:
+                raise PipelineError(f"pass '{p.name}' requires '{required}' earlier in the pipeline; "
+                                    f"write '{required} | {p.name}'")
+        for other in p.conflicts:
+            if other in names:
+                raise PipelineError(f"passes '{p.name}' and '{other}' cannot be in the same pipeline")
+
+
+def measure_figures(graph: Graph) -> GraphFigures:
+    """Params, bytes, FLOPs and Linear/Conv sparsity of ``graph``."""
+    return GraphFigures(params=analysis.param_count(graph), bytes=analysis.param_bytes(graph),
+                        flops=analysis.total_flops(graph), sparsity=analysis.weight_sparsity(graph))
+
+
+class PassManager:
+    """Runs passes in order over one graph, keeping each rewrite only if it passes the instruments."""
+
+    def __init__(self, passes: list[Pass], ctx: PassContext, reference_outputs: list,
+                 on_start: ProgressHook | None = None, on_end: ProgressHook | None = None) -> None:
+        self.passes = passes
+        self.ctx = ctx
+        self.reference = reference_outputs
+        self.on_start = on_start
+        self.on_end = on_end
+
+    def run(self, graph: Graph) -> tuple[Graph, list[PassReport]]:
+        """Run every pass; returns the final graph (a rolled-back pass leaves its input) and the entries."""
+        entries = []
+        figures = measure_figures(graph)
+        for index, p in enumerate(self.passes):
+            if self.on_start:
+                self.on_start(index, len(self.passes), p)
+            graph, entry = self._run_one(p, graph, figures)
+            figures = entry.after
+            log.info("%s: %s in %.2f s%s", entry.name, entry.status, entry.seconds,
+                     f" ({entry.reason})" if entry.reason else "")
+            entries.append(entry)
+            if self.on_end:
+                self.on_end(index, len(self.passes), p, entry)
+        return graph, entries
+
+    def _run_one(self, p: Pass, graph: Graph, before: GraphFigures) -> tuple[Graph, PassReport]:
+        name = repr(p)
+        snapshot = graph.copy()
+        torch.manual_seed(self.ctx.seed)
+        start = time.perf_counter()
+        try:
+            result = p.run(graph, self.ctx)
+            problems = graph.lint()
+            fidelity = self.fidelity(graph)
+        except Exception as error:  # a failing pass must not take the compile down with it
+            seconds = time.perf_counter() - start
+            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+            log.warning("pass %s failed and was rolled back: %s", name, detail)
+            return snapshot, PassReport(name, "failed", seconds, before, before, reason=detail)
+        seconds = time.perf_counter() - start
+        if problems:
+            return snapshot, PassReport(name, "rolled back", seconds, before, before,
+                                        reason="the rewritten graph is malformed: " + "; ".join(problems[:3]))
+        after = measure_figures(graph)
+        budget = self.ctx.max_fidelity_drop
+        if budget is not None and fidelity.drop > budget:
+            reason = (f"fidelity drop {fidelity.drop:.4g} (cosine {fidelity.cosine:.5f}) exceeds "
+                      f"max_fidelity_drop={budget}")
+            return snapshot, PassReport(name, "rolled back", seconds, before, before, fidelity=fidelity,
+                                        reason=reason, stats=result.stats, notes=result.notes)
+        status = "applied" if result.changed else "no change"
+        return graph, PassReport(name, status, seconds, before, after, fidelity=fidelity,
+                                 stats=result.stats, notes=result.notes)
+
+    def fidelity(self, graph: Graph) -> Fidelity:
+        """The graph's outputs on the calibration batches against the original model's."""
+        return compare(self.reference, run_batches(graph, self.ctx.calibration))

@@ -1,0 +1,163 @@
+"""The compile report: per-pass time, size, FLOPs, sparsity and fidelity; a table, markdown or JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from bevel.compiler.fidelity import Fidelity
+
+
+@dataclass
+class GraphFigures:
+    """Size and cost of a graph at one point of the pipeline."""
+
+    params: int
+    bytes: int
+    flops: int
+    sparsity: float  # fraction of zeros over Linear/Conv weights
+
+    def to_json(self) -> dict[str, Any]:
+        return {"params": self.params, "bytes": self.bytes, "flops": self.flops,
+                "sparsity": round(self.sparsity, 6)}
+
+
+@dataclass
+class PassReport:
+    """What one pass did. ``status`` is "applied", "no change", "rolled back" or "failed"."""
+
+    name: str
+    status: str
+    seconds: float
+    before: GraphFigures
+    after: GraphFigures
+    fidelity: Fidelity | None = None
+    reason: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 4),
+                "before": self.before.to_json(), "after": self.after.to_json(),
+                "fidelity": self.fidelity.to_json() if self.fidelity else None,
+                "reason": self.reason, "stats": self.stats, "notes": self.notes}
+
+
+@dataclass
+class Report:
+    """Everything a compile measured: the original graph, then one entry per pass."""
+
+    model: str
+    pipeline: str
+    original: GraphFigures
+    capture_seconds: float
+    calibration_batches: int
+    passes: list[PassReport] = field(default_factory=list)
+    max_fidelity_drop: float | None = None
+
+    @property
+    def final(self) -> GraphFigures:
+        """Figures of the graph after the last pass."""
+        return self.passes[-1].after if self.passes else self.original
+
+    @property
+    def fidelity(self) -> Fidelity | None:
+        """Fidelity of the final graph: that of the last pass that kept its rewrite."""
+        for entry in reversed(self.passes):
+            if entry.status in ("applied", "no change") and entry.fidelity is not None:
+                return entry.fidelity
+        return None
+
+    def __getitem__(self, name: str) -> PassReport:
+        """The entry of the first pass whose name (without parameters) is ``name``."""
+        for entry in self.passes:
+            if entry.name == name or entry.name.split("(")[0] == name:
+                return entry
+        raise KeyError(f"no pass named '{name}' in this report (passes: {[p.name for p in self.passes]})")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable dict of every figure."""
+        return {"model": self.model, "pipeline": self.pipeline, "original": self.original.to_json(),
+                "capture_seconds": round(self.capture_seconds, 4),
+                "calibration_batches": self.calibration_batches,
+                "max_fidelity_drop": self.max_fidelity_drop, "passes": [p.to_json() for p in self.passes]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Report":
+        """Rebuild a report written by :meth:`to_json` (used when an artifact is loaded)."""
+        def figures(d: dict[str, Any]) -> GraphFigures:
+            return GraphFigures(d["params"], d["bytes"], d["flops"], d["sparsity"])
+
+        passes = [PassReport(name=p["name"], status=p["status"], seconds=p["seconds"],
+                             before=figures(p["before"]), after=figures(p["after"]),
+                             fidelity=Fidelity(**p["fidelity"]) if p["fidelity"] else None,
+                             reason=p["reason"], stats=p["stats"], notes=p["notes"]) for p in data["passes"]]
+        return cls(model=data["model"], pipeline=data["pipeline"], original=figures(data["original"]),
+                   capture_seconds=data["capture_seconds"], calibration_batches=data["calibration_batches"],
+                   passes=passes, max_fidelity_drop=data.get("max_fidelity_drop"))
+
+    def rows(self) -> list[list[str]]:
+        """The table's rows as text: the original graph first, then each pass."""
+        rows = [["(original)", "", "", _count(self.original.params), _mb(self.original.bytes),
+                 _gflops(self.original.flops), f"{self.original.sparsity:.1%}", "", "", ""]]
+        for p in self.passes:
+            fid = p.fidelity
+            rows.append([p.name, p.status, f"{p.seconds:.2f}", _count(p.after.params), _mb(p.after.bytes),
+                         _gflops(p.after.flops), f"{p.after.sparsity:.1%}",
+                         f"{fid.cosine:.5f}" if fid else "", f"{fid.max_abs_error:.2e}" if fid else "",
+                         f"{fid.top1_agreement:.1%}" if fid and fid.top1_agreement is not None else ""])
+        return rows
+
+    HEADERS = ["pass", "status", "time s", "params", "MB", "GFLOPs", "zeros", "cosine", "max abs err", "top-1"]
+
+    def __str__(self) -> str:
+        from io import StringIO
+
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"bevel report: {self.model}", caption=self._caption())
+        for header in self.HEADERS:
+            table.add_column(header, justify="left" if header in ("pass", "status") else "right")
+        for row in self.rows():
+            table.add_row(*row)
+        buffer = StringIO()
+        Console(file=buffer, width=140, force_terminal=False, color_system=None).print(table)
+        return buffer.getvalue().rstrip() + self._reasons()
+
+    def to_markdown(self) -> str:
+        """The same table as GitHub markdown, with the notes under it."""
+        lines = [f"# bevel report: {self.model}", "", f"Pipeline: `{self.pipeline}`", "",
+                 "| " + " | ".join(self.HEADERS) + " |", "|" + "---|" * len(self.HEADERS)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
+        lines += ["", self._caption(), self._reasons()]
+        return "\n".join(lines).rstrip() + "\n"
+
+    def _caption(self) -> str:
+        budget = "none" if self.max_fidelity_drop is None else f"{self.max_fidelity_drop}"
+        return (f"capture {self.capture_seconds:.2f} s; fidelity on {self.calibration_batches} calibration "
+                f"batch(es) against the original model; zeros = share of Linear/Conv weights equal to 0; "
+                f"fidelity budget (max drop in cosine): {budget}")
+
+    def _reasons(self) -> str:
+        lines = [f"\n- {p.name}: {p.status}: {p.reason}" for p in self.passes if p.reason]
+        lines += [f"\n- {p.name}: {note}" for p in self.passes for note in p.notes]
+        return "".join(lines)
+
+    def save_json(self, path: str) -> None:
+        """Write :meth:`to_json` to ``path``."""
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else str(n)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def _gflops(n: int) -> str:
+    return f"{n / 1e9:.3f}"

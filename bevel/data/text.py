@@ -1,0 +1,43 @@
+"""Real English sentences from the documentation bundled with Python (``pydoc_data.topics``)."""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_MARKUP = re.compile(r"\*\*\*|===|---|\+\+\+")  # heading underlines and table rules
+
+
+@functools.lru_cache(maxsize=1)
+def _all_sentences() -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    found, seen = [], set()
+    for key in sorted(topics):
+        # paragraphs are separated by blank lines; code blocks are indented and skipped
+        for paragraph in re.split(r"\n\s*\n", topics[key]):
+            if paragraph.startswith((" ", "\t", ">>>")):
+                continue
+            text = " ".join(paragraph.split())
+            for sentence in _SENTENCE_END.split(text):
+                words = sentence.split()
+                if (4 <= len(words) and sentence[0].isupper() and not _MARKUP.search(sentence)
+                        and sentence not in seen):
+                    seen.add(sentence)
+                    found.append(sentence)
+    return tuple(found)
+
+
+def sentences(n: int | None = None, seed: int | None = None, max_words: int = 80) -> list[str]:
+    """``n`` English sentences (all of them if None) of at most ``max_words`` words.
+
+    The order is fixed; with ``seed`` the sentences are a reproducible random sample instead, so
+    that different seeds give different (mostly disjoint) sets for calibration and evaluation.
+    """
+    pool = [s for s in _all_sentences() if len(s.split()) <= max_words]
+    if seed is not None:
+        pool = pool[:]
+        random.Random(seed).shuffle(pool)
+    return pool if n is None else pool[:n]

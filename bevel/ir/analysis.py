@@ -1,0 +1,135 @@
+"""Analyses over a graph: parameter count, bytes, FLOPs per node, and weight sparsity of Linear/Conv layers.
+
+FLOPs count multiply-adds as two operations and cover the ops that dominate inference cost:
+linear, matmul-family, convolution and scaled-dot-product attention. Symbolic sizes are
+evaluated at the example inputs the graph was captured with.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.fx as fx
+
+from bevel.ir.meta import concrete
+
+if TYPE_CHECKING:
+    from bevel.ir.graph import Graph
+
+aten = torch.ops.aten
+
+LINEAR_OPS = (aten.linear.default,)
+CONV_OPS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
+            aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
+
+
+def _shape(node: Any) -> list[int]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else node
+    if not isinstance(val, torch.Tensor):
+        raise ValueError(f"node {node} has no tensor metadata")
+    return [concrete(d) for d in val.shape]
+
+
+def _numel(shape: list[int]) -> int:
+    return math.prod(shape)
+
+
+def _linear_flops(node: fx.Node) -> int:
+    return 2 * _numel(_shape(node)) * _shape(node.args[1])[1]
+
+
+def _matmul_flops(node: fx.Node) -> int:
+    return 2 * _numel(_shape(node)) * _shape(node.args[0])[-1]
+
+
+def _addmm_flops(node: fx.Node) -> int:
+    return 2 * _numel(_shape(node)) * _shape(node.args[1])[-1]
+
+
+def _conv_flops(node: fx.Node) -> int:
+    # each output element is a dot product over (in_channels / groups) * kernel elements
+    return 2 * _numel(_shape(node)) * _numel(_shape(node.args[1])[1:])
+
+
+def _attention_flops(node: fx.Node) -> int:
+    q, k, v = (_shape(a) for a in node.args[:3])
+    batch_heads = _numel(q[:-2])
+    return 2 * batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+_FLOPS: dict[Any, Callable[[fx.Node], int]] = {
+    aten.linear.default: _linear_flops,
+    aten.matmul.default: _matmul_flops,
+    aten.mm.default: _matmul_flops,
+    aten.bmm.default: _matmul_flops,
+    aten.addmm.default: _addmm_flops,
+    aten.baddbmm.default: _addmm_flops,
+    aten.scaled_dot_product_attention.default: _attention_flops,
+    **{op: _conv_flops for op in CONV_OPS},
+}
+
+
+def register_flops(target: Any, count: Callable[[fx.Node], int]) -> None:
+    """Teach the FLOP counter a new op (custom ops register their own count here)."""
+    _FLOPS[target] = count
+
+
+def node_flops(node: fx.Node) -> int:
+    """FLOPs of one node at the example input sizes; 0 for ops the counter does not model."""
+    count = _FLOPS.get(node.target) if node.op == "call_function" else None
+    return count(node) if count is not None else 0
+
+
+def flops_per_node(graph: "Graph") -> dict[str, int]:
+    """FLOPs of every node that has any, by node name."""
+    result = {}
+    for node in graph.nodes(op="call_function"):
+        value = node_flops(node)
+        if value:
+            result[node.name] = value
+    return result
+
+
+def total_flops(graph: "Graph") -> int:
+    """FLOPs of one forward call at the example input sizes."""
+    return sum(flops_per_node(graph).values())
+
+
+def _unique_tensors(graph: "Graph") -> list[torch.Tensor]:
+    seen, tensors = set(), []
+    for tensor in graph.tensors().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            tensors.append(tensor)
+    return tensors
+
+
+def param_count(graph: "Graph") -> int:
+    """Number of stored weight elements (parameters and buffers, shared tensors counted once)."""
+    return sum(t.numel() for t in _unique_tensors(graph))
+
+
+def param_bytes(graph: "Graph") -> int:
+    """Bytes of stored weights (parameters and buffers, shared tensors counted once)."""
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(graph))
+
+
+def layer_weights(graph: "Graph", ops: tuple[Any, ...] = LINEAR_OPS + CONV_OPS) -> dict[str, torch.Tensor]:
+    """Weights of the Linear and Conv layers by name: the get_attr parameters in their weight slot."""
+    weights = {}
+    for node in graph.nodes(op="call_function", target=ops):
+        weight = node.args[1] if len(node.args) > 1 else None
+        if graph.is_parameter(weight):
+            weights[weight.target] = graph.param(weight.target)
+    return weights
+
+
+def weight_sparsity(graph: "Graph") -> float:
+    """Fraction of zeros over all Linear and Conv weights."""
+    weights = layer_weights(graph).values()
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / total if total else 0.0

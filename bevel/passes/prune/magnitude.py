@@ -1,0 +1,94 @@
+"""``prune.magnitude``: global unstructured magnitude pruning with a per-layer floor.
+
+One threshold on |w| across every Linear and Conv weight, so layers with many small weights lose
+more; each layer keeps at least ``min_keep`` of its weights so none is emptied. This is global
+magnitude pruning with a minimum threshold from Gupta et al., "Is Complexity Required for Neural
+Network Pruning? A Case Study on Global Magnitude Pruning". Pruned weights are stored as zeros.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import torch
+
+from bevel.ir.analysis import layer_weights
+from bevel.ir.graph import Graph
+from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
+from bevel.passes.registry import register_pass
+
+
+@register_pass("prune.magnitude")
+class GlobalMagnitudePrune(Pass):
+    """Zero the smallest-magnitude weights across all Linear and Conv layers at once."""
+
+    @dataclass
+    class Params(PassParams):
+        sparsity: float = param(0.5, "fraction of all Linear/Conv weights set to zero", ge=0.0, lt=1.0)
+        min_keep: float = param(0.01, "fraction of each layer's weights always kept (the per-layer floor)",
+                                gt=0.0, le=1.0)
+        skip: tuple[str, ...] = param((), "weight-name patterns (fnmatch, e.g. 'pooler.*') left dense")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        weights = {name: w for name, w in layer_weights(graph).items()
+                   if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip)}
+        if not weights:
+            return PassResult(changed=False, notes=["no Linear or Conv weights to prune"])
+        keep_counts = global_magnitude_keep_counts(weights, self.params.sparsity, self.params.min_keep)
+        per_layer = {}
+        for name, weight in weights.items():
+            pruned = prune_smallest(weight, weight.numel() - keep_counts[name])
+            graph.set_param(name, pruned)
+            per_layer[name] = round(1 - keep_counts[name] / weight.numel(), 4)
+        total = sum(w.numel() for w in weights.values())
+        achieved = 1 - sum(keep_counts.values()) / total
+        notes = []
+        if achieved < self.params.sparsity - 0.005:
+            notes.append(f"reached sparsity {achieved:.3f} < {self.params.sparsity}: "
+                         f"min_keep={self.params.min_keep} holds weights in every layer")
+        graph.refresh()
+        stats = {"sparsity": round(achieved, 4), "layers": len(weights), "per_layer_sparsity": per_layer}
+        return PassResult(changed=True, stats=stats, notes=notes)
+
+
+def global_magnitude_keep_counts(weights: dict[str, torch.Tensor], sparsity: float,
+                                 min_keep: float) -> dict[str, int]:
+    """How many weights each layer keeps under one global magnitude threshold with a per-layer floor.
+
+    Finds the smallest threshold t such that pruning every weight with |w| <= t, but never more than
+    a layer's cap (its size minus the floor), removes at least ``sparsity`` of all weights.
+    """
+    sorted_mags = {name: w.detach().abs().flatten().float().sort().values for name, w in weights.items()}
+    caps = {name: w.numel() - max(1, math.ceil(min_keep * w.numel())) for name, w in weights.items()}
+    total = sum(w.numel() for w in weights.values())
+    target = round(sparsity * total)
+
+    def pruned_at(threshold: torch.Tensor) -> dict[str, int]:
+        return {name: min(int(torch.searchsorted(mags, threshold, right=True)), caps[name])
+                for name, mags in sorted_mags.items()}
+
+    candidates = torch.cat(list(sorted_mags.values())).sort().values
+    low, high = 0, candidates.numel() - 1
+    if target == 0:
+        return {name: w.numel() for name, w in weights.items()}
+    if sum(pruned_at(candidates[high]).values()) < target:
+        low = high  # the floors make the target unreachable: prune up to every cap
+    while low < high:
+        mid = (low + high) // 2
+        if sum(pruned_at(candidates[mid]).values()) >= target:
+            high = mid
+        else:
+            low = mid + 1
+    counts = pruned_at(candidates[low])
+    return {name: weights[name].numel() - counts[name] for name in weights}
+
+
+def prune_smallest(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """A copy of ``weight`` with its ``count`` smallest-magnitude entries set to zero."""
+    pruned = weight.detach().clone()
+    if count > 0:
+        order = pruned.abs().flatten().argsort(stable=True)
+        pruned.view(-1)[order[:count]] = 0
+    return pruned

@@ -1,0 +1,66 @@
+"""``CompiledModule``: what ``bevel.compile`` returns and ``bevel.load`` restores: call it like the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from bevel.compiler.report import Report
+
+
+def input_specs(module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """Name, dtype and shape of each graph input; symbolic dimensions are given by their symbol name."""
+    specs = []
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    for node, example in zip(placeholders, example_inputs):
+        val = node.meta.get("val", example)
+        if isinstance(val, torch.Tensor):
+            shape = [d if isinstance(d, int) else str(d) for d in val.shape]
+            specs.append({"name": node.name, "dtype": str(val.dtype).replace("torch.", ""), "shape": shape})
+        else:
+            specs.append({"name": node.name, "dtype": type(val).__name__, "shape": None})
+    return specs
+
+
+class CompiledModule(torch.nn.Module):
+    """A rewritten model. Call it with the same positional inputs as the original; it returns the
+    same output structure.
+
+    ``report`` holds the per-pass figures, ``pipeline`` the pipeline text, ``example_inputs`` the
+    inputs it was compiled with. ``save(dir)`` writes an artifact for ``bevel.load``;
+    ``export_onnx(path)`` writes an ONNX model.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
+                 pipeline: str) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.example_inputs = tuple(example_inputs)
+        self.report = report
+        self.pipeline = pipeline
+
+    def forward(self, *args: Any) -> Any:
+        with torch.no_grad():
+            return self.graph_module(*args)
+
+    @property
+    def input_specs(self) -> list[dict[str, Any]]:
+        """Name, dtype and shape of each input (symbolic dimensions by name)."""
+        return input_specs(self.graph_module, self.example_inputs)
+
+    def save(self, path: str) -> str:
+        """Write an artifact directory (manifest, weights as safetensors, the program) to ``path``."""
+        from bevel.runtime.artifact import save_artifact
+
+        return save_artifact(self, path)
+
+    def export_onnx(self, path: str, opset: int = 18) -> str:
+        """Write the compiled graph as ONNX to ``path`` with dynamic batch and sequence axes; returns the path."""
+        from bevel.ir.onnx_export import export_onnx
+
+        return export_onnx(self, path, opset=opset)
+
+    def extra_repr(self) -> str:
+        return f"pipeline={self.pipeline!r}"

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real MiniLM model, real sentences as inputs, and one compiled MiniLM reused across tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PRUNE_PIPELINE = "cleanup | prune.magnitude(sparsity=0.3)"
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 with real weights. Tests must not modify it (bevel.compile copies it)."""
+    from bevel.models.minilm import load_minilm
+
+    return load_minilm()
+
+
+@pytest.fixture(scope="session")
+def minilm_inputs():
+    """(input_ids, attention_mask) for 4 real sentences: the example inputs of every MiniLM compile."""
+    from bevel.models.minilm import example_inputs
+
+    return example_inputs(batch_size=4, seed=0)
+
+
+@pytest.fixture(scope="session")
+def minilm_calibration():
+    """Four batches of 8 real sentences, disjoint from the example inputs' sample."""
+    from bevel.models.minilm import calibration_batches
+
+    return calibration_batches(count=4, batch_size=8, seed=1)
+
+
+@pytest.fixture(scope="session")
+def fresh_sentences():
+    """A batch of real sentences of another batch size and length than the example inputs."""
+    from bevel.data import sentences
+    from bevel.models.minilm import encode
+
+    return encode(sentences(7, seed=11))
+
+
+@pytest.fixture(scope="session")
+def minilm_pruned(minilm, minilm_inputs, minilm_calibration):
+    """MiniLM compiled once with cleanup | prune.magnitude(sparsity=0.3); shared, do not modify."""
+    import bevel
+
+    return bevel.compile(minilm, PRUNE_PIPELINE, example_inputs=minilm_inputs, calibration=minilm_calibration)
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    """A torch generator with a fixed seed, for reproducible random inputs."""
+    return torch.Generator().manual_seed(seed)
