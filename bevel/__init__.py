@@ -12,3 +12,7 @@ from bevel.runtime.artifact import load  # noqa: E402
 
 __all__ = ["compile", "load", "Pipeline", "passes", "ArtifactError", "BevelError", "CaptureError", "ExportError", "ModelLoadError", "ParamError",
            "PassError", "PipelineError", "__version__"]
+
+from bevel.compiler.backend import register as _register_backend  # noqa: E402
+
+_register_backend()

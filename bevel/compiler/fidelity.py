@@ -9,8 +9,10 @@ Figures, each over every calibration batch and every floating-point output tenso
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
+
+import re
 
 import torch
 from torch.utils._pytree import keystr, tree_flatten_with_path
@@ -23,6 +25,7 @@ class Fidelity:
     cosine: float
     max_abs_error: float
     top1_agreement: float | None = None
+    per_output: dict[str, float] = field(default_factory=dict)  # smallest cosine of each output, by path
 
     @property
     def drop(self) -> float:
@@ -39,10 +42,15 @@ class _Leaf:
     value: torch.Tensor
 
 
+def output_path(path: tuple[Any, ...]) -> str:
+    """A readable name for a pytree path: ``last_hidden_state``, ``0``, ``logits.1``."""
+    return ".".join(re.sub(r"^\.|^\[|\]$|'", "", keystr((key,))) for key in path)
+
+
 def flatten_outputs(outputs: Any) -> list[_Leaf]:
     """The floating-point tensors of a model's output structure, with their pytree paths."""
     leaves, _ = tree_flatten_with_path(outputs)
-    return [_Leaf(keystr(path), value.detach().float().cpu()) for path, value in leaves
+    return [_Leaf(output_path(path), value.detach().float().cpu()) for path, value in leaves
             if isinstance(value, torch.Tensor) and value.is_floating_point()]
 
 
@@ -61,6 +69,7 @@ def _is_logits(leaf: _Leaf, single_output: bool) -> bool:
 def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]]) -> Fidelity:
     """Fidelity of ``candidate`` outputs against ``reference`` outputs, batch by batch."""
     cosine, max_err, agree, rows = 1.0, 0.0, 0, 0
+    per_output: dict[str, float] = {}
     for ref_batch, new_batch in zip(reference, candidate, strict=True):
         if len(ref_batch) != len(new_batch):
             raise ValueError(f"the rewritten graph returns {len(new_batch)} float outputs, "
@@ -73,14 +82,18 @@ def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]]) -> Fidel
             b = new.value.reshape(a.shape)
             if not torch.isfinite(b).all():
                 return Fidelity(cosine=-1.0, max_abs_error=float("inf"), top1_agreement=None)
-            cosine = min(cosine, _min_row_cosine(a, b))
+            output_cosine = _min_row_cosine(a, b)
+            cosine = min(cosine, output_cosine)
+            path = ref.path or "output"  # a bare tensor output has an empty path
+            per_output[path] = min(per_output.get(path, 1.0), output_cosine)
             if a.numel():
                 max_err = max(max_err, float((a - b).abs().max()))
             if _is_logits(ref, len(ref_batch) == 1):
                 same = ref.value.argmax(-1) == new.value.argmax(-1)
                 agree += int(same.sum())
                 rows += same.numel()
-    return Fidelity(cosine=cosine, max_abs_error=max_err, top1_agreement=agree / rows if rows else None)
+    return Fidelity(cosine=cosine, max_abs_error=max_err, top1_agreement=agree / rows if rows else None,
+                    per_output=per_output)
 
 
 def _min_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:

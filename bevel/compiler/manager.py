@@ -84,7 +84,7 @@ class PassManager:
         try:
             result = p.run(graph, self.ctx)
             problems = graph.lint()
-            fidelity = self.fidelity(graph)
+            fidelity = None if problems else self.fidelity(graph)
         except Exception as error:  # a failing pass must not take the compile down with it
             seconds = time.perf_counter() - start
             detail = "".join(traceback.format_exception_only(type(error), error)).strip()

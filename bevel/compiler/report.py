@@ -143,6 +143,11 @@ class Report:
     def _reasons(self) -> str:
         lines = [f"\n- {p.name}: {p.status}: {p.reason}" for p in self.passes if p.reason]
         lines += [f"\n- {p.name}: {note}" for p in self.passes for note in p.notes]
+        for p in self.passes:
+            per_output = p.fidelity.per_output if p.fidelity else {}
+            if len(per_output) > 1 and max(per_output.values()) - min(per_output.values()) > 0.01:
+                figures = ", ".join(f"{path} {value:.4f}" for path, value in per_output.items())
+                lines.append(f"\n- {p.name}: cosine by output: {figures}")
         return "".join(lines)
 
     def save_json(self, path: str) -> None:

@@ -97,6 +97,16 @@ def total_flops(graph: "Graph") -> int:
     return sum(flops_per_node(graph).values())
 
 
+def op_histogram(graph: "Graph") -> dict[str, int]:
+    """How many times each op is called, by op name (``aten.linear``), most frequent first."""
+    from collections import Counter
+
+    from bevel.ir.printer import target_text
+
+    counts = Counter(target_text(n.target) for n in graph.nodes(op="call_function"))
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
 def _unique_tensors(graph: "Graph") -> list[torch.Tensor]:
     seen, tensors = set(), []
     for tensor in graph.tensors().values():

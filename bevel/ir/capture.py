@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import inspect
+import io
 import os
+import sys
 import traceback
 from typing import Any
 
@@ -12,15 +17,26 @@ from bevel.errors import CaptureError
 from bevel.ir.graph import Graph
 
 
-def auto_dynamic_shapes(example_inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+def auto_dynamic_shapes(example_inputs: tuple[Any, ...], model: torch.nn.Module | None = None) -> tuple[Any, ...]:
     """Let torch.export decide every dimension of every tensor input (``Dim.AUTO``).
 
     Dimensions the model does not tie to a constant (batch, sequence, image size) stay symbolic,
     so the graph serves other batch sizes and lengths and exports to ONNX with dynamic axes.
+    Given the ``model``, inputs that its ``forward(*args)`` collects are grouped as torch.export
+    expects.
     """
     auto = torch.export.Dim.AUTO
-    return tuple({d: auto for d in range(x.dim())} if isinstance(x, torch.Tensor) else None
-                 for x in example_inputs)
+    specs = tuple({d: auto for d in range(x.dim())} if isinstance(x, torch.Tensor) else None
+                  for x in example_inputs)
+    if model is not None:
+        try:
+            parameters = list(inspect.signature(model.forward).parameters.values())
+        except (TypeError, ValueError):  # no inspectable signature: assume plain positional inputs
+            parameters = []
+        for index, parameter in enumerate(parameters):
+            if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+                return specs[:index] + (specs[index:],)
+    return specs
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
@@ -37,17 +53,33 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
     if dynamic_shapes is None:
-        dynamic_shapes = auto_dynamic_shapes(example_inputs)
+        dynamic_shapes = auto_dynamic_shapes(example_inputs, model)
     elif dynamic_shapes == "static":
         dynamic_shapes = None
+    printed = io.StringIO()
     try:
-        program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+        with _quiet_torch_logs(), contextlib.redirect_stderr(printed):
+            program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as error:  # torch.export fails with many exception types; all become one clear error
+        # what torch printed on the way (partial graphs) is dropped: the CaptureError says what failed
         raise CaptureError(describe_capture_failure(model, error)) from error
+    sys.stderr.write(printed.getvalue())
     module = program.module()
     for sub in module.modules():  # eval() is refused on exported modules; the flag still matters to exporters
         sub.training = False
     return Graph(module, example_inputs)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """Silence torch's log warnings while exporting: a failure is reported once, as a CaptureError."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

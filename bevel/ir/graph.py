@@ -81,7 +81,9 @@ class Graph:
         if as_parameter:
             if old is not None and not isinstance(old, torch.nn.Parameter):
                 delattr(owner, leaf)
-            owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=False))
+            # keep the flag of the weight it replaces: it decides which kernels some ops pick
+            requires_grad = old.requires_grad if isinstance(old, torch.nn.Parameter) else False
+            owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=requires_grad))
         else:
             if isinstance(old, torch.nn.Parameter) or (old is not None and leaf not in owner._buffers):
                 delattr(owner, leaf)

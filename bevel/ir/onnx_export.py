@@ -1,16 +1,20 @@
-"""The ONNX bridge: write a compiled graph as ONNX with dynamic batch and sequence axes, checked by onnx.checker."""
+"""The ONNX bridge: write a compiled graph as ONNX with dynamic batch and sequence axes, checked by onnx.checker.
+
+Exactly the input dimensions that are symbolic in the compiled graph are dynamic in the ONNX model
+(a Linear's feature dimension stays fixed); they are named ``batch`` (dimension 0), ``sequence``
+(dimension 1 of a 2-D or 3-D input) or ``<input>_dim<i>``; dimensions that share a symbol share a name.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from bevel.errors import ExportError
-from bevel.ir.capture import auto_dynamic_shapes
 
 if TYPE_CHECKING:
     from bevel.runtime.compiled_module import CompiledModule
@@ -29,32 +33,120 @@ def output_names(compiled: "CompiledModule") -> list[str]:
     return names
 
 
+def dynamic_axes(compiled: "CompiledModule") -> tuple[dict[int, str] | None, ...]:
+    """For each input, ``{dimension: name}`` of the dimensions the compiled graph leaves symbolic."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    axes: list[dict[int, str] | None] = []
+    for spec in compiled.input_specs:
+        shape = spec["shape"]
+        if shape is None:
+            axes.append(None)
+            continue
+        found = {}
+        for dim, size in enumerate(shape):
+            if isinstance(size, int) or str(size).isdigit():  # input_specs may give a fixed size as text
+                continue
+            if size not in names:
+                name = "batch" if dim == 0 else "sequence" if dim == 1 and len(shape) in (2, 3) else ""
+                if not name or name in taken:
+                    name = f"{spec['name']}_{name or f'dim{dim}'}"
+                names[size] = name
+                taken.add(name)
+            found[dim] = names[size]
+        axes.append(found or None)
+    return tuple(axes)
+
+
+def _export_dynamic_shapes(axes: tuple[dict[int, str] | None, ...]) -> tuple[dict[int, Any] | None, ...]:
+    """``dynamic_axes`` as torch.onnx wants them: a name renames a dimension, so each name is given once
+    and the other dimensions that share it are plainly dynamic (they share the graph's symbol already)."""
+    seen: set[str] = set()
+    converted: list[dict[int, Any] | None] = []
+    for dims in axes:
+        if dims is None:
+            converted.append(None)
+            continue
+        converted.append({dim: torch.export.Dim.DYNAMIC if name in seen else name for dim, name in dims.items()})
+        seen.update(dims.values())
+    return tuple(converted)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: first line`` of the error, and of its root cause when it has one (the exporter wraps
+    the real failure in a generic "Failed to export" error)."""
+    def line(e: BaseException) -> str:
+        text = _ANSI.sub("", str(e)).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+    root = error
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return line(error) if root is error else f"{line(error)} (caused by {line(root)})"
+
+
+def _check_writable(path: str) -> str:
+    """The absolute path, after making sure its folder exists (created if missing) and takes new files."""
+    target = os.path.abspath(os.fspath(path))
+    if os.path.isdir(target):
+        raise ExportError(f"cannot write the ONNX model to '{path}': it is a directory; give a file path "
+                          f"such as '{os.path.join(path, 'model.onnx')}'")
+    directory = os.path.dirname(target)
+    parent = directory
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ExportError(f"cannot write the ONNX model to '{path}': '{parent}' is a file, not a folder")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"cannot write the ONNX model to '{path}': its folder '{directory}' cannot be "
+                          f"created ({error.strerror or error})") from error
+    if not os.access(directory, os.W_OK):
+        raise ExportError(f"cannot write the ONNX model to '{path}': the folder '{directory}' is not writable")
+    try:  # os.access says yes to root everywhere; a real write says no on read-only mounts and in /proc
+        with open(target, "ab"):
+            pass
+    except OSError as error:
+        raise ExportError(f"cannot write the ONNX model to '{path}': {error.strerror or error}") from error
+    return target
+
+
 def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSET) -> str:
     """Write ``compiled`` as ONNX to ``path`` through ``torch.onnx.export(dynamo=True)``.
 
-    Every input dimension the graph leaves symbolic (batch, sequence) stays dynamic in the ONNX
-    model; bevel's custom ops are written with their registered onnxscript translations.
+    The input dimensions that the compiled graph leaves symbolic (batch, sequence) are dynamic in
+    the ONNX model (see the module docstring for their names); the weights go to ``<path>.data``
+    beside it. bevel's custom ops are written with their registered onnxscript translations.
+    Raises ExportError for an opset older than 18, a path that cannot be written, or a graph the
+    exporter or onnx.checker refuses.
     """
     import onnx
 
     from bevel.runtime.ops import ONNX_TRANSLATIONS
 
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ExportError(f"opset={opset!r} is not an ONNX opset version: give an integer, {DEFAULT_OPSET} or newer")
     if opset < DEFAULT_OPSET:
         raise ExportError(f"opset={opset} is too old: bevel writes ONNX opset {DEFAULT_OPSET} or newer")
+    existed = os.path.exists(path)
+    target = _check_writable(path)
     args = compiled.example_inputs
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     try:
-        torch.onnx.export(compiled.graph_module, args, path, dynamo=True,
-                          dynamic_shapes=auto_dynamic_shapes(args),
+        torch.onnx.export(compiled.graph_module, args, target, dynamo=True,
+                          dynamic_shapes=_export_dynamic_shapes(dynamic_axes(compiled)),
                           input_names=[spec["name"] for spec in compiled.input_specs],
                           output_names=output_names(compiled), opset_version=opset,
                           custom_translation_table=dict(ONNX_TRANSLATIONS) or None, verbose=False)
     except Exception as error:  # the exporter raises many types; report one clear error
-        raise ExportError(f"could not export the compiled graph to ONNX: {type(error).__name__}: "
-                          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from error
+        if not existed and os.path.isfile(target) and os.path.getsize(target) == 0:
+            os.remove(target)  # the empty file the writability check left
+        raise ExportError(f"could not export the compiled graph to ONNX at '{path}': {_describe(error)}") from error
     try:
-        onnx.checker.check_model(path, full_check=True)
+        onnx.checker.check_model(target, full_check=True)
     except Exception as error:
         raise ExportError(f"the ONNX model written to '{path}' fails onnx.checker: {error}") from error
     return path

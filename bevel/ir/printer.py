@@ -32,7 +32,8 @@ def _arg_text(arg: Any) -> str:
     return repr(arg)
 
 
-def _target_text(target: Any) -> str:
+def target_text(target: Any) -> str:
+    """An op's name without the ``.default`` overload suffix: ``aten.linear``."""
     text = str(target)
     return text[: -len(".default")] if text.endswith(".default") else text
 
@@ -51,5 +52,5 @@ def format_graph(graph: "Graph") -> str:
             args = [_arg_text(a) for a in node.args]
             args += [f"{k}={_arg_text(v)}" for k, v in node.kwargs.items()]
             lines.append(f"%{node.name}: {type_text(node.meta.get('val'))} = "
-                         f"{_target_text(node.target)}({', '.join(args)})")
+                         f"{target_text(node.target)}({', '.join(args)})")
     return "\n".join(lines)

@@ -58,12 +58,17 @@ def _remove_dropout(graph: Graph) -> int:
 
 
 def _same_type(a: Any, b: Any) -> bool:
-    """Whether two fake values certainly have the same shape, dtype and device."""
+    """Whether two fake values certainly have the same shape, strides, dtype and device.
+
+    Strides matter: a copy that makes a tensor contiguous is not an identity, since a later view
+    may depend on it.
+    """
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
     if a.dtype != b.dtype or a.device != b.device or a.dim() != b.dim():
         return False
-    return all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+    same_shape = all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape))
+    return same_shape and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride()))
 
 
 def _is_mutated(node: fx.Node) -> bool:

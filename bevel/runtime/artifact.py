@@ -7,16 +7,25 @@ Layout of an artifact directory:
 - ``program.pt2``: the graph itself, written by ``torch.export.save`` with its weights left out;
 - ``example_inputs.safetensors``: the inputs it was compiled with (for re-export and checks);
 - ``report.json``: the compile report.
+
+The manifest also names the Python types of the model's input and output containers (a
+``transformers`` ``ModelOutput``, say): ``load`` imports the module that defines each one so that
+``torch.export.load`` can rebuild the output structure; the model's own class is never imported.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import importlib
 import json
+import logging
 import os
+import re
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from safetensors.torch import load_file, save_file
 
 from bevel.compiler.report import Report
@@ -47,70 +56,182 @@ def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
 
 def _split_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to store once each, and ``alias -> stored name`` for names that share one (tied weights)."""
-    stored, aliases, by_key = {}, {}, {}
+    stored, aliases, by_key, storages = {}, {}, {}, set()
     for name, tensor in tensors.items():
         key = _storage_key(tensor)
         if key in by_key:
             aliases[name] = by_key[key]
-        else:
-            by_key[key] = name
-            stored[name] = tensor.detach().cpu().contiguous().clone()
+            continue
+        by_key[key] = name
+        value = tensor.detach().cpu().contiguous()
+        # safetensors refuses tensors that share memory; copy only those (a copy of every weight
+        # would double the memory a save needs)
+        storage = value.untyped_storage()
+        if storage.data_ptr() in storages or storage.nbytes() != value.numel() * value.element_size():
+            value = value.clone()
+        storages.add(value.untyped_storage().data_ptr())
+        stored[name] = value
     return stored, aliases
+
+
+def _cpu_module(compiled: CompiledModule) -> torch.nn.Module:
+    """The compiled graph with its weights on the CPU; a copy when they live elsewhere (``.to`` would move
+    the user's CompiledModule itself)."""
+    module = compiled.graph_module
+    tensors = list(module.parameters()) + list(module.buffers())
+    if all(t.device.type == "cpu" for t in tensors):
+        return module
+    return copy.deepcopy(module).to("cpu")
+
+
+# pytree containers that torch registers itself; any other type must be importable when loading
+_BUILTIN_TYPE_MODULES = ("builtins", "collections", "torch")
+
+
+def _container_types(program: torch.export.ExportedProgram) -> list[dict[str, str]]:
+    """``{"type": serialized name, "module": defining module}`` of every non-builtin pytree node type
+    in the program's input and output structure (e.g. a transformers ``ModelOutput``)."""
+    found: dict[str, str] = {}
+
+    def walk(spec: pytree.TreeSpec) -> None:
+        typ = spec.type
+        if typ is not None and not typ.__module__.split(".")[0] in _BUILTIN_TYPE_MODULES:
+            node_def = pytree.SUPPORTED_SERIALIZED_TYPES.get(typ)
+            name = node_def.serialized_type_name if node_def is not None else f"{typ.__module__}.{typ.__qualname__}"
+            found.setdefault(name, typ.__module__)
+        for child in spec.children():
+            walk(child)
+
+    for spec in (program.call_spec.in_spec, program.call_spec.out_spec):
+        if spec is not None:
+            walk(spec)
+    return [{"type": name, "module": module} for name, module in found.items()]
 
 
 def save_artifact(compiled: CompiledModule, path: str) -> str:
     """Write ``compiled`` to the directory ``path`` (created if missing); returns the path."""
     import bevel
 
-    os.makedirs(path, exist_ok=True)
-    module = compiled.graph_module.to("cpu")
+    try:
+        os.makedirs(path, exist_ok=True)
+        # a save that fails half-way must not leave an old manifest describing files it overwrote
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            os.remove(os.path.join(path, MANIFEST))
+    except OSError as error:
+        raise ArtifactError(f"cannot write an artifact to '{path}': {error.strerror or error}") from error
+    module = _cpu_module(compiled)
     example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in compiled.example_inputs)
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, (torch.Tensor, bool, int, float, str, type(None))):
+            raise ArtifactError(f"cannot save example input {i} ({type(x).__name__}): an artifact stores tensor "
+                                f"inputs and plain numbers, strings or None")
     program = torch.export.export(module, example_inputs, dynamic_shapes=auto_dynamic_shapes(example_inputs),
                                   strict=False)
     tensors = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
     stored, aliases = _split_shared(tensors)
-    save_file(stored, os.path.join(path, WEIGHTS))
-    # the program keeps only the shapes of its weights; the values live in weights.safetensors
-    program._state_dict = {k: _to_meta(v) for k, v in program.state_dict.items()}
-    program._constants = {k: _to_meta(v) if isinstance(v, torch.Tensor) else v for k, v in program.constants.items()}
-    torch.export.save(program, os.path.join(path, PROGRAM))
-    save_file({f"input_{i}": x.contiguous() for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor)},
-              os.path.join(path, INPUTS))
-    compiled.report.save_json(os.path.join(path, REPORT))
-    files = [WEIGHTS, PROGRAM, INPUTS, REPORT]
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "bevel_version": bevel.__version__,
-                "torch_version": torch.__version__, "pipeline": compiled.pipeline,
-                "inputs": compiled.input_specs, "aliases": aliases,
-                "non_tensor_inputs": {str(i): x for i, x in enumerate(example_inputs)
-                                      if not isinstance(x, torch.Tensor)},
-                "files": {name: _sha256(os.path.join(path, name)) for name in files}}
-    with open(os.path.join(path, MANIFEST), "w") as f:
-        json.dump(manifest, f, indent=2)
+    # requires_grad decides which kernel some ops take (matmul folding), so it is restored exactly
+    frozen = sorted(name for name, t in program.state_dict.items()
+                    if isinstance(t, torch.nn.Parameter) and not t.requires_grad)
+    try:
+        save_file(stored, os.path.join(path, WEIGHTS))
+        # the program keeps only the shapes of its weights; the values live in weights.safetensors
+        program._state_dict = {k: _to_meta(v) for k, v in program.state_dict.items()}
+        program._constants = {k: _to_meta(v) if isinstance(v, torch.Tensor) else v
+                              for k, v in program.constants.items()}
+        torch.export.save(program, os.path.join(path, PROGRAM))
+        save_file({f"input_{i}": x.contiguous() for i, x in enumerate(example_inputs)
+                   if isinstance(x, torch.Tensor)}, os.path.join(path, INPUTS))
+        compiled.report.save_json(os.path.join(path, REPORT))
+        files = [WEIGHTS, PROGRAM, INPUTS, REPORT]
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "bevel_version": bevel.__version__,
+                    "torch_version": torch.__version__, "pipeline": compiled.pipeline,
+                    "inputs": compiled.input_specs, "aliases": aliases, "frozen": frozen,
+                    "container_types": _container_types(program),
+                    "non_tensor_inputs": {str(i): x for i, x in enumerate(example_inputs)
+                                          if not isinstance(x, torch.Tensor)},
+                    "files": {name: _sha256(os.path.join(path, name)) for name in files}}
+        # the manifest is written last and atomically: its presence means the artifact is complete
+        temporary = os.path.join(path, MANIFEST + ".tmp")
+        with open(temporary, "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(temporary, os.path.join(path, MANIFEST))
+    except OSError as error:
+        raise ArtifactError(f"cannot write the artifact '{path}': {error.strerror or error} "
+                            f"({error.filename or path})") from error
     return path
 
 
 def _to_meta(t: torch.Tensor) -> torch.Tensor:
     meta = t.detach().to("meta")
-    return torch.nn.Parameter(meta, requires_grad=False) if isinstance(t, torch.nn.Parameter) else meta
+    return torch.nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else meta
+
+
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        raise ArtifactError(f"no artifact at '{path}': the path does not exist")
     if not os.path.isdir(path):
-        raise ArtifactError(f"no artifact directory at '{path}'")
+        raise ArtifactError(f"'{path}' is not an artifact: an artifact is a directory written by "
+                            f"CompiledModule.save")
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
         raise ArtifactError(f"artifact '{path}' is incomplete: {MANIFEST} is missing")
     try:
-        with open(manifest_path) as f:
+        with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{MANIFEST} in '{path}' is not valid JSON ({error}); the artifact is corrupt") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{MANIFEST} in '{path}' is not a bevel artifact manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"artifact '{path}' has format version {manifest.get('format_version')}; this bevel "
-                            f"reads version {FORMAT_VERSION}")
+        raise ArtifactError(f"{MANIFEST} in '{path}' is not a bevel artifact manifest "
+                            f"(expected \"format\": \"{FORMAT}\")")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{MANIFEST} in '{path}' has no valid format_version (got {version!r})")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"artifact '{path}' has format version {version}, written by a newer bevel "
+                            f"({manifest.get('bevel_version', 'unknown')}); this bevel "
+                            f"({_bevel_version()}) reads version {FORMAT_VERSION}: upgrade bevel to load it")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(f"artifact '{path}' has format version {version}; this bevel reads version "
+                            f"{FORMAT_VERSION}: save the model again with this bevel")
+    _check_manifest_fields(manifest, path)
     return manifest
+
+
+def _bevel_version() -> str:
+    import bevel
+
+    return bevel.__version__
+
+
+def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
+    """Refuse a manifest whose fields have the wrong types, with the field named."""
+    def bad(field: str, expected: str) -> ArtifactError:
+        return ArtifactError(f"{MANIFEST} in '{path}' is invalid: \"{field}\" must be {expected}, "
+                             f"got {manifest.get(field)!r:.80}")
+
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise bad("files", "an object mapping file names to sha256 digests")
+    for name in files:
+        if not _FILE_NAME.match(name) or name in (".", ".."):
+            raise ArtifactError(f"{MANIFEST} in '{path}' is invalid: it lists '{name}', which is not a plain "
+                                f"file name inside the artifact")
+    if not isinstance(manifest.get("inputs", []), list):
+        raise bad("inputs", "a list of input specs")
+    if not isinstance(manifest.get("pipeline", ""), str):
+        raise bad("pipeline", "a string")
+    for field in ("aliases", "non_tensor_inputs"):
+        if not isinstance(manifest.get(field, {}), dict):
+            raise bad(field, "an object")
+    if not isinstance(manifest.get("frozen", []), list):
+        raise bad("frozen", "a list of parameter names")
+    types = manifest.get("container_types", [])
+    if not isinstance(types, list) or not all(isinstance(t, dict) and isinstance(t.get("type"), str)
+                                              and isinstance(t.get("module"), str) for t in types):
+        raise bad("container_types", "a list of {\"type\", \"module\"} objects")
 
 
 def verify_artifact(path: str) -> dict[str, Any]:
@@ -136,12 +257,59 @@ def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     for part in path:
         owner = getattr(owner, part)
     old = getattr(owner, leaf, None)
-    if isinstance(old, torch.nn.Parameter):
-        owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    if isinstance(value, torch.nn.Parameter) or isinstance(old, torch.nn.Parameter):
+        owner.register_parameter(leaf, value if isinstance(value, torch.nn.Parameter)
+                                 else torch.nn.Parameter(value, requires_grad=False))
     elif leaf in owner._buffers:
         owner._buffers[leaf] = value
     else:
         setattr(owner, leaf, value)
+
+
+def _import_container_types(manifest: dict[str, Any], path: str) -> None:
+    """Import the modules that register the program's input/output container types with pytree
+    (``transformers.modeling_outputs`` for a BERT's output), so ``torch.export.load`` can rebuild them."""
+    for entry in manifest.get("container_types", []):
+        name, module = entry["type"], entry["module"]
+        if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            continue
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", module):
+            raise ArtifactError(f"{MANIFEST} in '{path}' is invalid: '{module}' is not a module name")
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # ImportError, or whatever the module raises while importing
+            raise ArtifactError(f"the model in '{path}' returns (or takes) a {name}; loading it needs the module "
+                                f"'{module}', which cannot be imported here ({type(error).__name__}: {error}); "
+                                f"install the package that provides it") from error
+        if name not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            raise ArtifactError(f"the model in '{path}' returns (or takes) a {name}, which importing '{module}' "
+                                f"does not register with torch.utils._pytree; register it "
+                                f"(torch.export.register_dataclass or register_pytree_node) before bevel.load")
+
+
+def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors in memory of their own, aligned as torch allocates it (64 bytes).
+
+    safetensors hands out tensors at the file's offsets; CPU kernels vectorize differently on
+    unaligned data (a Linear with one output differs in the last bit), and the loaded model must
+    reproduce the saved one exactly.
+    """
+    return {name: t if t.data_ptr() % 64 == 0 else t.clone() for name, t in tensors.items()}
+
+
+def _check_weights(weights: dict[str, torch.Tensor], program: torch.export.ExportedProgram, path: str) -> None:
+    """Every weight the program declares is in the file, with the declared shape and dtype."""
+    declared = {**program.state_dict,
+                **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+    missing = [name for name in declared if name not in weights]
+    if missing:
+        raise ArtifactError(f"{WEIGHTS} in '{path}' lacks weights the program needs: {', '.join(missing[:5])}"
+                            f"{' ...' if len(missing) > 5 else ''}")
+    for name, spec in declared.items():
+        value = weights[name]
+        if tuple(value.shape) != tuple(spec.shape) or value.dtype != spec.dtype:
+            raise ArtifactError(f"{WEIGHTS} in '{path}' holds '{name}' as {value.dtype} {tuple(value.shape)} but "
+                                f"{PROGRAM} expects {spec.dtype} {tuple(spec.shape)}")
 
 
 def load(path: str) -> CompiledModule:
@@ -149,20 +317,39 @@ def load(path: str) -> CompiledModule:
 
     Raises ArtifactError naming the file when the artifact is incomplete, modified or corrupt.
     """
+    path = os.fspath(path)
     manifest = verify_artifact(path)
+    _import_container_types(manifest, path)
+    reading = WEIGHTS
     try:
-        weights = load_file(os.path.join(path, WEIGHTS))
+        weights = _aligned(load_file(os.path.join(path, WEIGHTS)))
+        reading = INPUTS
         inputs = load_file(os.path.join(path, INPUTS))
-        program = torch.export.load(os.path.join(path, PROGRAM))
+        reading = PROGRAM
+        program = _load_program(os.path.join(path, PROGRAM))
+        reading = REPORT
         with open(os.path.join(path, REPORT)) as f:
             report = Report.from_json(json.load(f))
     except ArtifactError:
         raise
     except Exception as error:  # a file that passed its checksum but cannot be read was written badly
-        raise ArtifactError(f"artifact '{path}' could not be read: {type(error).__name__}: {error}") from error
-    module = program.module()
+        raise ArtifactError(f"{reading} in '{path}' could not be read: {type(error).__name__}: "
+                            f"{_first_line(error)}") from error
     for name, stored in manifest.get("aliases", {}).items():
+        if stored not in weights:
+            raise ArtifactError(f"{MANIFEST} in '{path}' ties '{name}' to '{stored}', which {WEIGHTS} lacks")
         weights[name] = weights[stored]
+    _check_weights(weights, program, path)
+    frozen = set(manifest.get("frozen", []))
+    # one Parameter per stored tensor, so names that were tied stay tied to the same object
+    parameters: dict[int, torch.nn.Parameter] = {}
+    for name in program.state_dict:
+        if isinstance(program.state_dict[name], torch.nn.Parameter):
+            value = weights[name]
+            if id(value) not in parameters:
+                parameters[id(value)] = torch.nn.Parameter(value, requires_grad=name not in frozen)
+            weights[name] = parameters[id(value)]
+    module = program.module()
     for name, value in weights.items():
         _assign(module, name, value)
     missing = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
@@ -172,6 +359,39 @@ def load(path: str) -> CompiledModule:
         sub.training = False
     count = len(manifest.get("inputs", []))
     non_tensor = manifest.get("non_tensor_inputs", {})
-    example_inputs = tuple(inputs[f"input_{i}"] if f"input_{i}" in inputs else non_tensor[str(i)]
-                           for i in range(count))
+    try:
+        example_inputs = tuple(inputs[f"input_{i}"] if f"input_{i}" in inputs else non_tensor[str(i)]
+                               for i in range(count))
+    except KeyError as error:
+        raise ArtifactError(f"{INPUTS} in '{path}' lacks example input {error}") from None
     return CompiledModule(module, example_inputs, report, manifest.get("pipeline", ""))
+
+
+class _ErrorRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+def _load_program(file: str) -> torch.export.ExportedProgram:
+    """``torch.export.load``, raising the deserializer's own error (torch logs it and raises a vague one)."""
+    records = _ErrorRecords()
+    logger = logging.getLogger("torch.export")
+    logger.addHandler(records)
+    try:
+        return torch.export.load(file)
+    except Exception as error:
+        if records.errors:
+            raise records.errors[-1] from error
+        raise
+    finally:
+        logger.removeHandler(records)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from bevel.compiler.report import Report
 
@@ -17,7 +18,7 @@ def input_specs(module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list
     for node, example in zip(placeholders, example_inputs):
         val = node.meta.get("val", example)
         if isinstance(val, torch.Tensor):
-            shape = [d if isinstance(d, int) else str(d) for d in val.shape]
+            shape = [int(d) if is_concrete_int(d) else str(d) for d in val.shape]
             specs.append({"name": node.name, "dtype": str(val.dtype).replace("torch.", ""), "shape": shape})
         else:
             specs.append({"name": node.name, "dtype": type(val).__name__, "shape": None})

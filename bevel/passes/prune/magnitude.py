@@ -62,33 +62,41 @@ def global_magnitude_keep_counts(weights: dict[str, torch.Tensor], sparsity: flo
     """
     sorted_mags = {name: w.detach().abs().flatten().float().sort().values for name, w in weights.items()}
     caps = {name: w.numel() - max(1, math.ceil(min_keep * w.numel())) for name, w in weights.items()}
-    total = sum(w.numel() for w in weights.values())
-    target = round(sparsity * total)
+    target = round(sparsity * sum(w.numel() for w in weights.values()))
 
     def pruned_at(threshold: torch.Tensor) -> dict[str, int]:
         return {name: min(int(torch.searchsorted(mags, threshold, right=True)), caps[name])
                 for name, mags in sorted_mags.items()}
 
-    candidates = torch.cat(list(sorted_mags.values())).sort().values
-    low, high = 0, candidates.numel() - 1
     if target == 0:
         return {name: w.numel() for name, w in weights.items()}
-    if sum(pruned_at(candidates[high]).values()) < target:
-        low = high  # the floors make the target unreachable: prune up to every cap
+    # Bisect over the bit patterns of non-negative float32 values, which sort like the values:
+    # at most 32 steps, and the threshold found is exactly one of the magnitudes.
+    low = 0
+    high = int(max(m[-1] for m in sorted_mags.values()).view(torch.int32))
     while low < high:
         mid = (low + high) // 2
-        if sum(pruned_at(candidates[mid]).values()) >= target:
+        if sum(pruned_at(torch.tensor(mid, dtype=torch.int32).view(torch.float32)).values()) >= target:
             high = mid
         else:
             low = mid + 1
-    counts = pruned_at(candidates[low])
+    counts = pruned_at(torch.tensor(low, dtype=torch.int32).view(torch.float32))
     return {name: weights[name].numel() - counts[name] for name in weights}
 
 
 def prune_smallest(weight: torch.Tensor, count: int) -> torch.Tensor:
-    """A copy of ``weight`` with its ``count`` smallest-magnitude entries set to zero."""
+    """A copy of ``weight`` with its ``count`` smallest-magnitude entries set to zero.
+
+    Uses the count-th smallest magnitude as a threshold (linear time, no sort); among entries equal
+    to the threshold, the first ones in memory order go.
+    """
     pruned = weight.detach().clone()
-    if count > 0:
-        order = pruned.abs().flatten().argsort(stable=True)
-        pruned.view(-1)[order[:count]] = 0
+    if count <= 0:
+        return pruned
+    flat, magnitude = pruned.view(-1), pruned.detach().abs().flatten()
+    threshold = magnitude.kthvalue(count).values
+    below = magnitude < threshold
+    ties = (magnitude == threshold).nonzero().flatten()[: count - int(below.sum())]
+    flat[below] = 0
+    flat[ties] = 0
     return pruned

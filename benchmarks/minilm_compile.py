@@ -1,0 +1,59 @@
+"""MiniLM (real weights) on this machine: latency of the compiled model against eager PyTorch.
+
+Prints, for one pipeline, the median latency of the original model and of the CompiledModule on
+the same batch of real sentences (both measured in this run, after warm-up), their ratio, and the
+fidelity figures of the compile report beside it.
+
+    python benchmarks/minilm_compile.py --passes "cleanup | prune.magnitude(sparsity=0.3)" --batch 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import bevel
+from bevel.data import sentences
+from bevel.models import minilm
+
+
+def median_seconds(fn, args, warmup: int, repeats: int) -> float:
+    """Median wall time of ``fn(*args)`` over ``repeats`` runs after ``warmup`` runs."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(*args)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(*args)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passes", default="cleanup | prune.magnitude(sparsity=0.3)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    model = minilm.load_minilm()
+    batch = minilm.encode(sentences(args.batch, seed=7), max_length=args.max_length)
+    cm = bevel.compile(model, args.passes, example_inputs=minilm.example_inputs(),
+                       calibration=minilm.calibration_batches())
+    eager = median_seconds(model, batch, args.warmup, args.repeats)
+    compiled = median_seconds(cm, batch, args.warmup, args.repeats)
+    fidelity = cm.report.fidelity
+    print(cm.report)
+    print(f"batch {tuple(batch[0].shape)}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"eager {eager * 1e3:.1f} ms | bevel {compiled * 1e3:.1f} ms | speed-up {eager / compiled:.2f}x | "
+          f"cosine {fidelity.cosine:.5f} | max abs err {fidelity.max_abs_error:.3e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The ``bevel`` command line: list passes, inspect a model's graph, export a compiled model, run the demo.
+
+User errors (a bevel.BevelError or a usage error) exit with code 2 and one ``error:`` line on stderr;
+pipeline errors keep their caret lines and capture errors the model's failing line. Anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from typer.core import TyperGroup
+
+import bevel
+from bevel.errors import BevelError, CaptureError, PipelineError
+from bevel.ir.onnx_export import DEFAULT_OPSET
+
+DEMO_PIPELINE = 'cleanup | prune.magnitude(sparsity=0.3, skip=["pooler.*"])'
+
+
+def _click_exception_class(name: str) -> type[Exception]:
+    """Click's ``UsageError``/``ClickException`` as typer uses them (newer typers vendor their own click)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+
+
+_UsageError = _click_exception_class("UsageError")
+_ClickException = _click_exception_class("ClickException")
+
+
+class BevelGroup(TyperGroup):
+    """Turns user errors into exit code 2 and one ``error:`` line instead of a traceback or a usage box."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name or "bevel", complete_var, standalone_mode=False, **extra)
+        except (PipelineError, CaptureError) as error:  # carets / the failing model line are worth the lines
+            _fail(str(error))
+        except BevelError as error:
+            _fail(_first_line(str(error)))
+        except _ClickException as error:
+            if type(error).__name__ == "NoArgsIsHelpError":  # plain `bevel`: the help is already printed
+                sys.exit(error.exit_code)
+            _fail(_first_line(error.format_message()), 2 if isinstance(error, _UsageError) else error.exit_code)
+        except typer.Abort:
+            print("Aborted.", file=sys.stderr)
+            sys.exit(1)
+        # in non-standalone mode click returns the code of an explicit exit (--help, --version)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+app = typer.Typer(cls=BevelGroup, name="bevel", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"bevel {bevel.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print bevel's version and exit.")) -> None:
+    """bevel: capture a PyTorch model with torch.export, rewrite its graph with passes, and export the result.
+
+    MODEL is a built-in name (minilm) or package.module:callable, where the callable returns
+    (model, example_inputs); modules in the current directory are found.
+    """
+
+
+# --- bevel passes ----------------------------------------------------------------------------------
+
+@app.command("passes")
+def passes_command(as_json: bool = typer.Option(False, "--json", help="Print the passes as JSON.")) -> None:
+    """List every registered pass with its parameters: type, default, accepted range and help."""
+    from bevel.passes.registry import available_passes
+
+    described = [_describe_pass(name, cls) for name, cls in available_passes().items()]
+    if as_json:
+        typer.echo(json.dumps(described, indent=2, default=repr))
+        return
+    console = Console(highlight=False)
+    for entry in described:
+        needs = []
+        if entry["needs_calibration"]:
+            needs.append("needs --calibration")
+        if entry["requires"]:
+            needs.append("after " + ", ".join(entry["requires"]))
+        console.print(f"[bold]{escape(entry['name'])}[/bold]" + escape(f"  ({'; '.join(needs)})" if needs else ""))
+        console.print(f"  {escape(entry['doc'])}", soft_wrap=True)
+        if entry["params"]:
+            table = Table(box=None, padding=(0, 2), show_edge=False)
+            for column in ("param", "type", "default", "range", "help"):
+                table.add_column(column, no_wrap=column != "help", overflow="fold")
+            for p in entry["params"]:
+                table.add_row(*(escape(text) for text in (p["name"], p["type"], _default_text(p["default"]),
+                                                          p["range"], p["doc"])))
+            console.print(table)
+        console.print()
+
+
+def _describe_pass(name: str, cls: Any) -> dict[str, Any]:
+    doc = pyinspect.getdoc(cls) or ""
+    summary = " ".join(doc.split("\n\n")[0].split())  # the first paragraph, on one line
+    return {"name": name, "doc": summary, "needs_calibration": cls.needs_calibration,
+            "requires": list(cls.requires), "conflicts": list(cls.conflicts), "params": cls.Params.describe()}
+
+
+def _default_text(value: Any) -> str:
+    """A default as it is written in pipeline text: true, none, "x", [..]."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_default_text(v) for v in value) + "]"
+    return repr(value)
+
+
+# --- bevel inspect ---------------------------------------------------------------------------------
+
+@app.command("inspect")
+def inspect_command(
+    model_ref: str = typer.Argument(..., metavar="MODEL", help="A built-in name (minilm) or package.module:callable."),
+    graph: bool = typer.Option(False, "--graph", help="Also print the whole graph, one line per node."),
+    top: int = typer.Option(10, "--top", min=0, help="How many of the costliest nodes to list."),
+) -> None:
+    """Capture MODEL with torch.export and print its op histogram, size, FLOPs and costliest nodes."""
+    from bevel.compiler.compile import copy_model
+    from bevel.compiler.model_ref import resolve_model
+    from bevel.ir import analysis
+    from bevel.ir.capture import capture
+    from bevel.ir.printer import target_text, type_text
+
+    model, example_inputs = resolve_model(model_ref)
+    captured = capture(copy_model(model), example_inputs)
+    console = Console(highlight=False)
+
+    inputs = ", ".join(f"{n.name}: {type_text(n.meta.get('val'))}" for n in captured.inputs())
+    console.print(f"[bold]{escape(type(model).__name__)}[/bold] ({escape(model_ref)})  inputs: {escape(inputs)}")
+    flops, weight_bytes = analysis.total_flops(captured), analysis.param_bytes(captured)
+    console.print(f"parameters:      {analysis.param_count(captured):,}")
+    console.print(f"weight bytes:    {weight_bytes:,} ({weight_bytes / 2**20:.2f} MB)")
+    console.print(f"FLOPs:           {flops:,} ({flops / 1e9:.3f} G, one call at the example input sizes)")
+    console.print(f"weight sparsity: {analysis.weight_sparsity(captured):.1%} of Linear/Conv weights are zero")
+
+    calls = analysis.op_histogram(captured)
+    histogram = Table(title=f"ops ({sum(calls.values())} calls)", title_justify="left")
+    histogram.add_column("op", no_wrap=True)
+    histogram.add_column("count", justify="right")
+    for target, count in sorted(calls.items(), key=lambda item: (-item[1], item[0])):
+        histogram.add_row(escape(target), str(count))
+    console.print(histogram)
+
+    per_node = analysis.flops_per_node(captured)
+    if top and per_node:
+        nodes = {n.name: n for n in captured.nodes(op="call_function")}
+        costly = Table(title=f"top {min(top, len(per_node))} nodes by FLOPs", title_justify="left")
+        for column in ("node", "op", "output", "FLOPs", "share"):
+            costly.add_column(column, no_wrap=True, justify="right" if column in ("FLOPs", "share") else "left")
+        for name, count in sorted(per_node.items(), key=lambda item: -item[1])[:top]:
+            node = nodes[name]
+            costly.add_row(escape(name), escape(target_text(node.target)), escape(type_text(node.meta.get("val"))),
+                           f"{count:,}",
+                           f"{count / flops:.1%}")
+        console.print(costly)
+    if graph:
+        typer.echo(str(captured))
+
+
+# --- bevel export ----------------------------------------------------------------------------------
+
+@app.command("export")
+def export_command(
+    model_ref: str = typer.Argument(..., metavar="MODEL", help="A built-in name (minilm) or package.module:callable."),
+    passes: str = typer.Option("cleanup", "--passes", "-p", help='The pipeline, e.g. "cleanup | prune.magnitude(sparsity=0.3)".'),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Directory to write model.onnx, artifact/ and the reports to."),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", "-c",
+        help="Calibration batches: package.module:callable, a .pt file holding a list of input tuples, or 'builtin' "
+             "(the built-in model's own; the default for built-in models)."),
+    max_fidelity_drop: Optional[float] = typer.Option(
+        None, "--max-fidelity-drop", min=0.0, max=2.0,
+        help="Roll back any pass that lowers the cosine similarity to the original by more than this (e.g. 0.01)."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=DEFAULT_OPSET, help="ONNX opset to write."),
+    device: str = typer.Option("cpu", "--device", help="Where the compiled model runs: cpu or cuda."),
+) -> None:
+    """Compile MODEL with a pipeline and write DIR/model.onnx, DIR/artifact/, DIR/report.md and DIR/report.json."""
+    from bevel.codegen.lower import check_device
+    from bevel.compiler.model_ref import resolve_calibration, resolve_model
+    from bevel.compiler.pipeline import build_pipeline
+
+    pipeline = build_pipeline(passes)  # bad arguments fail before the model loads
+    check_device(device)
+    batches = resolve_calibration(calibration, model_ref)
+    model, example_inputs = resolve_model(model_ref, example_inputs=batches[0] if batches else None)
+    compiled = _compile_with_progress(model, pipeline, example_inputs, batches, device=device,
+                                      max_fidelity_drop=max_fidelity_drop)
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = compiled.report
+    paths = {"report": out / "report.md", "report json": out / "report.json", "artifact": out / "artifact",
+             "onnx": out / "model.onnx"}
+    paths["report"].write_text(report.to_markdown())
+    report.save_json(str(paths["report json"]))
+    err = Console(stderr=True, highlight=False)
+    with err.status("saving the artifact"):
+        compiled.save(str(paths["artifact"]))
+    with err.status(f"exporting ONNX (opset {opset})"):
+        compiled.export_onnx(str(paths["onnx"]), opset=opset)
+
+    typer.echo(str(report))
+    typer.echo("")
+    for label, path in paths.items():
+        typer.echo(f"{label + ':':13} {path}")
+
+
+def _compile_with_progress(model: Any, pipeline: Any, example_inputs: Any, calibration: Any, **options: Any) -> Any:
+    """bevel.compile with a progress bar on stderr: one step per pass, a line per finished pass."""
+    console = Console(stderr=True, highlight=False)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(escape(f"capturing {type(model).__name__}"), total=len(pipeline))
+
+        def on_start(index: int, count: int, p: Any) -> None:
+            progress.update(task, description=escape(f"pass {index + 1}/{count}: {p!r}"))
+
+        def on_end(index: int, count: int, p: Any, entry: Any) -> None:
+            reason = f" ({entry.reason})" if entry.reason else ""
+            progress.console.print(escape(f"{entry.name}: {entry.status} in {entry.seconds:.2f} s{reason}"))
+            progress.advance(task)
+
+        return bevel.compile(model, pipeline, example_inputs=example_inputs, calibration=calibration,
+                             on_pass_start=on_start, on_pass_end=on_end, **options)
+
+
+# --- bevel demo ------------------------------------------------------------------------------------
+
+@app.command("demo")
+def demo_command(
+    passes: str = typer.Option(DEMO_PIPELINE, "--passes", "-p", help="The pipeline to compile MiniLM with."),
+    runs: int = typer.Option(10, "--runs", min=1, help="Timed runs of each model (the median is reported)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed runs of each model before timing."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sentences per timed batch."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                          help="CPU threads torch may use (default: torch's own choice)."),
+) -> None:
+    """Compile the built-in MiniLM (real weights, real sentences), print the report, then time it against the original."""
+    import torch
+
+    from bevel.compiler.model_ref import resolve_calibration, resolve_model
+    from bevel.compiler.pipeline import build_pipeline
+    from bevel.data import sentences
+    from bevel.models.minilm import encode
+
+    pipeline = build_pipeline(passes)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, example_inputs = resolve_model("minilm")
+    compiled = _compile_with_progress(model, pipeline, example_inputs, resolve_calibration("builtin", "minilm"))
+    typer.echo(str(compiled.report))
+
+    batch = encode(sentences(batch_size, seed=7))  # sentences neither captured nor calibrated on
+    original_ms, compiled_ms = _median_latencies(model.eval(), compiled, batch, runs=runs, warmup=warmup)
+    fidelity = compiled.report.fidelity
+    cosine = f"{fidelity.cosine:.4f}" if fidelity else "n/a"
+    typer.echo("")
+    typer.echo(f"latency on {batch_size} sentences x {batch[0].shape[1]} tokens, median of {runs} runs after "
+               f"{warmup} warm-up ({torch.get_num_threads()} CPU threads):")
+    typer.echo(f"  original {original_ms:8.2f} ms")
+    typer.echo(f"  bevel    {compiled_ms:8.2f} ms")
+    typer.echo(f"  speedup {original_ms / compiled_ms:.2f}x   fidelity (cosine vs original on calibration "
+               f"batches): {cosine}")
+
+
+def _median_latencies(original: Any, compiled: Any, batch: tuple[Any, ...], runs: int,
+                      warmup: int) -> tuple[float, float]:
+    """Median milliseconds per call of both models on ``batch``; runs alternate so drift hits both alike."""
+    import torch
+
+    times: dict[str, list[float]] = {"original": [], "compiled": []}
+    with torch.no_grad():
+        for i in range(warmup + runs):
+            for name, module in (("original", original), ("compiled", compiled)):
+                start = time.perf_counter()
+                module(*batch)
+                if i >= warmup:
+                    times[name].append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times["original"]), statistics.median(times["compiled"])
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+def _first_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _fail(message: str, code: int = 2) -> None:
+    text = message if message.startswith("error: ") else f"error: {message}"
+    print(text, file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Console-script entry point: ``bevel ...``."""
+    app(prog_name="bevel")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Small MODEL callables for the CLI tests (``cli_models:small_mlp`` and friends), each cheap to capture."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallMLP(nn.Module):
+    """Two linear layers with dropout between them: cleanup has something to remove."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.drop = nn.Dropout(0.1)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop(torch.relu(self.fc1(x))))
+
+
+class BranchOnValues(nn.Module):
+    """Branches on a tensor's values, which torch.export cannot capture."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def small_mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A SmallMLP with seeded weights and one batch of inputs."""
+    torch.manual_seed(0)
+    return SmallMLP().eval(), (torch.randn(4, 16),)
+
+
+def module_only() -> nn.Module:
+    """Only a module: the CLI needs example inputs from elsewhere (--calibration)."""
+    torch.manual_seed(0)
+    return SmallMLP().eval()
+
+
+def calibration() -> list[tuple[torch.Tensor]]:
+    """Three batches for SmallMLP."""
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 16, generator=generator),) for _ in range(3)]
+
+
+def branch_on_values() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A model torch.export cannot capture (data-dependent control flow)."""
+    return BranchOnValues().eval(), (torch.ones(2, 4),)
+
+
+def raises() -> nn.Module:
+    """A builder that fails, as a user's might."""
+    raise RuntimeError("checkpoint weights.bin not found")
+
+
+def wrong_type() -> str:
+    """Returns something that is not a model."""
+    return "not a model"
+
+
+NOT_CALLABLE = 42

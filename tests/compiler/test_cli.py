@@ -1,0 +1,288 @@
+"""Tests for the ``bevel`` command line and the MODEL / --calibration resolution behind it.
+
+Small models come from ``cli_models.py`` beside this file (found as ``cli_models:...`` from this
+directory); the last two tests run the real MiniLM end to end (about a minute together).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bevel.compiler.cli import app
+from bevel.compiler.model_ref import resolve_calibration, resolve_model
+from bevel.errors import BevelError, ModelLoadError
+
+HERE = Path(__file__).resolve().parent
+SMALL = "cli_models:small_mlp"
+
+
+@pytest.fixture(autouse=True)
+def in_test_directory(monkeypatch):
+    """Run every command from this directory, where ``cli_models.py`` lies."""
+    monkeypatch.chdir(HERE)
+
+
+def bevel(*args: str):
+    """Run the CLI in-process and return click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, list(args))
+
+
+def error_line(result) -> str:
+    """The single ``error:`` line a failed command printed on stderr."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def run_script(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+# --- the console script ----------------------------------------------------------------------------
+
+def test_console_script_inspects_a_model_from_the_current_directory():
+    script = Path(sys.executable).with_name("bevel")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "bevel.compiler.cli"]
+    done = run_script(command + ["inspect", SMALL], cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    assert "aten.linear" in done.stdout and "parameters:" in done.stdout
+
+
+def test_module_entry_point_reports_a_user_error_in_one_line(tmp_path):
+    done = run_script([sys.executable, "-m", "bevel.compiler.cli", "export", "no_such_module_xyz:build",
+                       "--out", str(tmp_path)], cwd=HERE)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
+    assert done.stderr.startswith("error: MODEL 'no_such_module_xyz:build'")
+    assert "No module named 'no_such_module_xyz'" in done.stderr
+
+
+def test_version():
+    import bevel as package
+
+    result = bevel("--version")
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"bevel {package.__version__}"
+
+
+def test_every_command_has_help():
+    for command in ([], ["passes"], ["inspect"], ["export"], ["demo"]):
+        result = bevel(*command, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Usage" in result.stdout
+    export_help = bevel("export", "--help").stdout
+    for flag in ("--passes", "--out", "--calibration", "--max-fidelity-drop", "--opset", "--device"):
+        assert flag in export_help
+
+
+# --- bevel passes ----------------------------------------------------------------------------------
+
+def test_passes_lists_each_pass_with_its_params():
+    result = bevel("passes")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "cleanup" in out and "prune.magnitude" in out
+    assert "Zero the smallest-magnitude weights" in out  # the class docstring's summary
+    for name in ("fold_constants", "max_folded_elements", "sparsity", "min_keep", "skip"):
+        assert name in out
+    assert "[0.0, 1.0)" in out  # sparsity's range
+    assert "float" in out and "0.5" in out
+
+
+def test_passes_json():
+    result = bevel("passes", "--json")
+    assert result.exit_code == 0, result.output
+    passes = {entry["name"]: entry for entry in json.loads(result.stdout)}
+    assert {"cleanup", "prune.magnitude"} <= set(passes)
+    params = {p["name"]: p for p in passes["prune.magnitude"]["params"]}
+    assert params["sparsity"] == {"name": "sparsity", "type": "float", "default": 0.5, "range": "[0.0, 1.0)",
+                                  "doc": "fraction of all Linear/Conv weights set to zero"}
+    assert params["skip"]["default"] == []
+    assert passes["cleanup"]["doc"].startswith("Remove dropout")
+
+
+# --- bevel inspect ---------------------------------------------------------------------------------
+
+def test_inspect_prints_histogram_size_and_flops():
+    result = bevel("inspect", SMALL, "--graph")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "SmallMLP" in out and "x: f32[" in out
+    assert "parameters:      808" in out  # 16*32+32 + 32*8+8
+    assert "weight bytes:    3,232" in out
+    assert "FLOPs:           6,144" in out  # 2*4*16*32 + 2*4*32*8 at batch 4
+    histogram = {line.split()[1]: line.split()[3] for line in out.splitlines() if line.startswith("│ aten.")}
+    assert histogram == {"aten.linear": "2", "aten.relu": "1", "aten.dropout": "1"}
+    assert "top 2 nodes by FLOPs" in out and "66.7%" in out
+    assert "aten.linear(%x, @fc1.weight, @fc1.bias)" in out  # the --graph listing
+
+
+# --- bevel export ----------------------------------------------------------------------------------
+
+def test_export_small_model_writes_every_output(tmp_path):
+    import onnxruntime
+
+    import bevel as package
+
+    out = tmp_path / "out"
+    result = bevel("export", SMALL, "--passes", "cleanup | prune.magnitude(sparsity=0.5)", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    for name in ("model.onnx", "artifact/manifest.json", "report.md", "report.json"):
+        assert (out / name).is_file(), name
+        assert str(out / name.split("/")[0]) in result.stdout
+    assert "bevel report: SmallMLP" in result.stdout
+    assert "prune.magnitude: applied" in result.stderr  # the progress lines
+
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["cleanup", "prune.magnitude"]
+    assert report["passes"][1]["after"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert "| prune.magnitude | applied |" in (out / "report.md").read_text()
+
+    # the artifact and the ONNX model compute the same function on fresh inputs
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(5))
+    expected = package.load(str(out / "artifact"))(x)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-4, atol=1e-5)
+
+
+# --- user errors: exit code 2, one clear message ---------------------------------------------------
+
+@pytest.mark.parametrize("pipeline, expected", [
+    ("cleanup | prune.magnitude(sparsity=)", "pipeline syntax error at line 1, column 36"),
+    ("cleanup | prune.magnitud", "unknown pass 'prune.magnitud'; did you mean 'prune.magnitude'?"),
+    ("prune.magnitude(sparsityy=0.3)", "has no parameter 'sparsityy'; did you mean 'sparsity'?"),
+    ("prune.magnitude(sparsity=1.5)", "1.5 is out of range; sparsity must be in [0.0, 1.0)"),
+])
+def test_pipeline_errors_show_the_caret(tmp_path, pipeline, expected):
+    result = bevel("export", SMALL, "--passes", pipeline, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    lines = result.stderr.rstrip("\n").splitlines()
+    assert lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert lines[1] == pipeline and "^" in lines[2]  # the pipeline text, then the caret under the fault
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["inspect", "no_such_module_xyz:build"], "cannot import module 'no_such_module_xyz': No module named"),
+    (["inspect", "cli_models"], "is not a valid reference: expected 'package.module:callable'"),
+    (["inspect", "cli_models:"], "is not a valid reference"),
+    (["inspect", "cli_models:small_mpl"], "has no attribute 'small_mpl'; did you mean 'small_mlp'?"),
+    (["inspect", "cli_models:raises"], "raised RuntimeError: checkpoint weights.bin not found"),
+    (["inspect", "cli_models:wrong_type"], "returned a str; the callable must return an nn.Module or "
+                                           "(model, example_inputs)"),
+    (["inspect", "cli_models:NOT_CALLABLE"], "is a int, not a callable"),
+    (["inspect", "cli_models:module_only"], "the callable must return (model, example_inputs)"),
+    (["export", SMALL, "--out", "unused", "--calibration", "nonsense"], "--calibration 'nonsense' is not understood"),
+    (["export", SMALL, "--out", "unused", "--calibration", "builtin"], "--calibration builtin needs a built-in MODEL"),
+    (["export", SMALL, "--out", "unused", "--calibration", "missing.pt"], "--calibration 'missing.pt': no such file"),
+    (["export", SMALL, "--out", "unused", "--device", "tpu9"], "device='tpu9' is not a device torch knows"),
+    (["export", SMALL], "Missing option '--out'"),
+    (["export", SMALL, "--out", "unused", "--opset", "11"], "Invalid value for '--opset'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_user_errors_exit_2_with_one_line(args, expected):
+    result = bevel(*args)
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert expected in line, line
+    assert result.stderr.rstrip("\n").splitlines()[-1] == line  # the error is the last word
+    assert not Path("unused").exists()
+
+
+def test_capture_errors_exit_2_and_quote_the_failing_line():
+    result = bevel("inspect", "cli_models:branch_on_values")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.rstrip("\n").splitlines()
+    assert lines[0].startswith("error: could not capture BranchOnValues with torch.export"), lines
+    assert any("cli_models.py" in line and "if " in line for line in lines[1:]), lines  # the model's own line
+    assert lines[-1].lstrip().startswith("try:")
+    assert "def forward" not in result.stderr  # torch's partial graph listing is not dumped
+
+
+def test_unexpected_exceptions_are_not_hidden(monkeypatch):
+    import bevel.compiler.model_ref as model_ref
+
+    def broken(ref, example_inputs=None):
+        raise RuntimeError("a bug in bevel")
+
+    monkeypatch.setattr(model_ref, "resolve_model", broken)
+    result = bevel("inspect", SMALL)
+    assert result.exit_code == 1
+    assert isinstance(result.exception, RuntimeError)
+
+
+# --- MODEL and --calibration resolution ------------------------------------------------------------
+
+def test_resolve_model_uses_given_example_inputs_for_a_bare_module():
+    inputs = (torch.zeros(2, 16),)
+    model, example_inputs = resolve_model("cli_models:module_only", example_inputs=inputs)
+    assert isinstance(model, torch.nn.Module) and example_inputs == inputs
+    model, example_inputs = resolve_model(SMALL)
+    assert example_inputs[0].shape == (4, 16)
+    with pytest.raises(ModelLoadError, match="must return \\(model, example_inputs\\)"):
+        resolve_model("cli_models:module_only")
+
+
+def test_calibration_from_callable_file_and_builtin(tmp_path):
+    batches = resolve_calibration("cli_models:calibration", SMALL)
+    assert len(batches) == 3 and all(isinstance(b, tuple) and b[0].shape == (4, 16) for b in batches)
+    assert resolve_calibration(None, SMALL) is None
+
+    path = tmp_path / "calib.pt"
+    torch.save([(torch.ones(2, 16),), torch.zeros(3, 16)], path)  # a lone tensor counts as a 1-tuple
+    loaded = resolve_calibration(str(path), SMALL)
+    assert [b[0].shape for b in loaded] == [(2, 16), (3, 16)]
+
+    torch.save({"not": "a list"}, tmp_path / "dict.pt")
+    with pytest.raises(BevelError, match="holds a dict; it must hold a list of input tuples"):
+        resolve_calibration(str(tmp_path / "dict.pt"), SMALL)
+    torch.save([], tmp_path / "empty.pt")
+    with pytest.raises(BevelError, match="gave no batches"):
+        resolve_calibration(str(tmp_path / "empty.pt"), SMALL)
+    with pytest.raises(BevelError, match="has no attribute 'calibraton'; did you mean 'calibration'"):
+        resolve_calibration("cli_models:calibraton", SMALL)
+
+
+def test_export_with_calibration_gives_a_bare_module_its_inputs(tmp_path):
+    result = bevel("export", "cli_models:module_only", "--calibration", "cli_models:calibration",
+                   "--max-fidelity-drop", "0.5", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["calibration_batches"] == 3 and report["max_fidelity_drop"] == 0.5
+
+
+# --- the real model, end to end (slow: about a minute together) ------------------------------------
+
+def test_export_minilm_end_to_end(tmp_path):
+    result = bevel("export", "minilm", "--passes", "cleanup | prune.magnitude(sparsity=0.3)", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    for name in ("model.onnx", "artifact/manifest.json", "artifact/weights.safetensors", "report.md", "report.json"):
+        assert (tmp_path / name).is_file(), name
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model"] == "BertModel"
+    assert report["calibration_batches"] == 4  # minilm's own batches, used by default
+    prune = report["passes"][-1]
+    assert prune["name"] == "prune.magnitude(sparsity=0.3)" and prune["status"] == "applied"
+    assert prune["after"]["sparsity"] == pytest.approx(0.30, abs=0.01)
+    assert prune["stats"]["sparsity"] == pytest.approx(0.30, abs=0.01)
+    assert "bevel report: BertModel" in result.stdout
+
+
+def test_demo_prints_the_report_and_the_latency_ratio():
+    result = bevel("demo", "--runs", "2", "--warmup", "1", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "bevel report: BertModel" in out
+    assert 'prune.magnitude(sparsity=0.3, skip=["pooler.*"])' in out and "applied" in out
+    assert "median of 2 runs after 1 warm-up" in out
+    assert "speedup" in out and "fidelity (cosine vs original" in out

@@ -1,0 +1,73 @@
+"""bevel.compile: inputs checked before work, the user's model never touched, the result callable like it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bevel
+from bevel.errors import BevelError, CaptureError, ParamError, PipelineError
+from tests.models_zoo import DataDependent, MLP
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_untouched(model, before, training):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training == training
+
+
+@pytest.mark.parametrize("passes, error, fragment", [
+    ("cleanup | | prune.magnitude", PipelineError, "^"),
+    ("prune.magnitud(sparsity=0.3)", PipelineError, "did you mean 'prune.magnitude'"),
+    ("prune.magnitude(sparsty=0.3)", ParamError, "did you mean 'sparsity'"),
+    ("prune.magnitude(sparsity=1.5)", ParamError, "sparsity must be in [0.0, 1.0)"),
+])
+def test_bad_pipelines_fail_before_work_and_leave_the_model_untouched(passes, error, fragment):
+    model = MLP().train()
+    before = snapshot(model)
+    with pytest.raises(error) as info:
+        bevel.compile(model, passes, example_inputs=(torch.randn(2, 16),))
+    assert fragment in str(info.value)
+    assert_untouched(model, before, training=True)
+
+
+def test_uncapturable_model_gives_capture_error_and_is_untouched():
+    model = DataDependent().train()
+    before = snapshot(model)
+    with pytest.raises(CaptureError, match="if x.sum"):
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 4),))
+    assert_untouched(model, before, training=True)
+
+
+def test_other_bad_arguments():
+    model = MLP()
+    with pytest.raises(BevelError, match="example_inputs"):
+        bevel.compile(model, "cleanup")
+    with pytest.raises(ParamError, match="max_fidelity_drop"):
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),), max_fidelity_drop=-1)
+    with pytest.raises(BevelError, match="device"):
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),), device="tpu9")
+    with pytest.raises(CaptureError, match="fails on its own inputs"):
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 7),))
+    with pytest.raises(CaptureError, match="nn.Module"):
+        bevel.compile(lambda x: x, "cleanup", example_inputs=(torch.randn(2, 16),))
+
+
+def test_compiled_module_is_an_nn_module_called_like_the_model():
+    torch.manual_seed(0)
+    model = MLP().train()  # left in training mode on purpose: compile works on an eval copy
+    before = snapshot(model)
+    x = torch.randn(3, 16)
+    cm = bevel.compile(model, ["cleanup", bevel.passes.get_pass("prune.magnitude")(sparsity=0.2)],
+                       example_inputs=x, calibration=[(torch.randn(5, 16),), torch.randn(6, 16)])
+    assert isinstance(cm, torch.nn.Module)
+    assert cm.pipeline == "cleanup | prune.magnitude(sparsity=0.2)"
+    assert cm(torch.randn(9, 16)).shape == (9, 8)
+    assert cm.report.calibration_batches == 2
+    assert_untouched(model, before, training=True)
+    assert "prune.magnitude(sparsity=0.2)" in str(cm.report)

@@ -1,0 +1,60 @@
+"""capture(): torch.export to a Graph with weights as attributes, shapes on every node, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bevel.errors import CaptureError
+from bevel.ir import capture
+from tests.models_zoo import MLP, ConvNet, DataDependent, SDPABlock
+
+
+def test_capture_keeps_weights_as_named_attributes_and_outputs_match():
+    model = MLP().eval()
+    x = torch.randn(3, 16)
+    graph = capture(model, (x,))
+    assert set(graph.tensors()) == set(dict(model.named_parameters()))
+    for name, value in model.named_parameters():
+        assert torch.equal(graph.param(name), value)
+    assert torch.equal(graph(x), model(x))
+
+
+def test_every_node_carries_shape_and_dtype_with_symbolic_batch():
+    graph = capture(SDPABlock().eval(), (torch.randn(2, 6, 16),))
+    for node in graph.nodes():
+        if node.op in ("placeholder", "get_attr") or (node.op == "call_function" and node.users):
+            assert "val" in node.meta, node
+    (inp,) = graph.inputs()
+    batch, length, width = graph.shape(inp)
+    assert isinstance(batch, torch.SymInt) and isinstance(length, torch.SymInt) and width == 16
+    assert graph.dtype(inp) == torch.float32
+    # the captured graph serves other batch sizes and lengths
+    assert graph(torch.randn(5, 3, 16)).shape == (5, 3, 16)
+
+
+def test_static_capture_fixes_shapes():
+    graph = capture(MLP().eval(), (torch.randn(3, 16),), dynamic_shapes="static")
+    assert graph.shape(graph.inputs()[0]) == (3, 16)
+
+
+def test_capture_failure_names_the_failing_line_and_suggests_a_fix():
+    with pytest.raises(CaptureError) as info:
+        capture(DataDependent(), (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "DataDependent" in message
+    assert "if x.sum() > 0:" in message  # the model's own failing line is quoted
+    assert "models_zoo.py" in message
+    assert "try:" in message
+
+
+def test_capture_rejects_a_non_module():
+    with pytest.raises(CaptureError, match="nn.Module"):
+        capture(lambda x: x, (torch.randn(2),))
+
+
+def test_conv_model_captures_with_dynamic_image_size():
+    model = ConvNet().eval()
+    graph = capture(model, (torch.randn(2, 3, 12, 12),))
+    x = torch.randn(3, 3, 10, 10)
+    torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)

@@ -1,0 +1,71 @@
+"""Graph: iterate, replace, read and write weights, lint, print, networkx view, copy."""
+
+from __future__ import annotations
+
+import torch
+
+from bevel.ir import capture
+from tests.models_zoo import MLP, SDPABlock
+
+aten = torch.ops.aten
+
+
+def test_iterate_and_replace_nodes():
+    model = MLP(dropout=0.5).eval()
+    graph = capture(model, (torch.randn(2, 16),))
+    dropouts = list(graph.nodes(target=aten.dropout.default))
+    assert len(dropouts) == 1
+    graph.replace_node(dropouts[0], dropouts[0].args[0])
+    graph.refresh()
+    assert not list(graph.nodes(target=aten.dropout.default))
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)  # eval-mode dropout was the identity
+
+
+def test_set_param_changes_outputs_and_keeps_parameter_kind():
+    graph = capture(MLP().eval(), (torch.randn(2, 16),))
+    name = "layers.0.weight"
+    graph.set_param(name, torch.zeros_like(graph.param(name)))
+    assert isinstance(graph.param(name), torch.nn.Parameter)
+    assert graph.param(name).abs().sum() == 0
+
+
+def test_add_param_and_remove_unused():
+    graph = capture(MLP().eval(), (torch.randn(2, 16),))
+    first = next(graph.nodes(op="call_function", target=aten.linear.default))
+    node = graph.add_param("extra", torch.ones(3), before=first)
+    assert graph.dtype(node) == torch.float32 and graph.shape(node) == (3,)
+    graph.refresh()  # nobody reads it: refresh drops the node and the attribute
+    assert "extra" not in graph.tensors()
+
+
+def test_lint_is_clean_after_capture_and_catches_a_dangling_attribute():
+    graph = capture(MLP().eval(), (torch.randn(2, 16),))
+    assert graph.lint() == []
+    graph.delete_param("layers.1.bias")
+    problems = graph.lint()
+    assert any("layers.1.bias" in p for p in problems)
+
+
+def test_readable_print_shows_shapes_and_weights():
+    text = str(capture(SDPABlock().eval(), (torch.randn(2, 6, 16),)))
+    assert "input %x: f32[" in text
+    assert "aten.linear(%x, @qkv.weight, @qkv.bias)" in text
+    assert "aten.scaled_dot_product_attention" in text
+    assert text.splitlines()[-1].startswith("return")
+
+
+def test_networkx_view_has_every_node_and_data_edge():
+    graph = capture(MLP().eval(), (torch.randn(2, 16),))
+    view = graph.to_networkx()
+    assert view.number_of_nodes() == len(graph.fx_graph.nodes)
+    linear = next(graph.nodes(target=aten.linear.default))
+    assert view.has_edge("x", linear.name)
+    assert view.nodes[linear.name]["op"] == "call_function"
+
+
+def test_copy_is_independent():
+    graph = capture(MLP().eval(), (torch.randn(2, 16),))
+    clone = graph.copy()
+    clone.set_param("layers.0.weight", torch.zeros_like(clone.param("layers.0.weight")))
+    assert graph.param("layers.0.weight").abs().sum() > 0

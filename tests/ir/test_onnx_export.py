@@ -1,0 +1,212 @@
+"""Tests for ``export_onnx``: the real MiniLM and small models run in onnxruntime and match the CompiledModule."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import keystr, tree_flatten_with_path
+
+import bevel
+from bevel.errors import ExportError
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def onnx_dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    """A graph input's or output's shape: a dim_param name where the dimension is dynamic, else its size."""
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def run_onnx(path: str, inputs: tuple[torch.Tensor, ...]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    feed = {spec.name: x.numpy() for spec, x in zip(session.get_inputs(), inputs)}
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+
+
+def output_fields(outputs) -> dict[str, torch.Tensor]:
+    """Output leaves by field name (``.last_hidden_state`` -> ``last_hidden_state``)."""
+    return {re.sub(r"\W", "", keystr(path)): value for path, value in tree_flatten_with_path(outputs)[0]}
+
+
+# -- the real model ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def minilm_onnx(minilm_pruned, tmp_path_factory) -> str:
+    return minilm_pruned.export_onnx(str(tmp_path_factory.mktemp("onnx") / "model.onnx"))
+
+
+def test_minilm_runs_in_onnxruntime_and_matches(minilm_pruned, minilm_onnx, fresh_sentences, minilm_inputs):
+    assert fresh_sentences[0].shape[0] != minilm_inputs[0].shape[0]
+    assert fresh_sentences[0].shape[1] != minilm_inputs[0].shape[1]
+    onnx.checker.check_model(minilm_onnx, full_check=True)
+    expected = output_fields(minilm_pruned(*fresh_sentences))
+    got = run_onnx(minilm_onnx, fresh_sentences)
+    assert set(got) == set(expected) == {"last_hidden_state", "pooler_output"}
+    for name, value in expected.items():
+        assert got[name].shape == tuple(value.shape), name
+        error = float(np.abs(got[name] - value.numpy()).max())
+        assert error < 1e-4, f"{name}: max abs error {error:.2e} between onnxruntime and the CompiledModule"
+
+
+def test_minilm_onnx_has_dynamic_axes_and_named_outputs(minilm_pruned, minilm_onnx):
+    model = onnx.load(minilm_onnx, load_external_data=False)
+    inputs = {i.name: onnx_dims(i) for i in model.graph.input}
+    assert list(inputs) == ["input_ids", "attention_mask"]
+    for name, dims in inputs.items():
+        assert len(dims) == 2 and all(isinstance(d, str) and d for d in dims), (name, dims)
+    assert inputs["input_ids"] == ["batch", "sequence"]
+    assert inputs["attention_mask"][1] == "sequence"  # one sequence length shared by both inputs
+
+    outputs = {o.name: onnx_dims(o) for o in model.graph.output}
+    assert list(outputs) == list(output_fields(minilm_pruned(*minilm_pruned.example_inputs)))
+    assert outputs == {"last_hidden_state": ["batch", "sequence", 384], "pooler_output": ["batch", 384]}
+
+
+def test_minilm_weights_live_beside_the_model(minilm_pruned, minilm_onnx):
+    weight_bytes = sum(p.numel() * p.element_size() for p in minilm_pruned.graph_module.parameters())
+    data = minilm_onnx + ".data"
+    assert os.path.isfile(data)
+    assert weight_bytes * 0.99 <= os.path.getsize(data) <= weight_bytes * 1.01
+    assert os.path.getsize(minilm_onnx) < 0.05 * weight_bytes
+
+
+# -- small models ------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.norm = nn.LayerNorm(32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        return self.norm(h + self.attn(h, h, h, need_weights=False)[0])
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics, so the export of their folding is really tested."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.5, generator=seeded(7))
+            module.running_var.uniform_(0.5, 2.0, generator=seeded(8))
+    return model
+
+
+# model, example input (the compile), fresh input (another batch size), the static input dimensions
+SMALL_MODELS = {
+    "mlp": (MLP, (4, 16), (9, 16), {1: 16}),
+    "convnet": (SmallConvNet, (2, 3, 16, 16), (5, 3, 16, 16), {1: 3}),
+    "multihead_attention": (AttentionBlock, (2, 6, 8), (3, 6, 8), {2: 8}),
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
+def test_small_models_match_onnxruntime(name, tmp_path):
+    build, example_shape, fresh_shape, static = SMALL_MODELS[name]
+    torch.manual_seed(0)
+    model = randomize_batchnorm(build()).eval()
+    compiled = bevel.compile(model, "cleanup", example_inputs=(torch.randn(*example_shape, generator=seeded(1)),))
+    path = compiled.export_onnx(str(tmp_path / f"{name}.onnx"))
+
+    (dims,) = [onnx_dims(i) for i in onnx.load(path, load_external_data=False).graph.input]
+    assert dims[0] == "batch"
+    for axis, size in static.items():  # dimensions the weights fix stay fixed in the ONNX model
+        assert dims[axis] == size, dims
+
+    fresh = torch.randn(*fresh_shape, generator=seeded(2))
+    expected = compiled(fresh).numpy()
+    (got,) = run_onnx(path, (fresh,)).values()
+    assert got.shape == expected.shape
+    # float32 on both sides; the only difference is the order of the sums inside GEMM, conv, softmax
+    # and layer-norm kernels. Over reductions of at most 64 terms of O(1) values that is a few ulps
+    # (~1e-6); measured at most 4e-7. 1e-5 leaves room without hiding a wrong op (those give >1e-2).
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_loaded_artifact_exports_too(tmp_path):
+    torch.manual_seed(0)
+    compiled = bevel.compile(MLP().eval(), "cleanup", example_inputs=(torch.randn(4, 16, generator=seeded(1)),))
+    loaded = bevel.load(compiled.save(str(tmp_path / "artifact")))
+    path = loaded.export_onnx(str(tmp_path / "loaded.onnx"))
+    fresh = torch.randn(6, 16, generator=seeded(2))
+    (got,) = run_onnx(path, (fresh,)).values()
+    np.testing.assert_allclose(got, compiled(fresh).numpy(), rtol=1e-5, atol=1e-5)
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_compiled():
+    torch.manual_seed(0)
+    return bevel.compile(MLP().eval(), "cleanup", example_inputs=(torch.randn(4, 16, generator=seeded(1)),))
+
+
+@pytest.mark.parametrize("opset, message", [(17, "opset=17 is too old.*18"), (9, "opset=9 is too old.*18"),
+                                             ("18", "not an ONNX opset version")])
+def test_a_bad_opset_is_refused(small_compiled, tmp_path, opset, message):
+    with pytest.raises(ExportError, match=message):
+        small_compiled.export_onnx(str(tmp_path / "model.onnx"), opset=opset)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_path_under_a_file_is_refused_naming_it(small_compiled, tmp_path):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    target = str(blocker / "model.onnx")
+    with pytest.raises(ExportError, match="is a file, not a folder") as error:
+        small_compiled.export_onnx(target)
+    assert target in str(error.value)
+
+
+def test_a_directory_path_is_refused(small_compiled, tmp_path):
+    with pytest.raises(ExportError, match="is a directory") as error:
+        small_compiled.export_onnx(str(tmp_path))
+    assert str(tmp_path) in str(error.value)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc, a tree no one can create files in")
+def test_an_unwritable_path_is_refused_naming_it(small_compiled):
+    # tests run as root in CI, so permission bits stop nothing; /proc refuses new files even to root
+    target = "/proc/bevel-test/model.onnx"
+    with pytest.raises(ExportError, match="cannot write the ONNX model") as error:
+        small_compiled.export_onnx(target)
+    assert target in str(error.value)
+
+
+def test_missing_folders_are_created(small_compiled, tmp_path):
+    target = str(tmp_path / "a" / "b" / "model.onnx")
+    assert small_compiled.export_onnx(target) == target
+    assert os.path.isfile(target)

@@ -1,0 +1,88 @@
+"""Small models for tests: an MLP, a conv net, attention blocks, and ones torch.export cannot capture."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class MLP(nn.Module):
+    """Linear layers with GELU and dropout, plus ops cleanup should remove (identity reshape, *1, clone)."""
+
+    def __init__(self, sizes: tuple[int, ...] = (16, 32, 8), dropout: float = 0.1) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.drop(F.gelu(x))
+        return (x.reshape(x.shape) * 1).clone()
+
+
+class ConvNet(nn.Module):
+    """Conv -> BatchNorm -> ReLU twice, pooled, then a Linear classifier."""
+
+    def __init__(self, channels: int = 4, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels * 2, 3, stride=2)
+        self.bn2 = nn.BatchNorm2d(channels * 2)
+        self.head = nn.Linear(channels * 2, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class AttentionBlock(nn.Module):
+    """A pre-norm transformer block with nn.MultiheadAttention and a constant positional buffer."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, max_len: int = 32) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=0.1, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * dim, dim))
+        # a buffer transformed by constant ops: cleanup folds it
+        self.register_buffer("freqs", torch.arange(max_len, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = torch.sin(self.freqs * 0.01)[: x.shape[1]].unsqueeze(-1)
+        h = self.norm1(x + pos)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class SDPABlock(nn.Module):
+    """Self-attention written with scaled_dot_product_attention and explicit head reshapes."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).contiguous()
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class DataDependent(nn.Module):
+    """Branches on a tensor's value: torch.export cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return self.linear(x)
+        return -x
