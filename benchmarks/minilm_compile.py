@@ -10,27 +10,13 @@ fidelity figures of the compile report beside it.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 import bevel
 from bevel.data import sentences
 from bevel.models import minilm
-
-
-def median_seconds(fn, args, warmup: int, repeats: int) -> float:
-    """Median wall time of ``fn(*args)`` over ``repeats`` runs after ``warmup`` runs."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn(*args)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(*args)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bevel.runtime.timing import median_latencies_ms
 
 
 def main() -> None:
@@ -46,12 +32,12 @@ def main() -> None:
     batch = minilm.encode(sentences(args.batch, seed=7), max_length=args.max_length)
     cm = bevel.compile(model, args.passes, example_inputs=minilm.example_inputs(),
                        calibration=minilm.calibration_batches())
-    eager = median_seconds(model, batch, args.warmup, args.repeats)
-    compiled = median_seconds(cm, batch, args.warmup, args.repeats)
+    latencies = median_latencies_ms({"eager": model, "bevel": cm}, batch, runs=args.repeats, warmup=args.warmup)
+    eager, compiled = latencies["eager"], latencies["bevel"]
     fidelity = cm.report.fidelity
     print(cm.report)
     print(f"batch {tuple(batch[0].shape)}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"eager {eager * 1e3:.1f} ms | bevel {compiled * 1e3:.1f} ms | speed-up {eager / compiled:.2f}x | "
+    print(f"eager {eager:.1f} ms | bevel {compiled:.1f} ms | speed-up {eager / compiled:.2f}x | "
           f"cosine {fidelity.cosine:.5f} | max abs err {fidelity.max_abs_error:.3e}")
 
 

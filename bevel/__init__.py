@@ -1,18 +1,16 @@
 """bevel: capture a PyTorch model as a graph, rewrite it with a pipeline of passes, and run or export the result."""
 
-from bevel.errors import (ArtifactError, BevelError, CaptureError, ExportError, ModelLoadError, ParamError,
-                          PassError, PipelineError)
-
 __version__ = "0.1.0"
 
+from bevel import passes  # noqa: E402
+from bevel.compiler.backend import register as _register_backend  # noqa: E402
 from bevel.compiler.compile import compile  # noqa: E402
 from bevel.compiler.pipeline import Pipeline  # noqa: E402
-from bevel import passes  # noqa: E402
+from bevel.errors import (ArtifactError, BevelError, CaptureError, ExportError, ModelLoadError,  # noqa: E402
+                          ParamError, PassError, PipelineError)
 from bevel.runtime.artifact import load  # noqa: E402
 
-__all__ = ["compile", "load", "Pipeline", "passes", "ArtifactError", "BevelError", "CaptureError", "ExportError", "ModelLoadError", "ParamError",
-           "PassError", "PipelineError", "__version__"]
+__all__ = ["compile", "load", "Pipeline", "passes", "ArtifactError", "BevelError", "CaptureError", "ExportError",
+           "ModelLoadError", "ParamError", "PassError", "PipelineError", "__version__"]
 
-from bevel.compiler.backend import register as _register_backend  # noqa: E402
-
-_register_backend()
+_register_backend()  # backend="bevel" for torch.compile, also when the entry point is not installed

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException | str) -> str:
+    """The first non-empty line of an error or message, for one-line reports of underlying failures."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else (type(error).__name__ if isinstance(error, BaseException) else "")
+
+
 class BevelError(Exception):
     """Base of every error bevel raises on purpose; the CLI turns it into exit code 2."""
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -51,8 +50,3 @@ def minilm_pruned(minilm, minilm_inputs, minilm_calibration):
     import bevel
 
     return bevel.compile(minilm, PRUNE_PIPELINE, example_inputs=minilm_inputs, calibration=minilm_calibration)
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    """A torch generator with a fixed seed, for reproducible random inputs."""
-    return torch.Generator().manual_seed(seed)

@@ -7,6 +7,11 @@ from torch import nn
 import torch.nn.functional as F
 
 
+def seeded(seed: int = 0) -> torch.Generator:
+    """A torch generator with a fixed seed, for reproducible random inputs."""
+    return torch.Generator().manual_seed(seed)
+
+
 class MLP(nn.Module):
     """Linear layers with GELU and dropout, plus ops cleanup should remove (identity reshape, *1, clone)."""
 

@@ -1,16 +1,15 @@
 """The ``bevel`` command line: list passes, inspect a model's graph, export a compiled model, run the demo.
 
 User errors (a bevel.BevelError or a usage error) exit with code 2 and one ``error:`` line on stderr;
-pipeline errors keep their caret lines and capture errors the model's failing line. Anything else is a bug and shows its traceback.
+pipeline errors keep their caret lines and capture errors the model's failing line. Anything else
+is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import inspect as pyinspect
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,10 +21,14 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 import bevel
-from bevel.errors import BevelError, CaptureError, PipelineError
+from bevel.errors import BevelError, CaptureError, PipelineError, first_line
 from bevel.ir.onnx_export import DEFAULT_OPSET
 
 DEMO_PIPELINE = 'cleanup | prune.magnitude(sparsity=0.3, skip=["pooler.*"])'
+
+STATIC_SHAPES_HELP = ("Fix every input dimension to the example inputs' sizes when capturing (dynamic_shapes="
+                      "\"static\"), for a model whose capture fails with dynamic sizes; the result then accepts "
+                      "only inputs of exactly those sizes.")
 
 
 def _click_exception_class(name: str) -> type[Exception]:
@@ -49,11 +52,11 @@ class BevelGroup(TyperGroup):
         except (PipelineError, CaptureError) as error:  # carets / the failing model line are worth the lines
             _fail(str(error))
         except BevelError as error:
-            _fail(_first_line(str(error)))
+            _fail(first_line(error))
         except _ClickException as error:
             if type(error).__name__ == "NoArgsIsHelpError":  # plain `bevel`: the help is already printed
                 sys.exit(error.exit_code)
-            _fail(_first_line(error.format_message()), 2 if isinstance(error, _UsageError) else error.exit_code)
+            _fail(first_line(error.format_message()), 2 if isinstance(error, _UsageError) else error.exit_code)
         except typer.Abort:
             print("Aborted.", file=sys.stderr)
             sys.exit(1)
@@ -139,6 +142,7 @@ def inspect_command(
     model_ref: str = typer.Argument(..., metavar="MODEL", help="A built-in name (minilm) or package.module:callable."),
     graph: bool = typer.Option(False, "--graph", help="Also print the whole graph, one line per node."),
     top: int = typer.Option(10, "--top", min=0, help="How many of the costliest nodes to list."),
+    static_shapes: bool = typer.Option(False, "--static-shapes", help=STATIC_SHAPES_HELP),
 ) -> None:
     """Capture MODEL with torch.export and print its op histogram, size, FLOPs and costliest nodes."""
     from bevel.compiler.compile import copy_model
@@ -148,7 +152,7 @@ def inspect_command(
     from bevel.ir.printer import target_text, type_text
 
     model, example_inputs = resolve_model(model_ref)
-    captured = capture(copy_model(model), example_inputs)
+    captured = capture(copy_model(model), example_inputs, dynamic_shapes=_dynamic_shapes(static_shapes))
     console = Console(highlight=False)
 
     inputs = ", ".join(f"{n.name}: {type_text(n.meta.get('val'))}" for n in captured.inputs())
@@ -163,7 +167,7 @@ def inspect_command(
     histogram = Table(title=f"ops ({sum(calls.values())} calls)", title_justify="left")
     histogram.add_column("op", no_wrap=True)
     histogram.add_column("count", justify="right")
-    for target, count in sorted(calls.items(), key=lambda item: (-item[1], item[0])):
+    for target, count in calls.items():  # op_histogram gives the most frequent first
         histogram.add_row(escape(target), str(count))
     console.print(histogram)
 
@@ -188,8 +192,10 @@ def inspect_command(
 @app.command("export")
 def export_command(
     model_ref: str = typer.Argument(..., metavar="MODEL", help="A built-in name (minilm) or package.module:callable."),
-    passes: str = typer.Option("cleanup", "--passes", "-p", help='The pipeline, e.g. "cleanup | prune.magnitude(sparsity=0.3)".'),
-    out: Path = typer.Option(..., "--out", "-o", file_okay=False, help="Directory to write model.onnx, artifact/ and the reports to."),
+    passes: str = typer.Option("cleanup", "--passes", "-p",
+                               help='The pipeline, e.g. "cleanup | prune.magnitude(sparsity=0.3)".'),
+    out: Path = typer.Option(..., "--out", "-o", file_okay=False,
+                             help="Directory to write model.onnx, artifact/ and the reports to."),
     calibration: Optional[str] = typer.Option(
         None, "--calibration", "-c",
         help="Calibration batches: package.module:callable, a .pt file holding a list of input tuples, or 'builtin' "
@@ -199,6 +205,7 @@ def export_command(
         help="Roll back any pass that lowers the cosine similarity to the original by more than this (e.g. 0.01)."),
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=DEFAULT_OPSET, help="ONNX opset to write."),
     device: str = typer.Option("cpu", "--device", help="Where the compiled model runs: cpu or cuda."),
+    static_shapes: bool = typer.Option(False, "--static-shapes", help=STATIC_SHAPES_HELP),
 ) -> None:
     """Compile MODEL with a pipeline and write DIR/model.onnx, DIR/artifact/, DIR/report.md and DIR/report.json."""
     from bevel.codegen.lower import check_device
@@ -210,7 +217,8 @@ def export_command(
     batches = resolve_calibration(calibration, model_ref)
     model, example_inputs = resolve_model(model_ref, example_inputs=batches[0] if batches else None)
     compiled = _compile_with_progress(model, pipeline, example_inputs, batches, device=device,
-                                      max_fidelity_drop=max_fidelity_drop)
+                                      max_fidelity_drop=max_fidelity_drop,
+                                      dynamic_shapes=_dynamic_shapes(static_shapes))
 
     out.mkdir(parents=True, exist_ok=True)
     report = compiled.report
@@ -228,6 +236,11 @@ def export_command(
     typer.echo("")
     for label, path in paths.items():
         typer.echo(f"{label + ':':13} {path}")
+
+
+def _dynamic_shapes(static_shapes: bool) -> str | None:
+    """The ``dynamic_shapes`` argument of capture and bevel.compile for ``--static-shapes``."""
+    return "static" if static_shapes else None
 
 
 def _compile_with_progress(model: Any, pipeline: Any, example_inputs: Any, calibration: Any, **options: Any) -> Any:
@@ -261,13 +274,15 @@ def demo_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
                                           help="CPU threads torch may use (default: torch's own choice)."),
 ) -> None:
-    """Compile the built-in MiniLM (real weights, real sentences), print the report, then time it against the original."""
+    """Compile the built-in MiniLM (real weights, real sentences), print the report, then time it
+    against the original."""
     import torch
 
     from bevel.compiler.model_ref import resolve_calibration, resolve_model
     from bevel.compiler.pipeline import build_pipeline
     from bevel.data import sentences
     from bevel.models.minilm import encode
+    from bevel.runtime.timing import median_latencies_ms
 
     pipeline = build_pipeline(passes)
     if threads is not None:
@@ -277,7 +292,8 @@ def demo_command(
     typer.echo(str(compiled.report))
 
     batch = encode(sentences(batch_size, seed=7))  # sentences neither captured nor calibrated on
-    original_ms, compiled_ms = _median_latencies(model.eval(), compiled, batch, runs=runs, warmup=warmup)
+    latencies = median_latencies_ms({"original": model.eval(), "compiled": compiled}, batch, runs=runs, warmup=warmup)
+    original_ms, compiled_ms = latencies["original"], latencies["compiled"]
     fidelity = compiled.report.fidelity
     cosine = f"{fidelity.cosine:.4f}" if fidelity else "n/a"
     typer.echo("")
@@ -289,28 +305,7 @@ def demo_command(
                f"batches): {cosine}")
 
 
-def _median_latencies(original: Any, compiled: Any, batch: tuple[Any, ...], runs: int,
-                      warmup: int) -> tuple[float, float]:
-    """Median milliseconds per call of both models on ``batch``; runs alternate so drift hits both alike."""
-    import torch
-
-    times: dict[str, list[float]] = {"original": [], "compiled": []}
-    with torch.no_grad():
-        for i in range(warmup + runs):
-            for name, module in (("original", original), ("compiled", compiled)):
-                start = time.perf_counter()
-                module(*batch)
-                if i >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times["original"]), statistics.median(times["compiled"])
-
-
 # --- entry point -----------------------------------------------------------------------------------
-
-def _first_line(message: str) -> str:
-    lines = message.strip().splitlines()
-    return lines[0] if lines else ""
-
 
 def _fail(message: str, code: int = 2) -> None:
     text = message if message.startswith("error: ") else f"error: {message}"

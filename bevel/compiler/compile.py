@@ -9,12 +9,13 @@ from typing import Any, Iterable
 import torch
 
 from bevel.codegen.lower import check_device, lower
-from bevel.compiler.fidelity import run_batches
+from bevel.compiler.fidelity import Fidelity, compare, run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures
 from bevel.compiler.pipeline import build_pipeline
 from bevel.compiler.report import Report
-from bevel.errors import BevelError, CaptureError, ParamError
+from bevel.errors import BevelError, CaptureError, ParamError, first_line
 from bevel.ir.capture import capture
+from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext
 from bevel.runtime.compiled_module import CompiledModule
 
@@ -26,6 +27,32 @@ def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
     if isinstance(batch, (tuple, list)):
         return tuple(batch)
     raise BevelError(f"{what} must be a tuple of positional inputs (or one tensor), got {type(batch).__name__}")
+
+
+def calibration_batches(calibration: Iterable[Any] | None) -> list[tuple[Any, ...]]:
+    """The calibration batches as a list of input tuples (empty for None)."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, (torch.Tensor, str, bytes)) or not isinstance(calibration, Iterable):
+        raise BevelError(f"calibration must be an iterable of input tuples (a list of batches), "
+                         f"got {type(calibration).__name__}")
+    return [as_input_tuple(b, "each calibration batch") for b in calibration]
+
+
+def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: list) -> Fidelity:
+    """Run the captured graph on every calibration batch before any pass; its fidelity to the eager
+    model should be exact. A batch it cannot take (shapes fixed by ``dynamic_shapes="static"`` or by
+    the model) is a user error, named here rather than blamed on every pass."""
+    outputs = []
+    for index, batch in enumerate(batches):
+        try:
+            outputs.extend(run_batches(graph, [batch]))
+        except Exception as error:  # guards and shape checks raise assorted types
+            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch]
+            raise CaptureError(f"the captured graph cannot run calibration batch {index} (input shapes {shapes}): "
+                               f"{first_line(error)}; calibration batches must fit the shapes the graph was "
+                               f"captured with") from error
+    return compare(reference, outputs)
 
 
 def copy_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -64,11 +91,13 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     pipeline = build_pipeline(passes)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"bevel.compile expects a torch.nn.Module, got {type(model).__name__}")
-    if max_fidelity_drop is not None and not (0.0 <= max_fidelity_drop <= 2.0):
-        raise ParamError(f"max_fidelity_drop={max_fidelity_drop} is out of range; it must be in [0, 2] "
+    if max_fidelity_drop is not None and (isinstance(max_fidelity_drop, bool)
+                                          or not isinstance(max_fidelity_drop, (int, float))
+                                          or not 0.0 <= max_fidelity_drop <= 2.0):
+        raise ParamError(f"max_fidelity_drop={max_fidelity_drop!r} must be a number in [0, 2] "
                          f"(a drop in cosine similarity)", key="max_fidelity_drop")
     check_device(device)
-    batches = [as_input_tuple(b, "each calibration batch") for b in calibration] if calibration is not None else []
+    batches = calibration_batches(calibration)
     if example_inputs is None:
         if not batches:
             raise BevelError("bevel.compile needs example_inputs=(...) (or calibration batches) to capture the model")
@@ -76,7 +105,7 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     example_inputs = as_input_tuple(example_inputs, "example_inputs")
     check_order(pipeline, has_calibration=bool(batches))
     ctx = PassContext(calibration=batches or [example_inputs], example_inputs=example_inputs, device=device,
-                      seed=seed, max_fidelity_drop=max_fidelity_drop, user_calibration=bool(batches))
+                      seed=seed, max_fidelity_drop=max_fidelity_drop)
 
     original = copy_model(model)
     try:
@@ -89,7 +118,8 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     capture_seconds = time.perf_counter() - start
     report = Report(model=type(model).__name__, pipeline=" | ".join(repr(p) for p in pipeline),
                     original=measure_figures(graph), capture_seconds=capture_seconds,
-                    calibration_batches=len(ctx.calibration), max_fidelity_drop=max_fidelity_drop)
+                    calibration_batches=len(ctx.calibration), max_fidelity_drop=max_fidelity_drop,
+                    capture_fidelity=check_graph_runs(graph, ctx.calibration, reference))
     manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end)
     graph, report.passes = manager.run(graph)
     return CompiledModule(lower(graph, device), example_inputs, report, report.pipeline)

@@ -33,6 +33,7 @@ class Fidelity:
         return 1.0 - self.cosine
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable dict of the figures."""
         return asdict(self)
 
 
@@ -63,7 +64,8 @@ def run_batches(fn: Callable[..., Any], batches: list[tuple[Any, ...]]) -> list[
 def _is_logits(leaf: _Leaf, single_output: bool) -> bool:
     if "logits" in leaf.path:
         return leaf.value.dim() >= 2 and leaf.value.shape[-1] > 1
-    return single_output and leaf.value.dim() == 2 and leaf.value.shape[-1] > 1
+    bare = single_output and leaf.path == ""  # the model returns one tensor, not a named structure
+    return bare and leaf.value.dim() == 2 and leaf.value.shape[-1] > 1
 
 
 def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]]) -> Fidelity:
@@ -80,8 +82,10 @@ def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]]) -> Fidel
                                  f"to {tuple(new.value.shape)}")
             a = ref.value.reshape(ref.value.shape[0], -1) if ref.value.dim() > 1 else ref.value.reshape(1, -1)
             b = new.value.reshape(a.shape)
-            if not torch.isfinite(b).all():
+            finite = _finite_parts(a, b)
+            if finite is None:
                 return Fidelity(cosine=-1.0, max_abs_error=float("inf"), top1_agreement=None)
+            a, b = finite
             output_cosine = _min_row_cosine(a, b)
             cosine = min(cosine, output_cosine)
             path = ref.path or "output"  # a bare tensor output has an empty path
@@ -94,6 +98,20 @@ def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]]) -> Fidel
                 rows += same.numel()
     return Fidelity(cosine=cosine, max_abs_error=max_err, top1_agreement=agree / rows if rows else None,
                     per_output=per_output)
+
+
+def _finite_parts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``a`` and ``b`` with their non-finite entries zeroed, if those entries agree exactly (same
+    positions, same infinities, NaN where NaN); None if they differ, which counts as a total loss."""
+    a_finite, b_finite = torch.isfinite(a), torch.isfinite(b)
+    if bool(a_finite.all()) and bool(b_finite.all()):
+        return a, b
+    if not torch.equal(a_finite, b_finite) or not torch.equal(a.isnan(), b.isnan()):
+        return None
+    infinite = ~a_finite & ~a.isnan()
+    if not torch.equal(a[infinite], b[infinite]):
+        return None
+    return a.masked_fill(~a_finite, 0.0), b.masked_fill(~b_finite, 0.0)
 
 
 def _min_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -83,16 +83,18 @@ class PassManager:
         start = time.perf_counter()
         try:
             result = p.run(graph, self.ctx)
+        except Exception as error:  # a failing pass must not take the compile down with it
+            return snapshot, self._failed(name, error, time.perf_counter() - start, before)
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
             problems = graph.lint()
             fidelity = None if problems else self.fidelity(graph)
-        except Exception as error:  # a failing pass must not take the compile down with it
-            seconds = time.perf_counter() - start
-            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-            log.warning("pass %s failed and was rolled back: %s", name, detail)
-            return snapshot, PassReport(name, "failed", seconds, before, before, reason=detail)
-        seconds = time.perf_counter() - start
+        except Exception as error:  # the rewritten graph does not run on the calibration batches
+            return snapshot, self._failed(name, error, seconds, before)
+        check_seconds = time.perf_counter() - start
         if problems:
-            return snapshot, PassReport(name, "rolled back", seconds, before, before,
+            return snapshot, PassReport(name, "rolled back", seconds, before, before, check_seconds=check_seconds,
                                         reason="the rewritten graph is malformed: " + "; ".join(problems[:3]))
         after = measure_figures(graph)
         budget = self.ctx.max_fidelity_drop
@@ -100,10 +102,17 @@ class PassManager:
             reason = (f"fidelity drop {fidelity.drop:.4g} (cosine {fidelity.cosine:.5f}) exceeds "
                       f"max_fidelity_drop={budget}")
             return snapshot, PassReport(name, "rolled back", seconds, before, before, fidelity=fidelity,
-                                        reason=reason, stats=result.stats, notes=result.notes)
+                                        check_seconds=check_seconds, reason=reason, stats=result.stats,
+                                        notes=result.notes)
         status = "applied" if result.changed else "no change"
         return graph, PassReport(name, status, seconds, before, after, fidelity=fidelity,
-                                 stats=result.stats, notes=result.notes)
+                                 check_seconds=check_seconds, stats=result.stats, notes=result.notes)
+
+    @staticmethod
+    def _failed(name: str, error: Exception, seconds: float, before: GraphFigures) -> PassReport:
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        log.warning("pass %s failed and was rolled back: %s", name, detail)
+        return PassReport(name, "failed", seconds, before, before, reason=detail)
 
     def fidelity(self, graph: Graph) -> Fidelity:
         """The graph's outputs on the calibration batches against the original model's."""

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
-from bevel.errors import BevelError, ModelLoadError
+from bevel.errors import BevelError, ModelLoadError, first_line
 from bevel.models import BUILTIN_MODELS
 
 # The function a built-in model's module defines to give its own calibration batches.
@@ -46,7 +46,7 @@ def resolve_model(ref: str, example_inputs: tuple[Any, ...] | None = None) -> tu
                 raise
             except Exception as error:  # the user's builder may raise anything: report it as theirs
                 raise ModelLoadError(f"MODEL '{ref}': calling {target}() raised {type(error).__name__}: "
-                                     f"{_first_line(error)}; fix the callable so it runs without arguments") from error
+                                     f"{first_line(error)}; fix the callable so it runs without arguments") from error
     else:
         raise ModelLoadError(f"MODEL '{ref}': {target} is a {type(obj).__name__}, not a callable; name a function "
                              f"that returns (model, example_inputs)")
@@ -83,7 +83,7 @@ def resolve_calibration(ref: str | None, model_ref: str) -> list[tuple[Any, ...]
                 raise
             except Exception as error:
                 raise BevelError(f"--calibration '{ref}': calling it raised {type(error).__name__}: "
-                                 f"{_first_line(error)}") from error
+                                 f"{first_line(error)}") from error
         return as_batches(batches, f"--calibration '{ref}'")
     raise BevelError(f"--calibration '{ref}' is not understood: give package.module:callable, a .pt file holding "
                      f"a list of input tuples, or 'builtin'")
@@ -105,7 +105,7 @@ def load_object(ref: str, what: str, error: type[BevelError] = ModelLoadError) -
                         f"is importable from the current directory or the installed packages") from exc
         except Exception as exc:  # the module itself fails while importing (syntax error, code that raises)
             raise error(f"{what}: importing module '{module_name}' raised {type(exc).__name__}: "
-                        f"{_first_line(exc)}") from exc
+                        f"{first_line(exc)}") from exc
     obj: Any = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
@@ -172,7 +172,7 @@ def _calibration_file(path: str) -> list[tuple[Any, ...]]:
         batches = torch.load(path, weights_only=True)
     except Exception as error:  # a corrupt file or one holding objects weights_only refuses
         raise BevelError(f"--calibration '{path}' could not be loaded with torch.load(weights_only=True): "
-                         f"{_first_line(error)}; save a list of tuples of tensors with torch.save") from error
+                         f"{first_line(error)}; save a list of tuples of tensors with torch.save") from error
     if not isinstance(batches, (list, tuple)):
         raise BevelError(f"--calibration '{path}' holds a {type(batches).__name__}; it must hold a list of input "
                          f"tuples (torch.save([(ids, mask), ...], path))")
@@ -191,11 +191,6 @@ def _cwd_on_path() -> Iterator[None]:
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _describe(value: Any) -> str:

@@ -53,7 +53,8 @@ def parse_pipeline(text: str) -> list[PassCall]:
     if not isinstance(text, str):
         raise PipelineError(f"a pipeline text must be a str, got {type(text).__name__}")
     if not text.strip():
-        raise PipelineError("empty pipeline: give at least one pass, e.g. 'cleanup' or 'cleanup | quantize.int8_weight'")
+        raise PipelineError("empty pipeline: give at least one pass, e.g. 'cleanup' or "
+                            "'cleanup | prune.magnitude(sparsity=0.3)'")
     try:
         tree = _parser().parse(text)
     except UnexpectedInput as error:
@@ -284,7 +285,7 @@ def _instantiate(text: str, call: PassCall) -> Pass:
     try:
         cls = get_pass(call.name)
     except PipelineError as error:
-        raise PipelineError(f"{error}\n{format_caret(text, call.name_span)}") from None
+        raise PipelineError(_located(text, call.name_span, error)) from None
     try:
         params = cls.Params.from_dict(call.params, call.name)
     except ParamError as error:
@@ -292,5 +293,11 @@ def _instantiate(text: str, call: PassCall) -> Pass:
             span = call.value_spans[error.key]  # a known parameter with a bad value
         else:
             span = call.key_spans.get(error.key, call.name_span)
-        raise ParamError(f"{error}\n{format_caret(text, span)}", key=error.key) from None
+        raise ParamError(_located(text, span, error), key=error.key) from None
     return cls(params)
+
+
+def _located(text: str, span: Span, error: Exception) -> str:
+    """``error``'s message with where it is in the pipeline: the line and column in words, then the caret
+    (the caret alone does not say which line of a multi-line pipeline it is under)."""
+    return f"pipeline error at line {span.line}, column {span.column}: {error}\n{format_caret(text, span)}"

@@ -19,6 +19,7 @@ class GraphFigures:
     sparsity: float  # fraction of zeros over Linear/Conv weights
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable dict of these figures."""
         return {"params": self.params, "bytes": self.bytes, "flops": self.flops,
                 "sparsity": round(self.sparsity, 6)}
 
@@ -33,12 +34,15 @@ class PassReport:
     before: GraphFigures
     after: GraphFigures
     fidelity: Fidelity | None = None
+    check_seconds: float = 0.0  # lint and fidelity check after the pass, not counted in ``seconds``
     reason: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable dict of this entry."""
         return {"name": self.name, "status": self.status, "seconds": round(self.seconds, 4),
+                "check_seconds": round(self.check_seconds, 4),
                 "before": self.before.to_json(), "after": self.after.to_json(),
                 "fidelity": self.fidelity.to_json() if self.fidelity else None,
                 "reason": self.reason, "stats": self.stats, "notes": self.notes}
@@ -55,6 +59,7 @@ class Report:
     calibration_batches: int
     passes: list[PassReport] = field(default_factory=list)
     max_fidelity_drop: float | None = None
+    capture_fidelity: Fidelity | None = None  # the captured graph against the eager model, before any pass
 
     @property
     def final(self) -> GraphFigures:
@@ -80,8 +85,9 @@ class Report:
         """A JSON-serializable dict of every figure."""
         return {"model": self.model, "pipeline": self.pipeline, "original": self.original.to_json(),
                 "capture_seconds": round(self.capture_seconds, 4),
-                "calibration_batches": self.calibration_batches,
-                "max_fidelity_drop": self.max_fidelity_drop, "passes": [p.to_json() for p in self.passes]}
+                "calibration_batches": self.calibration_batches, "max_fidelity_drop": self.max_fidelity_drop,
+                "capture_fidelity": self.capture_fidelity.to_json() if self.capture_fidelity else None,
+                "passes": [p.to_json() for p in self.passes]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Report":
@@ -89,27 +95,31 @@ class Report:
         def figures(d: dict[str, Any]) -> GraphFigures:
             return GraphFigures(d["params"], d["bytes"], d["flops"], d["sparsity"])
 
+        def fidelity(d: dict[str, Any] | None) -> Fidelity | None:
+            return Fidelity(**d) if d else None
+
         passes = [PassReport(name=p["name"], status=p["status"], seconds=p["seconds"],
-                             before=figures(p["before"]), after=figures(p["after"]),
-                             fidelity=Fidelity(**p["fidelity"]) if p["fidelity"] else None,
-                             reason=p["reason"], stats=p["stats"], notes=p["notes"]) for p in data["passes"]]
+                             before=figures(p["before"]), after=figures(p["after"]), fidelity=fidelity(p["fidelity"]),
+                             check_seconds=p.get("check_seconds", 0.0), reason=p["reason"], stats=p["stats"],
+                             notes=p["notes"]) for p in data["passes"]]
         return cls(model=data["model"], pipeline=data["pipeline"], original=figures(data["original"]),
                    capture_seconds=data["capture_seconds"], calibration_batches=data["calibration_batches"],
-                   passes=passes, max_fidelity_drop=data.get("max_fidelity_drop"))
+                   passes=passes, max_fidelity_drop=data.get("max_fidelity_drop"),
+                   capture_fidelity=fidelity(data.get("capture_fidelity")))
 
     def rows(self) -> list[list[str]]:
         """The table's rows as text: the original graph first, then each pass."""
-        rows = [["(original)", "", "", _count(self.original.params), _mb(self.original.bytes),
-                 _gflops(self.original.flops), f"{self.original.sparsity:.1%}", "", "", ""]]
+        rows = [["(captured)", "", f"{self.capture_seconds:.2f}", "", _count(self.original.params),
+                 _mb(self.original.bytes), _gflops(self.original.flops), f"{self.original.sparsity:.1%}",
+                 *_fidelity_cells(self.capture_fidelity)]]
         for p in self.passes:
-            fid = p.fidelity
-            rows.append([p.name, p.status, f"{p.seconds:.2f}", _count(p.after.params), _mb(p.after.bytes),
-                         _gflops(p.after.flops), f"{p.after.sparsity:.1%}",
-                         f"{fid.cosine:.5f}" if fid else "", f"{fid.max_abs_error:.2e}" if fid else "",
-                         f"{fid.top1_agreement:.1%}" if fid and fid.top1_agreement is not None else ""])
+            rows.append([p.name, p.status, f"{p.seconds:.2f}", f"{p.check_seconds:.2f}", _count(p.after.params),
+                         _mb(p.after.bytes), _gflops(p.after.flops), f"{p.after.sparsity:.1%}",
+                         *_fidelity_cells(p.fidelity)])
         return rows
 
-    HEADERS = ["pass", "status", "time s", "params", "MB", "GFLOPs", "zeros", "cosine", "max abs err", "top-1"]
+    HEADERS = ["pass", "status", "time s", "check s", "params", "MB", "GFLOPs", "zeros", "cosine", "max abs err",
+               "top-1"]
 
     def __str__(self) -> str:
         from io import StringIO
@@ -136,9 +146,9 @@ class Report:
 
     def _caption(self) -> str:
         budget = "none" if self.max_fidelity_drop is None else f"{self.max_fidelity_drop}"
-        return (f"capture {self.capture_seconds:.2f} s; fidelity on {self.calibration_batches} calibration "
-                f"batch(es) against the original model; zeros = share of Linear/Conv weights equal to 0; "
-                f"fidelity budget (max drop in cosine): {budget}")
+        return (f"fidelity on {self.calibration_batches} calibration batch(es) against the original model; "
+                f"time = the pass itself, check = lint and fidelity check after it; zeros = share of Linear/Conv "
+                f"weights equal to 0; fidelity budget (max drop in cosine): {budget}")
 
     def _reasons(self) -> str:
         lines = [f"\n- {p.name}: {p.status}: {p.reason}" for p in self.passes if p.reason]
@@ -154,6 +164,13 @@ class Report:
         """Write :meth:`to_json` to ``path``."""
         with open(path, "w") as f:
             json.dump(self.to_json(), f, indent=2)
+
+
+def _fidelity_cells(fid: Fidelity | None) -> list[str]:
+    if fid is None:
+        return ["", "", ""]
+    top1 = f"{fid.top1_agreement:.1%}" if fid.top1_agreement is not None else ""
+    return [f"{fid.cosine:.5f}", f"{fid.max_abs_error:.2e}", top1]
 
 
 def _count(n: int) -> str:

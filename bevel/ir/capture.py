@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from bevel.errors import CaptureError
+from bevel.ir.attributes import set_inference_flags
 from bevel.ir.graph import Graph
 
 
@@ -46,7 +47,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     ``dynamic_shapes`` is None (every input dimension may vary where the model allows it),
     ``"static"`` (shapes fixed to the example inputs), or a torch.export ``dynamic_shapes`` spec.
     Raises CaptureError quoting the first failing line of the model's code when torch.export fails.
-    The model is not modified.
+    The model is not modified, but the Graph shares its weight tensors: passes replace weights
+    (``Graph.set_param``) rather than write into them, and ``bevel.compile`` captures a copy.
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"expected a torch.nn.Module to capture, got {type(model).__name__}")
@@ -65,8 +67,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
         raise CaptureError(describe_capture_failure(model, error)) from error
     sys.stderr.write(printed.getvalue())
     module = program.module()
-    for sub in module.modules():  # eval() is refused on exported modules; the flag still matters to exporters
-        sub.training = False
+    set_inference_flags(module)  # eval() is refused on exported modules; the flag still matters to exporters
     return Graph(module, example_inputs)
 
 
@@ -99,7 +100,8 @@ def _suggestion(error: BaseException) -> str:
         return ("the model branches on the values of a tensor; rewrite the branch with torch.where or "
                 "torch.cond, or move it out of forward()")
     if "Constraints violated" in text or "specializ" in text:
-        return "pass dynamic_shapes=\"static\" to capture with the example input shapes fixed"
+        return ("pass dynamic_shapes=\"static\" (bevel CLI: --static-shapes) to capture with the example "
+                "input shapes fixed")
     return ("check that the model runs eagerly on example_inputs, call model.eval(), and see "
             "https://pytorch.org/docs/stable/export.html for unsupported Python constructs")
 

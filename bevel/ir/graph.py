@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from bevel.ir import meta
+from bevel.ir import attributes, meta
 
 
 class Graph:
@@ -46,10 +46,6 @@ class Graph:
         """The placeholder nodes: the model's flattened tensor inputs."""
         return list(self.nodes(op="placeholder"))
 
-    def output_node(self) -> fx.Node:
-        """The graph's single output node."""
-        return next(self.nodes(op="output"))
-
     def replace_node(self, old: fx.Node, new: fx.Node | Any) -> None:
         """Make every user of ``old`` use ``new`` instead, then erase ``old``."""
         old.replace_all_uses_with(new)
@@ -65,33 +61,30 @@ class Graph:
 
     def param(self, name: str) -> torch.Tensor:
         """The parameter or buffer stored at the dotted ``name``."""
-        owner, leaf = self._owner(name)
-        value = getattr(owner, leaf, None)
-        if not isinstance(value, torch.Tensor):
-            raise KeyError(f"the graph has no tensor attribute '{name}'")
-        return value
+        return attributes.get_tensor(self.module, name)
 
     def set_param(self, name: str, value: torch.Tensor, as_parameter: bool | None = None) -> None:
         """Store ``value`` at ``name``: as a Parameter if ``as_parameter``, else as a buffer; when
-        ``as_parameter`` is None, keep the kind of the tensor it replaces (a new one becomes a buffer)."""
-        owner, leaf = self._owner(name, create=True)
-        old = getattr(owner, leaf, None)
+        ``as_parameter`` is None, keep the kind of the tensor it replaces (a new one becomes a buffer).
+
+        The tensor is replaced, never written in place, so a weight shared with another module
+        (the model a graph was captured from) is left intact.
+        """
+        try:
+            old = self.param(name)
+        except KeyError:
+            old = None
         if as_parameter is None:
             as_parameter = isinstance(old, torch.nn.Parameter)
         if as_parameter:
-            if old is not None and not isinstance(old, torch.nn.Parameter):
-                delattr(owner, leaf)
             # keep the flag of the weight it replaces: it decides which kernels some ops pick
             requires_grad = old.requires_grad if isinstance(old, torch.nn.Parameter) else False
-            owner.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=requires_grad))
-        else:
-            if isinstance(old, torch.nn.Parameter) or (old is not None and leaf not in owner._buffers):
-                delattr(owner, leaf)
-            owner.register_buffer(leaf, value.detach())
+            value = torch.nn.Parameter(value.detach(), requires_grad=requires_grad)
+        attributes.set_tensor(self.module, name, value if as_parameter else value.detach(), as_parameter)
 
     def delete_param(self, name: str) -> None:
         """Remove the attribute ``name`` from the module (after its last get_attr is gone)."""
-        owner, leaf = self._owner(name)
+        owner, leaf = attributes.owner_of(self.module, name)
         delattr(owner, leaf)
 
     def add_param(self, base_name: str, value: torch.Tensor, before: fx.Node,
@@ -108,12 +101,6 @@ class Graph:
         node.meta["val"] = meta.fake_of(self, value)
         return node
 
-    def attr_of(self, node: Any) -> torch.Tensor | None:
-        """The tensor a get_attr node reads, or None for any other node or value."""
-        if isinstance(node, fx.Node) and node.op == "get_attr":
-            return self.param(node.target)
-        return None
-
     def is_parameter(self, node: Any) -> bool:
         """Whether ``node`` is a get_attr of an ``nn.Parameter`` (a weight rather than a buffer or constant)."""
         return isinstance(node, fx.Node) and node.op == "get_attr" and isinstance(self.param(node.target),
@@ -129,19 +116,6 @@ class Graph:
         for name in removed:
             self.delete_param(name)
         return removed
-
-    def _owner(self, name: str, create: bool = False) -> tuple[torch.nn.Module, str]:
-        *path, leaf = name.split(".")
-        owner: torch.nn.Module = self.module
-        for part in path:
-            child = getattr(owner, part, None)
-            if child is None:
-                if not create:
-                    raise KeyError(f"the graph has no tensor attribute '{name}'")
-                child = torch.nn.Module()
-                owner.add_module(part, child)
-            owner = child
-        return owner, leaf
 
     def _has_attr(self, name: str) -> bool:
         try:

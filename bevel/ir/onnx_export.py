@@ -19,13 +19,14 @@ from bevel.errors import ExportError
 if TYPE_CHECKING:
     from bevel.runtime.compiled_module import CompiledModule
 
+# The one place the ONNX opset is chosen: the oldest bevel writes and the default everywhere.
 DEFAULT_OPSET = 18
 
 
 def output_names(compiled: "CompiledModule") -> list[str]:
     """Names for the ONNX outputs from the output structure: ``last_hidden_state``, ``output_0``, ..."""
     with torch.no_grad():
-        outputs = compiled.graph_module(*compiled.example_inputs)
+        outputs = compiled.cpu_graph_module()(*compiled.cpu_example_inputs())
     names = []
     for i, (path, _) in enumerate(tree_flatten_with_path(outputs)[0]):
         name = re.sub(r"[^0-9A-Za-z_]+", "_", keystr(path)).strip("_")
@@ -121,8 +122,8 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     The input dimensions that the compiled graph leaves symbolic (batch, sequence) are dynamic in
     the ONNX model (see the module docstring for their names); the weights go to ``<path>.data``
     beside it. bevel's custom ops are written with their registered onnxscript translations.
-    Raises ExportError for an opset older than 18, a path that cannot be written, or a graph the
-    exporter or onnx.checker refuses.
+    Raises ExportError for an opset older than :data:`DEFAULT_OPSET`, a path that cannot be written,
+    or a graph the exporter or onnx.checker refuses.
     """
     import onnx
 
@@ -134,9 +135,9 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
         raise ExportError(f"opset={opset} is too old: bevel writes ONNX opset {DEFAULT_OPSET} or newer")
     existed = os.path.exists(path)
     target = _check_writable(path)
-    args = compiled.example_inputs
+    args = compiled.cpu_example_inputs()
     try:
-        torch.onnx.export(compiled.graph_module, args, target, dynamo=True,
+        torch.onnx.export(compiled.cpu_graph_module(), args, target, dynamo=True,
                           dynamic_shapes=_export_dynamic_shapes(dynamic_axes(compiled)),
                           input_names=[spec["name"] for spec in compiled.input_specs],
                           output_names=output_names(compiled), opset_version=opset,

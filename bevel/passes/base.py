@@ -29,7 +29,18 @@ def param(default: Any, doc: str, *, ge: float | None = None, gt: float | None =
 
 @dataclass
 class PassParams:
-    """Base of every pass's ``Params`` dataclass. Subclasses declare fields with :func:`param`."""
+    """Base of every pass's ``Params`` dataclass. Subclasses declare fields with :func:`param`.
+
+    Values are validated (type, range, choices) whenever an instance is made, however it is made.
+    """
+
+    pass_name: ClassVar[str] = ""  # set by @register_pass, so errors name the pass
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _check_value(self.pass_name, f.name, getattr(self, f.name), hints[f.name], f.metadata)
+            setattr(self, f.name, value)
 
     @classmethod
     def describe(cls) -> list[dict[str, Any]]:
@@ -52,14 +63,11 @@ class PassParams:
 
         ints are accepted where a float is declared and lists where a tuple is declared.
         """
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in values.items():
+        known = cls.names()
+        for key in values:
             if key not in known:
-                raise ParamError(_unknown_param_message(pass_name, key, list(known)), key=key)
-            kwargs[key] = _check_value(pass_name, key, value, hints[key], known[key].metadata)
-        return cls(**kwargs)
+                raise ParamError(_unknown_param_message(pass_name or cls.pass_name, key, known), key=key)
+        return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         """The parameter values, including defaults."""
@@ -138,21 +146,22 @@ def _matches_type(value: Any, tp: Any) -> tuple[bool, Any]:
 
 
 def _check_value(pass_name: str, key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
-    ok, value_ = _matches_type(value, tp)
+    """``value`` converted to the declared type, or a ParamError naming the pass, the key and the rule."""
+    ok, converted = _matches_type(value, tp)
     where = f"{pass_name}({key}=...)" if pass_name else key
     if not ok:
         raise ParamError(f"{where}: expected {_type_name(tp)}, got {value!r}", key=key)
     choices = meta.get("choices")
-    if choices is not None and value_ not in choices:
+    if choices is not None and converted not in choices:
         raise ParamError(f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}", key=key)
-    if isinstance(value_, (int, float)) and not isinstance(value_, bool):
-        bad = ((meta.get("ge") is not None and value_ < meta["ge"])
-               or (meta.get("gt") is not None and value_ <= meta["gt"])
-               or (meta.get("le") is not None and value_ > meta["le"])
-               or (meta.get("lt") is not None and value_ >= meta["lt"]))
+    if isinstance(converted, (int, float)) and not isinstance(converted, bool):
+        bad = ((meta.get("ge") is not None and converted < meta["ge"])
+               or (meta.get("gt") is not None and converted <= meta["gt"])
+               or (meta.get("le") is not None and converted > meta["le"])
+               or (meta.get("lt") is not None and converted >= meta["lt"]))
         if bad:
             raise ParamError(f"{where}: {value!r} is out of range; {key} must be in {_range_text(meta)}", key=key)
-    return value_
+    return converted
 
 
 @dataclass
@@ -160,8 +169,9 @@ class PassContext:
     """What a pass may read besides the graph.
 
     ``calibration`` is a list of input tuples (the example inputs when the user gave none),
-    ``device`` the target device, ``seed`` the seed for any randomness, and ``max_fidelity_drop``
-    the budget the pass manager enforces after each pass (None: no budget).
+    ``example_inputs`` the inputs the graph was captured with, ``device`` the target device,
+    ``seed`` the seed for any randomness, and ``max_fidelity_drop`` the budget the pass manager
+    enforces after each pass (None: no budget).
     """
 
     calibration: list[tuple[Any, ...]]
@@ -169,7 +179,6 @@ class PassContext:
     device: str = "cpu"
     seed: int = 0
     max_fidelity_drop: float | None = None
-    user_calibration: bool = False
 
 
 @dataclass

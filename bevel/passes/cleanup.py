@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
@@ -17,12 +17,14 @@ aten = torch.ops.aten
 
 DROPOUT_OPS = (aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
                aten.feature_alpha_dropout.default)
-# Ops that return their first argument unchanged whenever the output has its shape and dtype.
-ALWAYS_IDENTITY_OPS = (aten.alias.default, aten.detach.default, aten.clone.default, aten.contiguous.default,
-                       aten.lift_fresh_copy.default)
-SAME_SHAPE_IDENTITY_OPS = (aten.view.default, aten.reshape.default, aten.expand.default,
-                           aten._unsafe_view.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device,
-                           aten._to_copy.default, aten.type_as.default, aten.flatten.using_ints)
+# Ops whose output holds the same values as their first argument whenever it has the same shape,
+# strides, dtype and device. The copying ones return fresh memory, the others alias their input.
+COPYING_IDENTITY_OPS = (aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default)
+ALIASING_IDENTITY_OPS = (aten.alias.default, aten.detach.default, aten.contiguous.default, aten.view.default,
+                         aten.reshape.default, aten.expand.default, aten._unsafe_view.default, aten.to.dtype,
+                         aten.to.dtype_layout, aten.to.device, aten.type_as.default, aten.flatten.using_ints,
+                         aten.slice.Tensor)
+# x * 1, x / 1, x + 0, x - 0: values unchanged, in fresh memory
 _NEUTRAL_SCALARS = {aten.mul.Tensor: 1, aten.mul.Scalar: 1, aten.div.Tensor: 1, aten.div.Scalar: 1,
                     aten.add.Tensor: 0, aten.add.Scalar: 0, aten.sub.Tensor: 0, aten.sub.Scalar: 0}
 
@@ -71,31 +73,55 @@ def _same_type(a: Any, b: Any) -> bool:
     return same_shape and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride()))
 
 
-def _is_mutated(node: fx.Node) -> bool:
-    """Whether any op writes into ``node``'s tensor (then a copy of it is not an identity)."""
-    for user in node.users:
-        schema = getattr(user.target, "_schema", None)
+def _mutates(graph: Graph) -> bool:
+    """Whether any op in the graph writes into a tensor in place."""
+    for node in graph.nodes(op="call_function"):
+        schema = getattr(node.target, "_schema", None)
         if schema is not None and schema.is_mutable:
             return True
     return False
 
 
-def _is_identity(node: fx.Node) -> bool:
+def _is_copy(node: fx.Node) -> bool:
+    """Whether the op returns fresh memory (removing it would make its users share its input's)."""
+    return (node.target in COPYING_IDENTITY_OPS or node.target in _NEUTRAL_SCALARS
+            or bool(_argument(node, "copy", False)))
+
+
+def _argument(node: fx.Node, name: str, default: Any) -> Any:
+    """The value the call passes for the schema argument ``name``, positionally or by keyword."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    schema = getattr(node.target, "_schema", None)
+    for index, argument in enumerate(schema.arguments if schema is not None else ()):
+        if argument.name == name:
+            return node.args[index] if index < len(node.args) else default
+    return default
+
+
+def _keeps_values(node: fx.Node) -> bool:
+    """Whether the op's output has its first argument's values (given equal shape, strides and dtype)."""
+    if node.target in COPYING_IDENTITY_OPS:
+        return True
+    if node.target in ALIASING_IDENTITY_OPS:
+        return node.target is not aten.slice.Tensor or _is_full_slice(node)
+    if node.target in _NEUTRAL_SCALARS and len(node.args) >= 2 and _argument(node, "alpha", 1) == 1:
+        other = node.args[1]
+        is_number = isinstance(other, (int, float)) and not isinstance(other, bool)
+        return is_number and other == _NEUTRAL_SCALARS[node.target]
+    return False
+
+
+def _is_identity(node: fx.Node, graph_mutates: bool) -> bool:
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
         return False
-    source = node.args[0]
-    if not _same_type(node.meta.get("val"), source.meta.get("val")):
+    if not _same_type(node.meta.get("val"), node.args[0].meta.get("val")) or not _keeps_values(node):
         return False
-    if node.target in ALWAYS_IDENTITY_OPS or node.target in SAME_SHAPE_IDENTITY_OPS:
-        if node.target in (aten.clone.default, aten._to_copy.default, aten.lift_fresh_copy.default):
-            return not _is_mutated(node) and not _is_mutated(source)
-        return node.target is not aten.to.device or not node.kwargs.get("copy", False)
-    if node.target is aten.slice.Tensor:
-        return _is_full_slice(node)
-    if node.target in _NEUTRAL_SCALARS and len(node.args) >= 2 and not node.kwargs.get("alpha", 1) == 0:
-        other = node.args[1]
-        return isinstance(other, (int, float)) and not isinstance(other, bool) and other == _NEUTRAL_SCALARS[node.target]
-    return False
+    if _is_copy(node):
+        # A copy is only redundant if nothing writes into either side, and if it is not returned:
+        # an output must not become the caller's input tensor or a weight.
+        return not graph_mutates and not any(user.op == "output" for user in node.users)
+    return True
 
 
 def _is_full_slice(node: fx.Node) -> bool:
@@ -108,8 +134,9 @@ def _is_full_slice(node: fx.Node) -> bool:
 
 def _remove_identities(graph: Graph) -> int:
     count = 0
+    graph_mutates = _mutates(graph)
     for node in graph.nodes(op="call_function"):
-        if _is_identity(node):
+        if _is_identity(node, graph_mutates):
             graph.replace_node(node, node.args[0])
             count += 1
     return count
@@ -127,29 +154,45 @@ def _is_foldable_op(node: fx.Node) -> bool:
 
 
 def _fold_constants(graph: Graph, max_elements: int) -> int:
-    """Evaluate nodes whose inputs are all non-parameter constants (or weights read nowhere else)."""
+    """Evaluate nodes whose inputs are all non-parameter constants (or weights read nowhere else).
+
+    A folded result is stored next to the tensor it came from (``<name>_folded``), so it keeps a
+    name the user recognizes in reports and ``skip`` patterns.
+    """
+    if _mutates(graph):
+        return 0  # a buffer written in place is not a constant
     values: dict[fx.Node, torch.Tensor] = {}
     from_params: dict[fx.Node, bool] = {}
+    origin: dict[fx.Node, str] = {}
+    readers: dict[str, int] = {}
     for node in graph.nodes(op="get_attr"):
         values[node] = graph.param(node.target)
         from_params[node] = graph.is_parameter(node)
+        origin[node] = node.target
+        readers[node.target] = readers.get(node.target, 0) + len(node.users)
     folded = 0
     for node in graph.nodes(op="call_function"):
         inputs = node.all_input_nodes
         if not inputs or not all(i in values for i in inputs) or not _is_foldable_op(node):
             continue
-        if any(from_params[i] and len(i.users) > 1 for i in inputs):
+        if any(user.op == "output" for user in node.users):
+            continue  # a returned constant would hand the caller the graph's own tensor
+        if any(from_params[i] and readers.get(i.target, 0) > 1 for i in inputs):
             continue  # folding would keep a second copy of a weight that is still used elsewhere
+        if not is_concrete_int(node.meta["val"].numel()) or int(node.meta["val"].numel()) > max_elements:
+            continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
         result = node.target(*args, **kwargs)
-        if not isinstance(result, torch.Tensor) or result.numel() > max_elements:
+        if not isinstance(result, torch.Tensor):
             continue
         result = result.detach().clone()
         is_param = any(from_params[i] for i in inputs)
-        replacement = graph.add_param(f"_folded.{node.name}", result, before=node, as_parameter=is_param)
+        replacement = graph.add_param(f"{origin[inputs[0]]}_folded", result, before=node, as_parameter=is_param)
         node.replace_all_uses_with(replacement)
         graph.fx_graph.erase_node(node)
         values[replacement] = result
         from_params[replacement] = is_param
+        origin[replacement] = origin[inputs[0]]
+        readers[replacement.target] = len(replacement.users)
         folded += 1
     return folded

@@ -23,6 +23,7 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
         if name in _PASSES and _PASSES[name] is not cls:
             raise ValueError(f"a pass named '{name}' is already registered ({_PASSES[name].__qualname__})")
         cls.name = name
+        cls.Params.pass_name = name
         _PASSES[name] = cls
         return cls
 

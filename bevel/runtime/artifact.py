@@ -15,7 +15,6 @@ The manifest also names the Python types of the model's input and output contain
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib
 import json
@@ -29,7 +28,8 @@ import torch.utils._pytree as pytree
 from safetensors.torch import load_file, save_file
 
 from bevel.compiler.report import Report
-from bevel.errors import ArtifactError
+from bevel.errors import ArtifactError, first_line
+from bevel.ir.attributes import owner_of, set_inference_flags, set_tensor
 from bevel.ir.capture import auto_dynamic_shapes
 from bevel.runtime.compiled_module import CompiledModule
 
@@ -74,16 +74,6 @@ def _split_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
     return stored, aliases
 
 
-def _cpu_module(compiled: CompiledModule) -> torch.nn.Module:
-    """The compiled graph with its weights on the CPU; a copy when they live elsewhere (``.to`` would move
-    the user's CompiledModule itself)."""
-    module = compiled.graph_module
-    tensors = list(module.parameters()) + list(module.buffers())
-    if all(t.device.type == "cpu" for t in tensors):
-        return module
-    return copy.deepcopy(module).to("cpu")
-
-
 # pytree containers that torch registers itself; any other type must be importable when loading
 _BUILTIN_TYPE_MODULES = ("builtins", "collections", "torch")
 
@@ -95,7 +85,7 @@ def _container_types(program: torch.export.ExportedProgram) -> list[dict[str, st
 
     def walk(spec: pytree.TreeSpec) -> None:
         typ = spec.type
-        if typ is not None and not typ.__module__.split(".")[0] in _BUILTIN_TYPE_MODULES:
+        if typ is not None and typ.__module__.split(".")[0] not in _BUILTIN_TYPE_MODULES:
             node_def = pytree.SUPPORTED_SERIALIZED_TYPES.get(typ)
             name = node_def.serialized_type_name if node_def is not None else f"{typ.__module__}.{typ.__qualname__}"
             found.setdefault(name, typ.__module__)
@@ -109,9 +99,13 @@ def _container_types(program: torch.export.ExportedProgram) -> list[dict[str, st
 
 
 def save_artifact(compiled: CompiledModule, path: str) -> str:
-    """Write ``compiled`` to the directory ``path`` (created if missing); returns the path."""
+    """Write ``compiled`` to the directory ``path`` (created if missing); returns the path.
+
+    Raises ArtifactError when ``path`` cannot be written or the compiled graph cannot be exported again.
+    """
     import bevel
 
+    path = _as_path(path, "CompiledModule.save")
     try:
         os.makedirs(path, exist_ok=True)
         # a save that fails half-way must not leave an old manifest describing files it overwrote
@@ -119,14 +113,18 @@ def save_artifact(compiled: CompiledModule, path: str) -> str:
             os.remove(os.path.join(path, MANIFEST))
     except OSError as error:
         raise ArtifactError(f"cannot write an artifact to '{path}': {error.strerror or error}") from error
-    module = _cpu_module(compiled)
-    example_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in compiled.example_inputs)
+    module = compiled.cpu_graph_module()
+    example_inputs = compiled.cpu_example_inputs()
     for i, x in enumerate(example_inputs):
         if not isinstance(x, (torch.Tensor, bool, int, float, str, type(None))):
             raise ArtifactError(f"cannot save example input {i} ({type(x).__name__}): an artifact stores tensor "
                                 f"inputs and plain numbers, strings or None")
-    program = torch.export.export(module, example_inputs, dynamic_shapes=auto_dynamic_shapes(example_inputs),
-                                  strict=False)
+    try:
+        program = torch.export.export(module, example_inputs, dynamic_shapes=auto_dynamic_shapes(example_inputs),
+                                      strict=False)
+    except Exception as error:  # torch.export fails with many exception types; each becomes one clear error
+        raise ArtifactError(f"cannot save the artifact '{path}': re-exporting the compiled graph with "
+                            f"torch.export failed: {type(error).__name__}: {first_line(error)[:300]}") from error
     tensors = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
     stored, aliases = _split_shared(tensors)
     # requires_grad decides which kernel some ops take (matmul folding), so it is restored exactly
@@ -252,18 +250,16 @@ def verify_artifact(path: str) -> dict[str, Any]:
 
 
 def _assign(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    owner = module
-    for part in path:
-        owner = getattr(owner, part)
-    old = getattr(owner, leaf, None)
-    if isinstance(value, torch.nn.Parameter) or isinstance(old, torch.nn.Parameter):
-        owner.register_parameter(leaf, value if isinstance(value, torch.nn.Parameter)
-                                 else torch.nn.Parameter(value, requires_grad=False))
+    """Put a loaded weight in place of the program's empty one, keeping the kind of attribute it was."""
+    owner, leaf = owner_of(module, name)
+    if isinstance(value, torch.nn.Parameter) or isinstance(getattr(owner, leaf, None), torch.nn.Parameter):
+        set_tensor(module, name, value, as_parameter=True)
     elif leaf in owner._buffers:
+        # not set_tensor: it would register the buffer again as persistent, and a non-persistent
+        # buffer (one torch.export keeps among the constants) would move to the state dict
         owner._buffers[leaf] = value
     else:
-        setattr(owner, leaf, value)
+        setattr(owner, leaf, value)  # a tensor constant of the program stays a plain attribute
 
 
 def _import_container_types(manifest: dict[str, Any], path: str) -> None:
@@ -315,9 +311,10 @@ def _check_weights(weights: dict[str, torch.Tensor], program: torch.export.Expor
 def load(path: str) -> CompiledModule:
     """Load an artifact written by ``CompiledModule.save``; the model's Python class is not needed.
 
-    Raises ArtifactError naming the file when the artifact is incomplete, modified or corrupt.
+    Raises ArtifactError naming the file when the artifact is incomplete, modified or corrupt, and
+    when ``path`` is not a path at all.
     """
-    path = os.fspath(path)
+    path = _as_path(path, "bevel.load")
     manifest = verify_artifact(path)
     _import_container_types(manifest, path)
     reading = WEIGHTS
@@ -334,7 +331,7 @@ def load(path: str) -> CompiledModule:
         raise
     except Exception as error:  # a file that passed its checksum but cannot be read was written badly
         raise ArtifactError(f"{reading} in '{path}' could not be read: {type(error).__name__}: "
-                            f"{_first_line(error)}") from error
+                            f"{first_line(error)[:300]}") from error
     for name, stored in manifest.get("aliases", {}).items():
         if stored not in weights:
             raise ArtifactError(f"{MANIFEST} in '{path}' ties '{name}' to '{stored}', which {WEIGHTS} lacks")
@@ -351,12 +348,14 @@ def load(path: str) -> CompiledModule:
             weights[name] = parameters[id(value)]
     module = program.module()
     for name, value in weights.items():
-        _assign(module, name, value)
+        try:
+            _assign(module, name, value)
+        except KeyError:
+            raise ArtifactError(f"{WEIGHTS} in '{path}' holds '{name}', which {PROGRAM} has no place for") from None
     missing = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if missing:
         raise ArtifactError(f"{WEIGHTS} in '{path}' lacks weights the program needs: {', '.join(missing[:5])}")
-    for sub in module.modules():
-        sub.training = False
+    set_inference_flags(module)
     count = len(manifest.get("inputs", []))
     non_tensor = manifest.get("non_tensor_inputs", {})
     try:
@@ -392,6 +391,10 @@ def _load_program(file: str) -> torch.export.ExportedProgram:
         logger.removeHandler(records)
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else ""
+def _as_path(path: Any, caller: str) -> str:
+    """``path`` as a str path; an ArtifactError when it is not a path at all (``bevel.load(123)``)."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise ArtifactError(f"{caller} takes the path of an artifact directory (a str or os.PathLike), "
+                            f"got {type(path).__name__}") from None

@@ -46,6 +46,20 @@ class CompiledModule(torch.nn.Module):
         with torch.no_grad():
             return self.graph_module(*args)
 
+    def cpu_graph_module(self) -> fx.GraphModule:
+        """The graph with its weights and tensor-creating ops on the CPU, where saving and ONNX export
+        work: the module itself when it already is there, else a moved copy (this one stays put)."""
+        from bevel.codegen.lower import place
+
+        tensors = list(self.graph_module.parameters()) + list(self.graph_module.buffers())
+        if all(t.device.type == "cpu" for t in tensors):
+            return self.graph_module
+        return place(self.graph_module, "cpu", copy_first=True)
+
+    def cpu_example_inputs(self) -> tuple[Any, ...]:
+        """The example inputs, tensors moved to the CPU."""
+        return tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in self.example_inputs)
+
     @property
     def input_specs(self) -> list[dict[str, Any]]:
         """Name, dtype and shape of each input (symbolic dimensions by name)."""
@@ -57,11 +71,13 @@ class CompiledModule(torch.nn.Module):
 
         return save_artifact(self, path)
 
-    def export_onnx(self, path: str, opset: int = 18) -> str:
-        """Write the compiled graph as ONNX to ``path`` with dynamic batch and sequence axes; returns the path."""
-        from bevel.ir.onnx_export import export_onnx
+    def export_onnx(self, path: str, opset: int | None = None) -> str:
+        """Write the compiled graph as ONNX to ``path`` with dynamic batch and sequence axes; returns the path.
 
-        return export_onnx(self, path, opset=opset)
+        ``opset`` defaults to ``bevel.ir.onnx_export.DEFAULT_OPSET``."""
+        from bevel.ir.onnx_export import DEFAULT_OPSET, export_onnx
+
+        return export_onnx(self, path, opset=DEFAULT_OPSET if opset is None else opset)
 
     def extra_repr(self) -> str:
         return f"pipeline={self.pipeline!r}"

@@ -13,13 +13,11 @@ import torch
 import torch._dynamo
 
 import bevel
-from bevel.compiler.backend import BevelCompiledGraph, bevel_backend, weight_name
+from bevel.compiler.backend import BevelCompiledGraph, bevel_backend
+from bevel.compiler.dynamo_graph import weight_name
+from tests.models_zoo import seeded
 
 PRUNE = "prune.magnitude(sparsity=0.5)"
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 class MLP(torch.nn.Module):
@@ -324,3 +322,26 @@ def test_returns_a_compiled_graph(mlp):
     graphs, compiled = [], []
     torch.compile(mlp, backend=spy_backend(graphs, compiled))(torch.randn(2, 16))
     assert isinstance(compiled[0], BevelCompiledGraph)
+
+
+def test_weights_whose_names_the_wrapper_uses_get_their_own_names():
+    # "slots" and "dynamo_graph" are attributes of the wrapper module: the weights move to free names.
+    class Clashing(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dynamo_graph = torch.nn.Linear(4, 4)
+            self.register_buffer("slots", torch.full((4,), 2.0))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.dynamo_graph(x) * self.slots
+
+    torch.manual_seed(0)
+    model = Clashing().eval()
+    graphs, compiled = [], []
+    x = torch.randn(3, 4, generator=seeded(7))
+    out = torch.compile(model, backend=spy_backend(graphs, compiled))(x)
+    torch.testing.assert_close(out, model(x), atol=1e-6, rtol=0)
+    names = {name for name, _ in compiled[0].module.named_parameters()} | \
+            {name for name, _ in compiled[0].module.named_buffers()}
+    assert "slots_1" in names and len(names) == 3, names
+    assert not any(name.startswith("dynamo_graph.") for name in names), names  # the graph itself is left alone

@@ -80,8 +80,10 @@ def test_every_command_has_help():
         assert result.exit_code == 0, result.output
         assert "Usage" in result.stdout
     export_help = bevel("export", "--help").stdout
-    for flag in ("--passes", "--out", "--calibration", "--max-fidelity-drop", "--opset", "--device"):
+    for flag in ("--passes", "--out", "--calibration", "--max-fidelity-drop", "--opset", "--device",
+                 "--static-shapes"):
         assert flag in export_help
+    assert "--static-shapes" in bevel("inspect", "--help").stdout
 
 
 # --- bevel passes ----------------------------------------------------------------------------------
@@ -124,6 +126,13 @@ def test_inspect_prints_histogram_size_and_flops():
     assert histogram == {"aten.linear": "2", "aten.relu": "1", "aten.dropout": "1"}
     assert "top 2 nodes by FLOPs" in out and "66.7%" in out
     assert "aten.linear(%x, @fc1.weight, @fc1.bias)" in out  # the --graph listing
+    assert "x: f32[4, 16]" not in out  # the batch dimension stays symbolic by default
+
+
+def test_inspect_static_shapes_fixes_the_input_sizes():
+    result = bevel("inspect", SMALL, "--static-shapes")
+    assert result.exit_code == 0, result.output
+    assert "inputs: x: f32[4, 16]" in result.stdout
 
 
 # --- bevel export ----------------------------------------------------------------------------------
@@ -155,13 +164,29 @@ def test_export_small_model_writes_every_output(tmp_path):
     torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_export_static_shapes_writes_fixed_sizes(tmp_path):
+    import onnx
+
+    out = tmp_path / "out"
+    result = bevel("export", SMALL, "--static-shapes", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    dims = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [4, 16]
+    manifest = json.loads((out / "artifact" / "manifest.json").read_text())
+    assert manifest["inputs"][0]["shape"] in ([4, 16], ["4", "16"])
+
+
 # --- user errors: exit code 2, one clear message ---------------------------------------------------
 
 @pytest.mark.parametrize("pipeline, expected", [
     ("cleanup | prune.magnitude(sparsity=)", "pipeline syntax error at line 1, column 36"),
-    ("cleanup | prune.magnitud", "unknown pass 'prune.magnitud'; did you mean 'prune.magnitude'?"),
-    ("prune.magnitude(sparsityy=0.3)", "has no parameter 'sparsityy'; did you mean 'sparsity'?"),
-    ("prune.magnitude(sparsity=1.5)", "1.5 is out of range; sparsity must be in [0.0, 1.0)"),
+    ("cleanup | prune.magnitud", "at line 1, column 11: unknown pass 'prune.magnitud'; did you mean "
+                                 "'prune.magnitude'?"),
+    ("prune.magnitude(sparsityy=0.3)", "at line 1, column 17: pass 'prune.magnitude' has no parameter "
+                                       "'sparsityy'; did you mean 'sparsity'?"),
+    ("prune.magnitude(sparsity=1.5)", "at line 1, column 26: prune.magnitude(sparsity=...): 1.5 is out of range; "
+                                      "sparsity must be in [0.0, 1.0)"),
 ])
 def test_pipeline_errors_show_the_caret(tmp_path, pipeline, expected):
     result = bevel("export", SMALL, "--passes", pipeline, "--out", str(tmp_path / "out"))

@@ -71,3 +71,27 @@ def test_compiled_module_is_an_nn_module_called_like_the_model():
     assert cm.report.calibration_batches == 2
     assert_untouched(model, before, training=True)
     assert "prune.magnitude(sparsity=0.2)" in str(cm.report)
+
+
+def test_bad_types_for_budget_and_calibration_are_clear():
+    model = MLP()
+    x = (torch.randn(2, 16),)
+    with pytest.raises(ParamError, match="must be a number"):
+        bevel.compile(model, "cleanup", example_inputs=x, max_fidelity_drop="0.1")
+    with pytest.raises(BevelError, match="calibration must be an iterable"):
+        bevel.compile(model, "cleanup", example_inputs=x, calibration=5)
+
+
+def test_calibration_that_does_not_fit_static_shapes_is_named_before_any_pass():
+    model = MLP().eval()
+    with pytest.raises(CaptureError, match=r"calibration batch 1 \(input shapes \[\(5, 16\)\]\)"):
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),), dynamic_shapes="static",
+                      calibration=[(torch.randn(2, 16),), (torch.randn(5, 16),)])
+
+
+def test_capture_fidelity_is_exact_and_reported():
+    cm = bevel.compile(MLP().eval(), "cleanup", example_inputs=(torch.randn(3, 16),))
+    assert cm.report.capture_fidelity.cosine == pytest.approx(1.0)
+    assert cm.report.capture_fidelity.max_abs_error == 0.0
+    rows = [line for line in str(cm.report).splitlines() if "(captured)" in line]
+    assert len(rows) == 1 and "1.00000" in rows[0]

@@ -101,8 +101,8 @@ def test_a_crashing_pass_is_rolled_back_and_reported():
 def test_a_malformed_graph_is_caught_by_lint_and_rolled_back():
     model, x, cm = compile_mlp("test.manager.dangling")
     entry = cm.report.passes[0]
-    assert entry.status in ("rolled back", "failed")
-    assert "layers.0.bias" in entry.reason
+    assert entry.status == "rolled back"
+    assert "malformed" in entry.reason and "layers.0.bias" in entry.reason
     assert torch.allclose(cm(x), model(x), atol=1e-6)
 
 
@@ -140,5 +140,9 @@ def test_top1_agreement_is_reported_for_logits():
             return {"logits": self.mlp(x)}
 
     torch.manual_seed(0)
-    cm = bevel.compile(Classifier().eval(), "prune.magnitude(sparsity=0.2)", example_inputs=(torch.randn(8, 16),))
-    assert 0.0 <= cm.report.passes[0].fidelity.top1_agreement <= 1.0
+    batches = [(torch.randn(64, 16),)]
+    exact = bevel.compile(Classifier().eval(), "cleanup", example_inputs=batches[0], calibration=batches)
+    assert exact.report.passes[0].fidelity.top1_agreement == 1.0
+    damaged = bevel.compile(Classifier().eval(), "test.manager.scale(factor=-1.0)", example_inputs=batches[0],
+                            calibration=batches)
+    assert damaged.report.passes[0].fidelity.top1_agreement < 0.5  # flipped weights move most argmaxes

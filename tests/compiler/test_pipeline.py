@@ -154,7 +154,8 @@ def test_build_resolves_names_and_validates_params() -> None:
 
 def test_unknown_pass_suggests_the_nearest_name() -> None:
     message = error_of("test.pipe.beta | test.pipe.alpah(ratio=0.1)")
-    assert message.startswith("unknown pass 'test.pipe.alpah'; did you mean 'test.pipe.alpha'?")
+    assert message.startswith("pipeline error at line 1, column 18: "
+                              "unknown pass 'test.pipe.alpah'; did you mean 'test.pipe.alpha'?")
     assert message.splitlines()[-2] == "test.pipe.beta | test.pipe.alpah(ratio=0.1)"
     assert caret(message) == (17, len("test.pipe.alpah"))
 
@@ -164,6 +165,7 @@ def test_unknown_param_suggests_the_nearest_and_points_at_the_key() -> None:
         build_pipeline("test.pipe.alpha(ratoi=0.1)")
     message = str(info.value)
     assert info.value.key == "ratoi"
+    assert message.startswith("pipeline error at line 1, column 17: ")
     assert "has no parameter 'ratoi'; did you mean 'ratio'?" in message
     assert caret(message) == (16, 5)
 
@@ -174,8 +176,23 @@ def test_out_of_range_value_names_the_range_and_points_at_the_value() -> None:
     message = str(info.value)
     assert info.value.key == "ratio"
     assert "ratio" in message and "[0.0, 1.0)" in message
+    assert message.startswith("pipeline error at line 2, column 35: ")
     assert message.splitlines()[-2] == "  test.pipe.alpha(mode='b', ratio=1.5)"
     assert caret(message) == (34, 3)
+
+
+def test_name_and_parameter_errors_on_a_later_line_say_which_line() -> None:
+    # The caret shows only the faulty line; on a multi-line pipeline the words say which one it is.
+    text = "test.pipe.beta |\n test.pipe.beta |\n\ttest.pipe.gamma"
+    message = error_of(text)
+    assert message.startswith("pipeline error at line 3, column 2: unknown pass 'test.pipe.gamma'")
+    assert message.splitlines()[-2:] == ["\ttest.pipe.gamma", "\t" + "^" * len("test.pipe.gamma")]
+
+    with pytest.raises(ParamError) as info:
+        build_pipeline("test.pipe.beta\n| test.pipe.alpha(\n    n=2,\n    mdoe='a')")
+    message = str(info.value)
+    assert message.startswith("pipeline error at line 4, column 5: pass 'test.pipe.alpha' has no parameter 'mdoe'")
+    assert message.splitlines()[-2:] == ["    mdoe='a')", "    ^^^^"]
 
 
 @pytest.mark.parametrize("text, key, words, column", [

@@ -15,10 +15,8 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 
 import bevel
 from bevel.errors import ExportError
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from bevel.ir.onnx_export import DEFAULT_OPSET
+from tests.models_zoo import seeded
 
 
 def onnx_dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
@@ -174,12 +172,27 @@ def small_compiled():
     return bevel.compile(MLP().eval(), "cleanup", example_inputs=(torch.randn(4, 16, generator=seeded(1)),))
 
 
-@pytest.mark.parametrize("opset, message", [(17, "opset=17 is too old.*18"), (9, "opset=9 is too old.*18"),
-                                             ("18", "not an ONNX opset version")])
+@pytest.mark.parametrize("opset, message", [
+    (DEFAULT_OPSET - 1, f"opset={DEFAULT_OPSET - 1} is too old.*{DEFAULT_OPSET}"),
+    (9, f"opset=9 is too old.*{DEFAULT_OPSET}"),
+    (str(DEFAULT_OPSET), "not an ONNX opset version"),
+])
 def test_a_bad_opset_is_refused(small_compiled, tmp_path, opset, message):
     with pytest.raises(ExportError, match=message):
         small_compiled.export_onnx(str(tmp_path / "model.onnx"), opset=opset)
     assert not os.listdir(tmp_path)
+
+
+def test_the_default_opset_is_written(small_compiled, tmp_path):
+    # DEFAULT_OPSET is the one place the opset is chosen: what CompiledModule.export_onnx and the CLI default to.
+    import inspect
+
+    from bevel.compiler.cli import export_command
+
+    path = small_compiled.export_onnx(str(tmp_path / "model.onnx"))
+    opsets = {entry.domain: entry.version for entry in onnx.load(path, load_external_data=False).opset_import}
+    assert opsets[""] == DEFAULT_OPSET
+    assert inspect.signature(export_command).parameters["opset"].default.default == DEFAULT_OPSET
 
 
 def test_a_path_under_a_file_is_refused_naming_it(small_compiled, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bevel.compiler.compile import copy_model
 from bevel.errors import ParamError
 from bevel.ir import analysis, capture
 from bevel.passes import PassContext, get_pass
@@ -94,7 +95,7 @@ def test_bad_params_are_refused_with_the_name_and_range(params, fragment):
 
 
 def test_minilm_real_weights_global_sparsity(minilm, minilm_inputs, fresh_sentences):
-    graph, result = prune(minilm, minilm_inputs, sparsity=0.3)
+    graph, result = prune(copy_model(minilm), minilm_inputs, sparsity=0.3)  # the graph shares the model's weights
     linear_weights = analysis.layer_weights(graph)
     assert len(linear_weights) == 37  # 6 layers x 6 linears + the pooler
     zeros = sum(int((w == 0).sum()) for w in linear_weights.values())
@@ -104,3 +105,25 @@ def test_minilm_real_weights_global_sparsity(minilm, minilm_inputs, fresh_senten
     out = graph(*fresh_sentences)
     assert torch.isfinite(out.last_hidden_state).all()
     assert out.last_hidden_state.shape == minilm(*fresh_sentences).last_hidden_state.shape
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding whose table is also the output projection, as in GPT-2."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.hidden = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 20, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.hidden(self.embed(ids))))
+
+
+def test_tied_weights_are_left_dense_and_reported():
+    model = TiedLM().eval()
+    graph, result = prune(model, (torch.randint(0, 20, (2, 5)),), sparsity=0.5)
+    assert list(result.stats["per_layer_sparsity"]) == ["hidden.weight"]
+    assert any("tied" in note for note in result.notes)
+    assert torch.equal(graph.param("head.weight"), model.embed.weight)  # the shared table is untouched

@@ -19,10 +19,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 import bevel
 from bevel.errors import ArtifactError
 from bevel.runtime.artifact import FORMAT_VERSION, INPUTS, MANIFEST, PROGRAM, REPORT, WEIGHTS, verify_artifact
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from tests.models_zoo import seeded
 
 # Run by a fresh interpreter: load the artifact, run it on inputs from a file, save the outputs by
 # pytree path, and list which transformers modules the load imported. It never imports BertModel.
@@ -213,6 +210,39 @@ def test_a_file_is_not_an_artifact(tmp_path):
     file.write_bytes(b"\0" * 16)
     with pytest.raises(ArtifactError, match="not an artifact"):
         bevel.load(str(file))
+
+
+@pytest.mark.parametrize("path", [123, None, ["out"]])
+def test_a_path_that_is_not_a_path_is_an_artifact_error(small_compiled, path):
+    kind = type(path).__name__
+    with pytest.raises(ArtifactError, match=f"bevel.load takes the path of an artifact directory.*got {kind}"):
+        bevel.load(path)
+    with pytest.raises(ArtifactError, match=f"CompiledModule.save takes the path.*got {kind}"):
+        small_compiled.save(path)
+
+
+def test_a_path_object_or_bytes_loads(small_compiled, small_artifact):
+    import pathlib
+
+    x = torch.randn(2, 12, generator=seeded(10))
+    for path in (pathlib.Path(small_artifact), os.fsencode(small_artifact)):
+        torch.testing.assert_close(bevel.load(path)(x), small_compiled(x), rtol=0, atol=0)
+
+
+def test_a_failed_re_export_is_an_artifact_error(small_compiled, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise torch._dynamo.exc.UserError(torch._dynamo.exc.UserErrorType.INVALID_INPUT,
+                                          "cannot trace this graph\n(long torch details)")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    with pytest.raises(ArtifactError) as error:
+        small_compiled.save(str(tmp_path / "art"))
+    message = str(error.value)
+    assert "re-exporting the compiled graph with torch.export failed" in message
+    assert "UserError: cannot trace this graph" in message and "long torch details" not in message
+    assert str(tmp_path / "art") in message
+    assert isinstance(error.value.__cause__, torch._dynamo.exc.UserError)
+    assert not (tmp_path / "art" / MANIFEST).exists()
 
 
 def test_saving_onto_a_file_is_refused(small_compiled, tmp_path):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bevel.ir.analysis import layer_weights
+from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, layer_weights
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
@@ -34,8 +34,12 @@ class GlobalMagnitudePrune(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         weights = {name: w for name, w in layer_weights(graph).items()
                    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip)}
+        notes = []
+        for name in [n for n in weights if read_outside_layers(graph, n)]:
+            del weights[name]  # e.g. an output layer tied to the embedding table: pruning it would prune both
+            notes.append(f"{name} left dense: it is also read outside Linear/Conv layers (a tied weight)")
         if not weights:
-            return PassResult(changed=False, notes=["no Linear or Conv weights to prune"])
+            return PassResult(changed=False, notes=notes + ["no Linear or Conv weights to prune"])
         keep_counts = global_magnitude_keep_counts(weights, self.params.sparsity, self.params.min_keep)
         per_layer = {}
         for name, weight in weights.items():
@@ -44,13 +48,22 @@ class GlobalMagnitudePrune(Pass):
             per_layer[name] = round(1 - keep_counts[name] / weight.numel(), 4)
         total = sum(w.numel() for w in weights.values())
         achieved = 1 - sum(keep_counts.values()) / total
-        notes = []
         if achieved < self.params.sparsity - 0.005:
             notes.append(f"reached sparsity {achieved:.3f} < {self.params.sparsity}: "
                          f"min_keep={self.params.min_keep} holds weights in every layer")
         graph.refresh()
         stats = {"sparsity": round(achieved, 4), "layers": len(weights), "per_layer_sparsity": per_layer}
         return PassResult(changed=True, stats=stats, notes=notes)
+
+
+def read_outside_layers(graph: Graph, name: str) -> bool:
+    """Whether the weight ``name`` is read by anything but the weight slot of a Linear or Conv."""
+    for node in graph.nodes(op="get_attr"):
+        if node.target == name:
+            for user in node.users:
+                if user.target not in LINEAR_OPS + CONV_OPS or user.args[1] is not node or node in user.args[2:]:
+                    return True
+    return False
 
 
 def global_magnitude_keep_counts(weights: dict[str, torch.Tensor], sparsity: float,

@@ -1,0 +1,55 @@
+"""The fidelity figures: cosine, max abs error, top-1 agreement, and outputs that hold inf or NaN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bevel.compiler.fidelity import compare, flatten_outputs
+
+
+def fidelity(reference, candidate):
+    return compare([flatten_outputs(reference)], [flatten_outputs(candidate)])
+
+
+def test_identical_outputs_are_perfect():
+    x = torch.randn(4, 10)
+    result = fidelity({"logits": x}, {"logits": x.clone()})
+    assert result.cosine == pytest.approx(1.0) and result.max_abs_error == 0.0 and result.top1_agreement == 1.0
+
+
+def test_cosine_is_the_worst_sample_and_error_the_largest_entry():
+    ref = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    new = torch.tensor([[0.0, 1.0], [1.0, 1.5]])  # sample 0 is orthogonal to its reference
+    result = fidelity((ref,), (new,))
+    assert result.cosine == pytest.approx(0.0, abs=1e-12)
+    assert result.max_abs_error == pytest.approx(1.0)
+
+
+def test_top1_counts_changed_argmax_only_for_logits():
+    ref = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0], [2.0, 2.5, 0.0]])
+    new = ref.clone()
+    new[1] = torch.tensor([0.0, 1.0, 2.0])  # argmax moves in one row of four
+    assert fidelity({"logits": ref}, {"logits": new}).top1_agreement == pytest.approx(0.75)
+    assert fidelity({"hidden": ref}, {"hidden": new}).top1_agreement is None  # not logits by name
+    assert fidelity({"hidden": ref, "other": ref}, {"hidden": new, "other": ref}).top1_agreement is None
+
+
+def test_matching_infinities_do_not_count_as_a_loss():
+    ref = torch.tensor([[0.5, float("-inf"), 1.0], [1.0, 2.0, float("nan")]])
+    same = fidelity((ref,), (ref.clone(),))
+    assert same.cosine == pytest.approx(1.0) and same.max_abs_error == 0.0
+    moved = ref.clone()
+    moved[0, 1] = 0.0
+    assert fidelity((ref,), (moved,)).cosine == -1.0
+    new_nan = torch.ones(2, 3)
+    new_nan[0, 0] = float("nan")
+    assert fidelity((torch.ones(2, 3),), (new_nan,)).cosine == -1.0
+
+
+def test_per_output_cosines_are_kept_by_name():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    result = fidelity({"first": a, "second": b}, {"first": a, "second": -b})
+    assert result.per_output["first"] == pytest.approx(1.0)
+    assert result.per_output["second"] == pytest.approx(-1.0)
+    assert result.cosine == pytest.approx(-1.0)
