@@ -33,7 +33,7 @@ def test_fidelity_figures_are_present_and_sane(minilm_pruned):
 
 
 def test_users_model_is_unchanged_bit_for_bit(minilm, minilm_pruned):
-    # minilm_pruned was compiled from the session's `minilm`: it must still equal the weights on disk
+    # minilm_pruned was compiled from the session-scoped `minilm` fixture: it must still equal the weights on disk
     pristine = load_minilm().state_dict()
     current = minilm.state_dict()
     assert current.keys() == pristine.keys()
