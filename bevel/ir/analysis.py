@@ -127,12 +127,31 @@ def param_bytes(graph: "Graph") -> int:
     return sum(t.numel() * t.element_size() for t in _unique_tensors(graph))
 
 
-def layer_weights(graph: "Graph", ops: tuple[Any, ...] = LINEAR_OPS + CONV_OPS) -> dict[str, torch.Tensor]:
-    """Weights of the Linear and Conv layers by name: the get_attr parameters in their weight slot."""
+# Where the weight sits in ops that multiply their input by a weight matrix: Linear, Conv, and the
+# matmul forms some models use for linear layers (HF's Conv1D in GPT-2 is addmm(bias, x, W)).
+WEIGHT_SLOTS: dict[Any, int] = {**{op: 1 for op in LINEAR_OPS + CONV_OPS}, aten.addmm.default: 2,
+                                aten.mm.default: 1, aten.matmul.default: 1}
+
+
+def layer_weight(graph: "Graph", node: fx.Node) -> fx.Node | None:
+    """The get_attr node of the weight ``node`` multiplies by, if it is a layer with a parameter weight."""
+    slot = WEIGHT_SLOTS.get(node.target) if node.op == "call_function" else None
+    if slot is None or len(node.args) <= slot:
+        return None
+    weight = node.args[slot]
+    if not graph.is_parameter(weight):
+        return None
+    if node.target not in LINEAR_OPS + CONV_OPS and graph.param(weight.target).dim() != 2:
+        return None  # a matmul with a parameter that is not a weight matrix
+    return weight
+
+
+def layer_weights(graph: "Graph") -> dict[str, torch.Tensor]:
+    """Weights of the Linear and Conv layers (and matmuls by a weight matrix) by name."""
     weights = {}
-    for node in graph.nodes(op="call_function", target=ops):
-        weight = node.args[1] if len(node.args) > 1 else None
-        if graph.is_parameter(weight):
+    for node in graph.nodes(op="call_function", target=tuple(WEIGHT_SLOTS)):
+        weight = layer_weight(graph, node)
+        if weight is not None:
             weights[weight.target] = graph.param(weight.target)
     return weights
 

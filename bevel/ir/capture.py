@@ -99,6 +99,9 @@ def _suggestion(error: BaseException) -> str:
     if "data-dependent" in text or "DataDependent" in text or "GuardOnDataDependent" in text:
         return ("the model branches on the values of a tensor; rewrite the branch with torch.where or "
                 "torch.cond, or move it out of forward()")
+    if "is not a known type" in text or "register a pytree" in text:
+        return ("the model takes or returns a Python type torch.export cannot flatten (a transformers KV cache, "
+                "say): return tensors instead, e.g. set model.config.use_cache = False")
     if "Constraints violated" in text or "specializ" in text:
         return ("pass dynamic_shapes=\"static\" (bevel CLI: --static-shapes) to capture with the example "
                 "input shapes fixed")

@@ -101,10 +101,15 @@ class Graph:
         node.meta["val"] = meta.fake_of(self, value)
         return node
 
+    def is_tensor_attr(self, node: Any) -> bool:
+        """Whether ``node`` is a get_attr of a tensor (get_attr also reads subgraphs of higher-order ops)."""
+        if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+            return False
+        return self._has_attr(node.target)
+
     def is_parameter(self, node: Any) -> bool:
         """Whether ``node`` is a get_attr of an ``nn.Parameter`` (a weight rather than a buffer or constant)."""
-        return isinstance(node, fx.Node) and node.op == "get_attr" and isinstance(self.param(node.target),
-                                                                                torch.nn.Parameter)
+        return self.is_tensor_attr(node) and isinstance(self.param(node.target), torch.nn.Parameter)
 
     def remove_unused_params(self) -> list[str]:
         """Delete get_attr nodes nobody uses and the attributes no get_attr reads; returns the names removed."""

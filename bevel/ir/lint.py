@@ -10,6 +10,16 @@ if TYPE_CHECKING:
     from bevel.ir.graph import Graph
 
 
+def _holds(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``module`` has an attribute at the dotted ``name`` (a tensor, or a higher-order op's subgraph)."""
+    owner = module
+    for part in name.split("."):
+        if not hasattr(owner, part):
+            return False
+        owner = getattr(owner, part)
+    return isinstance(owner, (torch.Tensor, torch.nn.Module))
+
+
 def lint_graph(graph: "Graph") -> list[str]:
     """Problems found in ``graph``, one sentence each: fx's own lint, missing metadata, dangling weights."""
     problems = []
@@ -18,12 +28,10 @@ def lint_graph(graph: "Graph") -> list[str]:
     except Exception as error:  # fx reports malformed graphs with assorted exception types
         problems.append(f"fx lint: {error}")
     for node in graph.fx_graph.nodes:
-        if node.op == "get_attr":
-            try:
-                graph.param(node.target)
-            except KeyError:
-                problems.append(f"node '{node.name}' reads '{node.target}', which the module does not hold")
-        if node.op in ("placeholder", "call_function", "get_attr") and node.users and "val" not in node.meta:
+        if node.op == "get_attr" and not _holds(graph.module, node.target):
+            problems.append(f"node '{node.name}' reads '{node.target}', which the module does not hold")
+        carries_value = node.op in ("placeholder", "call_function") or graph.is_tensor_attr(node)
+        if carries_value and node.users and "val" not in node.meta:
             problems.append(f"node '{node.name}' ({node.target}) has no shape/dtype metadata")
     for name, value in graph.tensors().items():
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():

@@ -166,6 +166,8 @@ def _fold_constants(graph: Graph, max_elements: int) -> int:
     origin: dict[fx.Node, str] = {}
     readers: dict[str, int] = {}
     for node in graph.nodes(op="get_attr"):
+        if not graph.is_tensor_attr(node):
+            continue  # a higher-order op's subgraph, not a constant
         values[node] = graph.param(node.target)
         from_params[node] = graph.is_parameter(node)
         origin[node] = node.target

@@ -59,3 +59,21 @@ def test_param_count_bytes_and_sparsity():
     graph.set_param("layers.0.weight", weight)
     assert analysis.weight_sparsity(graph) == (8 * 16) / (16 * 32 + 32 * 8)
     assert set(analysis.layer_weights(graph)) == {"layers.0.weight", "layers.1.weight"}
+
+
+def test_matmul_style_linears_count_as_layers_but_activation_matmuls_do_not():
+    class Conv1DStyle(nn.Module):
+        """GPT-2's Conv1D: addmm(bias, x, W) with W of shape [in, out]."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 4))
+            self.bias = nn.Parameter(torch.zeros(4))
+            self.scale = nn.Parameter(torch.ones(4))  # a 1-D parameter in a matmul is not a weight matrix
+
+        def forward(self, x):
+            y = torch.addmm(self.bias, x.view(-1, 8), self.weight)
+            return (y @ y.t()) @ y * self.scale + torch.matmul(y, self.scale).unsqueeze(-1)
+
+    graph = capture(Conv1DStyle().eval(), (torch.randn(3, 8),))
+    assert set(analysis.layer_weights(graph)) == {"weight"}

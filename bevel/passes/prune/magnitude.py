@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, layer_weights
+from bevel.ir.analysis import layer_weight, layer_weights
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
@@ -22,7 +22,8 @@ from bevel.passes.registry import register_pass
 
 @register_pass("prune.magnitude")
 class GlobalMagnitudePrune(Pass):
-    """Zero the smallest-magnitude weights across all Linear and Conv layers at once."""
+    """Zero the smallest-magnitude weights across all Linear and Conv layers at once (matmuls by a
+    weight matrix, such as GPT-2's Conv1D, count as Linear layers)."""
 
     @dataclass
     class Params(PassParams):
@@ -57,11 +58,11 @@ class GlobalMagnitudePrune(Pass):
 
 
 def read_outside_layers(graph: Graph, name: str) -> bool:
-    """Whether the weight ``name`` is read by anything but the weight slot of a Linear or Conv."""
+    """Whether the weight ``name`` is read by anything but the weight slot of a layer."""
     for node in graph.nodes(op="get_attr"):
         if node.target == name:
             for user in node.users:
-                if user.target not in LINEAR_OPS + CONV_OPS or user.args[1] is not node or node in user.args[2:]:
+                if layer_weight(graph, user) is not node or list(user.args).count(node) > 1:
                     return True
     return False
 

@@ -1,0 +1,78 @@
+"""Other architectures through compile, save/load and ONNX (random weights, small configs):
+a timm ViT, GPT-2 (its linears are HF Conv1D, i.e. addmm) and Llama (rotary embeddings under a
+higher-order op). Differential tolerance: cleanup is exact (1e-5); pruning is checked by its count."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+import torch
+
+import bevel
+from bevel.errors import CaptureError
+from tests.models_zoo import seeded
+
+
+def vit():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    return model.eval(), (torch.randn(2, 3, 32, 32, generator=seeded(1)),), (torch.randn(5, 3, 32, 32, generator=seeded(2)),)
+
+
+def gpt2(use_cache=False):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, use_cache=use_cache,
+                        bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 128, (2, 9), generator=seeded(3))
+    return GPT2LMHeadModel(config).eval(), (ids,), (torch.randint(0, 128, (3, 13), generator=seeded(4)),)
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, use_cache=False, bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 128, (2, 9), generator=seeded(5))
+    return LlamaForCausalLM(config).eval(), (ids,), (torch.randint(0, 128, (3, 13), generator=seeded(6)),)
+
+
+def main_output(out):
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@pytest.mark.parametrize("build", [vit, gpt2, llama], ids=["vit", "gpt2", "llama"])
+def test_compile_save_load_and_onnx(build, tmp_path):
+    model, example, fresh = build()
+    cm = bevel.compile(model, "cleanup | prune.magnitude(sparsity=0.3)", example_inputs=example)
+    assert [p.status for p in cm.report.passes] == ["applied", "applied"], [p.reason for p in cm.report.passes]
+    # 30% of the weights the pass prunes; GPT-2's output layer is tied to its embedding and stays dense
+    assert cm.report["prune.magnitude"].stats["sparsity"] == pytest.approx(0.3, abs=0.01)
+    pruned = cm.report["prune.magnitude"].stats["per_layer_sparsity"]
+    weights = {n: w for n, w in cm.graph_module.named_parameters() if n in pruned}
+    zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
+    assert zeros == pytest.approx(0.3, abs=0.01)
+
+    exact = bevel.compile(model, "cleanup", example_inputs=example)
+    with torch.no_grad():
+        assert (main_output(exact(*fresh)) - main_output(model(*fresh))).abs().max() <= 1e-5
+
+    out = main_output(cm(*fresh))
+    loaded = bevel.load(cm.save(str(tmp_path / "artifact")))
+    assert torch.equal(main_output(loaded(*fresh)), out)
+
+    path = cm.export_onnx(str(tmp_path / "model.onnx"))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (first, *_) = session.run(None, {session.get_inputs()[0].name: fresh[0].numpy()})
+    # float32 with another summation order in onnxruntime; a wrong op would be off by orders more
+    assert abs(first - out.numpy()).max() <= 1e-4
+
+
+def test_a_kv_cache_output_gets_a_suggestion():
+    model, example, _ = gpt2(use_cache=True)
+    with pytest.raises(CaptureError, match="use_cache = False"):
+        bevel.compile(model, "cleanup", example_inputs=example)
