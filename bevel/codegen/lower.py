@@ -9,6 +9,7 @@ every op that creates a tensor on a fixed device (``arange(..., device=cpu)`` as
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -28,31 +29,52 @@ def check_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-def retarget_devices(module: fx.GraphModule, device: torch.device) -> int:
-    """Point every ``device`` argument in the graph (factory ops, ``to``) at ``device``; returns how many."""
-    changed = 0
+def _device_arguments(node: fx.Node) -> list[tuple[str | int, torch.device]]:
+    """The ``device`` arguments of a call, by keyword or position: ``[(key or index, device)]``."""
+    found: list[tuple[str | int, torch.device]] = []
+    if isinstance(node.kwargs.get("device"), torch.device):
+        found.append(("device", node.kwargs["device"]))
+    schema = getattr(node.target, "_schema", None)
+    for index, argument in enumerate(schema.arguments if schema is not None else ()):
+        if argument.name == "device" and index < len(node.args) and isinstance(node.args[index], torch.device):
+            found.append((index, node.args[index]))
+    return found
+
+
+def graph_devices(module: fx.GraphModule) -> set[str]:
+    """Device types the module's weights live on or its ops create tensors on."""
+    devices = {t.device.type for t in list(module.parameters()) + list(module.buffers())}
+    for node in module.graph.nodes:
+        if node.op == "call_function":
+            devices.update(device.type for _, device in _device_arguments(node))
+    return devices
+
+
+def retarget_devices(module: fx.GraphModule, device: torch.device) -> None:
+    """Point every ``device`` argument in the graph (factory ops, ``to``) at ``device``."""
     for node in module.graph.nodes:
         if node.op != "call_function":
             continue
-        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
-            node.update_kwarg("device", device)
-            changed += 1
-        schema = getattr(node.target, "_schema", None)
-        for index, argument in enumerate(schema.arguments if schema is not None else ()):
-            if (argument.name == "device" and index < len(node.args) and isinstance(node.args[index], torch.device)
-                    and node.args[index] != device):
-                node.update_arg(index, device)
-                changed += 1
+        for key, _ in _device_arguments(node):
+            if isinstance(key, str):
+                node.update_kwarg(key, device)
+            else:
+                node.update_arg(key, device)
     module.recompile()
-    return changed
 
 
 def place(module: fx.GraphModule, device: str | torch.device, copy_first: bool = False) -> fx.GraphModule:
     """``module`` with its weights and its tensor-creating ops on ``device``; with ``copy_first`` a
-    moved copy, leaving ``module`` as it is."""
+    moved copy, leaving ``module`` as it is. The copy's weights are made directly on ``device``, so
+    copying a GPU model to the CPU never holds two copies of its weights on the GPU."""
     target = check_device(device)
     if copy_first:
-        module = copy.deepcopy(module)
+        memo: dict[int, Any] = {}
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            moved = tensor.detach().to(target, copy=True)
+            memo[id(tensor)] = (torch.nn.Parameter(moved, requires_grad=tensor.requires_grad)
+                                if isinstance(tensor, torch.nn.Parameter) else moved)
+        module = copy.deepcopy(module, memo)
     module = module.to(target)
     retarget_devices(module, target)
     return module

@@ -29,10 +29,11 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from bevel.codegen.lower import check_device
+from bevel.compiler.compile import check_fidelity_budget
 from bevel.compiler.dynamo_errors import surface_to_user
 from bevel.compiler.dynamo_graph import WrappedGraph
 from bevel.compiler.pipeline import build_pipeline
-from bevel.errors import BevelError, ParamError
+from bevel.errors import BevelError
 
 BACKEND_NAME = "bevel"
 
@@ -116,10 +117,7 @@ def parse_options(options: dict[str, Any] | None, mode: str | None = None) -> Ba
     settings = BackendSettings(**options)
     # Everything bevel.compile would refuse is refused here, before dynamo's graph is touched.
     build_pipeline(settings.passes)
-    drop = settings.max_fidelity_drop
-    if drop is not None and (isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop <= 2.0):
-        raise ParamError(f"options['max_fidelity_drop']={drop!r} must be None or a number in [0, 2] "
-                         f"(a drop in cosine similarity)", key="max_fidelity_drop")
+    check_fidelity_budget(settings.max_fidelity_drop)
     if settings.device is not None:
         check_device(settings.device)
     return settings

@@ -161,7 +161,7 @@ def inspect_command(
     console.print(f"parameters:      {analysis.param_count(captured):,}")
     console.print(f"weight bytes:    {weight_bytes:,} ({weight_bytes / 2**20:.2f} MB)")
     console.print(f"FLOPs:           {flops:,} ({flops / 1e9:.3f} G, one call at the example input sizes)")
-    console.print(f"weight sparsity: {analysis.weight_sparsity(captured):.1%} of Linear/Conv weights are zero")
+    console.print(f"weight sparsity: {analysis.weight_sparsity(captured):.1%} of layer weights are zero")
 
     calls = analysis.op_histogram(captured)
     histogram = Table(title=f"ops ({sum(calls.values())} calls)", title_justify="left")

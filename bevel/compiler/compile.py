@@ -29,6 +29,15 @@ def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
     raise BevelError(f"{what} must be a tuple of positional inputs (or one tensor), got {type(batch).__name__}")
 
 
+def check_fidelity_budget(max_fidelity_drop: Any) -> None:
+    """Refuse a ``max_fidelity_drop`` that is not None or a number in [0, 2] (a drop in cosine similarity)."""
+    if max_fidelity_drop is not None and (isinstance(max_fidelity_drop, bool)
+                                          or not isinstance(max_fidelity_drop, (int, float))
+                                          or not 0.0 <= max_fidelity_drop <= 2.0):
+        raise ParamError(f"max_fidelity_drop={max_fidelity_drop!r} must be a number in [0, 2] "
+                         f"(a drop in cosine similarity)", key="max_fidelity_drop")
+
+
 def calibration_batches(calibration: Iterable[Any] | None) -> list[tuple[Any, ...]]:
     """The calibration batches as a list of input tuples (empty for None)."""
     if calibration is None:
@@ -49,10 +58,13 @@ def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: li
             outputs.extend(run_batches(graph, [batch]))
         except Exception as error:  # guards and shape checks raise assorted types
             shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch]
-            raise CaptureError(f"the captured graph cannot run calibration batch {index} (input shapes {shapes}): "
-                               f"{first_line(error)}; calibration batches must fit the shapes the graph was "
-                               f"captured with") from error
-    return compare(reference, outputs)
+            raise CaptureError(f"the captured graph fails on calibration batch {index} (input shapes {shapes}): "
+                               f"{type(error).__name__}: {first_line(error)} (a batch whose shapes differ from the "
+                               f"example inputs' must fit the shapes the graph was captured with)") from error
+    try:
+        return compare(reference, outputs)
+    except ValueError as error:  # the captured graph returns other outputs than the model
+        raise CaptureError(f"the captured graph does not reproduce the model's outputs: {error}") from error
 
 
 def copy_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -91,11 +103,7 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     pipeline = build_pipeline(passes)
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"bevel.compile expects a torch.nn.Module, got {type(model).__name__}")
-    if max_fidelity_drop is not None and (isinstance(max_fidelity_drop, bool)
-                                          or not isinstance(max_fidelity_drop, (int, float))
-                                          or not 0.0 <= max_fidelity_drop <= 2.0):
-        raise ParamError(f"max_fidelity_drop={max_fidelity_drop!r} must be a number in [0, 2] "
-                         f"(a drop in cosine similarity)", key="max_fidelity_drop")
+    check_fidelity_budget(max_fidelity_drop)
     check_device(device)
     batches = calibration_batches(calibration)
     if example_inputs is None:

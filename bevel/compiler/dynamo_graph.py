@@ -143,10 +143,13 @@ class WrappedGraph:
             raise BevelError(f"the model state at {source or name} reached the bevel backend as a "
                              f"{type(value).__name__}; it needs the real weights to bake them into the compiled graph")
         parameter = isinstance(value, torch.nn.Parameter) or "._parameters[" in (source or "")
+        # On a clash, number the first part of the path (``dynamo_graph_1.weight``) so the rest of the
+        # model's dotted name, which skip patterns match, survives.
+        first, dot, rest = name.partition(".")
         candidate, suffix = name, 0
         while not _is_free(self.module, candidate):
             suffix += 1
-            candidate = f"{name}_{suffix}" if suffix < 100 else "weight_" + name.replace(".", "_") + f"_{suffix}"
+            candidate = f"{first}_{suffix}{dot}{rest}"
         set_tensor(self.module, candidate, value, as_parameter=parameter)
         return candidate
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import re
-
 import torch
-from torch.utils._pytree import keystr, tree_flatten_with_path
+from torch.utils._pytree import tree_flatten_with_path
+
+from bevel.ir.printer import output_path
 
 
 @dataclass
@@ -41,11 +41,6 @@ class Fidelity:
 class _Leaf:
     path: str
     value: torch.Tensor
-
-
-def output_path(path: tuple[Any, ...]) -> str:
-    """A readable name for a pytree path: ``last_hidden_state``, ``0``, ``logits.1``."""
-    return ".".join(re.sub(r"^\.|^\[|\]$|'", "", keystr((key,))) for key in path)
 
 
 def flatten_outputs(outputs: Any) -> list[_Leaf]:

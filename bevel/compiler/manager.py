@@ -44,7 +44,7 @@ def check_order(passes: list[Pass], has_calibration: bool) -> None:
 
 
 def measure_figures(graph: Graph) -> GraphFigures:
-    """Params, bytes, FLOPs and Linear/Conv sparsity of ``graph``."""
+    """Params, bytes, FLOPs and layer-weight sparsity of ``graph``."""
     return GraphFigures(params=analysis.param_count(graph), bytes=analysis.param_bytes(graph),
                         flops=analysis.total_flops(graph), sparsity=analysis.weight_sparsity(graph))
 
@@ -91,7 +91,11 @@ class PassManager:
             problems = graph.lint()
             fidelity = None if problems else self.fidelity(graph)
         except Exception as error:  # the rewritten graph does not run on the calibration batches
-            return snapshot, self._failed(name, error, seconds, before)
+            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+            return snapshot, PassReport(name, "rolled back", seconds, before, before,
+                                        check_seconds=time.perf_counter() - start, stats=result.stats,
+                                        notes=result.notes,
+                                        reason=f"the rewritten graph fails on the calibration batches: {detail}")
         check_seconds = time.perf_counter() - start
         if problems:
             return snapshot, PassReport(name, "rolled back", seconds, before, before, check_seconds=check_seconds,

@@ -16,7 +16,7 @@ class GraphFigures:
     params: int
     bytes: int
     flops: int
-    sparsity: float  # fraction of zeros over Linear/Conv weights
+    sparsity: float  # fraction of zeros over layer weights (Linear, Conv, matmul by a weight matrix)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable dict of these figures."""
@@ -147,7 +147,7 @@ class Report:
     def _caption(self) -> str:
         budget = "none" if self.max_fidelity_drop is None else f"{self.max_fidelity_drop}"
         return (f"fidelity on {self.calibration_batches} calibration batch(es) against the original model; "
-                f"time = the pass itself, check = lint and fidelity check after it; zeros = share of Linear/Conv "
+                f"time = the pass itself, check = lint and fidelity check after it; zeros = share of layer "
                 f"weights equal to 0; fidelity budget (max drop in cosine): {budget}")
 
     def _reasons(self) -> str:

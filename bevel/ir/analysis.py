@@ -1,4 +1,7 @@
-"""Analyses over a graph: parameter count, bytes, FLOPs per node, and weight sparsity of Linear/Conv layers.
+"""Analyses over a graph: parameter count, bytes, FLOPs per node, and the sparsity of layer weights.
+
+Layer weights are the weight matrices of Linear and Conv layers, and of matmuls by a weight matrix
+(linear layers some models write as ``addmm``, such as GPT-2's Conv1D).
 
 FLOPs count multiply-adds as two operations and cover the ops that dominate inference cost:
 linear, matmul-family, convolution and scaled-dot-product attention. Symbolic sizes are

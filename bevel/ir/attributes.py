@@ -21,6 +21,15 @@ def owner_of(module: torch.nn.Module, name: str, create: bool = False) -> tuple[
     return owner, leaf
 
 
+def has_attribute(module: torch.nn.Module, name: str) -> bool:
+    """Whether anything (a tensor, a submodule, another attribute) is stored at the dotted ``name``."""
+    try:
+        owner, leaf = owner_of(module, name)
+    except KeyError:
+        return False
+    return hasattr(owner, leaf)
+
+
 def get_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
     """The parameter, buffer or plain tensor attribute at ``name``; KeyError if there is none."""
     owner, leaf = owner_of(module, name)
@@ -33,6 +42,8 @@ def get_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
 def set_tensor(module: torch.nn.Module, name: str, value: torch.Tensor, as_parameter: bool) -> None:
     """Store ``value`` at ``name`` as a Parameter or as a buffer, replacing what was there."""
     owner, leaf = owner_of(module, name, create=True)
+    if leaf in owner._modules:
+        raise KeyError(f"'{name}' is a submodule, not a place for a tensor")
     if hasattr(owner, leaf) and leaf not in owner._parameters and leaf not in owner._buffers:
         delattr(owner, leaf)  # a plain attribute would shadow the registration
     owner._parameters.pop(leaf, None)

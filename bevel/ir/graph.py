@@ -92,7 +92,7 @@ class Graph:
         """Store ``value`` under a fresh name derived from ``base_name`` and return a get_attr node for it,
         inserted before ``before``."""
         name, i = base_name, 0
-        while self._has_attr(name):
+        while attributes.has_attribute(self.module, name):
             i += 1
             name = f"{base_name}_{i}"
         self.set_param(name, value, as_parameter=as_parameter)
@@ -105,7 +105,11 @@ class Graph:
         """Whether ``node`` is a get_attr of a tensor (get_attr also reads subgraphs of higher-order ops)."""
         if not (isinstance(node, fx.Node) and node.op == "get_attr"):
             return False
-        return self._has_attr(node.target)
+        try:
+            self.param(node.target)
+        except KeyError:
+            return False
+        return True
 
     def is_parameter(self, node: Any) -> bool:
         """Whether ``node`` is a get_attr of an ``nn.Parameter`` (a weight rather than a buffer or constant)."""
@@ -121,13 +125,6 @@ class Graph:
         for name in removed:
             self.delete_param(name)
         return removed
-
-    def _has_attr(self, name: str) -> bool:
-        try:
-            self.param(name)
-            return True
-        except KeyError:
-            return False
 
     # -- metadata and checks -------------------------------------------------------------------
 

@@ -6,18 +6,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bevel.ir.attributes import has_attribute
+
 if TYPE_CHECKING:
     from bevel.ir.graph import Graph
-
-
-def _holds(module: torch.nn.Module, name: str) -> bool:
-    """Whether ``module`` has an attribute at the dotted ``name`` (a tensor, or a higher-order op's subgraph)."""
-    owner = module
-    for part in name.split("."):
-        if not hasattr(owner, part):
-            return False
-        owner = getattr(owner, part)
-    return isinstance(owner, (torch.Tensor, torch.nn.Module))
 
 
 def lint_graph(graph: "Graph") -> list[str]:
@@ -28,7 +20,7 @@ def lint_graph(graph: "Graph") -> list[str]:
     except Exception as error:  # fx reports malformed graphs with assorted exception types
         problems.append(f"fx lint: {error}")
     for node in graph.fx_graph.nodes:
-        if node.op == "get_attr" and not _holds(graph.module, node.target):
+        if node.op == "get_attr" and not has_attribute(graph.module, node.target):
             problems.append(f"node '{node.name}' reads '{node.target}', which the module does not hold")
         carries_value = node.op in ("placeholder", "call_function") or graph.is_tensor_attr(node)
         if carries_value and node.users and "val" not in node.meta:

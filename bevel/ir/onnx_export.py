@@ -12,9 +12,10 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils._pytree import keystr, tree_flatten_with_path
+from torch.utils._pytree import tree_flatten_with_path
 
 from bevel.errors import ExportError
+from bevel.ir.printer import output_path
 
 if TYPE_CHECKING:
     from bevel.runtime.compiled_module import CompiledModule
@@ -23,13 +24,13 @@ if TYPE_CHECKING:
 DEFAULT_OPSET = 18
 
 
-def output_names(compiled: "CompiledModule") -> list[str]:
+def output_names(module: torch.nn.Module, args: tuple[Any, ...]) -> list[str]:
     """Names for the ONNX outputs from the output structure: ``last_hidden_state``, ``output_0``, ..."""
     with torch.no_grad():
-        outputs = compiled.cpu_graph_module()(*compiled.cpu_example_inputs())
+        outputs = module(*args)
     names = []
     for i, (path, _) in enumerate(tree_flatten_with_path(outputs)[0]):
-        name = re.sub(r"[^0-9A-Za-z_]+", "_", keystr(path)).strip("_")
+        name = re.sub(r"[^0-9A-Za-z_]+", "_", output_path(path)).strip("_")
         names.append(name if name and not name[0].isdigit() else f"output_{name or i}")
     return names
 
@@ -136,11 +137,12 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     existed = os.path.exists(path)
     target = _check_writable(path)
     args = compiled.cpu_example_inputs()
+    module = compiled.cpu_graph_module()
     try:
-        torch.onnx.export(compiled.cpu_graph_module(), args, target, dynamo=True,
+        torch.onnx.export(module, args, target, dynamo=True,
                           dynamic_shapes=_export_dynamic_shapes(dynamic_axes(compiled)),
                           input_names=[spec["name"] for spec in compiled.input_specs],
-                          output_names=output_names(compiled), opset_version=opset,
+                          output_names=output_names(module, args), opset_version=opset,
                           custom_translation_table=dict(ONNX_TRANSLATIONS) or None, verbose=False)
     except Exception as error:  # the exporter raises many types; report one clear error
         if not existed and os.path.isfile(target) and os.path.getsize(target) == 0:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import keystr
 
 if TYPE_CHECKING:
     from bevel.ir.graph import Graph
@@ -54,3 +56,8 @@ def format_graph(graph: "Graph") -> str:
             lines.append(f"%{node.name}: {type_text(node.meta.get('val'))} = "
                          f"{target_text(node.target)}({', '.join(args)})")
     return "\n".join(lines)
+
+
+def output_path(path: tuple[Any, ...]) -> str:
+    """A readable name for a pytree path: ``last_hidden_state``, ``0``, ``logits.1``."""
+    return ".".join(re.sub(r"^\.|^\[|\]$|'", "", keystr((key,))) for key in path)

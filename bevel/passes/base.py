@@ -21,7 +21,8 @@ def param(default: Any, doc: str, *, ge: float | None = None, gt: float | None =
           choices: tuple[Any, ...] | None = None) -> Any:
     """Declare a pass parameter: its default, one line of help, and the range or choices it accepts.
 
-    The help and the bounds are shown by ``bevel passes`` and enforced when a pipeline is built.
+    The help and the bounds are shown by ``bevel passes``; the bounds are enforced whenever the
+    pass's Params are made (from a pipeline string or in Python).
     """
     bounds = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
     return field(default=default, metadata={"doc": doc, **bounds})
@@ -59,6 +60,7 @@ class PassParams:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], pass_name: str = "") -> "PassParams":
+        # pass_name names the pass in the unknown-key message for Params not registered with a pass
         """Build validated parameters from user values; a ParamError names the first bad one.
 
         ints are accepted where a float is declared and lists where a tuple is declared.
@@ -67,7 +69,7 @@ class PassParams:
         for key in values:
             if key not in known:
                 raise ParamError(_unknown_param_message(pass_name or cls.pass_name, key, known), key=key)
-        return cls(**values)
+        return cls(**values)  # __post_init__ checks each value
 
     def as_dict(self) -> dict[str, Any]:
         """The parameter values, including defaults."""

@@ -127,9 +127,7 @@ def _is_identity(node: fx.Node, graph_mutates: bool) -> bool:
 def _is_full_slice(node: fx.Node) -> bool:
     # the output has the input's shape (checked by the caller); a slice of the full length with step 1
     # starting at 0 is then the identity
-    args = list(node.args) + [None] * (5 - len(node.args))
-    start, step = args[2], args[4]
-    return start in (None, 0) and step in (None, 1)
+    return _argument(node, "start", None) in (None, 0) and _argument(node, "step", 1) in (None, 1)
 
 
 def _remove_identities(graph: Graph) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Callable
 
 from bevel.errors import PipelineError
@@ -22,6 +23,9 @@ def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
             raise TypeError(f"{cls.__qualname__}.Params must be decorated with @dataclass")
         if name in _PASSES and _PASSES[name] is not cls:
             raise ValueError(f"a pass named '{name}' is already registered ({_PASSES[name].__qualname__})")
+        if "Params" not in vars(cls):
+            # a Params class of its own, so that errors name this pass and not the class it inherits from
+            cls.Params = dataclass(type("Params", (cls.Params,), {"__qualname__": f"{cls.__qualname__}.Params"}))
         cls.name = name
         cls.Params.pass_name = name
         _PASSES[name] = cls

@@ -49,10 +49,9 @@ class CompiledModule(torch.nn.Module):
     def cpu_graph_module(self) -> fx.GraphModule:
         """The graph with its weights and tensor-creating ops on the CPU, where saving and ONNX export
         work: the module itself when it already is there, else a moved copy (this one stays put)."""
-        from bevel.codegen.lower import place
+        from bevel.codegen.lower import graph_devices, place
 
-        tensors = list(self.graph_module.parameters()) + list(self.graph_module.buffers())
-        if all(t.device.type == "cpu" for t in tensors):
+        if graph_devices(self.graph_module) <= {"cpu"}:
             return self.graph_module
         return place(self.graph_module, "cpu", copy_first=True)
 

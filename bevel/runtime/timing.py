@@ -14,10 +14,12 @@ def median_latencies_ms(models: dict[str, Callable[..., Any]], inputs: tuple[Any
     """Median milliseconds per call of each model on ``inputs``, after ``warmup`` untimed calls.
 
     Calls alternate between the models, so drift in the machine's speed affects all of them alike
-    and their ratio is fair. Runs without gradients; CUDA work is synchronized before each clock read.
+    and their ratio is fair. Runs without gradients; with CUDA inputs, the GPU is synchronized before
+    each clock read.
     """
     times: dict[str, list[float]] = {name: [] for name in models}
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     with torch.no_grad():
         for i in range(warmup + runs):
             for name, model in models.items():

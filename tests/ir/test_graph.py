@@ -69,3 +69,11 @@ def test_copy_is_independent():
     clone = graph.copy()
     clone.set_param("layers.0.weight", torch.zeros_like(clone.param("layers.0.weight")))
     assert graph.param("layers.0.weight").abs().sum() > 0
+
+
+def test_new_weights_never_replace_a_submodule():
+    graph = capture(MLP().eval(), (torch.randn(2, 16),))
+    first = next(graph.nodes(op="call_function", target=aten.linear.default))
+    node = graph.add_param("layers", torch.ones(3), before=first)  # "layers" is a submodule
+    assert node.target == "layers_1"
+    assert isinstance(graph.module.layers, torch.nn.Module) and "layers.0.weight" in graph.tensors()

@@ -18,7 +18,8 @@ def vit():
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
-    return model.eval(), (torch.randn(2, 3, 32, 32, generator=seeded(1)),), (torch.randn(5, 3, 32, 32, generator=seeded(2)),)
+    example, fresh = torch.randn(2, 3, 32, 32, generator=seeded(1)), torch.randn(5, 3, 32, 32, generator=seeded(2))
+    return model.eval(), (example,), (fresh,)
 
 
 def gpt2(use_cache=False):
@@ -56,6 +57,9 @@ def test_compile_save_load_and_onnx(build, tmp_path):
     weights = {n: w for n, w in cm.graph_module.named_parameters() if n in pruned}
     zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
     assert zeros == pytest.approx(0.3, abs=0.01)
+    if build is gpt2:
+        assert "lm_head.weight" not in pruned and "transformer.wte.weight" not in pruned
+        assert any("tied" in note for note in cm.report["prune.magnitude"].notes)
 
     exact = bevel.compile(model, "cleanup", example_inputs=example)
     with torch.no_grad():

@@ -36,7 +36,7 @@ class GlobalMagnitudePrune(Pass):
         weights = {name: w for name, w in layer_weights(graph).items()
                    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip)}
         notes = []
-        for name in [n for n in weights if read_outside_layers(graph, n)]:
+        for name in sorted(weights_read_outside_layers(graph) & weights.keys()):
             del weights[name]  # e.g. an output layer tied to the embedding table: pruning it would prune both
             notes.append(f"{name} left dense: it is also read outside Linear/Conv layers (a tied weight)")
         if not weights:
@@ -57,14 +57,15 @@ class GlobalMagnitudePrune(Pass):
         return PassResult(changed=True, stats=stats, notes=notes)
 
 
-def read_outside_layers(graph: Graph, name: str) -> bool:
-    """Whether the weight ``name`` is read by anything but the weight slot of a layer."""
+def weights_read_outside_layers(graph: Graph) -> set[str]:
+    """Names of weights read by anything but the weight slot of a layer (a tied embedding, say)."""
+    shared = set()
     for node in graph.nodes(op="get_attr"):
-        if node.target == name:
-            for user in node.users:
-                if layer_weight(graph, user) is not node or list(user.args).count(node) > 1:
-                    return True
-    return False
+        for user in node.users:
+            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
+            if layer_weight(graph, user) is not node or reads > 1:
+                shared.add(node.target)
+    return shared
 
 
 def global_magnitude_keep_counts(weights: dict[str, torch.Tensor], sparsity: float,
