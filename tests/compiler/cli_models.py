@@ -19,19 +19,6 @@ class SmallMLP(nn.Module):
         return self.fc2(self.drop(torch.relu(self.fc1(x))))
 
 
-class BranchOnValues(nn.Module):
-    """Branches on a tensor's values, which torch.export cannot capture."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.sum() > 0:
-            return self.fc(x)
-        return -self.fc(x)
-
-
 def small_mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A SmallMLP with seeded weights and one batch of inputs."""
     torch.manual_seed(0)
@@ -52,7 +39,9 @@ def calibration() -> list[tuple[torch.Tensor]]:
 
 def branch_on_values() -> tuple[nn.Module, tuple[torch.Tensor]]:
     """A model torch.export cannot capture (data-dependent control flow)."""
-    return BranchOnValues().eval(), (torch.ones(2, 4),)
+    from tests.models_zoo import DataDependent
+
+    return DataDependent().eval(), (torch.ones(2, 4),)
 
 
 def raises() -> nn.Module:
