@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from bevel.errors import BevelError
+from bevel.ir.arguments import find_argument, set_argument
 from bevel.ir.graph import Graph
 
 
@@ -29,37 +30,28 @@ def check_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
-def _device_arguments(node: fx.Node) -> list[tuple[str | int, torch.device]]:
-    """The ``device`` arguments of a call, by keyword or position: ``[(key or index, device)]``."""
-    found: list[tuple[str | int, torch.device]] = []
-    if isinstance(node.kwargs.get("device"), torch.device):
-        found.append(("device", node.kwargs["device"]))
-    schema = getattr(node.target, "_schema", None)
-    for index, argument in enumerate(schema.arguments if schema is not None else ()):
-        if argument.name == "device" and index < len(node.args) and isinstance(node.args[index], torch.device):
-            found.append((index, node.args[index]))
-    return found
+def _device_argument(node: fx.Node) -> tuple[str | int, torch.device] | None:
+    """Where a call passes a fixed ``device`` (factory ops, ``to``), and which one; None if it does not."""
+    found = find_argument(node, "device") if node.op == "call_function" else None
+    return found if found is not None and isinstance(found[1], torch.device) else None
 
 
 def graph_devices(module: fx.GraphModule) -> set[str]:
     """Device types the module's weights live on or its ops create tensors on."""
     devices = {t.device.type for t in list(module.parameters()) + list(module.buffers())}
     for node in module.graph.nodes:
-        if node.op == "call_function":
-            devices.update(device.type for _, device in _device_arguments(node))
+        found = _device_argument(node)
+        if found is not None:
+            devices.add(found[1].type)
     return devices
 
 
 def retarget_devices(module: fx.GraphModule, device: torch.device) -> None:
     """Point every ``device`` argument in the graph (factory ops, ``to``) at ``device``."""
     for node in module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        for key, _ in _device_arguments(node):
-            if isinstance(key, str):
-                node.update_kwarg(key, device)
-            else:
-                node.update_arg(key, device)
+        found = _device_argument(node)
+        if found is not None:
+            set_argument(node, found[0], device)
     module.recompile()
 
 

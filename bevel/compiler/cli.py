@@ -22,6 +22,7 @@ from typer.core import TyperGroup
 
 import bevel
 from bevel.errors import BevelError, CaptureError, PipelineError, first_line
+from bevel.passes.base import format_value
 from bevel.ir.onnx_export import DEFAULT_OPSET
 
 DEMO_PIPELINE = 'cleanup | prune.magnitude(sparsity=0.3, skip=["pooler.*"])'
@@ -109,7 +110,7 @@ def passes_command(as_json: bool = typer.Option(False, "--json", help="Print the
             for column in ("param", "type", "default", "range", "help"):
                 table.add_column(column, no_wrap=column != "help", overflow="fold")
             for p in entry["params"]:
-                table.add_row(*(escape(text) for text in (p["name"], p["type"], _default_text(p["default"]),
+                table.add_row(*(escape(text) for text in (p["name"], p["type"], format_value(p["default"]),
                                                           p["range"], p["doc"])))
             console.print(table)
         console.print()
@@ -120,19 +121,6 @@ def _describe_pass(name: str, cls: Any) -> dict[str, Any]:
     summary = " ".join(doc.split("\n\n")[0].split())  # the first paragraph, on one line
     return {"name": name, "doc": summary, "needs_calibration": cls.needs_calibration,
             "requires": list(cls.requires), "conflicts": list(cls.conflicts), "params": cls.Params.describe()}
-
-
-def _default_text(value: Any) -> str:
-    """A default as it is written in pipeline text: true, none, "x", [..]."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_default_text(v) for v in value) + "]"
-    return repr(value)
 
 
 # --- bevel inspect ---------------------------------------------------------------------------------

@@ -38,14 +38,14 @@ def check_fidelity_budget(max_fidelity_drop: Any) -> None:
                          f"(a drop in cosine similarity)", key="max_fidelity_drop")
 
 
-def calibration_batches(calibration: Iterable[Any] | None) -> list[tuple[Any, ...]]:
-    """The calibration batches as a list of input tuples (empty for None)."""
+def calibration_batches(calibration: Iterable[Any] | None, what: str = "calibration") -> list[tuple[Any, ...]]:
+    """The calibration batches as a list of input tuples (empty for None); ``what`` names them in errors."""
     if calibration is None:
         return []
     if isinstance(calibration, (torch.Tensor, str, bytes)) or not isinstance(calibration, Iterable):
-        raise BevelError(f"calibration must be an iterable of input tuples (a list of batches), "
+        raise BevelError(f"{what} must be an iterable of input tuples (a list of batches), "
                          f"got {type(calibration).__name__}")
-    return [as_input_tuple(b, "each calibration batch") for b in calibration]
+    return [as_input_tuple(batch, f"{what}: batch {index}") for index, batch in enumerate(calibration)]
 
 
 def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: list) -> Fidelity:

@@ -91,11 +91,11 @@ class PassManager:
             problems = graph.lint()
             fidelity = None if problems else self.fidelity(graph)
         except Exception as error:  # the rewritten graph does not run on the calibration batches
-            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
             return snapshot, PassReport(name, "rolled back", seconds, before, before,
                                         check_seconds=time.perf_counter() - start, stats=result.stats,
                                         notes=result.notes,
-                                        reason=f"the rewritten graph fails on the calibration batches: {detail}")
+                                        reason=f"the rewritten graph fails on the calibration batches: "
+                                               f"{_exception_text(error)}")
         check_seconds = time.perf_counter() - start
         if problems:
             return snapshot, PassReport(name, "rolled back", seconds, before, before, check_seconds=check_seconds,
@@ -114,10 +114,15 @@ class PassManager:
 
     @staticmethod
     def _failed(name: str, error: Exception, seconds: float, before: GraphFigures) -> PassReport:
-        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        detail = _exception_text(error)
         log.warning("pass %s failed and was rolled back: %s", name, detail)
         return PassReport(name, "failed", seconds, before, before, reason=detail)
 
     def fidelity(self, graph: Graph) -> Fidelity:
         """The graph's outputs on the calibration batches against the original model's."""
         return compare(self.reference, run_batches(graph, self.ctx.calibration))
+
+
+def _exception_text(error: BaseException) -> str:
+    """``Type: message``, as a traceback's last line shows it."""
+    return "".join(traceback.format_exception_only(type(error), error)).strip()

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import torch
 
+from bevel.compiler.compile import calibration_batches
 from bevel.errors import BevelError, ModelLoadError, first_line
 from bevel.models import BUILTIN_MODELS
 
@@ -119,17 +120,7 @@ def load_object(ref: str, what: str, error: type[BevelError] = ModelLoadError) -
 
 def as_batches(batches: Any, what: str) -> list[tuple[Any, ...]]:
     """``batches`` (an iterable of input tuples; a lone tensor counts as a 1-tuple) as a non-empty list of tuples."""
-    if isinstance(batches, (torch.Tensor, str, bytes)) or not hasattr(batches, "__iter__"):
-        raise BevelError(f"{what} must give an iterable of input tuples, got {type(batches).__name__}")
-    result = []
-    for index, batch in enumerate(batches):
-        if isinstance(batch, torch.Tensor):
-            result.append((batch,))
-        elif isinstance(batch, (tuple, list)):
-            result.append(tuple(batch))
-        else:
-            raise BevelError(f"{what}: batch {index} is a {type(batch).__name__}; each batch must be a tuple "
-                             f"of positional inputs (or one tensor)")
+    result = calibration_batches(batches, what)
     if not result:
         raise BevelError(f"{what} gave no batches; give at least one input tuple")
     return result

@@ -110,10 +110,16 @@ def op_histogram(graph: "Graph") -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
+def storage_key(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Equal for two tensors exactly when they are the same data (a tied weight held under two names)."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+            tuple(tensor.stride()), tensor.dtype)
+
+
 def _unique_tensors(graph: "Graph") -> list[torch.Tensor]:
     seen, tensors = set(), []
     for tensor in graph.tensors().values():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        key = storage_key(tensor)
         if key not in seen:
             seen.add(key)
             tensors.append(tensor)

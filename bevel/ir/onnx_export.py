@@ -47,7 +47,7 @@ def dynamic_axes(compiled: "CompiledModule") -> tuple[dict[int, str] | None, ...
             continue
         found = {}
         for dim, size in enumerate(shape):
-            if isinstance(size, int) or str(size).isdigit():  # input_specs may give a fixed size as text
+            if isinstance(size, int):  # fixed; symbolic sizes are given by their symbol's name
                 continue
             if size not in names:
                 name = "batch" if dim == 0 else "sequence" if dim == 1 and len(shape) in (2, 3) else ""

@@ -222,18 +222,20 @@ class Pass:
         values = self.params.non_default()
         if not values:
             return self.name
-        return f"{self.name}(" + ", ".join(f"{k}={_format_value(v)}" for k, v in values.items()) + ")"
+        return f"{self.name}(" + ", ".join(f"{k}={format_value(v)}" for k, v in values.items()) + ")"
 
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
-def _format_value(value: Any) -> str:
-    """A value as pipeline text that parses back to the same value."""
+def format_value(value: Any) -> str:
+    """A value as pipeline text that parses back to the same value (``"x"``, ``true``, ``none``, ``[1, 2]``)."""
+    if value is None:
+        return "none"
     if isinstance(value, str):
         return '"' + "".join(_ESCAPES.get(c, c) for c in value) + '"'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
     return repr(value)

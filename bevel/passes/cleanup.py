@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
+from bevel.ir.arguments import argument
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
@@ -42,8 +43,10 @@ class Cleanup(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         before = len(graph.fx_graph.nodes)
         dropouts = _remove_dropout(graph)
-        identities = _remove_identities(graph)
-        folded = _fold_constants(graph, self.params.max_folded_elements) if self.params.fold_constants else 0
+        graph_mutates = _mutates(graph)  # removing identities and dropout adds or removes no writes
+        identities = _remove_identities(graph, graph_mutates)
+        fold = self.params.fold_constants and not graph_mutates  # a buffer written in place is no constant
+        folded = _fold_constants(graph, self.params.max_folded_elements) if fold else 0
         graph.refresh()
         removed = before - len(graph.fx_graph.nodes)
         stats = {"dropout_removed": dropouts, "identities_removed": identities, "constants_folded": folded,
@@ -85,18 +88,7 @@ def _mutates(graph: Graph) -> bool:
 def _is_copy(node: fx.Node) -> bool:
     """Whether the op returns fresh memory (removing it would make its users share its input's)."""
     return (node.target in COPYING_IDENTITY_OPS or node.target in _NEUTRAL_SCALARS
-            or bool(_argument(node, "copy", False)))
-
-
-def _argument(node: fx.Node, name: str, default: Any) -> Any:
-    """The value the call passes for the schema argument ``name``, positionally or by keyword."""
-    if name in node.kwargs:
-        return node.kwargs[name]
-    schema = getattr(node.target, "_schema", None)
-    for index, argument in enumerate(schema.arguments if schema is not None else ()):
-        if argument.name == name:
-            return node.args[index] if index < len(node.args) else default
-    return default
+            or bool(argument(node, "copy", False)))
 
 
 def _keeps_values(node: fx.Node) -> bool:
@@ -105,7 +97,7 @@ def _keeps_values(node: fx.Node) -> bool:
         return True
     if node.target in ALIASING_IDENTITY_OPS:
         return node.target is not aten.slice.Tensor or _is_full_slice(node)
-    if node.target in _NEUTRAL_SCALARS and len(node.args) >= 2 and _argument(node, "alpha", 1) == 1:
+    if node.target in _NEUTRAL_SCALARS and len(node.args) >= 2 and argument(node, "alpha", 1) == 1:
         other = node.args[1]
         is_number = isinstance(other, (int, float)) and not isinstance(other, bool)
         return is_number and other == _NEUTRAL_SCALARS[node.target]
@@ -127,12 +119,11 @@ def _is_identity(node: fx.Node, graph_mutates: bool) -> bool:
 def _is_full_slice(node: fx.Node) -> bool:
     # the output has the input's shape (checked by the caller); a slice of the full length with step 1
     # starting at 0 is then the identity
-    return _argument(node, "start", None) in (None, 0) and _argument(node, "step", 1) in (None, 1)
+    return argument(node, "start", None) in (None, 0) and argument(node, "step", 1) in (None, 1)
 
 
-def _remove_identities(graph: Graph) -> int:
+def _remove_identities(graph: Graph, graph_mutates: bool) -> int:
     count = 0
-    graph_mutates = _mutates(graph)
     for node in graph.nodes(op="call_function"):
         if _is_identity(node, graph_mutates):
             graph.replace_node(node, node.args[0])
@@ -157,8 +148,6 @@ def _fold_constants(graph: Graph, max_elements: int) -> int:
     A folded result is stored next to the tensor it came from (``<name>_folded``), so it keeps a
     name the user recognizes in reports and ``skip`` patterns.
     """
-    if _mutates(graph):
-        return 0  # a buffer written in place is not a constant
     values: dict[fx.Node, torch.Tensor] = {}
     from_params: dict[fx.Node, bool] = {}
     origin: dict[fx.Node, str] = {}

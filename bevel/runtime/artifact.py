@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from bevel.compiler.report import Report
 from bevel.errors import ArtifactError, first_line
 from bevel.ir.attributes import owner_of, set_inference_flags, set_tensor
+from bevel.ir.analysis import storage_key
 from bevel.ir.capture import auto_dynamic_shapes
 from bevel.runtime.compiled_module import CompiledModule
 
@@ -50,15 +51,11 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
 def _split_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors to store once each, and ``alias -> stored name`` for names that share one (tied weights)."""
     stored, aliases, by_key, storages = {}, {}, {}, set()
     for name, tensor in tensors.items():
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         if key in by_key:
             aliases[name] = by_key[key]
             continue
@@ -125,7 +122,7 @@ def save_artifact(compiled: CompiledModule, path: str) -> str:
     except Exception as error:  # torch.export fails with many exception types; each becomes one clear error
         raise ArtifactError(f"cannot save the artifact '{path}': re-exporting the compiled graph with "
                             f"torch.export failed: {type(error).__name__}: {first_line(error)[:300]}") from error
-    tensors = {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+    tensors = _program_tensors(program)
     stored, aliases = _split_shared(tensors)
     # requires_grad decides which kernel some ops take (matmul folding), so it is restored exactly
     frozen = sorted(name for name, t in program.state_dict.items()
@@ -293,10 +290,14 @@ def _aligned(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t if t.data_ptr() % 64 == 0 else t.clone() for name, t in tensors.items()}
 
 
+def _program_tensors(program: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """Every tensor the program holds by name: its weights and buffers, and its tensor constants."""
+    return {**program.state_dict, **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+
+
 def _check_weights(weights: dict[str, torch.Tensor], program: torch.export.ExportedProgram, path: str) -> None:
     """Every weight the program declares is in the file, with the declared shape and dtype."""
-    declared = {**program.state_dict,
-                **{k: v for k, v in program.constants.items() if isinstance(v, torch.Tensor)}}
+    declared = _program_tensors(program)
     missing = [name for name in declared if name not in weights]
     if missing:
         raise ArtifactError(f"{WEIGHTS} in '{path}' lacks weights the program needs: {', '.join(missing[:5])}"
