@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from bevel import passes  # noqa: E402
+from bevel.runtime import ops as _ops  # noqa: E402,F401  (registers torch.ops.bevel.*)
 from bevel.compiler.backend import register as _register_backend  # noqa: E402
 from bevel.compiler.compile import compile  # noqa: E402
 from bevel.compiler.pipeline import Pipeline  # noqa: E402

@@ -25,7 +25,7 @@ from bevel.errors import BevelError, CaptureError, PipelineError, first_line
 from bevel.passes.base import format_value
 from bevel.ir.onnx_export import DEFAULT_OPSET
 
-DEMO_PIPELINE = 'cleanup | prune.magnitude(sparsity=0.3, skip=["pooler.*"])'
+DEMO_PIPELINE = "cleanup | quantize.int8_dynamic"
 
 STATIC_SHAPES_HELP = ("Fix every input dimension to the example inputs' sizes when capturing (dynamic_shapes="
                       "\"static\"), for a model whose capture fails with dynamic sizes; the result then accepts "

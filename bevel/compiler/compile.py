@@ -113,6 +113,7 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     example_inputs = as_input_tuple(example_inputs, "example_inputs")
     check_order(pipeline, has_calibration=bool(batches))
     ctx = PassContext(calibration=batches or [example_inputs], example_inputs=example_inputs, device=device,
+                      calibrated=bool(batches),
                       seed=seed, max_fidelity_drop=max_fidelity_drop)
 
     original = copy_model(model)

@@ -43,7 +43,8 @@ def _linear_flops(node: fx.Node) -> int:
     return 2 * _numel(_shape(node)) * _shape(node.args[1])[1]
 
 
-def _matmul_flops(node: fx.Node) -> int:
+def matmul_flops(node: fx.Node) -> int:
+    """FLOPs of an op that multiplies its first argument [..., K] by a matrix: 2 x outputs x K."""
     return 2 * _numel(_shape(node)) * _shape(node.args[0])[-1]
 
 
@@ -64,9 +65,9 @@ def _attention_flops(node: fx.Node) -> int:
 
 _FLOPS: dict[Any, Callable[[fx.Node], int]] = {
     aten.linear.default: _linear_flops,
-    aten.matmul.default: _matmul_flops,
-    aten.mm.default: _matmul_flops,
-    aten.bmm.default: _matmul_flops,
+    aten.matmul.default: matmul_flops,
+    aten.mm.default: matmul_flops,
+    aten.bmm.default: matmul_flops,
     aten.addmm.default: _addmm_flops,
     aten.baddbmm.default: _addmm_flops,
     aten.scaled_dot_product_attention.default: _attention_flops,
@@ -163,6 +164,17 @@ def layer_weights(graph: "Graph") -> dict[str, torch.Tensor]:
         if weight is not None:
             weights[weight.target] = graph.param(weight.target)
     return weights
+
+
+def weights_read_outside_layers(graph: "Graph") -> set[str]:
+    """Names of weights read by anything but the weight slot of a layer (a tied embedding, say)."""
+    shared = set()
+    for node in graph.nodes(op="get_attr"):
+        for user in node.users:
+            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
+            if layer_weight(graph, user) is not node or reads > 1:
+                shared.add(node.target)
+    return shared
 
 
 def weight_sparsity(graph: "Graph") -> float:

@@ -6,6 +6,7 @@ from bevel.passes.registry import available_passes, get_pass, register_pass
 # Importing the built-in passes registers them.
 from bevel.passes import cleanup  # noqa: E402,F401
 from bevel.passes import prune  # noqa: E402,F401
+from bevel.passes import quantize  # noqa: E402,F401
 
 __all__ = ["Pass", "PassContext", "PassParams", "PassResult", "available_passes", "get_pass", "param",
            "register_pass"]

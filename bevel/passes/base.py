@@ -173,7 +173,8 @@ class PassContext:
     ``calibration`` is a list of input tuples (the example inputs when the user gave none),
     ``example_inputs`` the inputs the graph was captured with, ``device`` the target device,
     ``seed`` the seed for any randomness, and ``max_fidelity_drop`` the budget the pass manager
-    enforces after each pass (None: no budget).
+    enforces after each pass (None: no budget). ``calibrated`` says whether ``calibration`` holds
+    batches the user gave (False: it is only the example inputs).
     """
 
     calibration: list[tuple[Any, ...]]
@@ -181,6 +182,7 @@ class PassContext:
     device: str = "cpu"
     seed: int = 0
     max_fidelity_drop: float | None = None
+    calibrated: bool = True
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bevel.ir.analysis import layer_weight, layer_weights
+from bevel.ir.analysis import layer_weights, weights_read_outside_layers
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
@@ -55,17 +55,6 @@ class GlobalMagnitudePrune(Pass):
         graph.refresh()
         stats = {"sparsity": round(achieved, 4), "layers": len(weights), "per_layer_sparsity": per_layer}
         return PassResult(changed=True, stats=stats, notes=notes)
-
-
-def weights_read_outside_layers(graph: Graph) -> set[str]:
-    """Names of weights read by anything but the weight slot of a layer (a tied embedding, say)."""
-    shared = set()
-    for node in graph.nodes(op="get_attr"):
-        for user in node.users:
-            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
-            if layer_weight(graph, user) is not node or reads > 1:
-                shared.add(node.target)
-    return shared
 
 
 def global_magnitude_keep_counts(weights: dict[str, torch.Tensor], sparsity: float,

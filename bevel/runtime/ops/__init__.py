@@ -6,5 +6,14 @@ translation for ``export_onnx``.
 
 from typing import Any, Callable
 
-# op overload -> onnxscript function, filled in by the modules that define ops
+# op overload -> onnxscript function, filled in by the modules that define translations
 ONNX_TRANSLATIONS: dict[Any, Callable[..., Any]] = {}
+
+from bevel.ir.analysis import matmul_flops, register_flops  # noqa: E402
+from bevel.runtime.ops import int4_weight_linear, int8_dynamic_linear, int8_embedding  # noqa: E402,F401
+from bevel.runtime.ops import int8_weight_linear  # noqa: E402,F401
+from bevel.runtime.ops import quant_onnx  # noqa: E402,F401
+
+for _linear in (int8_weight_linear.int8_weight_linear, int4_weight_linear.int4_weight_linear,
+                int8_dynamic_linear.int8_dynamic_linear):
+    register_flops(_linear._opoverload, matmul_flops)

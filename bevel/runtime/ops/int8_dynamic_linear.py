@@ -1,0 +1,53 @@
+"""``bevel::int8_dynamic_linear``: W8A8, activations quantized per token at run time, weights per channel.
+
+``x' = x * input_scale`` (SmoothQuant's per-input-channel migration, when given), then per token
+``s = max|x'_row| / 127`` and ``xq = round(x' / s)``; ``y = (xq @ qweight.T) * s * scale + bias`` in
+``x``'s dtype. CPU: fbgemm's int8 GEMM on the codes (``cpu_integer_linear``), exact integer sums;
+CUDA: a Triton kernel; ONNX: per-token quantization written out, then ``MatMulInteger``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bevel.runtime.ops import cpu_integer_linear
+from bevel.runtime.ops.quant_format import quantize_per_token
+
+
+def _smoothed(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+    return x.float() if input_scale is None else x.float() * input_scale.float()
+
+
+def int8_dynamic_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                                  bias: torch.Tensor | None, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """The op's meaning in plain torch: per-token codes times int8 weights, summed exactly
+    (float64 holds every int32 sum), scaled back to float."""
+    codes, token_scale = quantize_per_token(_smoothed(x, input_scale))
+    sums = (codes.double() @ qweight.double().T).float()
+    out = sums * token_scale * scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+@torch.library.custom_op("bevel::int8_dynamic_linear", mutates_args=())
+def int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                        input_scale: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] quantized per token, times an int8 weight [N, K] with float32 scales [N]; optional
+    bias [N] and per-input-channel smoothing factors ``input_scale`` [K]."""
+    if x.device.type == "cpu" and cpu_integer_linear.available():
+        packed = cpu_integer_linear.packed_weight(qweight, (scale,), lambda: (qweight, scale))
+        return cpu_integer_linear.per_token_linear(x, input_scale, packed, bias).to(x.dtype)
+    return int8_dynamic_linear_reference(x, qweight, scale, bias, input_scale)
+
+
+@int8_dynamic_linear.register_fake
+def _(x, qweight, scale, bias, input_scale):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@int8_dynamic_linear.register_kernel("cuda")
+def _(x, qweight, scale, bias, input_scale):
+    from bevel.codegen.kernels.quantized_linear import triton_int8_dynamic_linear
+
+    return triton_int8_dynamic_linear(x, qweight, scale, bias, input_scale)

@@ -1,0 +1,129 @@
+"""The storage formats of bevel's quantized weights, and the plain-torch math that makes and reads them.
+
+One definition serves the passes (which quantize), the ops' references, the Triton kernels'
+tests and the ONNX translations:
+
+- int8 per channel: ``qweight`` int8 [N, K] in [-127, 127], ``scale`` float32 [N];
+  ``w = qweight * scale[:, None]``.
+- int4 groups: ``qweight`` uint8 [N, K // 2], byte j of a row holding column 2j in its low nibble
+  and column 2j + 1 in its high nibble (the order of ONNX Runtime's ``MatMulNBits``, so a row of
+  ``K // group_size`` groups is exactly its [n_blocks, blob_size] layout); ``scale`` float32
+  [N, K // group_size]; ``zero`` uint8 [N, ceil(groups / 2)], the 4-bit zero points packed the same
+  way; ``w = (q - zero_of_group) * scale_of_group``.
+- per-token activations: ``s = max(|x_row|, eps) / 127``, ``xq = clamp(round(x / s), -127, 127)``,
+  rounding half to even.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_MAX = 127
+INT4_MAX = 15
+# the smallest per-token range: a row of zeros gets this scale instead of dividing by zero
+TOKEN_SCALE_EPS = 1e-10
+
+
+def quantize_int8_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of a [N, K] weight, one scale per output row: (qweight int8, scale float32)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / INT8_MAX
+    qweight = torch.clamp(torch.round(w / scale[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
+    return qweight, scale
+
+
+def dequantize_int8_per_channel(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight an int8 per-channel weight stands for."""
+    return qweight.float() * scale.float()[:, None]
+
+
+def int4_group_params(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit (scale, integer zero point) per group of ``group_size`` input columns, from
+    each group's min and max (the range always holds 0, so zero is exact)."""
+    n, k = weight.shape
+    groups = weight.detach().float().reshape(n, k // group_size, group_size)
+    low = groups.amin(dim=2).clamp(max=0.0)
+    high = groups.amax(dim=2).clamp(min=0.0)
+    scale = ((high - low) / INT4_MAX).clamp(min=1e-12)
+    zero = torch.clamp(torch.round(-low / scale), 0, INT4_MAX)
+    return scale, zero
+
+
+def searched_int4_group_params(weight: torch.Tensor, group_size: int,
+                               shrinks: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`int4_group_params`, but each group's range is the one among ``shrinks`` shrunken
+    copies of its [min, max] (down to 55%) that gives the smallest squared rounding error: clipping a
+    few outliers buys finer steps for all the other weights."""
+    n, k = weight.shape
+    groups = weight.detach().float().reshape(n, k // group_size, group_size)
+    low = groups.amin(dim=2).clamp(max=0.0)
+    high = groups.amax(dim=2).clamp(min=0.0)
+    best_error = best_scale = best_zero = None
+    for i in range(shrinks):
+        ratio = 1.0 - 0.05 * i
+        scale = ((high - low) * ratio / INT4_MAX).clamp(min=1e-12)
+        zero = torch.clamp(torch.round(-low * ratio / scale), 0, INT4_MAX)
+        q = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], 0, INT4_MAX)
+        error = ((q - zero[..., None]) * scale[..., None] - groups).pow(2).sum(dim=2)
+        if best_error is None:
+            best_error, best_scale, best_zero = error, scale, zero
+        else:
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def quantize_int4_values(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                         group_size: int) -> torch.Tensor:
+    """The 4-bit codes (uint8 in [0, 15], unpacked [N, K]) of ``weight`` under the given group params."""
+    n, k = weight.shape
+    groups = weight.detach().float().reshape(n, k // group_size, group_size)
+    q = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], 0, INT4_MAX)
+    return q.reshape(n, k).to(torch.uint8)
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte along the last dimension, the even one in the low nibble (an odd
+    length gets a zero nibble at the end)."""
+    if values.shape[-1] % 2:
+        values = torch.nn.functional.pad(values, (0, 1))
+    values = values.to(torch.uint8)
+    return values[..., 0::2] | (values[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, length: int) -> torch.Tensor:
+    """The 4-bit codes of :func:`pack_int4`'s output as uint8, the last dimension cut to ``length``."""
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)[..., :length]
+
+
+def quantize_int4_groups(weight: torch.Tensor, group_size: int, scale: torch.Tensor | None = None,
+                         zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest int4 of a [N, K] weight in groups along K: (packed qweight, scale, packed zero).
+
+    ``scale``/``zero`` (float [N, groups]) may be given, e.g. chosen by an error-minimizing search.
+    """
+    if scale is None or zero is None:
+        scale, zero = int4_group_params(weight, group_size)
+    q = quantize_int4_values(weight, scale, zero, group_size)
+    return pack_int4(q), scale.float().contiguous(), pack_int4(zero.to(torch.uint8))
+
+
+def dequantize_int4_groups(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                           group_size: int) -> torch.Tensor:
+    """The float32 [N, K] weight an int4 group-quantized weight stands for."""
+    n, groups = scale.shape
+    k = groups * group_size
+    q = unpack_int4(qweight, k).float().reshape(n, groups, group_size)
+    z = unpack_int4(zero, groups).float()
+    return ((q - z[..., None]) * scale.float()[..., None]).reshape(n, k)
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of each row (token) of ``x``: (codes as float32 integers, scale float32 [..., 1])."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=TOKEN_SCALE_EPS) / INT8_MAX
+    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX), scale

@@ -1,0 +1,229 @@
+"""The quantize passes on small models: differential checks against independent references, GPTQ
+against round-to-nearest, smoothing, automatic group sizes, the per-layer error budget, bad input.
+
+Differential tolerance: the passes' semantics are checked with the ops' plain-torch references
+(the CPU integer kernels are checked against those references in tests/runtime/test_quant_ops.py),
+so the rewritten graph must equal an independently built model to float32 rounding: 1e-5 of the
+output's largest value.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import bevel
+from bevel.errors import ParamError, PipelineError
+from bevel.passes.quantize.gptq import gptq_int4
+from bevel.passes.quantize.group_size import choose_group_size
+from bevel.passes.quantize.smoothquant import smoothing_factors
+from bevel.runtime.ops import cpu_integer_linear
+from bevel.runtime.ops.quant_format import (dequantize_int4_groups, dequantize_int8_per_channel,
+                                            quantize_int4_groups, quantize_int8_per_channel)
+from tests.models_zoo import MLP, seeded
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """Run the ops through their plain-torch references instead of the CPU integer kernels."""
+    monkeypatch.setattr(cpu_integer_linear, "available", lambda: False)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP((64, 128, 32)).eval()
+
+
+def batches(count=3, seed=1):
+    g = seeded(seed)
+    return [(torch.randn(4, 64, generator=g),) for _ in range(count)]
+
+
+def with_weights(model: nn.Module, transform) -> nn.Module:
+    """A copy of ``model`` whose Linear weights are replaced by ``transform(weight)``."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in copied.modules():
+            if isinstance(layer, nn.Linear):
+                layer.weight.copy_(transform(layer.weight))
+    return copied
+
+
+def assert_close(compiled, reference, x):
+    with torch.no_grad():
+        expected = reference(x)
+        assert (compiled(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_int8_weight_equals_the_model_with_dequantized_weights(reference_kernels):
+    model = mlp()
+    cm = bevel.compile(model, "quantize.int8_weight", example_inputs=batches()[0], calibration=batches())
+    reference = with_weights(model, lambda w: dequantize_int8_per_channel(*quantize_int8_per_channel(w)))
+    assert_close(cm, reference, torch.randn(9, 64, generator=seeded(2)))
+    assert "bevel.int8_weight_linear" in str(cm.graph_module.code).replace("torch.ops.", "")
+
+
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_int4_rtn_equals_the_model_with_dequantized_weights(reference_kernels, group_size):
+    model = mlp()
+    cm = bevel.compile(model, f'quantize.int4_weight(group_size={group_size}, method="rtn")',
+                       example_inputs=batches()[0])
+    reference = with_weights(model, lambda w: dequantize_int4_groups(*quantize_int4_groups(w, group_size), group_size))
+    assert_close(cm, reference, torch.randn(9, 64, generator=seeded(3)))
+    entry = cm.report.passes[0]
+    assert entry.stats["method"] == "rtn" and entry.stats["quantized"] == 2
+
+
+def per_token_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """W8A8 written out independently of bevel's code: per-token and per-channel symmetric int8."""
+    xs = x.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 127
+    ws = layer.weight.abs().amax(-1, keepdim=True) / 127
+    xq = torch.clamp(torch.round(x / xs), -127, 127)
+    wq = torch.clamp(torch.round(layer.weight / ws), -127, 127)
+    return (xq.double() @ wq.double().T).float() * xs * ws.T + layer.bias
+
+
+def test_int8_dynamic_without_smoothing_equals_an_independent_per_token_model(reference_kernels):
+    model = mlp()
+    cm = bevel.compile(model, "quantize.int8_dynamic(smooth=0)", example_inputs=batches()[0])
+    reference = copy.deepcopy(model)
+    for layer in reference.layers:
+        layer.forward = (lambda lin: lambda x: per_token_linear(lin, x))(layer)
+    assert_close(cm, reference, torch.randn(9, 64, generator=seeded(4)))
+
+
+def test_smoothing_moves_scale_without_changing_the_product():
+    g = seeded(5)
+    x = torch.randn(10, 32, generator=g) * torch.logspace(-1, 2, 32)  # a few outlier channels
+    w = torch.randn(8, 32, generator=g)
+    s = smoothing_factors(x.abs().amax(0), w, alpha=0.5)
+    assert torch.allclose((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-3)
+    # the outlier channels shrink in the activation: its range evens out across channels
+    assert (x / s).abs().amax(0).std() < x.abs().amax(0).std()
+
+
+def test_smoothing_lowers_the_error_of_an_activation_with_outlier_channels():
+    g = seeded(6)
+    scale = torch.ones(64)
+    scale[[3, 17]] = 60.0  # two outlier channels, as in transformer hidden states
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    calib = [(torch.randn(16, 64, generator=g) * scale,) for _ in range(4)]
+    fresh = torch.randn(64, 64, generator=g) * scale
+    errors = {}
+    for alpha in (0.0, 0.5):
+        cm = bevel.compile(model, f"quantize.int8_dynamic(smooth={alpha})", example_inputs=calib[0], calibration=calib)
+        with torch.no_grad():
+            errors[alpha] = float((cm(fresh) - model(fresh)).norm() / model(fresh).norm())
+    assert errors[0.5] < errors[0.0] / 2, errors
+
+
+def correlated_inputs(rows, width, seed):
+    """Rows of one fixed distribution (the same channel scales and mixing for every seed)."""
+    mixing = torch.randn(width, width, generator=seeded(0)) / width ** 0.5 + torch.eye(width)
+    return (torch.randn(rows, width, generator=seeded(seed)) * torch.logspace(0, 1, width)) @ mixing
+
+
+def test_gptq_has_lower_output_error_than_rounding_on_fresh_inputs():
+    w = torch.randn(48, 128, generator=seeded(7)) * 0.05
+    train, fresh = correlated_inputs(2048, 128, 8), correlated_inputs(512, 128, 9)
+    rtn = dequantize_int4_groups(*quantize_int4_groups(w, 32), 32)
+    gptq = dequantize_int4_groups(*gptq_int4(w, train.T @ train, 32), 32)
+    error = lambda approx: float((fresh @ approx.T - fresh @ w.T).norm() / (fresh @ w.T).norm())  # noqa: E731
+    print(f"output error on fresh inputs: rtn {error(rtn):.4f}, gptq {error(gptq):.4f}")
+    assert error(gptq) < 0.8 * error(rtn)
+
+
+def test_automatic_group_size_goes_finer_only_where_outliers_need_it():
+    g = seeded(10)
+    even = torch.randn(16, 256, generator=g)
+    spiky = even.clone()
+    spiky[:, ::40] *= 12  # an outlier every 40 columns spoils coarse groups
+    assert choose_group_size(even) == 128
+    assert choose_group_size(spiky) < 128
+    assert choose_group_size(torch.randn(4, 48)) is None  # no candidate divides 48
+    cm = bevel.compile(mlp(), 'quantize.int4_weight(group_size="auto")', example_inputs=batches()[0])
+    assert set(cm.report.passes[0].stats["group_size"].values()) <= {32, 64, 128}
+
+
+def test_max_layer_error_keeps_the_worst_layers_in_float_and_reports_them():
+    model = mlp()
+    everything = bevel.compile(model, 'quantize.int4_weight(method="rtn", group_size=32)',
+                               example_inputs=batches()[0], calibration=batches())
+    errors = everything.report.passes[0].stats["layer_error"]
+    cut = sum(errors.values()) / len(errors)
+    worst = max(errors, key=errors.get)
+    cm = bevel.compile(model, f'quantize.int4_weight(method="rtn", group_size=32, max_layer_error={cut})',
+                       example_inputs=batches()[0], calibration=batches())
+    entry = cm.report.passes[0]
+    assert worst in entry.stats["kept_float"] and entry.stats["kept_float"][worst] == errors[worst]
+    assert entry.stats["quantized"] == 1
+    assert any("kept in float" in note for note in entry.notes)
+    nothing = bevel.compile(model, "quantize.int8_weight(max_layer_error=1e-9)", example_inputs=batches()[0])
+    assert nothing.report.passes[0].stats["quantized"] == 0 and nothing.report.passes[0].status != "applied"
+
+
+def test_a_group_size_that_does_not_divide_a_layer_leaves_that_layer_in_float_and_says_why():
+    torch.manual_seed(0)
+    model = MLP((48, 64, 8)).eval()  # the first layer's width 48 is not a multiple of 32
+    cm = bevel.compile(model, 'quantize.int4_weight(group_size=32, method="rtn")', example_inputs=(torch.randn(2, 48),))
+    entry = cm.report.passes[0]
+    assert entry.stats["quantized"] == 1
+    assert any("layers.0.weight left in float: group_size=32 does not divide its input width 48" in n
+               for n in entry.notes), entry.notes
+
+
+@pytest.mark.parametrize("pipeline, key", [("quantize.int4_weight(group_size=0)", "group_size"),
+                                           ('quantize.int4_weight(group_size="big")', "group_size"),
+                                           ('quantize.int4_weight(method="awq2")', "method"),
+                                           ("quantize.int8_dynamic(smooth=1.5)", "smooth"),
+                                           ("quantize.int8_weight(max_layer_error=0)", "max_layer_error")])
+def test_bad_parameters_are_refused_naming_the_parameter(pipeline, key):
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ParamError) as error:
+        bevel.compile(model, pipeline, example_inputs=batches()[0])
+    assert key in str(error.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gptq_without_calibration_is_refused_before_any_work():
+    with pytest.raises(PipelineError, match="needs calibration data"):
+        bevel.compile(mlp(), 'quantize.int4_weight(method="gptq")', example_inputs=batches()[0])
+
+
+def test_a_model_without_linear_layers_is_reported_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    cm = bevel.compile(model, "quantize.int8_dynamic", example_inputs=(torch.randn(1, 3, 8, 8),))
+    entry = cm.report.passes[0]
+    assert entry.status != "applied"
+    assert any("no Linear layers to quantize" in note for note in entry.notes)
+
+
+class TiedLM(nn.Module):
+    """An embedding table that is also the output layer's weight, as in GPT-2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.mix = nn.Linear(32, 32)
+
+    def forward(self, ids):
+        return nn.functional.linear(torch.tanh(self.mix(self.embed(ids))), self.embed.weight)
+
+
+def test_a_tied_embedding_stays_in_float_while_the_other_layers_are_quantized():
+    model = TiedLM().eval()
+    cm = bevel.compile(model, "quantize.int8_weight", example_inputs=(torch.randint(0, 50, (2, 5)),))
+    entry = cm.report.passes[0]
+    assert entry.stats["quantized"] == 1 and "mix.weight" in entry.stats["layer_error"]
+    assert any("embed.weight left in float" in note and "tied" in note for note in entry.notes)
+
+
+def test_the_users_model_is_left_untouched():
+    model = mlp()
+    before = copy.deepcopy(model.state_dict())
+    bevel.compile(model, "quantize.int4_weight", example_inputs=batches()[0], calibration=batches())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

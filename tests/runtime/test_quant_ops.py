@@ -1,0 +1,154 @@
+"""The quantized ops' formats, CPU paths and fake faces, against their plain-torch references.
+
+Tolerances:
+- int8_dynamic_linear on the CPU sums the same integer codes as the reference (fbgemm accumulates
+  in int32, the reference in float64, both exact), so the two differ only by float32 rounding of
+  the scaling: 1e-5 relative to the output's largest value.
+- int8_weight_linear carries each token as 15-bit integers (two int8 digits): its error against
+  the float reference is at most half a step of 1/32512 of the token's largest |x| per input,
+  summed over K inputs times |w|; we bound it by 1e-4 of the output's largest value, which that
+  gives with margin for these sizes (K <= 96).
+- int4_weight_linear on the CPU also re-rounds the weight onto an int8 grid per row (half an int8
+  step of the row's largest |w|), bounded against the reference with that step explicitly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bevel  # noqa: F401  (registers the ops)
+from bevel.runtime.ops import cpu_integer_linear
+from bevel.runtime.ops.int4_weight_linear import int4_weight_linear_reference
+from bevel.runtime.ops.int8_dynamic_linear import int8_dynamic_linear_reference
+from bevel.runtime.ops.int8_embedding import int8_embedding_reference
+from bevel.runtime.ops.int8_weight_linear import int8_weight_linear_reference
+from bevel.runtime.ops.quant_format import (dequantize_int4_groups, dequantize_int8_per_channel, pack_int4,
+                                            quantize_int4_groups, quantize_int8_per_channel, quantize_per_token,
+                                            searched_int4_group_params, unpack_int4)
+from tests.models_zoo import seeded
+
+ops = torch.ops.bevel
+
+
+def test_int4_packing_round_trips_and_puts_the_even_column_in_the_low_nibble():
+    values = torch.randint(0, 16, (3, 10), dtype=torch.uint8, generator=seeded(0))
+    packed = pack_int4(values)
+    assert packed.shape == (3, 5) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_int4(packed, 10), values)
+    assert int(pack_int4(torch.tensor([[1, 2]]))[0, 0]) == 0x21
+    assert torch.equal(unpack_int4(pack_int4(values[:, :7]), 7), values[:, :7])  # odd length: a zero pad nibble
+
+
+def test_int8_per_channel_error_is_within_half_a_step():
+    w = torch.randn(24, 40, generator=seeded(1))
+    q, s = quantize_int8_per_channel(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and s.shape == (24,)
+    assert ((dequantize_int8_per_channel(q, s) - w).abs() <= s[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("group_size", [16, 32])
+def test_int4_groups_error_is_within_half_a_step_and_zero_is_exact(group_size):
+    w = torch.randn(6, 64, generator=seeded(2))
+    w[0, :group_size] = 0.0  # an all-zero group
+    q, scale, zero = quantize_int4_groups(w, group_size)
+    assert q.shape == (6, 32) and scale.shape == (6, 64 // group_size) and zero.shape == (6, 64 // group_size // 2)
+    approx = dequantize_int4_groups(q, scale, zero, group_size)
+    step = scale.repeat_interleave(group_size, dim=1)
+    assert ((approx - w).abs() <= step / 2 + 1e-6).all()
+    assert (approx[0, :group_size] == 0).all()
+
+
+def test_clipping_search_never_does_worse_than_the_full_range():
+    w = torch.randn(32, 128, generator=seeded(3))
+    w[:, 5] *= 8  # outliers that widen their groups
+    plain = dequantize_int4_groups(*quantize_int4_groups(w, 64), 64)
+    scale, zero = searched_int4_group_params(w, 64)
+    searched = dequantize_int4_groups(*quantize_int4_groups(w, 64, scale, zero), 64)
+    per_group = lambda a: (a - w).pow(2).reshape(32, 2, 64).sum(-1)  # noqa: E731
+    assert (per_group(searched) <= per_group(plain) + 1e-9).all()
+    assert per_group(searched).sum() < per_group(plain).sum()
+
+
+def test_per_token_codes_use_the_full_range_of_each_row():
+    x = torch.randn(5, 33, generator=seeded(4))
+    x[2] = 0.0
+    codes, scale = quantize_per_token(x)
+    assert torch.equal(codes.abs().amax(dim=1)[[0, 1, 3, 4]], torch.full((4,), 127.0))
+    assert (codes[2] == 0).all() and (scale > 0).all()
+
+
+def _random_linear(n=48, k=96, seed=5):
+    g = seeded(seed)
+    return torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g), torch.randn(3, 7, k, generator=g)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_weight_linear_cpu_path_matches_the_reference(with_bias):
+    w, b, x = _random_linear()
+    b = b if with_bias else None
+    q, s = quantize_int8_per_channel(w)
+    reference = int8_weight_linear_reference(x, q, s, b)
+    out = ops.int8_weight_linear(x, q, s, b)
+    assert out.shape == (3, 7, 48) and out.dtype == x.dtype
+    assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
+
+
+@pytest.mark.parametrize("with_smoothing", [True, False])
+def test_int8_dynamic_linear_cpu_path_sums_exactly_what_the_reference_sums(with_smoothing):
+    w, b, x = _random_linear(seed=6)
+    x[0, 0] = 0.0  # a token of zeros
+    x[1, 2, :] = torch.where(torch.arange(96) % 2 == 0, 5.0, -5.0)  # codes at +-127 everywhere
+    q, s = quantize_int8_per_channel(w)
+    q[0] = 127  # weights at the end of the range too: no int16 saturation may happen
+    smoothing = torch.rand(96, generator=seeded(7)) + 0.5 if with_smoothing else None
+    reference = int8_dynamic_linear_reference(x, q, s, b, smoothing)
+    out = ops.int8_dynamic_linear(x, q, s, b, smoothing)
+    assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_int4_weight_linear_cpu_path_stays_within_the_int8_regrid_of_the_reference():
+    w, b, x = _random_linear(seed=8)
+    q, scale, zero = quantize_int4_groups(w, 32)
+    reference = int4_weight_linear_reference(x, q, scale, zero, 32, b)
+    out = ops.int4_weight_linear(x, q, scale, zero, 32, b)
+    dense = dequantize_int4_groups(q, scale, zero, 32)
+    int8_step = dense.abs().amax(dim=1) / 127  # the CPU path's extra rounding of each row
+    bound = (x.abs().sum(-1, keepdim=True) * int8_step / 2) * 1.01 + 1e-4 * reference.abs().max()
+    assert ((out - reference).abs() <= bound).all()
+    exact = torch.nn.functional.linear(x, dense, b)
+    assert (reference - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+def test_int8_embedding_gathers_rows_and_scales():
+    w = torch.randn(50, 12, generator=seeded(9))
+    q, s = quantize_int8_per_channel(w)
+    idx = torch.tensor([[0, 49, 3], [3, 3, 7]])
+    out = ops.int8_embedding(q, s, idx)
+    assert torch.equal(out, int8_embedding_reference(q, s, idx))
+    assert torch.equal(out, dequantize_int8_per_channel(q, s)[idx])
+
+
+def test_fake_faces_give_shapes_and_dtypes_without_computing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    w, b, _ = _random_linear()
+    q, s = quantize_int8_per_channel(w)
+    q4, scale, zero = quantize_int4_groups(w, 32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fx_ = torch.empty(2, 5, 96)
+        assert ops.int8_weight_linear(fx_, q, s, b).shape == (2, 5, 48)
+        assert ops.int8_dynamic_linear(fx_, q, s, None, None).shape == (2, 5, 48)
+        assert ops.int4_weight_linear(fx_, q4, scale, zero, 32, b).shape == (2, 5, 48)
+        out = ops.int8_embedding(q, s, torch.zeros(2, 3, dtype=torch.long))
+        assert out.shape == (2, 3, 96) and out.dtype == torch.float32
+
+
+def test_packed_weights_are_made_again_when_the_stored_weight_changes():
+    w, b, x = _random_linear(seed=10)
+    q, s = quantize_int8_per_channel(w)
+    first = ops.int8_dynamic_linear(x, q, s, b, None)
+    q.mul_(-1)  # written in place: the cached packing must not be reused
+    second = ops.int8_dynamic_linear(x, q, s, b, None)
+    assert torch.allclose(second - b, -(first - b), atol=1e-4)
+    assert cpu_integer_linear.available()
