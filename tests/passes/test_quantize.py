@@ -227,3 +227,61 @@ def test_the_users_model_is_left_untouched():
     before = copy.deepcopy(model.state_dict())
     bevel.compile(model, "quantize.int4_weight", example_inputs=batches()[0], calibration=batches())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class Embedder(nn.Module):
+    """An embedding table (not tied) followed by a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 64)
+        self.proj = nn.Linear(64, 16)
+
+    def forward(self, ids):
+        return self.proj(self.embed(ids))
+
+
+@pytest.mark.parametrize("pipeline, op", [("quantize.int8_weight", "int8_embedding"),
+                                          ('quantize.int4_weight(method="rtn", group_size=32)', "int8_embedding"),
+                                          ('quantize.int4_weight(method="rtn", group_size=32, embedding_bits=4)',
+                                           "int4_embedding")])
+def test_embedding_tables_become_quantized_lookups_of_the_same_rows(reference_kernels, pipeline, op):
+    torch.manual_seed(0)
+    model = Embedder().eval()
+    cm = bevel.compile(model, pipeline, example_inputs=(torch.randint(0, 40, (2, 5)),))
+    assert op in str(cm.graph_module.code)
+    stats = cm.report.passes[0].stats
+    assert stats["quantized"] == 2 and "embed.weight" in stats["layer_error"]
+    ids = torch.randint(0, 40, (3, 7), generator=seeded(11))
+    with torch.no_grad():
+        expected = model(ids)
+        relative = float((cm(ids) - expected).norm() / expected.norm())
+    # the table's and the layer's rounding errors add up; each is a few percent at 4 bits
+    assert relative < (0.15 if "int4" in pipeline else 0.01), relative
+
+
+def test_no_embeddings_leaves_tables_in_float():
+    torch.manual_seed(0)
+    cm = bevel.compile(Embedder().eval(), "quantize.int8_weight(embeddings=false)",
+                       example_inputs=(torch.randint(0, 40, (2, 5)),))
+    assert "embed.weight" not in cm.report.passes[0].stats["layer_error"]
+    assert "int8_embedding" not in str(cm.graph_module.code)
+
+
+def test_awq_scaling_lowers_the_error_of_round_to_nearest_where_some_inputs_dominate():
+    g = seeded(12)
+    scale = torch.ones(64)
+    scale[[5, 40]] = 30.0  # inputs that carry most of the signal
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    calib = [(torch.randn(32, 64, generator=g) * scale,) for _ in range(4)]
+    fresh = torch.randn(128, 64, generator=g) * scale
+    errors = {}
+    for method in ("rtn", "awq"):
+        cm = bevel.compile(model, f'quantize.int4_weight(group_size=32, method="{method}")',
+                           example_inputs=calib[0], calibration=calib)
+        with torch.no_grad():
+            errors[method] = float((cm(fresh) - model(fresh)).norm() / model(fresh).norm())
+        if method == "awq":  # the inverse scale is an explicit multiply on the input, in the graph
+            assert "torch.ops.aten.mul.Tensor(" in cm.graph_module.code
+    print(errors)
+    assert errors["awq"] < 0.8 * errors["rtn"], errors

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bevel
+from bevel.runtime.ops.int4_embedding import int4_embedding_reference
 from bevel.runtime.ops.int4_weight_linear import int4_weight_linear_reference
 from bevel.runtime.ops.int8_dynamic_linear import int8_dynamic_linear_reference
 from bevel.runtime.ops.int8_embedding import int8_embedding_reference
@@ -98,6 +99,22 @@ class Int8Embedding(nn.Module):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         return torch.ops.bevel.int8_embedding(self.qweight, self.scale, indices)
+
+
+class Int4Embedding(nn.Module):
+    def __init__(self, group_size: int, vocab: int = 300, dim: int = 128, seed: int = 50) -> None:
+        super().__init__()
+        qweight, scale, zero = quantize_int4_groups(torch.randn(vocab, dim, generator=seeded(seed)), group_size)
+        self.group_size = group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.ops.bevel.int4_embedding(self.qweight, self.scale, self.zero, self.group_size, indices)
+
+    def reference(self, indices: torch.Tensor) -> torch.Tensor:
+        return int4_embedding_reference(self.qweight, self.scale, self.zero, self.group_size, indices)
 
 
 class SideBySide(nn.Module):
@@ -319,3 +336,34 @@ def test_int8_embedding_with_2d_indices_matches_exactly(tmp_path):
     assert got.shape == (4, 7, 64)
     # one product of the same int8 code and float32 scale on both sides: the same rounding, bit for bit
     np.testing.assert_array_equal(got, int8_embedding_reference(module.qweight, module.scale, indices).numpy())
+
+
+# -- int4 embedding ----------------------------------------------------------------------------------
+
+
+def test_int4_embedding_with_2d_indices_matches_exactly(tmp_path):
+    vocab = 300
+    # (group size, dim): 4 and 2 groups a row, and 3, whose packed zero points end in a padding nibble
+    shapes = [(32, 128), (64, 128), (32, 96)]
+    variants = [Int4Embedding(group, vocab, dim, seed=50 + i) for i, (group, dim) in enumerate(shapes)]
+    example = torch.randint(0, vocab, (2, 3), generator=seeded(1))
+    path = export(SideBySide(*variants), example, str(tmp_path / "int4_embedding.onnx"))
+
+    model = load(path)
+    assert len(nodes(model, "Gather")) == 3 * len(shapes)  # packed rows, scales and zero points
+    gathered = sorted(node.input[0] for node in nodes(model, "Gather"))
+    tables = [initializers(model)[name] for name in gathered if name.endswith("qweight")]
+    assert [list(t.dims) for t in tables] == [[vocab, dim // 2] for _, dim in shapes]
+    assert all(t.data_type == onnx.TensorProto.UINT8 for t in tables)  # the packed codes, not a float table
+    assert_no_float_weight(model, vocab * 96 // 4)  # larger than any scale table, smaller than any table
+    # 4-bit codes, a float32 scale and half a byte of zero point per group, against float32
+    float_bytes = sum(vocab * dim * FLOAT32_BYTES for _, dim in shapes)
+    assert weight_bytes(model) < 0.2 * float_bytes
+
+    indices = torch.randint(0, vocab, (4, 7), generator=seeded(2))
+    indices[0, 0], indices[3, 6] = 0, vocab - 1  # the first and the last rows
+    for variant, (_, dim), got in zip(variants, shapes, run_onnx(path, indices)):
+        assert got.shape == (4, 7, dim)
+        # Tolerance zero: codes and zero points are small integers, exact in float32, so both sides
+        # round once, in the same product (q - zero) * scale of the same float32 operands.
+        np.testing.assert_array_equal(got, variant.reference(indices).numpy())

@@ -82,7 +82,7 @@ def triton_int8_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
 
 def triton_int4_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                               group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] times a 4-bit weight (uint8 [N, K // 2], scales float32 [N, K // group_size], packed
+    """x [..., K] times a 4-bit weight (uint8 [N, K // 2], scales float16 [N, K // group_size], packed
     zero points uint8 [N, ceil(groups / 2)]), plus bias [N]."""
     from bevel.runtime.ops.int4_weight_linear import int4_weight_linear_reference
 

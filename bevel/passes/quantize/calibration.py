@@ -48,16 +48,24 @@ class InputStats:
         return torch.cat(self.samples)
 
 
+class _SeenAll(Exception):
+    """Raised once every watched layer has been seen: the rest of the graph need not run."""
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, module: fx.GraphModule, watched: dict[fx.Node, fx.Node], stats: dict[fx.Node, InputStats],
                  with_hessian: bool, sample_rows: int) -> None:
         super().__init__(module)
         self.watched, self.stats = watched, stats
         self.with_hessian, self.sample_rows = with_hessian, sample_rows
+        order = {node: i for i, node in enumerate(module.graph.nodes)}
+        self.last = max(watched, key=order.__getitem__) if watched else None
 
     def run_node(self, n: fx.Node) -> Any:
         if n in self.watched:
             self.stats[n].add(self.env[self.watched[n]], self.with_hessian, self.sample_rows)
+            if n is self.last:
+                raise _SeenAll
         return super().run_node(n)
 
 
@@ -69,7 +77,10 @@ def collect_input_stats(graph: Graph, inputs: dict[fx.Node, fx.Node], batches: l
     recorder = _Recorder(graph.module, inputs, stats, with_hessian, per_batch)
     with torch.no_grad():
         for batch in batches:
-            recorder.run(*batch)
+            try:
+                recorder.run(*batch)
+            except _SeenAll:
+                pass
     return stats
 
 

@@ -20,6 +20,8 @@ from bevel.runtime.ops.quant_format import INT4_MAX, pack_int4, searched_int4_gr
 DAMPING = 0.01
 # columns updated together before their error is pushed to the rest (the paper's lazy batch size)
 BLOCK = 128
+# visit columns by decreasing Hessian diagonal ("act-order")
+ACT_ORDER = True
 
 
 def inverse_hessian_factor(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +41,8 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor,
     ``quant_format``'s layout."""
     n, k = weight.shape
     scale, zero = searched_int4_group_params(weight, group_size)
-    order = torch.argsort(torch.diag(hessian), descending=True)
+    k_range = torch.arange(k, device=weight.device)
+    order = torch.argsort(torch.diag(hessian), descending=True) if ACT_ORDER else k_range
     # the factor is computed in float64; the column loop runs in float32, as in the paper's code
     w = weight.detach().float()[:, order].clone()
     factor, dead = inverse_hessian_factor(hessian[order][:, order])
@@ -64,4 +67,4 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor,
         w[:, end:] -= errors @ factor[start:end, end:]
     unpermuted = torch.empty_like(codes)
     unpermuted[:, order] = codes
-    return pack_int4(unpermuted), scale.float().contiguous(), pack_int4(zero.to(torch.uint8))
+    return pack_int4(unpermuted), scale.half().contiguous(), pack_int4(zero.to(torch.uint8))

@@ -35,13 +35,17 @@ BIAS = object()
 
 @dataclass
 class Quantized:
-    """How one layer is rewritten: ``op(*args)`` with ``Stored``, ``INPUT`` and ``BIAS`` in ``args``."""
+    """How one layer is rewritten: ``op(*args)`` with ``Stored``, ``INPUT`` and ``BIAS`` in ``args``;
+    with ``input_scale`` the input is first multiplied by it (an ``aten.mul`` in the graph)."""
 
     op: Any
     args: tuple[Any, ...]
+    input_scale: Stored | None = None
 
     def evaluate(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The rewritten layer's output on ``x``."""
+        if self.input_scale is not None:
+            x = x * self.input_scale.tensor
         values = [x if a is INPUT else bias if a is BIAS else a.tensor if isinstance(a, Stored) else a
                   for a in self.args]
         return self.op(*values)
@@ -75,6 +79,10 @@ class QuantizePass(Pass):
     def quantize_linear(self, site: LinearSite, stats: InputStats) -> Quantized | str:
         """The rewrite of one Linear, or a sentence saying why it stays in float."""
         raise NotImplementedError
+
+    def quantize_embedding(self, site: EmbeddingSite) -> tuple[Quantized, float]:
+        """The rewrite of one embedding table and the table's relative error (int8 rows by default)."""
+        return int8_embedding_table(site)
 
     def with_hessian(self) -> bool:
         return self.needs_hessian
@@ -110,7 +118,7 @@ class QuantizePass(Pass):
     def _quantize_site(self, graph: Graph, site: Any, stats: InputStats | None) -> list[str]:
         """Quantize one layer unless its error is over the budget; returns notes."""
         if isinstance(site, EmbeddingSite):
-            plan, error = int8_embedding_table(site)
+            plan, error = self.quantize_embedding(site)
             layer_input = site.indices
         else:
             plan = self.quantize_linear(site, stats)
@@ -139,6 +147,11 @@ class QuantizePass(Pass):
 
     @staticmethod
     def _replace(graph: Graph, site: Any, plan: Quantized, layer_input: Any) -> None:
+        if plan.input_scale is not None:
+            factor = graph.add_param(f"{site.weight_name}_{plan.input_scale.suffix}", plan.input_scale.tensor,
+                                     before=site.node)
+            with graph.fx_graph.inserting_before(site.node):
+                layer_input = graph.fx_graph.call_function(torch.ops.aten.mul.Tensor, (layer_input, factor))
         args = []
         for arg in plan.args:
             if isinstance(arg, Stored):
@@ -159,6 +172,7 @@ class QuantizeParams(PassParams):
     """Parameters every quantize pass takes."""
 
     skip: tuple[str, ...] = param((), "weight-name patterns (fnmatch, e.g. 'pooler.*') left in float")
-    embeddings: bool = param(True, "also store float32 embedding tables as int8 rows")
+    embeddings: bool = param(True, "also quantize float32 embedding tables (int8 rows; see embedding_bits "
+                                   "of quantize.int4_weight)")
     max_layer_error: float | None = param(None, "layers whose relative output error on the calibration batches "
                                                 "is above this stay in float (None: quantize all)", gt=0.0)

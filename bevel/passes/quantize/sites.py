@@ -22,13 +22,18 @@ aten = torch.ops.aten
 
 @dataclass
 class LinearSite:
-    """One Linear layer: its node, input, weight as [N, K] and optional bias node."""
+    """One Linear layer: its node, weight as [N, K] and optional bias node."""
 
     node: fx.Node
-    x: fx.Node
     weight_name: str
     weight: torch.Tensor
     bias: fx.Node | None
+
+    @property
+    def x(self) -> fx.Node:
+        """The layer's input node, read from the node itself: rewriting an earlier site (an embedding
+        feeding this layer, say) replaces it."""
+        return self.node.args[1] if self.node.target == aten.addmm.default else self.node.args[0]
 
 
 @dataclass
@@ -53,13 +58,13 @@ def _linear_site(graph: Graph, node: fx.Node) -> LinearSite | None:
         weight = _float_weight(graph, node.args[1])
         bias = node.args[2] if len(node.args) > 2 else None
         if weight is not None and isinstance(node.args[0], fx.Node):
-            return LinearSite(node, node.args[0], node.args[1].target, weight.detach(), bias)
+            return LinearSite(node, node.args[1].target, weight.detach(), bias)
     if node.target == aten.addmm.default and len(node.args) == 3 and not node.kwargs:
         bias, x, stored = node.args
         weight = _float_weight(graph, stored)
         if weight is not None and isinstance(x, fx.Node) and isinstance(bias, fx.Node) \
                 and graph.shape(bias) is not None and len(graph.shape(bias)) == 1:
-            return LinearSite(node, x, stored.target, weight.detach().t(), bias)
+            return LinearSite(node, stored.target, weight.detach().t(), bias)
     return None
 
 

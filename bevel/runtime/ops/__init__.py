@@ -10,7 +10,7 @@ from typing import Any, Callable
 ONNX_TRANSLATIONS: dict[Any, Callable[..., Any]] = {}
 
 from bevel.ir.analysis import matmul_flops, register_flops  # noqa: E402
-from bevel.runtime.ops import int4_weight_linear, int8_dynamic_linear, int8_embedding  # noqa: E402,F401
+from bevel.runtime.ops import int4_embedding, int4_weight_linear, int8_dynamic_linear, int8_embedding  # noqa: E402,F401
 from bevel.runtime.ops import int8_weight_linear  # noqa: E402,F401
 from bevel.runtime.ops import quant_onnx  # noqa: E402,F401
 

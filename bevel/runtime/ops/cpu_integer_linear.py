@@ -1,4 +1,5 @@
-"""The fast CPU path of the quantized linears: int8 x int8 GEMMs with int32 accumulation in fbgemm.
+"""The fast CPU path of the quantized linears: int8 x int8 GEMMs with int32 accumulation in PyTorch's
+x86 quantized engine (fbgemm).
 
 Measured on a 2-core x86 CPU, x [4096, 384] by W [1536, 384]: fp32 ``F.linear`` 34-43 ms, fbgemm's
 int8 GEMM (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``) 9-10 ms, while
@@ -13,8 +14,9 @@ Weight-only ops keep their activations in float; to run them on integer GEMMs ea
 into two int8 digits (``x ~ s * (256 * hi + lo)``, 15 bits per token), so the activation error
 (about 3e-5 of the token's largest value) stays far below the weight's quantization error.
 
-The packed fbgemm weights are made once per quantized weight and cached beside it (weakly, so
-they go when the weight goes).
+The packed weights are made once per quantized weight and cached beside it (weakly, so they go
+when the weight goes). They are packed for the ``x86`` engine, PyTorch's default on x86: on MiniLM at
+32 x 128 tokens the whole model ran 10-30% faster with it than with weights packed for ``fbgemm``.
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ def available() -> bool:
 
 
 def _prepack(qweight: torch.Tensor, scale: torch.Tensor) -> Any:
-    """fbgemm's packed form of an int8 [N, K] weight with per-row scales (no bias: callers add it)."""
+    """The x86 engine's packed form of an int8 [N, K] weight with per-row scales (no bias: callers add it)."""
     rows = qweight.shape[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized-tensor constructors warn that they are deprecated
         quantized = torch._make_per_channel_quantized_tensor(
             qweight.contiguous(), scale.double(), torch.zeros(rows, dtype=torch.long), 0)
         engine = torch.backends.quantized.engine
-        torch.backends.quantized.engine = "fbgemm"
+        torch.backends.quantized.engine = "x86"
         try:
             return torch.ops.quantized.linear_prepack(quantized, None)
         finally:

@@ -30,7 +30,7 @@ def int4_weight_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale: 
 @torch.library.custom_op("bevel::int4_weight_linear", mutates_args=())
 def int4_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                        group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] times a 4-bit weight: qweight uint8 [N, K // 2], scale float32 [N, K // group_size],
+    """x [..., K] times a 4-bit weight: qweight uint8 [N, K // 2], scale float16 [N, K // group_size],
     zero uint8 [N, ceil(K // group_size / 2)]; plus an optional bias [N]."""
     if x.device.type == "cpu" and cpu_integer_linear.available():
         def as_int8():

@@ -7,9 +7,10 @@ tests and the ONNX translations:
   ``w = qweight * scale[:, None]``.
 - int4 groups: ``qweight`` uint8 [N, K // 2], byte j of a row holding column 2j in its low nibble
   and column 2j + 1 in its high nibble (the order of ONNX Runtime's ``MatMulNBits``, so a row of
-  ``K // group_size`` groups is exactly its [n_blocks, blob_size] layout); ``scale`` float32
-  [N, K // group_size]; ``zero`` uint8 [N, ceil(groups / 2)], the 4-bit zero points packed the same
-  way; ``w = (q - zero_of_group) * scale_of_group``.
+  ``K // group_size`` groups is exactly its [n_blocks, blob_size] layout); ``scale`` float16
+  [N, K // group_size] (as GPTQ and AWQ checkpoints store them: float32 scales would add an eighth
+  to the bytes of the codes at groups of 64); ``zero`` uint8 [N, ceil(groups / 2)], the 4-bit zero
+  points packed the same way; ``w = (q - zero_of_group) * float(scale_of_group)``.
 - per-token activations: ``s = max(|x_row|, eps) / 127``, ``xq = clamp(round(x / s), -127, 127)``,
   rounding half to even.
 """
@@ -20,6 +21,9 @@ import torch
 
 INT8_MAX = 127
 INT4_MAX = 15
+# the smallest int4 group scale: float16's smallest normal number (groups narrower than 15 of these,
+# about 1e-3, get steps a little coarser than they could)
+INT4_MIN_SCALE = float(torch.finfo(torch.float16).tiny)
 # the smallest per-token range: a row of zeros gets this scale instead of dividing by zero
 TOKEN_SCALE_EPS = 1e-10
 
@@ -39,14 +43,21 @@ def dequantize_int8_per_channel(qweight: torch.Tensor, scale: torch.Tensor) -> t
 
 def int4_group_params(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit (scale, integer zero point) per group of ``group_size`` input columns, from
-    each group's min and max (the range always holds 0, so zero is exact)."""
+    each group's min and max (the range always holds 0, so zero is exact). Scales are float32
+    values that float16 holds exactly."""
     n, k = weight.shape
     groups = weight.detach().float().reshape(n, k // group_size, group_size)
     low = groups.amin(dim=2).clamp(max=0.0)
     high = groups.amax(dim=2).clamp(min=0.0)
-    scale = ((high - low) / INT4_MAX).clamp(min=1e-12)
+    scale = _float16_exact((high - low) / INT4_MAX)
     zero = torch.clamp(torch.round(-low / scale), 0, INT4_MAX)
     return scale, zero
+
+
+def _float16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` (float32, at least INT4_MIN_SCALE) rounded to the nearest float16 value, so that the
+    codes are computed with the scale that is stored."""
+    return scale.clamp(min=INT4_MIN_SCALE).half().float()
 
 
 def searched_int4_group_params(weight: torch.Tensor, group_size: int,
@@ -61,7 +72,7 @@ def searched_int4_group_params(weight: torch.Tensor, group_size: int,
     best_error = best_scale = best_zero = None
     for i in range(shrinks):
         ratio = 1.0 - 0.05 * i
-        scale = ((high - low) * ratio / INT4_MAX).clamp(min=1e-12)
+        scale = _float16_exact((high - low) * ratio / INT4_MAX)
         zero = torch.clamp(torch.round(-low * ratio / scale), 0, INT4_MAX)
         q = torch.clamp(torch.round(groups / scale[..., None]) + zero[..., None], 0, INT4_MAX)
         error = ((q - zero[..., None]) * scale[..., None] - groups).pow(2).sum(dim=2)
@@ -102,14 +113,16 @@ def unpack_int4(packed: torch.Tensor, length: int) -> torch.Tensor:
 
 def quantize_int4_groups(weight: torch.Tensor, group_size: int, scale: torch.Tensor | None = None,
                          zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest int4 of a [N, K] weight in groups along K: (packed qweight, scale, packed zero).
+    """Round-to-nearest int4 of a [N, K] weight in groups along K: (packed qweight, float16 scale,
+    packed zero).
 
     ``scale``/``zero`` (float [N, groups]) may be given, e.g. chosen by an error-minimizing search.
     """
     if scale is None or zero is None:
         scale, zero = int4_group_params(weight, group_size)
+    scale = _float16_exact(scale.float())
     q = quantize_int4_values(weight, scale, zero, group_size)
-    return pack_int4(q), scale.float().contiguous(), pack_int4(zero.to(torch.uint8))
+    return pack_int4(q), scale.half().contiguous(), pack_int4(zero.to(torch.uint8))
 
 
 def dequantize_int4_groups(qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,

@@ -4,6 +4,8 @@
 - ``int4_weight_linear``: ONNX Runtime's ``com.microsoft::MatMulNBits``, whose layout the weights have.
 - ``int8_dynamic_linear``: the per-token quantization written out, then ``MatMulInteger``.
 - ``int8_embedding``: ``Gather`` of codes and of row scales, then ``Mul``.
+- ``int4_embedding``: ``Gather`` of the packed rows, their scales and zero points, unpacked with
+  ``BitwiseAnd``/``BitShift``, then ``(q - zero) * scale``.
 
 torch.onnx's exporter calls each function with ``ir.Value`` inputs (``None`` for an absent optional
 tensor) while recording the ops it calls, so plain Python decides what is written. Every function
@@ -100,16 +102,16 @@ def _is_matmul_nbits_block(group_size: int) -> bool:
     return group_size >= 16 and group_size & (group_size - 1) == 0
 
 
-def _unpacked_int4(packed: ir.Value, rows: int, length: int) -> ir.Value:
-    """quant_format.unpack_int4 in ONNX: the codes of a packed [rows, bytes] uint8 tensor as float32
-    [rows, length] (the low nibble first)."""
+def _unpacked_int4(packed: ir.Value, lead_rank: int, packed_bytes: int, length: int) -> ir.Value:
+    """quant_format.unpack_int4 in ONNX: the codes of a packed [..., packed_bytes] uint8 tensor with
+    ``lead_rank`` leading dimensions as float32 [..., length] (the low nibble first). The leading
+    dimensions need not be static: Reshape's 0 copies them (an embedding's index shape is dynamic)."""
     low = op.BitwiseAnd(packed, op.Constant(value=ir.tensor(0x0F, dtype=ir.DataType.UINT8)))
     high = op.BitShift(packed, op.Constant(value=ir.tensor(4, dtype=ir.DataType.UINT8)), direction="RIGHT")
     both = op.Concat(op.Unsqueeze(low, _last_axis()), op.Unsqueeze(high, _last_axis()), axis=-1)
-    codes = op.Reshape(both, op.Constant(value_ints=[rows, -1]))
-    if _shape(packed)[1] * 2 != length:  # an odd count carries a padding nibble at the end
-        codes = op.Slice(codes, op.Constant(value_ints=[0]), op.Constant(value_ints=[length]),
-                         op.Constant(value_ints=[1]))
+    codes = op.Reshape(both, op.Constant(value_ints=[0] * lead_rank + [2 * packed_bytes]))
+    if packed_bytes * 2 != length:  # an odd count carries a padding nibble at the end
+        codes = op.Slice(codes, op.Constant(value_ints=[0]), op.Constant(value_ints=[length]), _last_axis())
     return op.Cast(codes, to=FLOAT)
 
 
@@ -118,9 +120,9 @@ def _dequantized_int4(qweight: ir.Value, scale: ir.Value, zero: ir.Value, group_
     float32 [N, K] weight, computed from the packed one (ORT's constant folding makes it a float32
     initializer at load; the exporter's already does for weights under 8192 elements)."""
     n, groups = _shape(scale)
-    codes = op.Reshape(_unpacked_int4(qweight, n, groups * group_size),
+    codes = op.Reshape(_unpacked_int4(qweight, 1, _shape(qweight)[1], groups * group_size),
                        op.Constant(value_ints=[n, groups, group_size]))
-    zeros = op.Unsqueeze(_unpacked_int4(zero, n, groups), _last_axis())
+    zeros = op.Unsqueeze(_unpacked_int4(zero, 1, _shape(zero)[1], groups), _last_axis())
     weight = op.Mul(op.Sub(codes, zeros), op.Unsqueeze(_as_float(scale), _last_axis()))
     return op.Reshape(weight, op.Constant(value_ints=[n, groups * group_size]))
 
@@ -177,9 +179,31 @@ def int8_embedding_onnx(qweight: Tensor, scale: Tensor, indices: Tensor) -> Tens
     return op.Mul(codes, op.Unsqueeze(row_scales, _last_axis()))
 
 
+def int4_embedding_onnx(qweight: Tensor, scale: Tensor, zero: Tensor, group_size: int, indices: Tensor) -> Tensor:
+    """``Gather`` of the packed rows, their scales and packed zero points, then ``(q - zero) * scale``.
+
+    Only the gathered rows are unpacked and dequantized, so the table stays a uint8 initializer
+    (ORT's contrib ``GatherBlockQuantized`` could do it in one node, but it exists only in ORT and
+    its int4 conventions are not pinned to ours here; plain ONNX runs in any runtime). The codes and
+    zero points are small integers, exact in float32, so ``(q - zero) * scale`` rounds once, as in
+    the reference: the same values, bit for bit. Reshapes copy the index dimensions with 0, so the indices keep a
+    dynamic shape (only their rank is fixed by the export).
+    """
+    groups = _shape(scale)[1]
+    dim = groups * group_size
+    lead = [0] * len(indices.shape)  # the index dimensions, copied
+    codes = _unpacked_int4(op.Gather(qweight, indices, axis=0), len(lead), _shape(qweight)[1], dim)
+    codes = op.Reshape(codes, op.Constant(value_ints=lead + [groups, group_size]))
+    zeros = _unpacked_int4(op.Gather(zero, indices, axis=0), len(lead), _shape(zero)[1], groups)
+    row_scales = op.Gather(_as_float(scale), indices, axis=0)
+    out = op.Mul(op.Sub(codes, op.Unsqueeze(zeros, _last_axis())), op.Unsqueeze(row_scales, _last_axis()))
+    return op.Reshape(out, op.Constant(value_ints=lead + [dim]))
+
+
 ONNX_TRANSLATIONS.update({
     torch.ops.bevel.int8_weight_linear.default: int8_weight_linear_onnx,
     torch.ops.bevel.int4_weight_linear.default: int4_weight_linear_onnx,
     torch.ops.bevel.int8_dynamic_linear.default: int8_dynamic_linear_onnx,
     torch.ops.bevel.int8_embedding.default: int8_embedding_onnx,
+    torch.ops.bevel.int4_embedding.default: int4_embedding_onnx,
 })
