@@ -27,17 +27,24 @@ _MAX_BLOCK_D = 1024
 
 
 @triton.jit
-def int8_embedding_kernel(w_ptr, scale_ptr, idx_ptr, out_ptr, L, V, D, stride_wv,
-                          BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[l, d] = w[idx[l], d] * scale[idx[l]] for L indices; out is contiguous [L, D] float32."""
+def _looked_up_rows(idx_ptr, L, V, D, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's tile: the table rows its indices name (negative ones counted from the end,
+    as torch does), which of them are real lookups inside the table, and its columns."""
     offs_l = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_l = offs_l < L
-    in_d = offs_d < D
     idx = tl.load(idx_ptr + offs_l, mask=in_l, other=0).to(tl.int64)
     idx = tl.where(idx < 0, idx + V, idx)
     valid = (idx >= 0) & (idx < V)
-    tl.device_assert(valid | ~in_l, "int8_embedding: index out of range")
+    tl.device_assert(valid | ~in_l, "embedding: index out of range")
+    return offs_l, offs_d, in_l, offs_d < D, idx, valid
+
+
+@triton.jit
+def int8_embedding_kernel(w_ptr, scale_ptr, idx_ptr, out_ptr, L, V, D, stride_wv,
+                          BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[l, d] = w[idx[l], d] * scale[idx[l]] for L indices; out is contiguous [L, D] float32."""
+    offs_l, offs_d, in_l, in_d, idx, valid = _looked_up_rows(idx_ptr, L, V, D, BLOCK_ROWS, BLOCK_D)
     readable = in_l & valid
     codes = tl.load(w_ptr + idx[:, None] * stride_wv + offs_d[None, :], mask=readable[:, None] & in_d[None, :],
                     other=0)
@@ -72,14 +79,7 @@ def int4_embedding_kernel(w_ptr, scale_ptr, zero_ptr, idx_ptr, out_ptr, L, V, D,
                           GROUP_SIZE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[l, d] = (q[idx[l], d] - zero[idx[l], d // GROUP_SIZE]) * scale[idx[l], d // GROUP_SIZE],
     the codes unpacked from nibbles (even column low); out is contiguous [L, D] float32."""
-    offs_l = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    in_l = offs_l < L
-    in_d = offs_d < D
-    idx = tl.load(idx_ptr + offs_l, mask=in_l, other=0).to(tl.int64)
-    idx = tl.where(idx < 0, idx + V, idx)
-    valid = (idx >= 0) & (idx < V)
-    tl.device_assert(valid | ~in_l, "int4_embedding: index out of range")
+    offs_l, offs_d, in_l, in_d, idx, valid = _looked_up_rows(idx_ptr, L, V, D, BLOCK_ROWS, BLOCK_D)
     mask = (in_l & valid)[:, None] & in_d[None, :]
     # GROUP_SIZE is a constexpr so this division is a shift for the power-of-two sizes in use
     group = offs_d // GROUP_SIZE

@@ -41,8 +41,8 @@ def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor,
     ``quant_format``'s layout."""
     n, k = weight.shape
     scale, zero = searched_int4_group_params(weight, group_size)
-    k_range = torch.arange(k, device=weight.device)
-    order = torch.argsort(torch.diag(hessian), descending=True) if ACT_ORDER else k_range
+    order = (torch.argsort(torch.diag(hessian), descending=True) if ACT_ORDER
+             else torch.arange(k, device=weight.device))
     # the factor is computed in float64; the column loop runs in float32, as in the paper's code
     w = weight.detach().float()[:, order].clone()
     factor, dead = inverse_hessian_factor(hessian[order][:, order])

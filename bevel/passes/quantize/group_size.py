@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from bevel.passes.quantize.rewrite import relative_error
 from bevel.runtime.ops.quant_format import dequantize_int4_groups, quantize_int4_groups
 
 CANDIDATES = (128, 64, 32)
@@ -25,8 +26,7 @@ TOLERANCE = 0.50
 def rtn_weight_error(weight: torch.Tensor, group_size: int) -> float:
     """Relative Frobenius error of round-to-nearest int4 with this group size."""
     qweight, scale, zero = quantize_int4_groups(weight, group_size)
-    approx = dequantize_int4_groups(qweight, scale, zero, group_size)
-    return float((approx - weight.float()).norm() / weight.float().norm().clamp(min=1e-12))
+    return relative_error(dequantize_int4_groups(qweight, scale, zero, group_size), weight)
 
 
 def choose_group_size(weight: torch.Tensor) -> int | None:
