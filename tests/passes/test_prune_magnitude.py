@@ -1,8 +1,10 @@
-"""prune.magnitude: the global threshold, the per-layer floor, skip patterns, and a differential check.
+"""prune.magnitude: the global threshold, the per-layer floor, skip patterns, activation importance
+(Wanda), and differential checks.
 
 Differential tolerance: pruning changes outputs by design, so the check compares the rewritten
 graph with the original model whose weights were pruned by an independent reference (a single
-global sort over all magnitudes); those two must agree to float rounding (1e-6).
+global sort over all magnitudes; for Wanda, a sort of each row's scores from input norms recorded
+with forward hooks); those two must agree to float rounding (1e-6).
 """
 
 from __future__ import annotations
@@ -10,18 +12,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bevel
 from bevel.compiler.compile import copy_model
-from bevel.errors import ParamError
+from bevel.errors import ParamError, PassError, PipelineError
 from bevel.ir import analysis, capture
 from bevel.passes import PassContext, get_pass
 from bevel.passes.prune.magnitude import global_magnitude_keep_counts
-from tests.models_zoo import ConvNet, MLP
+from tests.models_zoo import ConvNet, MLP, seeded
 
 
-def prune(model, example, **params):
+def prune(model, example, calibration=None, calibrated=True, **params):
     graph = capture(model, example)
-    result = get_pass("prune.magnitude")(**params).run(graph, PassContext(calibration=[example],
-                                                                            example_inputs=example))
+    ctx = PassContext(calibration=calibration or [example], example_inputs=example, calibrated=calibrated)
+    result = get_pass("prune.magnitude")(**params).run(graph, ctx)
     return graph, result
 
 
@@ -127,3 +130,101 @@ def test_tied_weights_are_left_dense_and_reported():
     assert list(result.stats["per_layer_sparsity"]) == ["hidden.weight"]
     assert any("tied" in note for note in result.notes)
     assert torch.equal(graph.param("head.weight"), model.embed.weight)  # the shared table is untouched
+
+
+def input_norms(model: torch.nn.Module, batches: list[tuple]) -> dict[str, torch.Tensor]:
+    """||X_j||_2 of each Linear's input channels over ``batches``, recorded with forward hooks."""
+    sums: dict[str, torch.Tensor] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            sums[name] = sums.get(name, 0) + (x ** 2).sum(0)
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for batch in batches:
+            model(*batch)
+    for handle in handles:
+        handle.remove()
+    return {f"{name}.weight": total.sqrt() for name, total in sums.items()}
+
+
+def test_activation_importance_matches_a_per_row_wanda_reference():
+    torch.manual_seed(2)
+    model = MLP((16, 32, 8)).eval()
+    calibration = [(torch.randn(6, 16, generator=seeded(i)),) for i in range(3)]
+    graph, result = prune(model, calibration[0], calibration=calibration, sparsity=0.5, importance="activation")
+    reference = copy_model(model)
+    with torch.no_grad():
+        for name, norm in input_norms(model, calibration).items():
+            weight = reference.get_parameter(name)
+            smallest = (weight.abs() * norm).sort(dim=1).indices[:, : weight.shape[1] // 2]
+            weight.scatter_(1, smallest, 0.0)
+    for name, weight in dict(reference.named_parameters()).items():
+        if name.endswith("weight"):
+            assert torch.equal(graph.param(name), weight), name
+            assert ((graph.param(name) == 0).sum(dim=1) == weight.shape[1] // 2).all()  # every row alike
+    x = torch.randn(5, 16, generator=seeded(9))
+    with torch.no_grad():
+        assert (graph(x) - reference(x)).abs().max() <= 1e-6
+    assert result.stats["sparsity"] == pytest.approx(0.5)
+    assert result.stats["importance"] == "activation"
+
+
+class LoudChannels(torch.nn.Module):
+    """Two Linears fed by inputs whose first 4 channels are 20x louder than the rest, as the outlier
+    features of transformer activations are."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Linear(64, 128)
+        self.second = torch.nn.Linear(128, 32)
+        self.register_buffer("gain", torch.cat([torch.full((4,), 20.0), torch.ones(60)]))
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x * self.gain)))
+
+
+def test_activation_importance_beats_magnitude_when_a_few_channels_are_loud():
+    torch.manual_seed(3)
+    model = LoudChannels().eval()
+    calibration = [(torch.randn(32, 64, generator=seeded(10 + i)),) for i in range(4)]
+    fresh = torch.randn(256, 64, generator=seeded(20))
+    with torch.no_grad():
+        exact = model(fresh)
+    errors = {}
+    for importance in ("magnitude", "activation"):
+        graph, result = prune(copy_model(model), calibration[0], calibration=calibration, sparsity=0.5,
+                              importance=importance)
+        assert result.stats["sparsity"] == pytest.approx(0.5, abs=0.01)  # the same sparsity
+        with torch.no_grad():
+            errors[importance] = float((graph(fresh) - exact).norm() / exact.norm())
+    print(f"relative output error at 50% sparsity: magnitude {errors['magnitude']:.4f}, "
+          f"activation {errors['activation']:.4f}")
+    assert errors["activation"] < errors["magnitude"]
+
+
+def test_activation_importance_without_calibration_is_refused():
+    model = MLP().eval()
+    with pytest.raises(PassError, match="importance='activation' needs calibration"):
+        prune(model, (torch.randn(2, 16),), calibrated=False, importance="activation")
+    with pytest.raises(PipelineError, match="prune.magnitude.*needs calibration"):
+        bevel.compile(model, 'prune.magnitude(importance="activation")', example_inputs=(torch.randn(2, 16),))
+
+
+def test_activation_importance_leaves_conv_weights_dense_and_says_so():
+    torch.manual_seed(4)
+    model = ConvNet().eval()
+    graph, result = prune(model, (torch.randn(2, 3, 8, 8),), sparsity=0.5, importance="activation")
+    assert list(result.stats["per_layer_sparsity"]) == ["head.weight"]
+    assert torch.equal(graph.param("conv1.weight"), model.conv1.weight)
+    assert any("conv1.weight" in note and "Linear" in note for note in result.notes)
+
+
+def test_activation_importance_with_zero_sparsity_changes_nothing():
+    model = MLP().eval()
+    graph, _ = prune(model, (torch.randn(2, 16),), sparsity=0.0, importance="activation")
+    x = torch.randn(3, 16)
+    assert torch.equal(graph(x), model(x))

@@ -4,6 +4,13 @@ One threshold on |w| across every Linear and Conv weight, so layers with many sm
 more; each layer keeps at least ``min_keep`` of its weights so none is emptied. This is global
 magnitude pruning with a minimum threshold from Gupta et al., "Is Complexity Required for Neural
 Network Pruning? A Case Study on Global Magnitude Pruning". Pruned weights are stored as zeros.
+
+``importance="activation"`` is Wanda (Sun et al., "A Simple and Effective Pruning Approach for Large
+Language Models"): a weight's score is ``|W_ij| * ||X_j||_2``, its magnitude times the norm of its
+input channel over the calibration batches, and, as in the paper, scores are compared within each
+output row of a Linear layer, every row losing the same fraction. The paper found this per-output
+comparison better than a per-layer or global one: the input-norm factor makes scores of different
+rows and layers incomparable, while within a row it says which inputs the output relies on.
 """
 
 from __future__ import annotations
@@ -14,10 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
+from bevel.errors import PassError
 from bevel.ir.analysis import layer_weights, weights_read_outside_layers
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
+from bevel.passes.quantize.calibration import collect_input_stats
+from bevel.passes.quantize.sites import LinearSite, find_sites
 from bevel.passes.registry import register_pass
+
+aten = torch.ops.aten
+
+# float32 elements of the X^T X sums held at once while gathering input norms (512 MiB): the
+# calibration run is split into several when the layers' input widths would need more
+HESSIAN_BUDGET = 2**27
 
 
 @register_pass("prune.magnitude")
@@ -31,8 +47,18 @@ class GlobalMagnitudePrune(Pass):
         min_keep: float = param(0.01, "fraction of each layer's weights always kept (the per-layer floor)",
                                 gt=0.0, le=1.0)
         skip: tuple[str, ...] = param((), "weight-name patterns (fnmatch, e.g. 'pooler.*') left dense")
+        importance: str = param("magnitude", "'magnitude': one global threshold on |w|; 'activation': Wanda, "
+                                             "|w| times its input channel's calibration norm, each output "
+                                             "row of a Linear pruned alike (needs calibration)",
+                                choices=("magnitude", "activation"))
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.params.importance == "activation"
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if self.params.importance == "activation":
+            return self._run_wanda(graph, ctx)
         weights = {name: w for name, w in layer_weights(graph).items()
                    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip)}
         notes = []
@@ -55,6 +81,77 @@ class GlobalMagnitudePrune(Pass):
         graph.refresh()
         stats = {"sparsity": round(achieved, 4), "layers": len(weights), "per_layer_sparsity": per_layer}
         return PassResult(changed=True, stats=stats, notes=notes)
+
+
+    def _run_wanda(self, graph: Graph, ctx: PassContext) -> PassResult:
+        require_calibration(self.name, ctx)
+        sites, notes = find_sites(graph, self.params.skip, embeddings=False)
+        linear_names = {site.weight_name for site in sites}
+        for name in sorted(layer_weights(graph).keys() - linear_names - weights_read_outside_layers(graph)):
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip):
+                notes.append(f"{name} left dense: activation importance scores the input channels of "
+                             f"Linear layers, and this weight is not one")
+        if not sites:
+            return PassResult(changed=False, notes=notes + ["no Linear layers to prune"])
+        norms = input_channel_norms(graph, sites, ctx.calibration)
+        per_layer, kept, total = {}, 0, 0
+        for site in sites:
+            width = site.weight.shape[1]
+            keep = max(width - round(self.params.sparsity * width), math.ceil(self.params.min_keep * width))
+            scores = site.weight.abs().float() * norms[site.weight_name]
+            pruned = keep_largest_per_row(site.weight, scores, keep)
+            set_linear_weight(graph, site, pruned)
+            per_layer[site.weight_name] = round(1 - keep / width, 4)
+            kept += keep * site.weight.shape[0]
+            total += site.weight.numel()
+        achieved = 1 - kept / total
+        if achieved < self.params.sparsity - 0.005:
+            notes.append(f"reached sparsity {achieved:.3f} < {self.params.sparsity}: "
+                         f"min_keep={self.params.min_keep} holds weights in every row")
+        graph.refresh()
+        stats = {"sparsity": round(achieved, 4), "layers": len(sites), "per_layer_sparsity": per_layer,
+                 "importance": "activation"}
+        return PassResult(changed=True, stats=stats, notes=notes)
+
+
+def require_calibration(pass_name: str, ctx: PassContext) -> None:
+    """Refuse to score by activations without the user's calibration batches."""
+    if not ctx.calibrated:
+        raise PassError(f"pass '{pass_name}' with importance='activation' needs calibration data: pass "
+                        f"calibration=[batch, ...] (the norms of each layer's input channels are measured on it)")
+
+
+def input_channel_norms(graph: Graph, sites: list[LinearSite], batches: list[tuple]) -> dict[str, torch.Tensor]:
+    """``||X_j||_2`` of every input channel j of each layer over ``batches``, by weight name.
+
+    The squared norms are the diagonal of the layer's ``X^T X``; layers are measured in groups whose
+    sums fit HESSIAN_BUDGET, one calibration run per group.
+    """
+    norms: dict[str, torch.Tensor] = {}
+    group: list[LinearSite] = []
+    for index, site in enumerate(sites):
+        group.append(site)
+        size = sum(s.weight.shape[1] ** 2 for s in group)
+        following = sites[index + 1].weight.shape[1] ** 2 if index + 1 < len(sites) else None
+        if following is None or size + following > HESSIAN_BUDGET:
+            stats = collect_input_stats(graph, {s.node: s.x for s in group}, batches, with_hessian=True)
+            for s in group:
+                norms[s.weight_name] = stats[s.node].hessian.diagonal().clamp(min=0).sqrt()
+            group = []
+    return norms
+
+
+def keep_largest_per_row(weight: torch.Tensor, scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """A copy of ``weight`` [N, K] keeping, in each row, the ``keep`` entries with the highest scores."""
+    kept = scores.topk(keep, dim=1).indices
+    mask = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, kept, True)
+    return torch.where(mask, weight.detach(), torch.zeros((), dtype=weight.dtype))
+
+
+def set_linear_weight(graph: Graph, site: LinearSite, weight: torch.Tensor) -> None:
+    """Store ``weight`` [N, K] for ``site``, in the layout its op reads (addmm reads it [K, N])."""
+    stored = weight.t() if site.node.target == aten.addmm.default else weight
+    graph.set_param(site.weight_name, stored.contiguous())
 
 
 def global_magnitude_keep_counts(weights: dict[str, torch.Tensor], sparsity: float,

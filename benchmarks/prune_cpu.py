@@ -1,0 +1,91 @@
+"""Structured pruning on the CPU: MiniLM with half of every FFN's neurons removed
+(``prune.structured(target="mlp", ratio=0.5)``) against the original, in torch and in ONNX Runtime.
+
+All measured in this one process on the same batch (real sentences padded to ``--seq`` tokens),
+calls alternating between the models, median of ``--repeats`` runs after ``--warmup`` untimed
+ones. Beside each time: the fidelity of the sentence embeddings (mean-pooled last hidden states)
+to the original over ``--sentences`` held-out sentences (none used for calibration): the minimum
+and the mean cosine.
+
+    python benchmarks/prune_cpu.py --batch 32 --seq 128 --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+import bevel
+from bevel.data import sentences
+from bevel.models import minilm
+from bevel.runtime.timing import median_latencies_ms
+
+
+def onnxruntime_session(compiled, path: str, threads: int):
+    """The compiled model exported to ONNX and loaded in ONNX Runtime, as a callable."""
+    import onnxruntime as ort
+
+    compiled.export_onnx(path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(ids: torch.Tensor, mask: torch.Tensor):
+        feeds = dict(zip(names, (ids.numpy(), mask.numpy())))
+        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passes", default='cleanup | prune.structured(target="mlp", ratio=0.5, '
+                                            'importance="activation")', help="the bevel pipeline timed")
+    parser.add_argument("--batch", type=int, default=32, help="sentences in the timed batch")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sentence in the timed batch (padded)")
+    parser.add_argument("--sentences", type=int, default=256, help="held-out sentences for the fidelity figures")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+
+    threads = torch.get_num_threads()
+    model = minilm.load_minilm()
+    calibration_texts = sentences(128, seed=1)
+    calibration = [minilm.encode(calibration_texts[i:i + 16]) for i in range(0, 128, 16)]
+    _, held_out = minilm.held_out_batches(args.sentences, exclude=calibration_texts)
+    timed = minilm.encode(sentences(args.batch, seed=3), max_length=args.seq, pad_to_max=True)
+
+    example = minilm.example_inputs()
+    pruned = bevel.compile(model, args.passes, example_inputs=example, calibration=calibration)
+    original = bevel.compile(model, "cleanup", example_inputs=example)
+    with tempfile.TemporaryDirectory() as folder:
+        models = {"torch eager original": model, "torch pruned (bevel graph)": pruned,
+                  "onnxruntime original": onnxruntime_session(original, os.path.join(folder, "original.onnx"),
+                                                              threads),
+                  "onnxruntime pruned": onnxruntime_session(pruned, os.path.join(folder, "pruned.onnx"), threads)}
+        reference = minilm.sentence_embeddings(model, held_out)
+        fidelity = {}
+        for name, candidate in models.items():
+            cosine = torch.nn.functional.cosine_similarity(minilm.sentence_embeddings(candidate, held_out), reference)
+            fidelity[name] = (float(cosine.min()), float(cosine.mean()))
+        latency = median_latencies_ms(models, timed, runs=args.repeats, warmup=args.warmup)
+
+    entry = pruned.report["prune.structured"]
+    print(f"MiniLM, batch {tuple(timed[0].shape)}, torch {torch.__version__}, {threads} threads, "
+          f"median of {args.repeats} runs after {args.warmup} warm-up; fidelity over {len(reference)} held-out "
+          f"sentences; pipeline: {args.passes}; params {entry.before.params} -> {entry.after.params}, "
+          f"GFLOPs {entry.before.flops / 1e9:.2f} -> {entry.after.flops / 1e9:.2f} at the example inputs")
+    print(f"{'model':30s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s}")
+    for name in models:
+        base = latency["onnxruntime original" if name.startswith("onnxruntime") else "torch eager original"]
+        low, mean = fidelity[name]
+        print(f"{name:30s} {latency[name]:8.1f} {base / latency[name]:8.2f}x {low:9.5f} {mean:9.5f}")
+
+
+if __name__ == "__main__":
+    main()

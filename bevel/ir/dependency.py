@@ -1,0 +1,709 @@
+"""Channel dependencies: which channel dimensions of a graph must be pruned together.
+
+Every Linear and Conv layer with a parameter weight *produces* channels (its output features). Those
+channels are followed forward through the graph, op by op, to where they are *consumed* (the input
+features of a later Linear or Conv). Ops on the way may tie the channels of several producers
+together (a residual add, q/k/v meeting in attention, the two branches of a gated MLP): tied producers
+form one :class:`ChannelGroup`, held as connected components of a networkx graph over the producers.
+
+A group is pruned in *units*. One unit of a producer is a set of its output channels laid out as
+``outer x units x per`` along its output dimension: an FFN neuron is one channel (1, n, 1); an
+attention head of a q projection is ``head_dim`` consecutive channels (1, heads, head_dim); a head of
+a fused qkv projection is three slices of ``head_dim`` channels (3, heads, head_dim). The analysis
+starts every producer at one channel per unit and coarsens a group's unit wherever an op needs it:
+
+- a reshape that splits the channel dimension puts the units in the factor just before the last one
+  (``[B, S, H*D] -> [B, S, H, D]``: heads, never a slice inside every head);
+- an op that ties two groups (an add, attention) needs both sides cut alike, so each is coarsened
+  to the common unit. Grouped-query attention follows from this rule: a key/value head feeds
+  ``heads / kv_heads`` query heads through the repeat before attention, so the query projection's
+  unit becomes those query heads together, and a kv head is removed only together with its query
+  heads.
+
+Where the channels meet an op this module has no rule for, reach the model's output, or are tied to
+something that cannot be cut (an embedding table, channels normalized together by a LayerNorm, a
+weight read by two ops), the group is *blocked*: it is left alone, and :attr:`ChannelGroup.blocked`
+names the node and why. A transformer's residual stream is blocked this way, by its LayerNorms.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from bevel.ir.analysis import CONV_OPS, LINEAR_OPS
+from bevel.ir.graph import Graph
+from bevel.ir.meta import concrete
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a group's units lie along one tensor dimension: ``outer x units x per`` elements, unit
+    ``u`` owning indices ``o * units * per + u * per + r``."""
+
+    outer: int
+    units: int
+    per: int
+
+    @property
+    def size(self) -> int:
+        return self.outer * self.units * self.per
+
+    def indices(self, units: list[int], offset: int = 0) -> list[int]:
+        """The indices along the dimension that ``units`` occupy."""
+        return [offset + o * self.units * self.per + u * self.per + r
+                for o in range(self.outer) for u in units for r in range(self.per)]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of one dimension: the channels of group ``group`` (a producer id) in ``layout``, or, with
+    ``group`` None, ``layout.size`` channels no group owns (the input of a concat that is not pruned)."""
+
+    group: int | None
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Track:
+    """The channels a tensor carries: along dimension ``dim``, the ``segments`` one after another."""
+
+    dim: int
+    segments: tuple[Segment, ...]
+
+    def offsets(self) -> list[int]:
+        starts, at = [], 0
+        for segment in self.segments:
+            starts.append(at)
+            at += segment.layout.size
+        return starts
+
+
+@dataclass
+class Slice:
+    """A stored tensor cut along ``dim`` when the group drops units: ``role`` is "producer" (a layer's
+    output rows and bias), "consumer" (a layer's input columns) or "attached" (BatchNorm statistics,
+    an added bias)."""
+
+    param: str
+    dim: int
+    offset: int
+    layout: Layout
+    role: str
+    node: fx.Node
+
+
+@dataclass
+class ShapeArg:
+    """A size in a view/reshape/expand/split argument list that counts the group's channels."""
+
+    node: fx.Node
+    position: int  # the index in the list argument (node.args[1])
+    offset: int
+    layout: Layout
+
+
+@dataclass
+class Consumer:
+    """A Linear or Conv layer reading the group's channels: its input ``source`` carries them along ``dim``."""
+
+    node: fx.Node
+    source: fx.Node
+    dim: int
+    offset: int
+    layout: Layout
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are pruned together. ``units`` is how many units each member has; ``name`` is the
+    weight of its first producer; ``kind`` is "heads" (it passes through attention), "conv" or "mlp"."""
+
+    name: str
+    kind: str
+    units: int
+    producers: list[fx.Node] = field(default_factory=list)
+    slices: list[Slice] = field(default_factory=list)
+    shape_args: list[ShapeArg] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    blocked: list[tuple[str, str]] = field(default_factory=list)  # (node name, why)
+
+    def widths(self) -> dict[str, int]:
+        """Output channels of each producer, by weight name."""
+        return {s.param: s.layout.size for s in self.slices if s.role == "producer" and s.dim == 0
+                and s.param.endswith("weight")}
+
+
+class Unsupported(Exception):
+    """An op the analysis has no rule for, or uses in a way it cannot follow."""
+
+
+# ops whose output holds the channels of their first argument where it had them
+_UNARY = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.gelu_.default, aten.silu.default,
+          aten.silu_.default, aten.sigmoid.default, aten.tanh.default, aten.neg.default, aten.abs.default,
+          aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default, aten.hardtanh.default,
+          aten.hardtanh_.default, aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
+          aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.relu6.default,
+          aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+          aten.detach.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
+          aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar,
+          aten.lift_fresh_copy.default, aten.type_as.default}
+_ELEMENTWISE = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.mul.Tensor,
+                aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor, aten.maximum.default,
+                aten.minimum.default}
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+             aten.unflatten.int}
+_CHANNEL_POOLS = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+                  aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default}
+_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
+_IGNORED_READS = {aten._assert_tensor_metadata.default}
+BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+
+
+def _shape(node: Any) -> list[int] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return [concrete(d) for d in val.shape] if isinstance(val, torch.Tensor) else None
+
+
+def _symbolic_dims(node: fx.Node) -> set[int]:
+    val = node.meta.get("val")
+    return {i for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt)} if isinstance(val, torch.Tensor) \
+        else set()
+
+
+class _Pass:
+    """One forward sweep over the graph under the current units; collects what must change before
+    the next sweep (coarsenings, couplings) and, once nothing must, the members of every group."""
+
+    def __init__(self, analysis: "DependencyAnalysis") -> None:
+        self.a = analysis
+        self.graph = analysis.graph
+        self.root = analysis.roots()
+        self.tracks: dict[fx.Node, Any] = {}
+        self.coarsen: dict[int, tuple[int, int]] = {}
+        self.couple: list[tuple[int, int]] = []
+        self.blocked: dict[int, list[tuple[str, str]]] = {}
+        self.slices: dict[int, list[Slice]] = {}
+        self.shape_args: dict[int, list[ShapeArg]] = {}
+        self.consumers: dict[int, list[Consumer]] = {}
+        self.attention: set[int] = set()
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def block(self, track: Any, node: fx.Node, why: str) -> None:
+        for group in _groups_of(track):
+            self.blocked.setdefault(self.root[group], []).append((node.name, why))
+
+    def request_coarsen(self, group: int, outer: int, per: int) -> None:
+        a, b = self.coarsen.get(self.root[group], (1, 1))
+        self.coarsen[self.root[group]] = (math.lcm(a, outer), math.lcm(b, per))
+
+    def add_slice(self, segment: Segment, offset: int, param: str, dim: int, role: str, node: fx.Node) -> None:
+        if segment.group is not None:
+            self.slices.setdefault(self.root[segment.group], []).append(
+                Slice(param, dim, offset, segment.layout, role, node))
+
+    # -- the sweep --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for node in self.graph.fx_graph.nodes:
+            if node.op == "call_function":
+                try:
+                    self.tracks[node] = self.visit(node)
+                except _Retry:
+                    self.tracks[node] = None  # the next sweep, under coarser units, follows it
+                except Unsupported as why:
+                    for source in node.all_input_nodes:
+                        self.block(self.tracks.get(source), node, str(why))
+                    self.tracks[node] = None
+            elif node.op == "call_module":
+                for source in node.all_input_nodes:
+                    self.block(self.tracks.get(source), node, "is a submodule call the analysis cannot see into")
+            elif node.op == "output":
+                for source in node.all_input_nodes:
+                    self.block(self.tracks.get(source), node, "reaches the model's output, whose shape must stay")
+
+    def visit(self, node: fx.Node) -> Any:
+        target = node.target
+        inputs = {a: self.tracks.get(a) for a in node.all_input_nodes}
+        tracked = {a: t for a, t in inputs.items() if t is not None}
+        if target in LINEAR_OPS or target in CONV_OPS:
+            return self.layer(node, tracked)
+        if not tracked:
+            return None
+        if target in _IGNORED_READS:
+            return None
+        if target is operator.getitem:
+            source, index = node.args
+            return self.tracks[source][index] if isinstance(self.tracks[source], list) else _unsupported(node)
+        if target == aten.sym_size.int:
+            if node.args[1] % len(_shape(node.args[0])) == _single(tracked).dim:
+                raise Unsupported("reads the size of the channel dimension at run time")
+            return None
+        if target in _UNARY:
+            return self.keep(node, inputs[node.args[0]])
+        if target in _ELEMENTWISE or target == aten.where.self:
+            return self.elementwise(node, tracked)
+        if target in _RESHAPES:
+            return self.reshape(node, _single(tracked))
+        if target in (aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
+                      aten.squeeze.dim, aten.squeeze.default, aten.expand.default, aten.select.int,
+                      aten.slice.Tensor, aten.unbind.int):
+            return self.move(node, _single(tracked))
+        if target in _REDUCTIONS or target in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
+            return self.reduce(node, _single(tracked))
+        if target in _CHANNEL_POOLS or target == aten.max_pool2d_with_indices.default:
+            track = _single(tracked)
+            if track.dim != 1:
+                raise Unsupported("pools over the channel dimension")
+            return [track, track] if target == aten.max_pool2d_with_indices.default else track
+        if target in BATCH_NORMS:
+            return self.batch_norm(node, _single(tracked))
+        if target == aten.layer_norm.default:
+            track = _single(tracked)
+            if track.dim >= len(_shape(node)) - len(node.args[1]):
+                raise Unsupported("normalizes over the channels: removing some changes the statistics of the rest")
+            return track
+        if target == aten.cat.default:
+            return self.cat(node)
+        if target in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+            return self.split(node, _single(tracked))
+        if target == aten.scaled_dot_product_attention.default:
+            return self.attention_op(node)
+        raise Unsupported(f"no channel rule for {target}")
+
+    # -- rules ------------------------------------------------------------------------------------
+
+    def layer(self, node: fx.Node, tracked: dict[fx.Node, Track]) -> Track | None:
+        weight = node.args[1]
+        conv = node.target in CONV_OPS
+        usable = self.graph.is_parameter(weight) and self.a.readers.get(weight.target, 0) == 1
+        groups = node.args[6] if conv and len(node.args) > 6 else 1
+        if tracked:
+            try:
+                self.consume(node, tracked, usable, groups)
+            except Unsupported as why:
+                for track in tracked.values():
+                    self.block(track, node, str(why))
+        producer = self.a.producer_ids.get(node)
+        if producer is None or not usable or groups != 1:
+            return None
+        width = self.graph.param(weight.target).shape[0]
+        outer, per = self.a.units[producer]
+        if width % (outer * per):
+            self.blocked.setdefault(self.root[producer], []).append(
+                (node.name, f"its {width} channels cannot be cut in units of {outer} x {per}"))
+            outer, per = 1, width
+        segment = Segment(producer, Layout(outer, width // (outer * per), per))
+        self.add_slice(segment, 0, weight.target, 0, "producer", node)
+        bias = node.args[2] if len(node.args) > 2 else None
+        if bias is not None:
+            if not self.graph.is_tensor_attr(bias) or self.a.readers.get(bias.target, 0) != 1:
+                self.blocked.setdefault(self.root[producer], []).append((node.name, "its bias is not its own"))
+            else:
+                self.add_slice(segment, 0, bias.target, 0, "producer", node)
+        return Track(1 if conv else len(_shape(node)) - 1, (segment,))
+
+    def consume(self, node: fx.Node, tracked: dict[fx.Node, Track], usable: bool, groups: int) -> None:
+        x, weight = node.args[0], node.args[1]
+        conv = node.target in CONV_OPS
+        track = tracked.get(x)
+        if len(tracked) > 1 or track is None:
+            raise Unsupported("its weight or bias carries pruned channels")
+        if track.dim != (1 if conv else len(_shape(x)) - 1):
+            raise Unsupported("reads the channels along a dimension it does not contract")
+        if not usable:
+            raise Unsupported(f"its weight '{getattr(weight, 'target', weight)}' is not a parameter read by "
+                              f"this layer alone")
+        if groups != 1:
+            raise Unsupported("is a grouped convolution")
+        for segment, offset in zip(track.segments, track.offsets()):
+            self.add_slice(segment, offset, weight.target, 1, "consumer", node)
+            if segment.group is not None:
+                self.consumers.setdefault(self.root[segment.group], []).append(
+                    Consumer(node, x, track.dim, offset, segment.layout))
+
+    def keep(self, node: fx.Node, track: Track | None) -> Track:
+        if track is None:
+            raise Unsupported("carries the channels in an argument it does not pass through")
+        return track
+
+    def elementwise(self, node: fx.Node, tracked: dict[fx.Node, Track]) -> Track:
+        rank = len(_shape(node))
+        aligned = {a: (t.dim + rank - len(_shape(a)), t) for a, t in tracked.items()}
+        dims = {d for d, _ in aligned.values()}
+        if len(dims) != 1:
+            raise Unsupported("combines channels that lie along different dimensions")
+        dim = dims.pop()
+        tracks = [t for _, t in aligned.values()]
+        first = tracks[0]
+        for other in tracks[1:]:
+            self.tie(first, other, node)
+        for arg in node.args:
+            if not isinstance(arg, fx.Node) or arg in tracked:
+                continue
+            shape = _shape(arg)
+            if shape is None:
+                continue
+            own_dim = dim - (rank - len(shape))
+            if own_dim < 0 or shape[own_dim] == 1:
+                continue  # broadcast along the channels: nothing to cut
+            if not (self.graph.is_tensor_attr(arg) and self.a.readers.get(arg.target, 0) == 1
+                    and len(first.segments) == 1):
+                raise Unsupported(f"adds or multiplies channels with '{arg.name}', which cannot be cut with them")
+            self.add_slice(first.segments[0], 0, arg.target, own_dim, "attached", node)
+        return Track(dim, first.segments)
+
+    def tie(self, one: Track, other: Track, node: fx.Node) -> None:
+        """Two tensors whose channels meet element by element: their segments must be cut alike."""
+        if [s.layout.size for s in one.segments] != [s.layout.size for s in other.segments]:
+            raise Unsupported("combines channel runs of different lengths")
+        for a, b in zip(one.segments, other.segments):
+            if a.group is None and b.group is None:
+                continue
+            if a.group is None or b.group is None:
+                self.block(Track(0, (a, b)), node, "ties pruned channels to channels that cannot be pruned")
+                continue
+            outer, per = math.lcm(a.layout.outer, b.layout.outer), math.lcm(a.layout.per, b.layout.per)
+            for s in (a, b):
+                if (s.layout.outer, s.layout.per) != (outer, per):
+                    self.request_coarsen(s.group, outer // s.layout.outer, per // s.layout.per)
+            if self.root[a.group] != self.root[b.group]:
+                self.couple.append((a.group, b.group))
+
+    def reshape(self, node: fx.Node, track: Track) -> Track:
+        before, after = _shape(node.args[0]), _shape(node)
+        blocks = _reshape_blocks(before, after)
+        block = next(b for b in blocks if track.dim in b[0])
+        ins, outs = block
+        if len(ins) == 1 and len(outs) == 1:
+            self.size_arg(node, outs[0], track)
+            return Track(outs[0], track.segments)
+        if len(track.segments) != 1 or track.segments[0].group is None:
+            raise Unsupported("reshapes a dimension made of several channel runs")
+        if (_symbolic_dims(node.args[0]) & set(ins)) or (_symbolic_dims(node) & set(outs)):
+            raise Unsupported("merges the channels with a dimension of run-time size")
+        segment = track.segments[0]
+        layout = segment.layout
+        inner = [d for d in ins if d != track.dim]
+        outer = layout.outer * math.prod(before[d] for d in inner if d < track.dim)
+        per = layout.per * math.prod(before[d] for d in inner if d > track.dim)
+        factors = [d for d in outs if after[d] > 1]
+        chosen = factors[-2] if len(factors) >= 2 else (factors[0] if factors else outs[-1])
+        head = math.prod(after[d] for d in outs if d < chosen)
+        tail = math.prod(after[d] for d in outs if d > chosen)
+        if outer % head or per % tail:
+            self.request_coarsen(segment.group, math.lcm(outer, head) // outer, math.lcm(per, tail) // per)
+            raise _Retry
+        new = Track(chosen, (Segment(segment.group, Layout(outer // head, layout.units, per // tail)),))
+        self.size_arg(node, chosen, new)
+        return new
+
+    def size_arg(self, node: fx.Node, dim: int, track: Track) -> None:
+        """Record the entry of a view/reshape/expand size list that gives the channel dimension's size."""
+        if node.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                               aten.expand.default):
+            return
+        sizes = node.args[1]
+        if isinstance(sizes[dim], fx.Node):
+            raise Unsupported("sizes the channel dimension with a value computed at run time")
+        if sizes[dim] == -1:
+            return
+        if len(track.segments) != 1:
+            raise Unsupported("gives the size of a dimension made of several channel runs")
+        segment = track.segments[0]
+        if segment.group is not None:
+            self.shape_args.setdefault(self.root[segment.group], []).append(
+                ShapeArg(node, dim, 0, segment.layout))
+
+    def move(self, node: fx.Node, track: Track) -> Any:
+        target, args = node.target, node.args
+        rank_in = len(_shape(args[0]))
+        if target == aten.transpose.int:
+            a, b = (d % rank_in for d in args[1:3])
+            return Track({a: b, b: a}.get(track.dim, track.dim), track.segments)
+        if target == aten.t.default:
+            return Track(rank_in - 1 - track.dim, track.segments) if rank_in == 2 else track
+        if target == aten.permute.default:
+            order = [d % rank_in for d in args[1]]
+            return Track(order.index(track.dim), track.segments)
+        if target == aten.unsqueeze.default:
+            d = args[1] % (rank_in + 1)
+            return Track(track.dim + (d <= track.dim), track.segments)
+        if target in (aten.squeeze.dim, aten.squeeze.default):
+            before = _shape(args[0])
+            gone = [d % rank_in for d in ([args[1]] if target == aten.squeeze.dim else range(rank_in))
+                    if before[d % rank_in] == 1]
+            if track.dim in gone:
+                raise Unsupported("squeezes the channel dimension away")
+            return Track(track.dim - sum(d < track.dim for d in gone), track.segments)
+        if target == aten.expand.default:
+            rank_out = len(args[1])
+            new = Track(track.dim + rank_out - rank_in, track.segments)
+            self.size_arg(node, new.dim, new)
+            return new
+        dim = args[1] % rank_in if len(args) > 1 else 0
+        if dim == track.dim:
+            raise Unsupported("indexes along the channel dimension")
+        if target == aten.slice.Tensor:
+            return track
+        moved = Track(track.dim - (dim < track.dim), track.segments)
+        if target == aten.unbind.int:
+            return [moved] * _shape(args[0])[dim]
+        return moved
+
+    def reduce(self, node: fx.Node, track: Track) -> Track:
+        rank = len(_shape(node.args[0]))
+        if node.target in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
+            if node.args[1] % rank == track.dim:
+                raise Unsupported("normalizes over the channels")
+            return track
+        dims = node.args[1] if len(node.args) > 1 else None
+        dims = list(range(rank)) if not dims else [d % rank for d in ([dims] if isinstance(dims, int) else dims)]
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if track.dim in dims:
+            raise Unsupported("reduces over the channels")
+        return track if keepdim else Track(track.dim - sum(d < track.dim for d in dims), track.segments)
+
+    def batch_norm(self, node: fx.Node, track: Track) -> Any:
+        if track.dim != 1:
+            raise Unsupported("normalizes along another dimension than the channels")
+        for arg in node.args[1:5]:
+            if arg is None:
+                continue
+            if not self.graph.is_tensor_attr(arg) or self.a.readers.get(arg.target, 0) != 1:
+                raise Unsupported(f"reads '{arg}', which is not a tensor of its own")
+            for segment, offset in zip(track.segments, track.offsets()):
+                self.add_slice(segment, offset, arg.target, 0, "attached", node)
+        return [track, None, None] if node.target != aten.batch_norm.default else track
+
+    def cat(self, node: fx.Node) -> Track:
+        parts = node.args[0]
+        rank = len(_shape(node))
+        dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+        tracks = [self.tracks.get(p) for p in parts]
+        known = [t for t in tracks if t is not None]
+        if dim not in {t.dim for t in known}:
+            # joined along another dimension: every part must carry the same channels
+            if any(t is None for t in tracks) or len({t.dim for t in known}) != 1:
+                raise Unsupported("joins pruned channels with a tensor that cannot be cut with them")
+            for other in known[1:]:
+                self.tie(known[0], other, node)
+            return known[0]
+        if len({t.dim for t in known}) != 1:
+            raise Unsupported("joins tensors whose channels lie along different dimensions")
+        segments: list[Segment] = []
+        for part, track in zip(parts, tracks):
+            if track is None:
+                segments.append(Segment(None, Layout(1, _shape(part)[dim], 1)))
+            else:
+                segments.extend(track.segments)
+        return Track(dim, tuple(segments))
+
+    def split(self, node: fx.Node, track: Track) -> list[Track]:
+        rank = len(_shape(node.args[0]))
+        dim = (node.args[2] if len(node.args) > 2 else 0) % rank
+        if dim != track.dim:
+            return [track] * len(node.meta["val"])
+        total = sum(s.layout.size for s in track.segments)
+        if node.target == aten.split_with_sizes.default:
+            sizes = list(node.args[1])
+        else:
+            step = node.args[1] if node.target == aten.split.Tensor else -(-total // node.args[1])
+            sizes = [min(step, total - i) for i in range(0, total, step)]
+        if len(track.segments) == 1 and track.segments[0].group is not None and len(set(sizes)) == 1:
+            segment = track.segments[0]
+            layout = segment.layout
+            if layout.outer % len(sizes):
+                self.request_coarsen(segment.group, math.lcm(layout.outer, len(sizes)) // layout.outer, 1)
+                raise _Retry
+            if node.target == aten.split_with_sizes.default:
+                raise Unsupported("splits the channels at fixed sizes")
+            piece = Segment(segment.group, Layout(layout.outer // len(sizes), layout.units, layout.per))
+            self.shape_args.setdefault(self.root[segment.group], []).append(ShapeArg(node, -1, 0, piece.layout))
+            return [Track(dim, (piece,))] * len(sizes)
+        offsets = track.offsets() + [total]
+        if node.target != aten.split_with_sizes.default or \
+                [sum(sizes[:i]) for i in range(len(sizes) + 1)] != [o for o in offsets if o <= total]:
+            raise Unsupported("splits the channels where channel runs do not begin")
+        for position, segment in enumerate(track.segments):
+            if segment.group is not None:
+                self.shape_args.setdefault(self.root[segment.group], []).append(
+                    ShapeArg(node, position, 0, segment.layout))
+        return [Track(dim, (segment,)) for segment in track.segments]
+
+    def attention_op(self, node: fx.Node) -> Track:
+        if node.kwargs.get("enable_gqa"):
+            raise Unsupported("repeats key/value heads inside attention (enable_gqa)")
+        q, k, v = node.args[:3]
+        tracks = [self.tracks.get(a) for a in (q, k, v)]
+        if any(t is None for t in tracks):
+            raise Unsupported("mixes pruned heads with heads that cannot be pruned")
+        heads = len(_shape(q)) - 3
+        if any(t.dim != heads for t in tracks):
+            raise Unsupported("carries channels along a dimension other than the heads")
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if isinstance(mask, fx.Node):
+            shape = _shape(mask)
+            own = heads - (len(_shape(q)) - len(shape))
+            if own >= 0 and shape[own] != 1:
+                raise Unsupported("applies a mask of its own to every head")
+        self.tie(tracks[0], tracks[1], node)
+        self.tie(tracks[0], tracks[2], node)
+        for segment in tracks[0].segments:
+            if segment.group is not None:
+                self.attention.add(self.root[segment.group])
+        return Track(heads, tracks[0].segments)
+
+
+class _Retry(Unsupported):
+    """The units of a group were coarsened: the sweep goes on, and a next one redoes this node."""
+
+    def __init__(self) -> None:
+        super().__init__("")
+
+
+def _unsupported(node: fx.Node) -> Any:
+    raise Unsupported(f"reads an output of {node.args[0].target} that the analysis does not follow")
+
+
+def _single(tracked: dict[fx.Node, Track]) -> Track:
+    if len(tracked) != 1:
+        raise Unsupported("takes channels of more than one tensor")
+    return next(iter(tracked.values()))
+
+
+def _groups_of(track: Any) -> set[int]:
+    if track is None:
+        return set()
+    if isinstance(track, list):
+        return set().union(*(_groups_of(t) for t in track))
+    return {s.group for s in track.segments if s.group is not None}
+
+
+def _reshape_blocks(before: list[int], after: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Pair runs of input dims with runs of output dims of equal element count, left to right: a
+    reshape only merges and splits dims within such runs."""
+    blocks, i, j = [], 0, 0
+    while i < len(before) or j < len(after):
+        ins, outs, size_in, size_out = [], [], 1, 1
+        if i < len(before):
+            size_in, i = before[i], i + 1
+            ins.append(i - 1)
+        if j < len(after):
+            size_out, j = after[j], j + 1
+            outs.append(j - 1)
+        while size_in != size_out:
+            if size_in < size_out and i < len(before):
+                size_in, i = size_in * before[i], i + 1
+                ins.append(i - 1)
+            elif size_out < size_in and j < len(after):
+                size_out, j = size_out * after[j], j + 1
+                outs.append(j - 1)
+            else:
+                raise Unsupported("reshapes in a way the analysis cannot follow")
+        blocks.append((ins, outs))
+    return blocks
+
+
+class DependencyAnalysis:
+    """The channel groups of ``graph``: build it, then read :attr:`groups`. The coupling of producers
+    is a networkx graph (:attr:`coupling`, one node per producer, an edge where two are tied)."""
+
+    MAX_SWEEPS = 200
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.readers = _readers(graph)
+        producers = [n for n in graph.nodes(op="call_function", target=LINEAR_OPS + CONV_OPS)
+                     if graph.is_parameter(n.args[1])]
+        self.producer_ids = {node: i for i, node in enumerate(producers)}
+        self.producers = producers
+        self.units: dict[int, tuple[int, int]] = {i: (1, 1) for i in self.producer_ids.values()}
+        self.coupling = nx.Graph()
+        self.coupling.add_nodes_from((i, {"node": node.name}) for node, i in self.producer_ids.items())
+        self.groups = self._analyse()
+
+    def roots(self) -> dict[int, int]:
+        """Each producer's group: the smallest producer id of its connected component."""
+        root = {}
+        for component in nx.connected_components(self.coupling):
+            first = min(component)
+            root.update({member: first for member in component})
+        return root
+
+    def _analyse(self) -> list[ChannelGroup]:
+        for _ in range(self.MAX_SWEEPS):
+            sweep = _Pass(self)
+            sweep.run()
+            if not sweep.coarsen and not sweep.couple:
+                return self._groups(sweep)
+            for root, (outer, per) in sweep.coarsen.items():
+                for member, member_root in sweep.root.items():
+                    if member_root == root:
+                        a, b = self.units[member]
+                        self.units[member] = (a * outer, b * per)
+            for a, b in sweep.couple:
+                self.coupling.add_edge(a, b, node="tied")
+        groups = self._groups(sweep)
+        for group in groups:  # never expected; leaving everything alone is always safe
+            group.blocked.append((group.producers[0].name, "the analysis did not settle on a unit"))
+        return groups
+
+    def _groups(self, sweep: _Pass) -> list[ChannelGroup]:
+        groups = []
+        for root in sorted(set(sweep.root.values())):
+            members = sorted(m for m, r in sweep.root.items() if r == root)
+            producers = [self.producers[m] for m in members]
+            slices = sweep.slices.get(root, [])
+            units = {s.layout.units for s in slices}
+            conv = all(p.target in CONV_OPS for p in producers)
+            kind = "heads" if root in sweep.attention else ("conv" if conv else "mlp")
+            group = ChannelGroup(name=self.producers[root].args[1].target, kind=kind,
+                                 units=units.pop() if len(units) == 1 else 0, producers=producers,
+                                 slices=slices, shape_args=sweep.shape_args.get(root, []),
+                                 consumers=sweep.consumers.get(root, []), blocked=sweep.blocked.get(root, []))
+            if not group.consumers and not group.blocked:
+                group.blocked.append((producers[0].name, "its channels are never read by a layer"))
+            if group.units == 0 and not group.blocked:
+                group.blocked.append((producers[0].name, "its members do not agree on the number of units"))
+            groups.append(group)
+        return groups
+
+    def removed_params(self, removed_units: dict[str, int]) -> int:
+        """How many stored elements pruning ``removed_units`` (units per group name) removes."""
+        cut: dict[tuple[str, int], int] = {}
+        for group in self.groups:
+            dropped = removed_units.get(group.name, 0)
+            for s in group.slices:
+                key = (s.param, s.dim)
+                cut[key] = cut.get(key, 0) + dropped * s.layout.outer * s.layout.per
+        removed = 0
+        for name in {p for p, _ in cut}:
+            shape = list(self.graph.param(name).shape)
+            new = [size - cut.get((name, d), 0) for d, size in enumerate(shape)]
+            removed += math.prod(shape) - math.prod(new)
+        return removed
+
+
+def _readers(graph: Graph) -> dict[str, int]:
+    """How many times each stored tensor is read anywhere in the graph."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes(op="get_attr"):
+        for user in node.users:
+            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
+            counts[node.target] = counts.get(node.target, 0) + reads
+    return counts
+
+
+def channel_groups(graph: Graph) -> list[ChannelGroup]:
+    """The groups of coupled channels of ``graph`` (see the module docstring)."""
+    return DependencyAnalysis(graph).groups

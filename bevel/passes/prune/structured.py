@@ -1,0 +1,324 @@
+"""``prune.structured``: remove whole channels, attention heads and FFN neurons, physically.
+
+The groups of channels that must go together come from :mod:`bevel.ir.dependency`. In each group
+the units (a channel, a head, a kv head with its query heads) are ranked by an importance score and
+the lowest ``ratio`` of them are cut out of every weight, bias, BatchNorm statistic and reshape size
+of the group, so the graph gets smaller and cheaper with no masks left. Where calibration batches
+are given, each layer that read removed channels is compensated: their mean contribution goes into
+its bias (FLAP, An et al. 2024), and a Linear's kept columns are refitted to its old output by least
+squares on the calibration inputs (see :func:`_compensate`), and every BatchNorm after a layer that
+lost inputs re-estimates its running mean and variance on them, as is usual after pruning a CNN.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from bevel.errors import ParamError
+from bevel.ir.analysis import LINEAR_OPS, param_count
+from bevel.ir.dependency import BATCH_NORMS, ChannelGroup, DependencyAnalysis, Layout
+from bevel.ir.graph import Graph
+from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
+from bevel.passes.prune.structured_stats import ChannelStats, collect_channel_stats, recalibrate_batch_norms
+from bevel.passes.registry import register_pass
+
+TARGETS = ("mlp", "heads", "conv", "all")
+
+
+@register_pass("prune.structured")
+class StructuredPrune(Pass):
+    """Remove the least important channels, heads and FFN neurons of each group of coupled channels."""
+
+    @dataclass
+    class Params(PassParams):
+        ratio: float = param(0.25, "fraction of each group's units (channels, heads) removed", ge=0.0, lt=1.0)
+        target: str = param("mlp", "which groups: FFN neurons, attention heads, conv channels, or all",
+                            choices=TARGETS)
+        importance: str = param("l1", "how units are ranked: weight magnitude (l1, l2), |W| times the "
+                                "calibration activation norm (activation, as Wanda), or taylor",
+                                choices=("l1", "l2", "activation", "taylor"))
+        global_ranking: bool = param(False, "rank units across all groups at once instead of within each group")
+        round_to: int = param(1, "keep every pruned layer's width a multiple of this", ge=1)
+        skip: tuple[str, ...] = param((), "weight-name patterns (fnmatch) whose groups are left alone")
+        compensate: bool = param(True, "refit the layers that read removed channels to their old output "
+                                 "(least squares for Linear, mean fold for Conv) and re-estimate the BatchNorm "
+                                 "statistics after them; needs calibration batches")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.importance == "taylor":
+                raise ParamError("prune.structured(importance='taylor'): Taylor importance needs the gradient of a "
+                                 "training loss, and a compile sees inputs without labels or a loss, so there is "
+                                 "no gradient to take; use importance='activation' (calibration-weighted) or "
+                                 "'l1'", key="importance")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        p = self.params
+        analysis = DependencyAnalysis(graph)
+        notes = [f"left alone: group '{g.name}' ({g.kind}): node '{g.blocked[0][0]}' {g.blocked[0][1]}"
+                 for g in analysis.groups if g.blocked and _wanted(g, p.target)]
+        candidates = [g for g in analysis.groups if not g.blocked and _wanted(g, p.target)]
+        for group in list(candidates):
+            names = {s.param for s in group.slices}
+            if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in p.skip):
+                candidates.remove(group)
+                notes.append(f"left alone: group '{group.name}' matches a skip pattern")
+        if not candidates:
+            what = {"heads": "attention heads", "mlp": "FFN neuron groups", "conv": "conv channel groups",
+                    "all": "channel groups"}[p.target]
+            return PassResult(changed=False, stats={"groups": {}}, notes=notes + [f"no prunable {what} found: "
+                                                                                  f"nothing changed"])
+        steps = {}
+        for group in list(candidates):
+            step = _unit_step(group, p.round_to)
+            if step > group.units:
+                candidates.remove(group)
+                notes.append(f"left alone: group '{group.name}': round_to={p.round_to} is larger than its "
+                             f"layers' widths {sorted(set(group.widths().values()))}")
+            else:
+                steps[group.name] = step
+        if p.ratio == 0 or not candidates:
+            return PassResult(changed=False, stats={"groups": {}}, notes=notes + ["nothing removed"])
+
+        stats = self._stats(graph, candidates, ctx)
+        if p.importance == "activation" and not ctx.calibrated:
+            notes.append("activation norms measured on the example inputs: no calibration batches were given")
+        centered = p.compensate and ctx.calibrated
+        scores = {g.name: _importance(graph, g, p.importance, stats, centered) for g in candidates}
+        removed = _select(candidates, scores, steps, p.ratio, p.global_ranking)
+        removed = {name: units for name, units in removed.items() if units}
+        if not removed:
+            return PassResult(changed=False, stats={"groups": {}}, notes=notes + [
+                f"ratio={p.ratio} removes no whole unit of any group (round_to={p.round_to})"])
+
+        graph.remove_unused_params()  # so that the count before holds only what the graph reads
+        before = param_count(graph)
+        chosen = {g.name: g for g in candidates if g.name in removed}
+        predicted = before - analysis.removed_params({n: len(u) for n, u in removed.items()})
+        new_biases = _compensate(graph, chosen, removed, stats) if p.compensate and ctx.calibrated else {}
+        _cut(graph, chosen, removed, new_biases)
+        folded = sum(graph.param(name).numel() for name in new_biases)
+        graph.refresh()
+        recalibrated = []
+        if p.compensate and ctx.calibrated:
+            readers = [c.node for name in chosen for c in chosen[name].consumers]
+            recalibrated = recalibrate_batch_norms(graph, readers, ctx.calibration, BATCH_NORMS)
+        report = {}
+        for name, group in chosen.items():
+            kept = group.units - len(removed[name])
+            widths = {w: [size, size * kept // group.units] for w, size in group.widths().items()}
+            report[name] = {"kind": group.kind, "units": [group.units, kept], "widths": widths}
+        result_stats = {"groups": report, "params": [before, param_count(graph)],
+                        "predicted_params": predicted + folded, "bias_params_added": folded,
+                        "importance": p.importance, "batch_norms_recalibrated": len(recalibrated)}
+        return PassResult(changed=True, stats=result_stats, notes=notes)
+
+    @staticmethod
+    def _stats(graph: Graph, groups: list[ChannelGroup], ctx: PassContext) -> dict:
+        watched = {c.source: c.dim for g in groups for c in g.consumers}
+        return collect_channel_stats(graph, watched, ctx.calibration)
+
+
+def _wanted(group: ChannelGroup, target: str) -> bool:
+    return target == "all" or group.kind == target
+
+
+def _unit_step(group: ChannelGroup, round_to: int) -> int:
+    """The smallest number of units whose channels are a multiple of ``round_to`` in every producer."""
+    step = 1
+    for width in group.widths().values():
+        per_unit = width // group.units
+        step = math.lcm(step, round_to // math.gcd(round_to, per_unit))
+    return step
+
+
+def _per_unit(values: torch.Tensor, dim: int, offset: int, layout: Layout) -> torch.Tensor:
+    """``values`` summed over everything but the group's units along ``dim``: one figure per unit."""
+    part = values.detach().float().movedim(dim, 0)[offset:offset + layout.size]
+    return part.reshape(layout.outer, layout.units, layout.per, -1).sum(dim=(0, 2, 3))
+
+
+def _importance(graph: Graph, group: ChannelGroup, importance: str, stats: dict, centered: bool) -> torch.Tensor:
+    """One score per unit of ``group``: higher is more important.
+
+    "activation" scores a channel by what removing it takes from the layers that read it: the L2 norm
+    of its weight column times the L2 norm of its calibration activations (Wanda's |W| times ||x||, per
+    column). With ``centered`` the removed channels' means go to the next bias, so what is lost is
+    only their fluctuation around the mean, and the activation norm is taken about the mean (as FLAP).
+    "l1" and "l2" sum the magnitudes of the unit's weights in every layer of the group, a producer's
+    output rows taken as folded with the BatchNorm after it (see :func:`_batch_norm_scale`).
+    """
+    score = torch.zeros(group.units)
+    if importance == "activation":
+        for consumer in group.consumers:
+            weight = graph.param(consumer.node.args[1].target).detach().float()
+            column = weight.movedim(1, 0).reshape(weight.shape[1], -1).pow(2).sum(dim=1)
+            seen = stats[consumer.source]
+            energy = seen.squares - seen.count * seen.mean.pow(2) if centered else seen.squares
+            score += _per_unit((column * energy.clamp(min=0)).sqrt(), 0, consumer.offset, consumer.layout)
+        return score
+    power = 1 if importance == "l1" else 2
+    for s in group.slices:
+        tensor = graph.param(s.param)
+        if s.role in ("producer", "consumer") and tensor.dim() >= 2:
+            magnitude = tensor.detach().float().abs().pow(power)
+            scale = _batch_norm_scale(graph, s.node) if s.role == "producer" else None
+            if scale is not None:
+                magnitude = magnitude * scale.pow(power).reshape(-1, *[1] * (magnitude.dim() - 1))
+            score += _per_unit(magnitude, s.dim, s.offset, s.layout)
+    return score
+
+
+def _batch_norm_scale(graph: Graph, layer: fx.Node) -> torch.Tensor | None:
+    """``|gamma| / sqrt(var + eps)`` of the BatchNorm (in eval mode) that reads ``layer``'s output, if one does.
+
+    A BatchNorm rescales each output channel by this, so the layer's weight magnitude alone says
+    little about a channel (its norm is divided out); the weight folded with the BatchNorm does, and
+    a small |gamma| marks a channel the network has learned to silence (network slimming, Liu et al.
+    2017).
+    """
+    for user in layer.users:
+        if user.op != "call_function" or user.target not in BATCH_NORMS or user.args[0] is not layer:
+            continue
+        gamma, variance = user.args[1], user.args[4]
+        eps = user.args[7] if user.target == torch.ops.aten.batch_norm.default else user.args[6]
+        if not graph.is_tensor_attr(variance):
+            return None
+        scale = (graph.param(variance.target).detach().float() + eps).rsqrt()
+        if gamma is not None:
+            if not graph.is_tensor_attr(gamma):
+                return None
+            scale = scale * graph.param(gamma.target).detach().float().abs()
+        return scale
+    return None
+
+
+def _select(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], steps: dict[str, int], ratio: float,
+            global_ranking: bool) -> dict[str, list[int]]:
+    """The units each group drops: the lowest-scoring ones, the count set by ``ratio`` (per group, or
+    over all groups with scores normalized by each group's mean), kept counts rounded up to the step."""
+    counts = {g.name: int(ratio * g.units) for g in groups}
+    if global_ranking:
+        entries = []
+        for g in groups:
+            mean = float(scores[g.name].mean()) or 1.0
+            entries += [(float(v) / mean, g.name) for v in scores[g.name]]
+        entries.sort()
+        budget = int(ratio * sum(g.units for g in groups))
+        counts = dict.fromkeys(counts, 0)
+        limit = {g.name: g.units - steps[g.name] for g in groups}
+        for _, name in entries:
+            if budget == 0:
+                break
+            if counts[name] < limit[name]:
+                counts[name] += 1
+                budget -= 1
+    removed = {}
+    for g in groups:
+        step = steps[g.name]
+        kept = max(step, math.ceil((g.units - counts[g.name]) / step) * step)
+        drop = max(0, g.units - kept)
+        order = torch.argsort(scores[g.name], stable=True)
+        removed[g.name] = sorted(int(u) for u in order[:drop])
+    return removed
+
+
+def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[int]],
+                stats: dict[object, ChannelStats]) -> dict[str, str]:
+    """Give every layer that read removed channels what they contributed, as far as the kept ones allow.
+
+    A Linear ``W x + b`` refits its kept columns and bias to its old output by least squares on the
+    calibration inputs (closed form from the sums of ``x x^T``): ``[W_K, b] += W_R C_RK C_KK^-1`` over
+    ``[x_K, 1]``. Where removed channels are uncorrelated with the kept ones this is their mean folded
+    into the bias. A conv gets that mean fold: its output on the mean input restricted to the removed
+    channels, averaged over positions (the zero padding makes it depend on position). A layer without
+    a bias gets one; returns those new biases with their weight names.
+    """
+    created = {}
+    for name, group in groups.items():
+        for consumer in group.consumers:
+            node, seen = consumer.node, stats[consumer.source]
+            weight = graph.param(node.args[1].target).detach()
+            gone = torch.tensor(consumer.layout.indices(removed[name], consumer.offset))
+            if node.target in LINEAR_OPS:
+                weight, delta = _refit_linear(weight, gone, seen)
+                graph.set_param(node.args[1].target, weight)
+            elif seen.batch_mean is not None:
+                mean = seen.batch_mean  # one mean example [C, *spatial]
+                mask = torch.zeros(mean.shape[0])
+                mask[gone] = 1
+                only_removed = mean * mask.reshape(-1, *[1] * (mean.dim() - 1))
+                with torch.no_grad():
+                    out = node.target(only_removed.unsqueeze(0).to(weight.dtype), weight, None, *node.args[3:])
+                delta = out.mean(dim=(0, *range(2, out.dim())))
+            else:
+                continue  # conv inputs of varying sizes: no one mean example
+            bias = node.args[2] if len(node.args) > 2 else None
+            if bias is None:
+                new = graph.add_param(node.args[1].target.rsplit(".", 1)[0] + ".bias", delta, before=node,
+                                      as_parameter=True)
+                node.args = (node.args[0], node.args[1], new, *node.args[3:])
+                created[new.target] = node.args[1].target
+            else:
+                graph.set_param(bias.target, graph.param(bias.target).detach() + delta)
+    return created
+
+
+# damping of the least-squares refit, relative to the mean diagonal: keeps the solve well posed when
+# a few thousand calibration rows leave some directions of the kept channels barely seen
+REFIT_DAMPING = 0.01
+
+
+def _refit_linear(weight: torch.Tensor, gone: torch.Tensor, seen: ChannelStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight with its kept columns refitted, and what the bias gains (see :func:`_compensate`)."""
+    size = weight.shape[1]
+    moments = torch.zeros(size + 1, size + 1, dtype=torch.float64)
+    moments[:size, :size] = seen.gram.double()
+    moments[:size, size] = moments[size, :size] = seen.total.double()
+    moments[size, size] = seen.count
+    keep = torch.tensor(sorted(set(range(size + 1)) - set(gone.tolist())))
+    kept = moments[keep][:, keep]
+    # the constant column is not damped: its normal equation then holds exactly, so the refitted
+    # layer's mean output over the calibration data is the old one
+    damping = torch.ones(len(keep), dtype=torch.float64)
+    damping[-1] = 0
+    kept += torch.diag(damping) * REFIT_DAMPING * kept.diagonal()[:-1].mean()
+    transfer = torch.linalg.solve(kept, moments[keep][:, gone]).T  # [removed, kept + 1]
+    delta = weight[:, gone].double() @ transfer
+    refitted = weight.clone()
+    refitted[:, keep[:-1]] += delta[:, :-1].to(weight.dtype)
+    return refitted, delta[:, -1].to(weight.dtype)
+
+
+def _cut(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[int]],
+         new_biases: dict[str, str]) -> None:
+    """Slice every tensor and reshape size of the chosen groups; a bias created by folding loses the
+    output rows its layer's weight loses."""
+    drop: dict[str, dict[int, set[int]]] = {}
+    for name, group in groups.items():
+        for s in group.slices:
+            drop.setdefault(s.param, {}).setdefault(s.dim, set()).update(s.layout.indices(removed[name], s.offset))
+    for bias, weight in new_biases.items():
+        if 0 in drop.get(weight, {}):
+            drop[bias] = {0: drop[weight][0]}
+    for param_name, dims in drop.items():
+        tensor = graph.param(param_name).detach()
+        for dim, gone in dims.items():
+            keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in gone])
+            tensor = tensor.index_select(dim, keep)
+        graph.set_param(param_name, tensor.contiguous())
+    for name, group in groups.items():
+        for arg in group.shape_args:
+            delta = len(removed[name]) * arg.layout.outer * arg.layout.per
+            node = arg.node
+            if arg.position < 0:  # the size of each piece of an even split
+                node.update_arg(1, node.args[1] - delta)
+            else:
+                sizes = list(node.args[1])
+                sizes[arg.position] -= delta
+                node.update_arg(1, sizes)

@@ -1,0 +1,97 @@
+"""The channel dependency analysis: which producers are tied, in what units, and which groups it
+leaves alone, on small models built for each coupling."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bevel.ir import analysis, capture
+from bevel.ir.dependency import DependencyAnalysis, Layout
+from tests.models_zoo import MLP, SDPABlock
+from tests.passes.test_prune_structured import ResidualConvNet
+
+
+def groups_of(model, *example):
+    graph = capture(model.eval(), example)
+    return graph, {g.name: g for g in DependencyAnalysis(graph).groups}
+
+
+def test_linear_activation_linear_is_one_neuron_group_and_the_last_layer_is_blocked():
+    _, groups = groups_of(MLP((16, 32, 8)), torch.randn(2, 16))
+    hidden = groups["layers.0.weight"]
+    assert hidden.kind == "mlp" and hidden.units == 32 and not hidden.blocked
+    assert [c.node.args[1].target for c in hidden.consumers] == ["layers.1.weight"]
+    assert {(s.param, s.dim) for s in hidden.slices} == {("layers.0.weight", 0), ("layers.0.bias", 0),
+                                                         ("layers.1.weight", 1)}
+    assert "output" in groups["layers.1.weight"].blocked[0][1]
+
+
+def test_residual_add_ties_every_member_and_batchnorm_follows_its_conv():
+    _, groups = groups_of(ResidualConvNet(width=8), torch.randn(2, 1, 8, 8))
+    residual = groups["stem.0.weight"]
+    assert [p.args[1].target for p in residual.producers] == ["stem.0.weight", "block.3.weight"]
+    cut = {(s.param, s.dim) for s in residual.slices}
+    assert {("stem.1.running_mean", 0), ("block.4.running_var", 0), ("block.0.weight", 1),
+            ("down.0.weight", 1)} <= cut
+    inner = groups["block.0.weight"]
+    assert inner.kind == "conv" and inner.units == 8 and [c.node.args[1].target for c in inner.consumers] == \
+        ["block.3.weight"]
+
+
+def test_concat_and_split_keep_each_branch_at_its_offset():
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+            self.fused = nn.Linear(8, 12)
+            self.merge, self.out = nn.Conv2d(10, 5, 1), nn.Linear(6, 3)
+
+        def forward(self, x):
+            y = self.merge(torch.cat([torch.relu(self.a(x)), self.b(x)], dim=1)).mean(dim=(2, 3))
+            gate, up = self.fused(torch.randn_like(y[:, :1]).expand(-1, 8) + 1).chunk(2, dim=-1)
+            return y.sum(-1, keepdim=True) + self.out(gate * up)
+
+    _, groups = groups_of(Branches(), torch.randn(2, 3, 4, 4))
+    a, b = groups["a.weight"], groups["b.weight"]
+    assert not a.blocked and not b.blocked
+    assert [(s.offset, s.layout) for s in a.slices if s.param == "merge.weight"] == [(0, Layout(1, 4, 1))]
+    assert [(s.offset, s.layout) for s in b.slices if s.param == "merge.weight"] == [(4, Layout(1, 6, 1))]
+    # the gate and up halves of one projection: a unit is one channel in each half
+    fused = groups["fused.weight"]
+    assert not fused.blocked and fused.units == 6
+    assert [s.layout for s in fused.slices if s.param == "fused.weight"] == [Layout(2, 6, 1)]
+
+
+def test_fused_qkv_heads_are_cut_in_all_three_projections():
+    _, groups = groups_of(SDPABlock(dim=16, heads=4), torch.randn(2, 5, 16))
+    heads = groups["qkv.weight"]
+    assert heads.kind == "heads" and heads.units == 4 and not heads.blocked
+    assert [s.layout for s in heads.slices if s.param == "qkv.weight"] == [Layout(3, 4, 4)]
+    assert [(a.node.target, a.position) for a in heads.shape_args] == [(torch.ops.aten.reshape.default, 3),
+                                                                       (torch.ops.aten.reshape.default, 2)]
+
+
+def test_grouped_query_attention_units_are_kv_heads_with_their_query_heads():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=8,
+                         num_key_value_heads=2, intermediate_size=48, use_cache=False)
+    graph, groups = groups_of(LlamaForCausalLM(config), torch.randint(0, 64, (2, 6)))
+    heads = groups["model.layers.0.self_attn.q_proj.weight"]
+    assert heads.kind == "heads" and heads.units == 2
+    layouts = {s.param.split(".")[-2]: s.layout for s in heads.slices if s.dim == 0}
+    assert layouts == {"q_proj": Layout(1, 2, 16), "k_proj": Layout(1, 2, 4), "v_proj": Layout(1, 2, 4)}
+    # the repeat of kv heads before attention: its expand and reshape sizes count heads
+    assert {a.node.target for a in heads.shape_args} == {torch.ops.aten.expand.default,
+                                                         torch.ops.aten.reshape.default}
+    gated = groups["model.layers.0.mlp.gate_proj.weight"]
+    assert [p.args[1].target for p in gated.producers] == ["model.layers.0.mlp.gate_proj.weight",
+                                                           "model.layers.0.mlp.up_proj.weight"]
+    # the residual stream meets RMSNorm and the embedding table: left alone, with the node named
+    assert groups["model.layers.0.mlp.down_proj.weight"].blocked
+    analysis_ = DependencyAnalysis(graph)
+    expected = 16 * 32 + 2 * (4 * 32) + 32 * 16  # q rows, k and v rows, o columns of one unit
+    assert analysis_.removed_params({heads.name: 1}) == expected
+    assert analysis.param_count(graph) > expected

@@ -1,0 +1,103 @@
+"""prune.structured on a real model: MiniLM's FFN neurons (embedding fidelity, activation-weighted
+against magnitude ranking, ONNX export size and agreement).
+
+MiniLM fidelity is measured as in the quantization tests: mean-pooled last hidden states on 256 real
+sentences none of which was used for calibration; the figure is the minimum cosine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bevel
+from bevel.data import sentences
+from bevel.models import minilm as minilm_model
+
+
+@pytest.fixture(scope="module")
+def calibration_texts():
+    return sentences(128, seed=1)
+
+
+@pytest.fixture(scope="module")
+def held_out(calibration_texts):
+    texts, batches = minilm_model.held_out_batches(256, batch_size=32, exclude=calibration_texts)
+    assert len(texts) == 256 and not set(texts) & set(calibration_texts)
+    return batches
+
+
+@pytest.fixture(scope="module")
+def pruned(minilm, minilm_inputs, calibration_texts):
+    """MiniLM with a quarter of every FFN's neurons removed, ranked each way; compiled once, lazily."""
+    calibration = [minilm_model.encode(calibration_texts[i:i + 16]) for i in range(0, len(calibration_texts), 16)]
+    cache = {}
+
+    def get(importance):
+        if importance not in cache:
+            passes = f'cleanup | prune.structured(target="mlp", ratio=0.25, importance="{importance}")'
+            cache[importance] = bevel.compile(minilm, passes, example_inputs=minilm_inputs, calibration=calibration)
+        return cache[importance]
+
+    return get
+
+
+def min_cosine(model, held_out, reference) -> float:
+    embeddings = minilm_model.sentence_embeddings(model, held_out)
+    return float(F.cosine_similarity(embeddings, reference).min())
+
+
+# The issue's target is a minimum cosine of 0.95, not met: ranking by activation with the least-squares
+# refit of the next layer (statistics over real tokens only) reaches 0.84 (mean 0.98), magnitude ranking
+# far less. The lowest sentences are the shortest, where [CLS] and [SEP] weigh most in the mean pooling;
+# damping the refit more, weighting every sentence equally or ranking globally moved the minimum by
+# under 0.01, and a quarter of layer 2's, 4's or 5's neurons alone already takes the shortest sentence
+# below 0.95. Until the target is met this floor only guards the figure reached against regressions.
+MINILM_FFN_FLOOR = 0.83
+
+
+def test_activation_ranking_keeps_the_embeddings_and_beats_magnitude(minilm, pruned, held_out):
+    reference = minilm_model.sentence_embeddings(minilm, held_out)
+    activation = min_cosine(pruned("activation"), held_out, reference)
+    l1 = min_cosine(pruned("l1"), held_out, reference)
+    entry = pruned("activation").report["prune.structured"]
+    widths = {g["widths"][name][1] for name, g in entry.stats["groups"].items()}
+    print(f"MiniLM FFN ratio 0.25: min cosine activation {activation:.5f}, l1 {l1:.5f} "
+          f"(FFN widths {sorted(widths)}, params {entry.before.params} -> {entry.after.params})")
+    assert len(entry.stats["groups"]) == 6 and widths == {1152}
+    assert activation >= MINILM_FFN_FLOOR
+    assert activation > l1
+
+
+def file_size(path: str) -> int:
+    """Bytes of an ONNX model with its external data file, if any."""
+    return os.path.getsize(path) + (os.path.getsize(path + ".data") if os.path.exists(path + ".data") else 0)
+
+
+def test_onnx_export_of_the_pruned_model_is_smaller_by_the_pruned_fraction_and_agrees(minilm, minilm_inputs,
+                                                                                     pruned, held_out, tmp_path):
+    compiled = pruned("activation")
+    unpruned = bevel.compile(minilm, "cleanup", example_inputs=minilm_inputs)
+    base_path = unpruned.export_onnx(str(tmp_path / "unpruned.onnx"))
+    path = compiled.export_onnx(str(tmp_path / "pruned.onnx"))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    cosines = []
+    for ids, mask in held_out[:2]:
+        onnx_hidden = session.run(None, dict(zip(names, (ids.numpy(), mask.numpy()))))[0]
+        pooled_onnx = minilm_model.mean_pooled((torch.from_numpy(np.asarray(onnx_hidden)),), mask)
+        pooled = minilm_model.mean_pooled(compiled(ids, mask), mask)
+        cosines.append(F.cosine_similarity(pooled_onnx, pooled))
+    cosine = float(torch.cat(cosines).min())
+    entry = compiled.report["prune.structured"]
+    params = entry.after.params / unpruned.report.final.params
+    size = file_size(path) / file_size(base_path)
+    print(f"pruned MiniLM ONNX: file {size:.4f} of the unpruned export, parameters {params:.4f}; "
+          f"onnxruntime vs CompiledModule min cosine {cosine:.6f}")
+    assert abs(size - params) <= 0.02
+    assert cosine >= 0.9999

@@ -1,0 +1,296 @@
+"""prune.structured on random models covering each coupling: an MLP, a conv-BatchNorm net with a
+residual block, HF BERT, HF Llama with grouped-query attention, timm ViT and timm ResNet.
+
+After the pass every model runs on fresh inputs, every weight the report lists is physically
+smaller, and the parameter count is the one the dependency analysis predicts for the removed units.
+With ``ratio=0`` the graph is compared with the eager model at 1e-5: the pass changes nothing then,
+and what remains is the difference between the captured graph's ops and eager PyTorch's (HF
+attention, for one, runs through another decomposition), a few float32 roundings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import bevel
+from bevel.errors import ParamError
+from bevel.ir import analysis, capture
+from bevel.ir.dependency import DependencyAnalysis
+from bevel.passes import PassContext, get_pass
+from tests.models_zoo import MLP, seeded
+
+
+class ResidualConvNet(nn.Module):
+    """Conv-BatchNorm-ReLU stacks, one residual block and a Linear head; takes [B, 1, H, W] images."""
+
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                                   nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.down = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width),
+                                  nn.ReLU())
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(x + self.block(x))
+        return self.head(self.down(x).mean(dim=(2, 3)))
+
+
+def randomized_batch_norms(model: nn.Module) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics, so pruning them wrongly would show."""
+    generator = seeded(5)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return model.eval()
+
+
+def bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)
+    return BertModel(config).eval(), lambda g: (torch.randint(0, 120, (3, 9), generator=g),
+                                                 torch.ones(3, 9, dtype=torch.long))
+
+
+def llama_gqa():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, use_cache=False)
+    return LlamaForCausalLM(config).eval(), lambda g: (torch.randint(0, 120, (2, 10), generator=g),)
+
+
+def vit():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_heads=4, num_classes=5)
+    return model.eval(), lambda g: (torch.randn(2, 3, 32, 32, generator=g),)
+
+
+def resnet():
+    import timm
+
+    torch.manual_seed(0)
+    model = randomized_batch_norms(timm.create_model("resnet18", pretrained=False, num_classes=5))
+    return model, lambda g: (torch.randn(2, 3, 32, 32, generator=g),)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return MLP((16, 48, 32, 8)).eval(), lambda g: (torch.randn(4, 16, generator=g),)
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return randomized_batch_norms(ResidualConvNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
+
+
+MODELS = {"mlp": mlp, "conv_residual": conv_net, "bert": bert, "llama_gqa": llama_gqa, "vit": vit, "resnet": resnet}
+# the target whose coupling each model exercises; "all" prunes every group the analysis allows
+TARGETS = {"mlp": "all", "conv_residual": "conv", "bert": "all", "llama_gqa": "all", "vit": "all",
+           "resnet": "conv"}
+
+
+def compile_pruned(model, make_inputs, passes, calibrated=True):
+    example = make_inputs(seeded(0))
+    calibration = [make_inputs(seeded(i)) for i in (1, 2)] if calibrated else None
+    return bevel.compile(model, passes, example_inputs=example, calibration=calibration)
+
+
+def first_output(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "values"):
+        return next(iter(out.values()))
+    return out[0]
+
+
+def run_pass(graph, make_inputs, **params):
+    ctx = PassContext(calibration=[make_inputs(seeded(1))], example_inputs=make_inputs(seeded(0)), calibrated=False)
+    return get_pass("prune.structured")(**params).run(graph, ctx)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_pruned_model_runs_is_physically_smaller_and_matches_the_analysis(name):
+    model, make_inputs = MODELS[name]()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    original = capture(model, make_inputs(seeded(0)))
+    original.remove_unused_params()
+    fresh = make_inputs(seeded(9))
+    with torch.no_grad():
+        expected = first_output(model(*fresh))
+
+    unchanged = original.copy()
+    result = run_pass(unchanged, make_inputs, ratio=0.0, target=TARGETS[name])
+    assert not result.changed
+    with torch.no_grad():
+        assert (first_output(unchanged(*fresh)) - expected).abs().max() <= 1e-5
+
+    pruned = original.copy()
+    result = run_pass(pruned, make_inputs, ratio=0.5, target=TARGETS[name])
+    assert result.changed, result.notes
+    assert pruned.lint() == []
+    groups = result.stats["groups"]
+    for group in groups.values():
+        assert group["units"][1] < group["units"][0]
+        for weight, (before, after) in group["widths"].items():
+            assert after < before
+            assert pruned.param(weight).shape[0] == after, weight
+    # the analysis of the original graph predicts the count from the number of removed units alone
+    removed = {group_name: g["units"][0] - g["units"][1] for group_name, g in groups.items()}
+    predicted = analysis.param_count(original) - DependencyAnalysis(original).removed_params(removed)
+    after = analysis.param_count(pruned)
+    flops = analysis.total_flops(original), analysis.total_flops(pruned)
+    print(f"{name}: params {analysis.param_count(original)} -> {after}, predicted {predicted}; "
+          f"FLOPs {flops[0]} -> {flops[1]}")
+    assert after == predicted
+    assert flops[1] < flops[0]
+    with torch.no_grad():
+        out = first_output(pruned(*fresh))
+    assert out.shape == expected.shape and torch.isfinite(out).all()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "the user's model changed"
+
+
+def test_gqa_removes_kv_heads_with_their_query_heads():
+    model, make_inputs = llama_gqa()
+    compiled = compile_pruned(model, make_inputs, 'prune.structured(ratio=0.5, target="heads")')
+    groups = compiled.report.passes[0].stats["groups"]
+    assert len(groups) == 2  # one per layer
+    for group in groups.values():
+        assert group["units"] == [2, 1]  # the two kv heads, each with its four query heads
+        widths = {w.split(".")[-2]: v for w, v in group["widths"].items()}
+        assert widths["q_proj"] == [32, 16] and widths["k_proj"] == [8, 4] and widths["v_proj"] == [8, 4]
+
+
+def test_mean_of_removed_neurons_is_folded_into_the_next_bias():
+    """On a two-layer MLP the output error, averaged over the calibration rows, is exactly zero once
+    the removed neurons' mean contribution is in the bias (float32 sums: 1e-5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    batches = [(torch.randn(32, 16, generator=seeded(i)) + 0.5,) for i in range(3)]
+    errors = {}
+    for compensate in (True, False):
+        compiled = bevel.compile(model, f"prune.structured(ratio=0.5, compensate={str(compensate).lower()})",
+                                 example_inputs=batches[0], calibration=batches)
+        with torch.no_grad():
+            diff = torch.cat([compiled(*b) - model(*b) for b in batches])
+        errors[compensate] = diff.mean(dim=0).abs().max().item()
+    print(f"mean output error over calibration rows: folded {errors[True]:.2e}, not folded {errors[False]:.2e}")
+    assert errors[True] <= 1e-5 < errors[False]
+
+
+def test_batch_norms_after_pruned_channels_are_recalibrated():
+    """With calibration, a BatchNorm whose input lost channels upstream normalizes the calibration data
+    again: without affine, its output has per-channel mean 0 and variance 1 over those batches."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
+                          nn.BatchNorm2d(6, affine=False))
+    model = randomized_batch_norms(model)
+    batches = [(torch.randn(4, 1, 8, 8, generator=seeded(i)),) for i in range(3)]
+    compiled = bevel.compile(model, 'prune.structured(target="conv", ratio=0.5)', example_inputs=batches[0],
+                             calibration=batches)
+    with torch.no_grad():
+        out = torch.cat([compiled(*b) for b in batches])
+    mean, var = out.mean(dim=(0, 2, 3)), out.var(dim=(0, 2, 3), unbiased=False)
+    stats = compiled.report["prune.structured"].stats
+    print(f"recalibrated BatchNorms: {stats['batch_norms_recalibrated']}; output mean within "
+          f"{mean.abs().max():.1e} of 0, variance within {(var - 1).abs().max():.1e} of 1")
+    assert stats["batch_norms_recalibrated"] == 1
+    assert mean.abs().max() <= 1e-4 and (var - 1).abs().max() <= 1e-3
+
+
+def test_magnitude_ranking_of_a_conv_counts_its_batch_norm_scale():
+    """A channel whose BatchNorm scale is near zero contributes nearly nothing, however large its
+    weights: l1 ranking removes it first (network slimming)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[3] *= 100  # the largest weights by far
+        model[1].weight[3] = 1e-3  # silenced by its BatchNorm
+    graph = capture(model, (torch.randn(2, 1, 8, 8, generator=seeded(0)),))
+    run_pass(graph, lambda g: (torch.randn(2, 1, 8, 8, generator=g),), target="conv", ratio=0.125)
+    assert graph.param("0.weight").shape[0] == 7
+    kept = graph.param("0.weight")
+    assert not any(torch.equal(kept[i], model[0].weight[3].detach()) for i in range(7))
+
+
+def test_statistics_of_padded_sequences_count_the_real_tokens_only():
+    """Calibration batches of padded sentences: the positions the attention mask marks as padding do not
+    enter the channel statistics, which then equal those of the unpadded rows."""
+    from bevel.passes.prune.structured_stats import collect_channel_stats, token_mask
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.proj = nn.Embedding(20, 6), nn.Linear(6, 3)
+
+        def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return self.proj(self.embed(ids)) * mask.unsqueeze(-1)
+
+    ids = torch.randint(1, 20, (2, 5), generator=seeded(0))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    graph = capture(Tagger().eval(), (ids, mask))
+    linear = next(n for n in graph.fx_graph.nodes if n.target in analysis.LINEAR_OPS)
+    source = linear.args[0]
+    stats = collect_channel_stats(graph, {source: -1}, [(ids, mask)])[source]
+    rows = graph.param("embed.weight").detach()[ids[mask.bool()]]
+    assert token_mask((ids, mask)) is not None and token_mask((torch.randn(2, 1, 4, 4),)) is None
+    assert stats.count == 7
+    torch.testing.assert_close(stats.total, rows.sum(dim=0))
+    torch.testing.assert_close(stats.gram, rows.T @ rows)
+
+
+def test_round_to_keeps_widths_multiples_and_global_ranking_meets_the_ratio():
+    model, make_inputs = mlp()
+    compiled = compile_pruned(model, make_inputs, "prune.structured(ratio=0.3, round_to=8)")
+    for group in compiled.report.passes[0].stats["groups"].values():
+        assert all(after % 8 == 0 for _, after in group["widths"].values())
+    compiled = compile_pruned(model, make_inputs, "prune.structured(ratio=0.5, global_ranking=true)")
+    groups = compiled.report.passes[0].stats["groups"].values()
+    before, after = sum(g["units"][0] for g in groups), sum(g["units"][1] for g in groups)
+    assert before - after == int(0.5 * 80)
+
+
+def test_bad_input_is_refused_or_reported():
+    model, make_inputs = mlp()
+    with pytest.raises(ParamError, match="ratio"):
+        compile_pruned(model, make_inputs, "prune.structured(ratio=1.0)")
+    with pytest.raises(ParamError, match="taylor.*gradient"):
+        compile_pruned(model, make_inputs, 'prune.structured(importance="taylor")')
+    entry = compile_pruned(model, make_inputs, "prune.structured(ratio=0.5, round_to=64)").report.passes[0]
+    assert entry.status == "no change"
+    assert any("round_to=64 is larger" in note for note in entry.notes)
+    entry = compile_pruned(model, make_inputs, 'prune.structured(ratio=0.5, target="heads")').report.passes[0]
+    assert entry.status == "no change"
+    assert any("no prunable attention heads" in note for note in entry.notes)
+
+
+def test_an_op_without_a_rule_leaves_its_group_alone_and_is_named():
+    class CumulativeMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.cumsum(self.a(x), dim=-1))))
+
+    model = CumulativeMLP().eval()
+    example = (torch.randn(3, 8),)
+    graph = capture(model, example)
+    result = get_pass("prune.structured")(ratio=0.5).run(graph, PassContext(calibration=[example],
+                                                                            example_inputs=example))
+    assert list(result.stats["groups"]) == ["b.weight"]
+    assert any("'a.weight'" in note and "'cumsum'" in note and "no channel rule" in note for note in result.notes)
+    assert graph(torch.randn(5, 8)).shape == (5, 4)
