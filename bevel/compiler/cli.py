@@ -101,17 +101,23 @@ def passes_command(as_json: bool = typer.Option(False, "--json", help="Print the
         needs = []
         if entry["needs_calibration"]:
             needs.append("needs --calibration")
+        elif entry["needs_calibration"] is None:
+            needs.append("may need --calibration, depending on its parameters")
         if entry["requires"]:
             needs.append("after " + ", ".join(entry["requires"]))
         console.print(f"[bold]{escape(entry['name'])}[/bold]" + escape(f"  ({'; '.join(needs)})" if needs else ""))
         console.print(f"  {escape(entry['doc'])}", soft_wrap=True)
         if entry["params"]:
+            rows = [(p["name"], p["type"], format_value(p["default"]), p["range"], p["doc"]) for p in entry["params"]]
             table = Table(box=None, padding=(0, 2), show_edge=False)
-            for column in ("param", "type", "default", "range", "help"):
-                table.add_column(column, no_wrap=column != "help", overflow="fold")
-            for p in entry["params"]:
-                table.add_row(*(escape(text) for text in (p["name"], p["type"], format_value(p["default"]),
-                                                          p["range"], p["doc"])))
+            for index, column in enumerate(("param", "type", "default")):
+                # a name, type or default cut short would be wrong: these never shrink, range and help wrap
+                widest = max(len(column), *(len(row[index]) for row in rows))
+                table.add_column(column, no_wrap=True, min_width=widest)
+            for column in ("range", "help"):
+                table.add_column(column, overflow="fold")
+            for row in rows:
+                table.add_row(*(escape(text) for text in row))
             console.print(table)
         console.print()
 
@@ -119,8 +125,19 @@ def passes_command(as_json: bool = typer.Option(False, "--json", help="Print the
 def _describe_pass(name: str, cls: Any) -> dict[str, Any]:
     doc = pyinspect.getdoc(cls) or ""
     summary = " ".join(doc.split("\n\n")[0].split())  # the first paragraph, on one line
-    return {"name": name, "doc": summary, "needs_calibration": cls.needs_calibration,
+    return {"name": name, "doc": summary, "needs_calibration": _needs_calibration(cls),
             "requires": list(cls.requires), "conflicts": list(cls.conflicts), "params": cls.Params.describe()}
+
+
+def _needs_calibration(cls: Any) -> bool | None:
+    """Whether the pass at its default parameters needs calibration batches; None when that depends on
+    parameters without defaults. A pass may declare the need as a property of its parameters, which
+    only an instance can answer (on the class it is a property object, always truthy)."""
+    try:
+        return bool(cls().needs_calibration)
+    except BevelError:  # a parameter has no default (lowrank: energy or param_ratio)
+        declared = pyinspect.getattr_static(cls, "needs_calibration", False)
+        return None if isinstance(declared, property) else bool(declared)
 
 
 # --- bevel inspect ---------------------------------------------------------------------------------

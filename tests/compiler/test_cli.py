@@ -100,6 +100,45 @@ def test_passes_lists_each_pass_with_its_params():
     assert "float" in out and "0.5" in out
 
 
+def test_passes_say_needs_calibration_only_where_the_default_params_need_it():
+    out = bevel("passes").stdout
+    headers = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    # importance="activation" or method="gptq" need calibration, but these passes' defaults do not
+    for name in ("prune.magnitude", "prune.nm", "quantize.int4_weight", "lowrank", "cleanup"):
+        assert "--calibration" not in headers[name], headers[name]
+    passes = {entry["name"]: entry for entry in json.loads(bevel("passes", "--json").stdout)}
+    assert passes["prune.nm"]["needs_calibration"] is False
+    assert passes["quantize.int4_weight"]["needs_calibration"] is False
+
+
+def test_needs_calibration_of_a_pass_that_has_no_default_instance():
+    from bevel.compiler.cli import _needs_calibration
+    from bevel.errors import ParamError
+    from bevel.passes.base import Pass
+
+    class Needy(Pass):
+        needs_calibration = True
+
+        def __init__(self, **params):
+            raise ParamError("a parameter without a default is missing")
+
+    class Depends(Needy):
+        @property
+        def needs_calibration(self) -> bool:  # type: ignore[override]
+            return True
+
+    assert _needs_calibration(Needy) is True
+    assert _needs_calibration(Depends) is None  # the property cannot be read without an instance
+
+
+def test_passes_table_shows_every_param_name_type_and_default_whole():
+    out = bevel("passes").stdout
+    cells = {word for line in out.splitlines() for word in line.split()}
+    for name in ("importance", "max_layer_error", "embedding_bits", "global_ranking", "max_folded_elements",
+                 "param_ratio", '"magnitude"', "tuple[str,"):
+        assert name in cells, name
+
+
 def test_passes_json():
     result = bevel("passes", "--json")
     assert result.exit_code == 0, result.output
