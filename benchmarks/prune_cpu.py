@@ -16,30 +16,19 @@ import argparse
 import os
 import tempfile
 
-import numpy as np
 import torch
 
 import bevel
 from bevel.data import sentences
 from bevel.models import minilm
 from bevel.runtime.timing import median_latencies_ms
+from minilm_common import embedding_fidelity, onnxruntime_callable
 
 
 def onnxruntime_session(compiled, path: str, threads: int):
     """The compiled model exported to ONNX and loaded in ONNX Runtime, as a callable."""
-    import onnxruntime as ort
-
     compiled.export_onnx(path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-
-    def run(ids: torch.Tensor, mask: torch.Tensor):
-        feeds = dict(zip(names, (ids.numpy(), mask.numpy())))
-        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
-
-    return run
+    return onnxruntime_callable(path, threads)
 
 
 def main() -> None:
@@ -69,10 +58,7 @@ def main() -> None:
                                                               threads),
                   "onnxruntime pruned": onnxruntime_session(pruned, os.path.join(folder, "pruned.onnx"), threads)}
         reference = minilm.sentence_embeddings(model, held_out)
-        fidelity = {}
-        for name, candidate in models.items():
-            cosine = torch.nn.functional.cosine_similarity(minilm.sentence_embeddings(candidate, held_out), reference)
-            fidelity[name] = (float(cosine.min()), float(cosine.mean()))
+        fidelity = embedding_fidelity(models, held_out, reference)
         latency = median_latencies_ms(models, timed, runs=args.repeats, warmup=args.warmup)
 
     entry = pruned.report["prune.structured"]

@@ -18,34 +18,24 @@ import os
 import tempfile
 import warnings
 
-import numpy as np
 import torch
 
 import bevel
 from bevel.data import sentences
 from bevel.models import minilm
 from bevel.runtime.timing import median_latencies_ms
+from minilm_common import embedding_fidelity, onnxruntime_callable
 
 
 def onnxruntime_int8(model: torch.nn.Module, example: tuple[torch.Tensor, ...], folder: str, threads: int):
     """ONNX Runtime's own dynamic int8 quantization of the fp32 ONNX export, as a callable."""
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32_path = os.path.join(folder, "fp32.onnx")
     bevel.compile(model, "cleanup", example_inputs=example).export_onnx(fp32_path)
     int8_path = os.path.join(folder, "int8.onnx")
     quantize_dynamic(fp32_path, int8_path, weight_type=QuantType.QInt8)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(int8_path, options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-
-    def run(ids: torch.Tensor, mask: torch.Tensor):
-        feeds = dict(zip(names, (ids.numpy(), mask.numpy())))
-        return [torch.from_numpy(np.asarray(o)) for o in session.run(None, feeds)]
-
-    return run
+    return onnxruntime_callable(int8_path, threads)
 
 
 def torch_ao_int8(model: torch.nn.Module) -> torch.nn.Module:
@@ -78,10 +68,7 @@ def main() -> None:
                   "onnxruntime quantize_dynamic": onnxruntime_int8(model, minilm.example_inputs(), folder, threads),
                   "torch.ao quantize_dynamic": torch_ao_int8(model)}
         reference = minilm.sentence_embeddings(model, held_out)
-        fidelity = {}
-        for name, candidate in models.items():
-            cosine = torch.nn.functional.cosine_similarity(minilm.sentence_embeddings(candidate, held_out), reference)
-            fidelity[name] = (float(cosine.min()), float(cosine.mean()))
+        fidelity = embedding_fidelity(models, held_out, reference)
         latency = median_latencies_ms(models, timed, runs=args.repeats, warmup=args.warmup)
 
     base = latency["torch eager fp32"]

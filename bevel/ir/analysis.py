@@ -166,6 +166,16 @@ def layer_weights(graph: "Graph") -> dict[str, torch.Tensor]:
     return weights
 
 
+def read_counts(graph: "Graph") -> dict[str, int]:
+    """How many times each stored tensor is read anywhere in the graph (a tied weight reads more than once)."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes(op="get_attr"):
+        for user in node.users:
+            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
+            counts[node.target] = counts.get(node.target, 0) + reads
+    return counts
+
+
 def weights_read_outside_layers(graph: "Graph") -> set[str]:
     """Names of weights read by anything but the weight slot of a layer (a tied embedding, say)."""
     shared = set()

@@ -37,7 +37,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from bevel.ir.analysis import CONV_OPS, LINEAR_OPS
+from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, read_counts
 from bevel.ir.graph import Graph
 from bevel.ir.meta import concrete
 
@@ -622,7 +622,7 @@ class DependencyAnalysis:
 
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
-        self.readers = _readers(graph)
+        self.readers = read_counts(graph)
         producers = [n for n in graph.nodes(op="call_function", target=LINEAR_OPS + CONV_OPS)
                      if graph.is_parameter(n.args[1])]
         self.producer_ids = {node: i for i, node in enumerate(producers)}
@@ -692,16 +692,6 @@ class DependencyAnalysis:
             new = [size - cut.get((name, d), 0) for d, size in enumerate(shape)]
             removed += math.prod(shape) - math.prod(new)
         return removed
-
-
-def _readers(graph: Graph) -> dict[str, int]:
-    """How many times each stored tensor is read anywhere in the graph."""
-    counts: dict[str, int] = {}
-    for node in graph.nodes(op="get_attr"):
-        for user in node.users:
-            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
-            counts[node.target] = counts.get(node.target, 0) + reads
-    return counts
 
 
 def channel_groups(graph: Graph) -> list[ChannelGroup]:

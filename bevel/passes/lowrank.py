@@ -36,7 +36,6 @@ import torch
 from bevel.errors import ParamError
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
-from bevel.passes.prune.magnitude import HESSIAN_BUDGET
 from bevel.passes.prune.nm import rows_of
 from bevel.passes.quantize.calibration import collect_input_stats
 from bevel.passes.quantize.sites import LinearSite, find_sites
@@ -44,6 +43,9 @@ from bevel.passes.registry import register_pass
 
 aten = torch.ops.aten
 
+# float32 elements of the X^T X sums held at once (512 MiB): the calibration run is split into
+# several when the layers' input widths would need more
+HESSIAN_BUDGET = 2**27
 # diagonal added to each layer's X^T X before its Cholesky factor, as a fraction of the mean
 # diagonal (GPTQ's 1%): with fewer calibration rows than input channels, or channels never active,
 # X^T X is singular and L^-1 would blow up directions the calibration never saw

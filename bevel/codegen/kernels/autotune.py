@@ -26,6 +26,14 @@ except ImportError:  # pragma: no cover
 Pruner = Callable[..., list[triton.Config]]
 
 
+def matmul_config(block_m: int, block_n: int, block_k: int, warps: int, stages: int,
+                  group_m: int = 8) -> triton.Config:
+    """One tile configuration of the tiled matmul kernels (BLOCK_M x BLOCK_N outputs, BLOCK_K deep,
+    GROUP_M row tiles per column sweep)."""
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
 def shared_memory_bytes(config: triton.Config, act_bytes: float, weight_bytes: float,
                         converted_bytes: float = 0) -> int:
     """Roughly the shared memory a matmul config needs: an activation tile [BLOCK_M, BLOCK_K] and a

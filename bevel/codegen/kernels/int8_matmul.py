@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from bevel.codegen.kernels.autotune import TunedKernel, configs_fitting_device
+from bevel.codegen.kernels.autotune import TunedKernel, configs_fitting_device, matmul_config
 from bevel.runtime.ops import quant_format
 
 # kernels may read only constexpr globals
@@ -128,28 +128,23 @@ def int8_matmul_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
-
-
 # first of each list: what the interpreter runs (see weight_only_matmul)
 DECODE_CONFIGS = [
-    _config(16, 32, 128, 4, 4, group_m=1),
-    _config(16, 16, 256, 4, 4, group_m=1),
-    _config(16, 32, 256, 4, 4, group_m=1),
-    _config(16, 64, 128, 4, 4, group_m=1),
-    _config(16, 64, 256, 8, 3, group_m=1),
-    _config(16, 128, 128, 4, 4, group_m=1),
+    matmul_config(16, 32, 128, 4, 4, group_m=1),
+    matmul_config(16, 16, 256, 4, 4, group_m=1),
+    matmul_config(16, 32, 256, 4, 4, group_m=1),
+    matmul_config(16, 64, 128, 4, 4, group_m=1),
+    matmul_config(16, 64, 256, 8, 3, group_m=1),
+    matmul_config(16, 128, 128, 4, 4, group_m=1),
 ]
 PREFILL_CONFIGS = [
-    _config(64, 64, 128, 4, 4),
-    _config(128, 128, 64, 8, 3),
-    _config(128, 256, 128, 8, 3),
-    _config(256, 128, 128, 8, 3),
-    _config(128, 128, 128, 8, 4),
-    _config(64, 128, 128, 4, 4),
-    _config(128, 64, 128, 4, 4),
+    matmul_config(64, 64, 128, 4, 4),
+    matmul_config(128, 128, 64, 8, 3),
+    matmul_config(128, 256, 128, 8, 3),
+    matmul_config(256, 128, 128, 8, 3),
+    matmul_config(128, 128, 128, 8, 4),
+    matmul_config(64, 128, 128, 4, 4),
+    matmul_config(128, 64, 128, 4, 4),
 ]
 
 

@@ -29,11 +29,7 @@ import math
 import triton
 import triton.language as tl
 
-from bevel.codegen.kernels.autotune import (
-    TunedKernel,
-    configs_fitting_device,
-    with_block_k,
-)
+from bevel.codegen.kernels.autotune import TunedKernel, configs_fitting_device, matmul_config, with_block_k
 
 
 @triton.jit
@@ -120,33 +116,28 @@ def weight_only_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
-
-
 # The first of each list is the one the interpreter runs: mid-sized, so small test shapes still
 # span several tiles.
 DECODE_CONFIGS = [
-    _config(16, 32, 128, 4, 4, group_m=1),
-    _config(16, 16, 256, 4, 4, group_m=1),
-    _config(16, 32, 256, 4, 4, group_m=1),
-    _config(16, 64, 128, 4, 4, group_m=1),
-    _config(16, 64, 256, 8, 3, group_m=1),
-    _config(16, 16, 512, 4, 3, group_m=1),
-    _config(16, 128, 128, 4, 4, group_m=1),
-    _config(16, 32, 64, 2, 5, group_m=1),
+    matmul_config(16, 32, 128, 4, 4, group_m=1),
+    matmul_config(16, 16, 256, 4, 4, group_m=1),
+    matmul_config(16, 32, 256, 4, 4, group_m=1),
+    matmul_config(16, 64, 128, 4, 4, group_m=1),
+    matmul_config(16, 64, 256, 8, 3, group_m=1),
+    matmul_config(16, 16, 512, 4, 3, group_m=1),
+    matmul_config(16, 128, 128, 4, 4, group_m=1),
+    matmul_config(16, 32, 64, 2, 5, group_m=1),
 ]
 PREFILL_CONFIGS = [
-    _config(64, 64, 64, 4, 4),
-    _config(128, 128, 64, 8, 3),
-    _config(128, 256, 64, 8, 3),
-    _config(256, 128, 64, 8, 3),
-    _config(128, 128, 32, 4, 4),
-    _config(64, 128, 64, 4, 4),
-    _config(128, 64, 64, 4, 4),
-    _config(64, 256, 64, 8, 4),
-    _config(128, 128, 128, 8, 3),
+    matmul_config(64, 64, 64, 4, 4),
+    matmul_config(128, 128, 64, 8, 3),
+    matmul_config(128, 256, 64, 8, 3),
+    matmul_config(256, 128, 64, 8, 3),
+    matmul_config(128, 128, 32, 4, 4),
+    matmul_config(64, 128, 64, 4, 4),
+    matmul_config(128, 64, 64, 4, 4),
+    matmul_config(64, 256, 64, 8, 4),
+    matmul_config(128, 128, 128, 8, 3),
 ]
 # int4 tiles must lie inside one group and hold at least 16 byte columns for tl.dot
 MIN_INT4_BLOCK_K = 32

@@ -31,9 +31,6 @@ from bevel.passes.registry import register_pass
 
 aten = torch.ops.aten
 
-# float32 elements of the X^T X sums held at once while gathering input norms (512 MiB): the
-# calibration run is split into several when the layers' input widths would need more
-HESSIAN_BUDGET = 2**27
 
 
 @register_pass("prune.magnitude")
@@ -122,23 +119,10 @@ def require_calibration(pass_name: str, ctx: PassContext) -> None:
 
 
 def input_channel_norms(graph: Graph, sites: list[LinearSite], batches: list[tuple]) -> dict[str, torch.Tensor]:
-    """``||X_j||_2`` of every input channel j of each layer over ``batches``, by weight name.
-
-    The squared norms are the diagonal of the layer's ``X^T X``; layers are measured in groups whose
-    sums fit HESSIAN_BUDGET, one calibration run per group.
-    """
-    norms: dict[str, torch.Tensor] = {}
-    group: list[LinearSite] = []
-    for index, site in enumerate(sites):
-        group.append(site)
-        size = sum(s.weight.shape[1] ** 2 for s in group)
-        following = sites[index + 1].weight.shape[1] ** 2 if index + 1 < len(sites) else None
-        if following is None or size + following > HESSIAN_BUDGET:
-            stats = collect_input_stats(graph, {s.node: s.x for s in group}, batches, with_hessian=True)
-            for s in group:
-                norms[s.weight_name] = stats[s.node].hessian.diagonal().clamp(min=0).sqrt()
-            group = []
-    return norms
+    """``||X_j||_2`` of every input channel j of each layer over ``batches``, by weight name (one
+    calibration run)."""
+    stats = collect_input_stats(graph, {s.node: s.x for s in sites}, batches)
+    return {s.weight_name: stats[s.node].squares.sqrt() for s in sites}
 
 
 def keep_largest_per_row(weight: torch.Tensor, scores: torch.Tensor, keep: int) -> torch.Tensor:

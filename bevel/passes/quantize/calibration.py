@@ -1,6 +1,7 @@
 """Statistics of each Linear's input on the calibration batches, gathered in one run of the graph.
 
-Per layer: the largest |x| per input channel (SmoothQuant's migration strength), optionally the
+Per layer: the largest |x| and the sum of x^2 per input channel (SmoothQuant's migration strength;
+Wanda's input norms), optionally the
 Hessian ``X^T X`` of the layer's least-squares problem (GPTQ), and a sample of input rows on which
 a quantized layer's output error is measured.
 
@@ -25,9 +26,10 @@ SAMPLE_ROWS = 512
 
 @dataclass
 class InputStats:
-    """What one layer saw: per-channel max |x|, the summed ``X^T X`` and sample rows."""
+    """What one layer saw: per-channel max |x| and sum of x^2, the summed ``X^T X`` and sample rows."""
 
     absmax: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
     rows: int = 0
     samples: list[torch.Tensor] = field(default_factory=list)
@@ -36,6 +38,8 @@ class InputStats:
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         peak = flat.abs().amax(dim=0)
         self.absmax = peak if self.absmax is None else torch.maximum(self.absmax, peak)
+        squares = (flat * flat).sum(dim=0)
+        self.squares = squares if self.squares is None else self.squares + squares
         if with_hessian:
             product = flat.T @ flat  # float32 sums of a few thousand rows lose nothing GPTQ notices
             self.hessian = product if self.hessian is None else self.hessian + product

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from bevel.ir.analysis import read_counts
 from bevel.ir.graph import Graph
 
 aten = torch.ops.aten
@@ -77,16 +78,6 @@ def _embedding_site(graph: Graph, node: fx.Node) -> EmbeddingSite | None:
     return EmbeddingSite(node, node.args[0].target, weight.detach(), node.args[1])
 
 
-def _readers(graph: Graph) -> dict[str, int]:
-    """How many times each stored tensor is read anywhere in the graph."""
-    counts: dict[str, int] = {}
-    for node in graph.nodes(op="get_attr"):
-        for user in node.users:
-            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
-            counts[node.target] = counts.get(node.target, 0) + reads
-    return counts
-
-
 def skipped(name: str, patterns: tuple[str, ...]) -> bool:
     """Whether a weight name matches one of the user's ``skip`` patterns (fnmatch)."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -94,7 +85,7 @@ def skipped(name: str, patterns: tuple[str, ...]) -> bool:
 
 def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool) -> tuple[list[Any], list[str]]:
     """The Linear (and, with ``embeddings``, embedding) sites to quantize, and notes on those left alone."""
-    readers = _readers(graph)
+    readers = read_counts(graph)
     sites: list[Any] = []
     notes = []
     for node in graph.nodes(op="call_function"):
