@@ -52,13 +52,18 @@ def min_cosine(model, held_out, reference) -> float:
     return float(F.cosine_similarity(embeddings, reference).min())
 
 
-# The issue's target is a minimum cosine of 0.95, not met: ranking by activation with the least-squares
-# refit of the next layer (statistics over real tokens only) reaches 0.84 (mean 0.98), magnitude ranking
-# far less. The lowest sentences are the shortest, where [CLS] and [SEP] weigh most in the mean pooling;
-# damping the refit more, weighting every sentence equally or ranking globally moved the minimum by
-# under 0.01, and a quarter of layer 2's, 4's or 5's neurons alone already takes the shortest sentence
-# below 0.95. Until the target is met this floor only guards the figure reached against regressions.
-MINILM_FFN_FLOOR = 0.83
+# The issue's target is a minimum cosine of 0.95, not met. Ranking by the output error the next layer
+# keeps after its least-squares refit (structured Optimal Brain Surgeon, statistics over real tokens
+# only) reaches 0.871 (mean 0.982); the activation norm times the weight norm reached 0.839 (mean 0.980),
+# magnitude ranking far less (0.58). The lowest sentence is the shortest (6 tokens), where [SEP] weighs a
+# sixth of the mean pooling: pruning layer 4 alone takes its [SEP] to a cosine of 0.80 in the last hidden
+# state, because a third of that token's layer-4 FFN activation energy lies on neurons the 128
+# calibration sentences barely use (one never fires on them), so no ranking or refit measured on them can
+# keep those neurons. Pruning the layers one after another on statistics of the already pruned model,
+# damping the refit by 0.03 to 0.3 of the mean diagonal instead of 0.01, and weighting every sentence
+# equally (or short ones more) moved the minimum by under 0.01. Until the target is met this floor only
+# guards the figure reached against regressions.
+MINILM_FFN_FLOOR = 0.86
 
 
 def test_activation_ranking_keeps_the_embeddings_and_beats_magnitude(minilm, pruned, held_out):

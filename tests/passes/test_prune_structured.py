@@ -294,3 +294,42 @@ def test_an_op_without_a_rule_leaves_its_group_alone_and_is_named():
     assert list(result.stats["groups"]) == ["b.weight"]
     assert any("'a.weight'" in note and "'cumsum'" in note and "no channel rule" in note for note in result.notes)
     assert graph(torch.randn(5, 8)).shape == (5, 4)
+
+
+def test_activation_ranking_removes_the_neuron_the_refit_makes_up_for():
+    """Two neurons with the same weights give the same activations: after the least-squares refit one
+    of them can go at no cost, and ranking by the error the next layer keeps after its refit removes
+    one of the pair, although they have the largest weights and activations of all (Wanda's score
+    would keep both). With the constant column refitted too, the output barely moves."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[3] *= 3
+        model[0].weight[5] = model[0].weight[3]
+        model[0].bias[5] = model[0].bias[3]
+    batches = [(torch.randn(64, 16, generator=seeded(i)),) for i in range(3)]
+    graph = capture(model, batches[0])
+    result = get_pass("prune.structured")(ratio=0.04, importance="activation").run(
+        graph, PassContext(calibration=batches, example_inputs=batches[0]))
+    assert result.stats["groups"]["0.weight"]["units"] == [32, 31]
+    duplicate = model[0].weight[3].detach()
+    assert sum(torch.equal(row, duplicate) for row in graph.param("0.weight")) == 1
+    with torch.no_grad():
+        error = max(float((graph(*b) - model(*b)).abs().max()) for b in batches)
+        scale = max(float(model(*b).abs().max()) for b in batches)
+    print(f"duplicate neuron removed: output error {error:.2e} of {scale:.2e}")
+    assert error <= 1e-2 * scale
+
+
+@pytest.mark.parametrize("name", ["bert", "llama_gqa"])
+def test_activation_ranking_with_the_refit_prunes_heads_and_neurons(name):
+    """Heads span several channels of the output projection: the error after the refit is taken over a
+    head's columns together (and over its kv group's query heads), and the pruned model runs."""
+    model, make_inputs = MODELS[name]()
+    compiled = compile_pruned(model, make_inputs, 'prune.structured(ratio=0.5, target="all", importance="activation")')
+    groups = compiled.report.passes[0].stats["groups"]
+    assert {g["kind"] for g in groups.values()} == {"heads", "mlp"}
+    assert all(g["units"][1] == g["units"][0] // 2 for g in groups.values())
+    with torch.no_grad():
+        out = first_output(compiled(*make_inputs(seeded(9))))
+    assert torch.isfinite(out).all()

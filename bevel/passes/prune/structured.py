@@ -8,6 +8,9 @@ are given, each layer that read removed channels is compensated: their mean cont
 its bias (FLAP, An et al. 2024), and a Linear's kept columns are refitted to its old output by least
 squares on the calibration inputs (see :func:`_compensate`), and every BatchNorm after a layer that
 lost inputs re-estimates its running mean and variance on them, as is usual after pruning a CNN.
+With that refit, activation importance is the output error the Linear layers reading a unit keep
+after it: units are removed one by one, each time the one whose removal the refit of the rest makes
+up for best (structured Optimal Brain Surgeon, see :func:`_surgeon_scores`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,9 @@ class StructuredPrune(Pass):
         ratio: float = param(0.25, "fraction of each group's units (channels, heads) removed", ge=0.0, lt=1.0)
         target: str = param("mlp", "which groups: FFN neurons, attention heads, conv channels, or all",
                             choices=TARGETS)
-        importance: str = param("l1", "how units are ranked: weight magnitude (l1, l2), |W| times the "
-                                "calibration activation norm (activation, as Wanda), or taylor",
+        importance: str = param("l1", "how units are ranked: weight magnitude (l1, l2), the calibration "
+                                "output error of the layers reading them after their refit (activation; |W| "
+                                "times the activation norm, as Wanda, without compensation), or taylor",
                                 choices=("l1", "l2", "activation", "taylor"))
         global_ranking: bool = param(False, "rank units across all groups at once instead of within each group")
         round_to: int = param(1, "keep every pruned layer's width a multiple of this", ge=1)
@@ -89,7 +93,15 @@ class StructuredPrune(Pass):
         if p.importance == "activation" and not ctx.calibrated:
             notes.append("activation norms measured on the example inputs: no calibration batches were given")
         centered = p.compensate and ctx.calibrated
-        scores = {g.name: _importance(graph, g, p.importance, stats, centered) for g in candidates}
+        scores = {}
+        for g in candidates:
+            score = None
+            if p.importance == "activation" and centered:  # ranked by the error left after the refit
+                # the greedy removal goes as far as the group may lose: its share, or, ranked globally, all
+                # but one step
+                share = g.units - _kept(g.units, int(p.ratio * g.units), steps[g.name])
+                score = _surgeon_scores(graph, g, stats, g.units - steps[g.name] if p.global_ranking else share)
+            scores[g.name] = score if score is not None else _importance(graph, g, p.importance, stats, centered)
         removed = _select(candidates, scores, steps, p.ratio, p.global_ranking)
         removed = {name: units for name, units in removed.items() if units}
         if not removed:
@@ -150,6 +162,7 @@ def _importance(graph: Graph, group: ChannelGroup, importance: str, stats: dict,
     of its weight column times the L2 norm of its calibration activations (Wanda's |W| times ||x||, per
     column). With ``centered`` the removed channels' means go to the next bias, so what is lost is
     only their fluctuation around the mean, and the activation norm is taken about the mean (as FLAP).
+    (Where the readers are Linear layers that get refitted, :func:`_surgeon_scores` ranks instead.)
     "l1" and "l2" sum the magnitudes of the unit's weights in every layer of the group, a producer's
     output rows taken as folded with the BatchNorm after it (see :func:`_batch_norm_scale`).
     """
@@ -220,12 +233,74 @@ def _select(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], steps: 
                 budget -= 1
     removed = {}
     for g in groups:
-        step = steps[g.name]
-        kept = max(step, math.ceil((g.units - counts[g.name]) / step) * step)
-        drop = max(0, g.units - kept)
+        drop = max(0, g.units - _kept(g.units, counts[g.name], steps[g.name]))
         order = torch.argsort(scores[g.name], stable=True)
         removed[g.name] = sorted(int(u) for u in order[:drop])
     return removed
+
+
+def _kept(units: int, count: int, step: int) -> int:
+    """How many of ``units`` stay when ``count`` are to go: rounded up to a multiple of ``step``, at least one step."""
+    return max(step, math.ceil((units - count) / step) * step)
+
+
+def _surgeon_scores(graph: Graph, group: ChannelGroup, stats: dict[object, ChannelStats],
+                    limit: int) -> torch.Tensor | None:
+    """Activation importance when the layers that read the group are refitted: the output error they keep.
+
+    Structured Optimal Brain Surgeon (ZipLM, Kurtic et al. 2023; Frantar and Alistarh 2022). For a
+    Linear ``W`` reading ``[x, 1]`` with calibration moments ``H`` (damped as in the refit), removing
+    the columns ``U`` of a unit and refitting the rest by least squares adds
+    ``trace(W_U [H^-1]_UU^-1 W_U^T)`` to its squared output error over the calibration rows. The
+    cheapest unit (costs summed over the group's consumers) is removed, ``W`` takes the refit and
+    ``H^-1`` loses the unit's rows and columns, and again, ``limit`` times: a unit's score is the
+    error left once it and those before it are gone, so the lowest scores are the greedy choice, and
+    the units left get that error plus their cost then. Ranking by the error after the refit keeps
+    a unit that others cannot stand in for, however small its own activations. None when a consumer
+    is not a Linear with the moments of its input (a conv): the group is then ranked without the refit.
+    """
+    layers = []
+    for consumer in group.consumers:
+        seen = stats.get(consumer.source)
+        if consumer.node.target not in LINEAR_OPS or seen is None or seen.gram is None:
+            return None
+        weight = graph.param(consumer.node.args[1].target).detach().double()
+        weight = torch.cat([weight, weight.new_zeros(weight.shape[0], 1)], dim=1)  # the bias column takes its share
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(_moments(seen)))
+        index = torch.tensor([consumer.layout.indices([u], consumer.offset) for u in range(group.units)])
+        layers.append((weight, inverse, index))
+
+    def costs(alive: torch.Tensor) -> torch.Tensor:
+        """The error each unit still in ``alive`` would add, summed over the consumers."""
+        total = torch.zeros(int(alive.sum()), dtype=torch.float64)
+        for weight, inverse, index in layers:
+            columns = index[alive]  # [units, per unit]
+            parts = weight.index_select(1, columns.flatten()).view(weight.shape[0], *columns.shape)
+            blocks = inverse[columns.unsqueeze(2), columns.unsqueeze(1)]
+            if columns.shape[1] == 1:  # one channel per unit (FFN neurons): a division, not batched solves
+                total += parts.pow(2).sum(dim=(0, 2)) / blocks.flatten()
+            else:
+                total += torch.einsum("oub,ubc,ouc->u", parts, torch.linalg.inv(blocks), parts)
+        return total
+
+    alive = torch.ones(group.units, dtype=torch.bool)
+    scores = torch.zeros(group.units, dtype=torch.float64)
+    error = 0.0
+    for _ in range(limit):
+        cost = costs(alive)
+        unit = int(alive.nonzero()[int(cost.argmin())])
+        error += float(cost.min())
+        scores[unit] = error
+        alive[unit] = False
+        for weight, inverse, index in layers:
+            columns = index[unit]
+            # the least-squares refit of the kept columns, and the inverse of their moments without the unit
+            solved = torch.linalg.solve(inverse[columns][:, columns], inverse[columns])  # [per unit, size + 1]
+            weight.addmm_(weight[:, columns], solved, alpha=-1)
+            inverse.addmm_(inverse[:, columns], solved, alpha=-1)
+    if alive.any():
+        scores[alive] = error + costs(alive)
+    return scores  # float64: the running sums must not round into ties
 
 
 def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[int]],
@@ -274,21 +349,25 @@ def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str
 REFIT_DAMPING = 0.01
 
 
-def _refit_linear(weight: torch.Tensor, gone: torch.Tensor, seen: ChannelStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight with its kept columns refitted, and what the bias gains (see :func:`_compensate`)."""
-    size = weight.shape[1]
+def _moments(seen: ChannelStats) -> torch.Tensor:
+    """The damped sums of ``[x, 1] [x, 1]^T`` over the calibration rows of a Linear's input ``x``."""
+    size = seen.gram.shape[0]
     moments = torch.zeros(size + 1, size + 1, dtype=torch.float64)
     moments[:size, :size] = seen.gram.double()
     moments[:size, size] = moments[size, :size] = seen.total.double()
     moments[size, size] = seen.count
-    keep = torch.tensor(sorted(set(range(size + 1)) - set(gone.tolist())))
-    kept = moments[keep][:, keep]
     # the constant column is not damped: its normal equation then holds exactly, so the refitted
     # layer's mean output over the calibration data is the old one
-    damping = torch.ones(len(keep), dtype=torch.float64)
-    damping[-1] = 0
-    kept += torch.diag(damping) * REFIT_DAMPING * kept.diagonal()[:-1].mean()
-    transfer = torch.linalg.solve(kept, moments[keep][:, gone]).T  # [removed, kept + 1]
+    moments[range(size), range(size)] += REFIT_DAMPING * moments.diagonal()[:-1].mean()
+    return moments
+
+
+def _refit_linear(weight: torch.Tensor, gone: torch.Tensor, seen: ChannelStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight with its kept columns refitted, and what the bias gains (see :func:`_compensate`)."""
+    size = weight.shape[1]
+    moments = _moments(seen)
+    keep = torch.tensor(sorted(set(range(size + 1)) - set(gone.tolist())))
+    transfer = torch.linalg.solve(moments[keep][:, keep], moments[keep][:, gone]).T  # [removed, kept + 1]
     delta = weight[:, gone].double() @ transfer
     refitted = weight.clone()
     refitted[:, keep[:-1]] += delta[:, :-1].to(weight.dtype)
