@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
+import sympy
 import torch
+import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -43,12 +46,56 @@ def propagate(graph: "Graph") -> None:
         FakeTensorProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
     finally:
         mode.allow_non_fake_inputs = allow
+    _record_data_dependent_sizes(graph)
+
+
+# shape env -> {unbacked symbol: its value on the example inputs}; weak, so it dies with its graph
+_EXAMPLE_SIZES: "weakref.WeakKeyDictionary[Any, dict[Any, int]]" = weakref.WeakKeyDictionary()
+
+
+def _unbacked(dim: Any) -> list[Any]:
+    """The symbols of a size that the example inputs do not fix (sizes made by ops at run time)."""
+    if not isinstance(dim, torch.SymInt):
+        return []
+    return [s for s in dim.node.expr.free_symbols if s.name.startswith("u")]
+
+
+def _record_data_dependent_sizes(graph: "Graph") -> None:
+    """Give sizes that ops decide at run time (a token merge's output length: an unbacked symbol)
+    the value they take on the example inputs, found by running the graph once, so that analyses
+    (FLOPs, bytes) can count them as they count the inputs' sizes."""
+    nodes = [n for n in graph.fx_graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)
+             and any(_unbacked(d) for d in v.shape)]
+    if not nodes:
+        return
+    env = next(d for d in nodes[0].meta["val"].shape if _unbacked(d)).node.shape_env
+    known = _EXAMPLE_SIZES.setdefault(env, {})
+    wanted = set(nodes)
+    real: dict[fx.Node, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            value = super().run_node(n)
+            if n in wanted:
+                real[n] = value
+            return value
+
+    with torch.no_grad():
+        Recorder(graph.module).run(*graph.example_inputs)
+    for node, value in real.items():
+        for dim, size in zip(node.meta["val"].shape, value.shape):
+            if isinstance(dim, torch.SymInt) and dim.node.expr.is_Symbol and _unbacked(dim):
+                known.setdefault(dim.node.expr, sympy.Integer(int(size)))
 
 
 def concrete(dim: Any) -> int:
     """An int for a dimension: symbolic sizes give the value they had in the example inputs."""
     if isinstance(dim, torch.SymInt):
         hint = dim.node.hint
+        if hint is None and _unbacked(dim):
+            env = dim.node.shape_env
+            expr = dim.node.expr.xreplace(_EXAMPLE_SIZES.get(env, {}))
+            hint = env.size_hint(expr, allow_none=True) if expr.free_symbols else expr
         if hint is None:
             raise ValueError(f"size {dim} has no example value")
         return int(hint)

@@ -8,6 +8,7 @@ from bevel.passes import cleanup  # noqa: E402,F401
 from bevel.passes import lowrank  # noqa: E402,F401
 from bevel.passes import prune  # noqa: E402,F401
 from bevel.passes import quantize  # noqa: E402,F401
+from bevel.passes import tome  # noqa: E402,F401
 
 __all__ = ["Pass", "PassContext", "PassParams", "PassResult", "available_passes", "get_pass", "param",
            "register_pass"]

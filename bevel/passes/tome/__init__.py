@@ -1,0 +1,3 @@
+"""Token reducing passes for transformer encoders: token merging (``tome``)."""
+
+from bevel.passes.tome import merge  # noqa: F401
