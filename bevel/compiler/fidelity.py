@@ -5,6 +5,10 @@ Figures, each over every calibration batch and every floating-point output tenso
 - ``max_abs_error``: the largest absolute difference;
 - ``top1_agreement``: for logits (outputs named ``logits``, or a bare 2-D output with more than one
   column), the fraction of rows whose argmax is unchanged; None when no output is a logit.
+
+An output may change shape only where a pass declared it would (``reshaped``: token merging without
+unmerging leaves per-token outputs with fewer tokens); such an output is not compared, and
+``not_compared`` names it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Fidelity:
     max_abs_error: float
     top1_agreement: float | None = None
     per_output: dict[str, float] = field(default_factory=dict)  # smallest cosine of each output, by path
+    not_compared: list[str] = field(default_factory=list)  # outputs whose shape a pass changed on purpose
 
     @property
     def drop(self) -> float:
@@ -41,12 +46,13 @@ class Fidelity:
 class _Leaf:
     path: str
     value: torch.Tensor
+    index: int  # the position among all the output's leaves (the graph's flat outputs)
 
 
 def flatten_outputs(outputs: Any) -> list[_Leaf]:
     """The floating-point tensors of a model's output structure, with their pytree paths."""
     leaves, _ = tree_flatten_with_path(outputs)
-    return [_Leaf(output_path(path), value.detach().float().cpu()) for path, value in leaves
+    return [_Leaf(output_path(path), value.detach().float().cpu(), i) for i, (path, value) in enumerate(leaves)
             if isinstance(value, torch.Tensor) and value.is_floating_point()]
 
 
@@ -63,15 +69,22 @@ def _is_logits(leaf: _Leaf, single_output: bool) -> bool:
     return bare and leaf.value.dim() == 2 and leaf.value.shape[-1] > 1
 
 
-def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]]) -> Fidelity:
-    """Fidelity of ``candidate`` outputs against ``reference`` outputs, batch by batch."""
+def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]],
+            reshaped: frozenset[int] = frozenset()) -> Fidelity:
+    """Fidelity of ``candidate`` outputs against ``reference`` outputs, batch by batch; the flat
+    outputs at the positions ``reshaped`` may have changed shape (then they are not compared)."""
     cosine, max_err, agree, rows = 1.0, 0.0, 0, 0
     per_output: dict[str, float] = {}
+    not_compared: list[str] = []
     for ref_batch, new_batch in zip(reference, candidate, strict=True):
         if len(ref_batch) != len(new_batch):
             raise ValueError(f"the rewritten graph returns {len(new_batch)} float outputs, "
                              f"the original {len(ref_batch)}")
         for ref, new in zip(ref_batch, new_batch):
+            if ref.value.shape != new.value.shape and ref.index in reshaped:
+                if ref.path not in not_compared:
+                    not_compared.append(ref.path or "output")
+                continue
             if ref.value.shape != new.value.shape:
                 raise ValueError(f"output {ref.path or '[0]'} changed shape from {tuple(ref.value.shape)} "
                                  f"to {tuple(new.value.shape)}")
@@ -92,7 +105,7 @@ def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]]) -> Fidel
                 agree += int(same.sum())
                 rows += same.numel()
     return Fidelity(cosine=cosine, max_abs_error=max_err, top1_agreement=agree / rows if rows else None,
-                    per_output=per_output)
+                    per_output=per_output, not_compared=not_compared)
 
 
 def _finite_parts(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -57,6 +57,7 @@ class PassManager:
         self.passes = passes
         self.ctx = ctx
         self.reference = reference_outputs
+        self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
         self.on_start = on_start
         self.on_end = on_end
 
@@ -89,7 +90,8 @@ class PassManager:
         start = time.perf_counter()
         try:
             problems = graph.lint()
-            fidelity = None if problems else self.fidelity(graph)
+            reshaped = self.reshaped | frozenset(result.stats.get("reshaped_outputs", ()))
+            fidelity = None if problems else self.fidelity(graph, reshaped)
         except Exception as error:  # the rewritten graph does not run on the calibration batches
             return snapshot, PassReport(name, "rolled back", seconds, before, before,
                                         check_seconds=time.perf_counter() - start, stats=result.stats,
@@ -109,6 +111,7 @@ class PassManager:
                                         check_seconds=check_seconds, reason=reason, stats=result.stats,
                                         notes=result.notes)
         status = "applied" if result.changed else "no change"
+        self.reshaped = reshaped
         return graph, PassReport(name, status, seconds, before, after, fidelity=fidelity,
                                  check_seconds=check_seconds, stats=result.stats, notes=result.notes)
 
@@ -118,9 +121,9 @@ class PassManager:
         log.warning("pass %s failed and was rolled back: %s", name, detail)
         return PassReport(name, "failed", seconds, before, before, reason=detail)
 
-    def fidelity(self, graph: Graph) -> Fidelity:
+    def fidelity(self, graph: Graph, reshaped: frozenset[int] = frozenset()) -> Fidelity:
         """The graph's outputs on the calibration batches against the original model's."""
-        return compare(self.reference, run_batches(graph, self.ctx.calibration))
+        return compare(self.reference, run_batches(graph, self.ctx.calibration), reshaped)
 
 
 def _exception_text(error: BaseException) -> str:

@@ -158,6 +158,9 @@ class Report:
             if len(per_output) > 1 and max(per_output.values()) - min(per_output.values()) > 0.01:
                 figures = ", ".join(f"{path} {value:.4f}" for path, value in per_output.items())
                 lines.append(f"\n- {p.name}: cosine by output: {figures}")
+            if p.fidelity and p.fidelity.not_compared:
+                lines.append(f"\n- {p.name}: not compared (their shape changed on purpose): "
+                             f"{', '.join(p.fidelity.not_compared)}")
         return "".join(lines)
 
     def save_json(self, path: str) -> None:

@@ -1,5 +1,5 @@
 """Data that ships with Python, for calibration and tests without downloads."""
 
-from bevel.data.text import sentences
+from bevel.data.text import passages, sentences
 
-__all__ = ["sentences"]
+__all__ = ["passages", "sentences"]

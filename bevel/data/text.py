@@ -1,4 +1,4 @@
-"""Real English sentences from the documentation bundled with Python (``pydoc_data.topics``)."""
+"""Real English sentences and passages from the documentation bundled with Python (``pydoc_data.topics``)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,20 @@ def sentences(n: int | None = None, seed: int | None = None, max_words: int = 80
         pool = pool[:]
         random.Random(seed).shuffle(pool)
     return pool if n is None else pool[:n]
+
+
+def passages(n: int, min_words: int = 110, seed: int | None = None) -> list[str]:
+    """``n`` passages of consecutive sentences (in the documentation's order), each at least
+    ``min_words`` words long: text that fills a model's whole context (110 words make more than 128
+    WordPiece tokens), so a batch of them has no padding. With ``seed``, a reproducible random
+    sample of all such passages instead of the first ``n``."""
+    pool = _all_sentences()
+    found, current = [], []
+    for sentence in pool:
+        current.append(sentence)
+        if sum(len(s.split()) for s in current) >= min_words:
+            found.append(" ".join(current))
+            current = []
+    if seed is not None:
+        random.Random(seed).shuffle(found)
+    return found[:n]

@@ -94,8 +94,10 @@ def concrete(dim: Any) -> int:
         hint = dim.node.hint
         if hint is None and _unbacked(dim):
             env = dim.node.shape_env
-            expr = dim.node.expr.xreplace(_EXAMPLE_SIZES.get(env, {}))
-            hint = env.size_hint(expr, allow_none=True) if expr.free_symbols else expr
+            # the input sizes' example values: named backed_var_to_val in newer torch, var_to_val before
+            backed = getattr(env, "backed_var_to_val", None) or getattr(env, "var_to_val", {})
+            expr = dim.node.expr.xreplace(_EXAMPLE_SIZES.get(env, {})).xreplace(backed)
+            hint = None if expr.free_symbols else expr
         if hint is None:
             raise ValueError(f"size {dim} has no example value")
         return int(hint)

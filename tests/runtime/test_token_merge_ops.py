@@ -22,7 +22,7 @@ ops = torch.ops.bevel
 def python_match(metric: list[list[float]], size: list[float], r: int, protect: int) -> list[int]:
     """Each token's slot after one merge step, from the algorithm's description."""
     n = len(metric)
-    r = min(r, max(n - protect, 0) // 2)
+    r = min(r, max(n - protect, 0) // 2, max(n - 2, 0))
     if r == 0:
         return list(range(n))
 
@@ -160,3 +160,19 @@ def test_fake_shapes_follow_the_clamped_count():
         back = ops.unmerge_tokens(merged, torch.empty(2, 9, dtype=torch.int64))
     assert dest.shape == (2, 9) and dest.dtype == torch.int64
     assert merged.shape == (2, 5, 6) and total.shape == (2, 5) and back.shape == (2, 9, 6)
+
+
+def test_drop_padding_moves_real_tokens_first_and_cuts_to_the_longest_row():
+    x = torch.arange(2 * 6 * 2, dtype=torch.float32).reshape(2, 6, 2)
+    size = torch.tensor([[1.0, 0, 2, 1, 0, 0], [0, 1, 0, 0, 0, 0]])  # padding anywhere, not only at the end
+    out, out_size, dest = ops.drop_padding(x, size)
+    assert out.shape == (2, 3, 2)  # the longest row has 3 real tokens
+    assert torch.equal(out[0], x[0, [0, 2, 3]]) and torch.equal(out_size[0], torch.tensor([1.0, 2, 1]))
+    assert torch.equal(out[1, 0], x[1, 1]) and out_size[1].tolist() == [1.0, 0, 0]
+    assert dest.tolist() == [[0, 2, 1, 2, 2, 2], [1, 0, 2, 2, 2, 2]]
+    # real tokens come back where they were
+    back = ops.unmerge_tokens(out, dest)
+    assert torch.equal(back[size > 0], x[size > 0])
+    # a batch with one real token per row still keeps two tokens
+    single = torch.tensor([[1.0, 0, 0], [1.0, 0, 0]])
+    assert ops.drop_padding(x[:, :3], single)[0].shape == (2, 2, 2)

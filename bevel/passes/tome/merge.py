@@ -74,21 +74,27 @@ class TokenMerging(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         p = self.params
-        blocks, skipped = find_blocks(graph)
-        notes = [f"left alone: attention '{name}': {why}" for name, why in skipped]
-        if not blocks:
-            return PassResult(changed=False, stats={"blocks": 0}, notes=notes + [
-                "no transformer block (scaled_dot_product_attention, then a residual add) found: nothing changed"])
-        schedule = per_block_r(p.r, len(blocks))
-        if len(schedule) != len(blocks):
-            raise ParamError(f"tome(r=...): {len(schedule)} values given for {len(blocks)} transformer blocks",
-                             key="r")
-        if not any(schedule):
-            return PassResult(changed=False, stats={"blocks": len(blocks), "r": schedule},
-                              notes=notes + ["r is 0 in every block: nothing changed"])
-        reduction = TokenReduction(graph, p.prop_attn, p.metric)
-        return reduce_tokens(reduction, blocks, schedule, p.protect, p.unmerge, p.drop_padding, notes,
-                             bipartite_planner(p.protect))
+        return run_planned(self.name, graph, p, bipartite_planner(p.protect), p.prop_attn, p.metric)
+
+
+def run_planned(pass_name: str, graph: Graph, params, planner, prop_attn: bool, metric: str) -> PassResult:
+    """Find the blocks, check the schedule of ``params.r`` and reduce the tokens of every block with
+    ``planner`` (see :func:`bevel.passes.tome.merge.reduce_tokens`)."""
+    blocks, skipped = find_blocks(graph)
+    notes = [f"left alone: attention '{name}': {why}" for name, why in skipped]
+    if not blocks:
+        return PassResult(changed=False, stats={"blocks": 0}, notes=notes + [
+            "no transformer block (scaled_dot_product_attention, then a residual add) found: nothing changed"])
+    schedule = per_block_r(params.r, len(blocks))
+    if len(schedule) != len(blocks):
+        raise ParamError(f"{pass_name}(r=...): {len(schedule)} values given for {len(blocks)} transformer blocks",
+                         key="r")
+    if not any(schedule):
+        return PassResult(changed=False, stats={"blocks": len(blocks), "r": schedule},
+                          notes=notes + ["r is 0 in every block: nothing changed"])
+    reduction = TokenReduction(graph, prop_attn, metric)
+    return reduce_tokens(reduction, blocks, schedule, params.protect, params.unmerge, params.drop_padding, notes,
+                         planner)
 
 
 def bipartite_planner(protect: int):
@@ -110,6 +116,7 @@ def reduce_tokens(reduction: TokenReduction, blocks: list[AttentionBlock], sched
     for block, r in zip(blocks, schedule):
         if r:
             reduction.reduce(block, r, protect, planner)
+    reshaped = [] if unmerge else reduction.per_token_outputs(tokens)
     spread = reduction.unmerge_outputs(tokens) if unmerge else []
     graph.refresh()
     counts = [concrete(tokens)] + [concrete(graph.shape(x)[1]) for x, _ in reduction.steps]
@@ -125,5 +132,9 @@ def reduce_tokens(reduction: TokenReduction, blocks: list[AttentionBlock], sched
                      f"padded positions are not kept")
     if spread:
         notes.append(f"outputs spread back to the original tokens: {', '.join(spread)}")
-    stats = {"blocks": len(blocks), "r": schedule, "tokens": counts, "unmerged_outputs": spread}
+    if reshaped:
+        notes.append(f"per-token outputs keep the merged tokens (unmerge=False): "
+                     f"{', '.join(node.name for _, node, _ in reshaped)}")
+    stats = {"blocks": len(blocks), "r": schedule, "tokens": counts, "unmerged_outputs": spread,
+             "reshaped_outputs": [i for i, _, _ in reshaped]}
     return PassResult(changed=True, stats=stats, notes=notes)

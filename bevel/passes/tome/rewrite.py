@@ -97,6 +97,25 @@ def _replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, ma
                     node.replace_input_with(size, rebase(size))
 
 
+def _copy_before_reshaping(graph: Graph, node: fx.Node) -> None:
+    """Make ``node``, if it reshapes a transposed tensor, read a contiguous copy of it.
+
+    An attention that gains a mask may return another memory layout (the exporter's decomposition
+    does), and with a token count only known at run time the exporter cannot tell whether a view of
+    the transposed output is possible. Reshaping a transposed tensor copies it anyway, so copying
+    first costs nothing more and makes the view always possible.
+    """
+    if node.op != "call_function" or node.target not in (aten.view.default, aten.reshape.default):
+        return
+    source = node.args[0]
+    if isinstance(source, fx.Node) and source.target in (aten.transpose.int, aten.permute.default):
+        with graph.fx_graph.inserting_before(node):
+            copy = graph.fx_graph.call_function(aten.clone.default, (source,),
+                                                {"memory_format": torch.contiguous_format})
+        node.replace_input_with(source, copy)
+        node.target = aten.reshape.default
+
+
 def _count_nodes(graph: Graph, tokens: Any) -> list[fx.Node]:
     """The nodes holding a symbolic token count (``sym_size`` of any input with that size)."""
     return [n for n in graph.nodes(op="call_function") if isinstance(n.meta.get("val"), torch.SymInt)
@@ -155,6 +174,8 @@ class TokenReduction:
         made = set(at.made)
         old.replace_all_uses_with(x, delete_user_cb=lambda user: user not in made)
         later = descendants(x)
+        for node in later:
+            _copy_before_reshaping(graph, node)
         for old_count in self.count:
             _replace_count(graph, later, old_count, count, self.made_sizes)
         mask = None
@@ -174,23 +195,32 @@ class TokenReduction:
         dtype = self.graph.dtype(attention.args[0])
         return mask if dtype in (None, torch.float32) else at(aten._to_copy.default, mask, dtype=dtype)
 
-    def unmerge_outputs(self, tokens: Any) -> list[str]:
-        """Spread every output that was [B, ``tokens``, C] (per-token at the original count; shapes are
-        read before the graph is refreshed) and now comes after a reduction back to the original
-        tokens, with the source map of the last reduction before it; returns their names."""
+    def per_token_outputs(self, tokens: Any) -> list[tuple[int, fx.Node, fx.Node]]:
+        """The outputs that were [B, ``tokens``, C] (per-token at the original count; shapes are read
+        before the graph is refreshed) and now come after a reduction: (flat position, node, the
+        source map of the last reduction before it)."""
         output = next(iter(self.graph.nodes(op="output")))
         after = [(descendants(x) | {x}, source) for x, source in reversed(self.steps)]
-        spread = []
-        values = list(output.args[0])
-        for i, value in enumerate(values):
+        found = []
+        for i, value in enumerate(output.args[0]):
             shape = self.graph.shape(value) if isinstance(value, fx.Node) else None
             if shape is None or len(shape) != 3 or not same_size(shape[1], tokens):
                 continue
             source = next((source for later, source in after if value in later), None)
             if source is not None:
-                with self.graph.fx_graph.inserting_before(output):
-                    values[i] = self.graph.fx_graph.call_function(bevel_ops.unmerge_tokens.default, (value, source))
-                spread.append(value.name)
+                found.append((i, value, source))
+        return found
+
+    def unmerge_outputs(self, tokens: Any) -> list[str]:
+        """Spread the per-token outputs (see :meth:`per_token_outputs`) back to the original tokens;
+        returns their names."""
+        output = next(iter(self.graph.nodes(op="output")))
+        values = list(output.args[0])
+        spread = []
+        for i, value, source in self.per_token_outputs(tokens):
+            with self.graph.fx_graph.inserting_before(output):
+                values[i] = self.graph.fx_graph.call_function(bevel_ops.unmerge_tokens.default, (value, source))
+            spread.append(value.name)
         output.update_arg(0, type(output.args[0])(values))
         return spread
 

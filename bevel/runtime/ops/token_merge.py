@@ -11,7 +11,8 @@ tokens after the ``protect`` first ones alternate into sets A and B; each real t
 most similar real token of B (cosine of ``metric``); the ``r`` A tokens with the best matches merge
 into them. Padding (size 0) is removed before any real token: its removal score is above every
 cosine (later padding first, so the choice is deterministic), and no real token ever merges into
-padding. ``r`` is clamped to ``(N - protect) // 2``, so there are always ``r`` tokens to remove.
+padding. ``r`` is clamped to ``(N - protect) // 2`` (so there are always ``r`` tokens to remove)
+and to ``N - 2``; see :func:`clamped_r`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ PADDING_SCORE = 2.0
 
 def clamped_r(tokens, r: int, protect: int):
     """The number of tokens a step removes from ``tokens`` (an int or a SymInt): at most half of the
-    unprotected ones, so that every removed A token has a B token left to go to."""
-    return torch.sym_min(r, torch.sym_max(tokens - protect, 0) // 2)
+    unprotected ones, so that every removed A token has a B token left to go to, and never below two
+    tokens left (so a merged length is never 1, which shape checks of broadcasting ops would have to
+    tell apart from a real length)."""
+    return torch.sym_min(torch.sym_min(r, torch.sym_max(tokens - protect, 0) // 2), torch.sym_max(tokens - 2, 0))
 
 
 def merged_tokens(tokens, r: int, protect: int):
@@ -79,11 +82,12 @@ def merge_tokens_reference(x: torch.Tensor, size: torch.Tensor, dest: torch.Tens
 
 def drop_padding_reference(x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The op's meaning in plain torch: real tokens (size > 0) moved to the front in their order and
-    the batch cut to its longest row (at least one token); returns the tokens, their sizes and each
-    original token's slot (padding beyond the cut goes to the last slot, where it weighs nothing)."""
+    the batch cut to its longest row, keeping at least two tokens where there are two (as
+    :func:`clamped_r`); returns the tokens, their sizes and each original token's slot (padding
+    beyond the cut goes to the last slot, where it weighs nothing)."""
     batch, count = size.shape
     order = torch.argsort((size <= 0).to(torch.uint8), dim=1, stable=True)
-    slots = max(int((size > 0).sum(dim=1).max()), 1) if batch else 1
+    slots = max(int((size > 0).sum(dim=1).max()) if batch else 0, min(2, count))
     kept = order[:, :slots]
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(count, device=size.device).expand(batch, count))
     dest = rank.clamp_max(slots - 1)
@@ -131,8 +135,8 @@ def _(x, size, dest, r, protect):
         slots = merged_tokens(tokens, r, protect)
     else:
         # a new size rather than the formula: nested min/floordiv expressions of a few merges make
-        # symbolic shape reasoning explode; the slots are at least the protected tokens and one more
-        slots = torch.library.get_ctx().new_dynamic_size(min=min(protect + 1, 2))
+        # symbolic shape reasoning explode. At least 2 (see clamped_r; a symbolic length is >= 2)
+        slots = torch.library.get_ctx().new_dynamic_size(min=2)
     return x.new_empty((x.shape[0], slots, x.shape[2])), x.new_empty((x.shape[0], slots), dtype=torch.float32)
 
 
@@ -147,13 +151,15 @@ def _(x, size, dest, r, protect):
 def drop_padding(x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Move the real tokens of ``x`` [B, N, C] (``size`` [B, N] > 0) to the front and cut the batch
     to its longest row: tokens [B, M, C], sizes [B, M] and each original token's slot [B, N].
-    M depends on the data (the most real tokens of any row)."""
+    M depends on the data: the most real tokens of any row, at least two (where N allows)."""
     return drop_padding_reference(x, size)
 
 
 @drop_padding.register_fake
 def _(x, size):
-    slots = torch.library.get_ctx().new_dynamic_size(min=1)
+    tokens = x.shape[1]
+    # decided by the data; at least two where there are two (a symbolic length is >= 2)
+    slots = tokens if isinstance(tokens, int) and tokens < 2 else torch.library.get_ctx().new_dynamic_size(min=2)
     return (x.new_empty((x.shape[0], slots, x.shape[2])), size.new_empty((size.shape[0], slots)),
             size.new_empty(size.shape, dtype=torch.int64))
 

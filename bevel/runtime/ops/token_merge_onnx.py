@@ -54,10 +54,10 @@ def _positions(count: ir.Value) -> ir.Value:
 
 
 def _clamped_r(tokens: ir.Value, r: int, protect: int) -> ir.Value:
-    """token_merge.clamped_r at run time: ``min(r, max(tokens - protect, 0) // 2)`` ([1] int64; the
-    integer Div truncates, which is floor here since its operand is not negative)."""
+    """token_merge.clamped_r at run time: ``min(r, max(tokens - protect, 0) // 2, max(tokens - 2, 0))``
+    ([1] int64; the integer Div truncates, which is floor here since its operand is not negative)."""
     free = op.Max(op.Sub(tokens, _ints(protect)), _ints(0))
-    return op.Min(_ints(r), op.Div(free, _ints(2)))
+    return op.Min(op.Min(_ints(r), op.Div(free, _ints(2))), op.Max(op.Sub(tokens, _ints(2)), _ints(0)))
 
 
 def _token_index(index: ir.Value, channels_of: ir.Value) -> ir.Value:
@@ -150,8 +150,10 @@ def drop_padding_onnx(x: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     real_count = op.ReduceSum(real, _ints(1), keepdims=1)  # [B, 1]
     rank = op.Where(op.Cast(real, to=ir.DataType.BOOL), op.Sub(op.CumSum(real, axis), _ints(1)),
                     op.Add(real_count, op.Sub(op.CumSum(padding, axis), _ints(1))))
-    # the longest row, at least one token (ReduceMax over an empty batch gives the lowest int64)
-    slots = op.Max(op.ReduceMax(real_count, keepdims=0), op.Constant(value_int=1))  # scalar
+    # the longest row, at least two tokens where there are two (ReduceMax over an empty batch gives
+    # the lowest int64)
+    at_least = op.Min(op.Squeeze(_dim(x, 1), _ints(0)), op.Constant(value_int=2))
+    slots = op.Max(op.ReduceMax(real_count, keepdims=0), at_least)  # scalar
     dest = op.Min(rank, op.Sub(slots, op.Constant(value_int=1)))
 
     positions = op.Expand(_positions(tokens), op.Shape(size))

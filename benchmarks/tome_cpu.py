@@ -1,0 +1,114 @@
+"""Token merging on the CPU: bevel's ``tome`` against torch eager, with the fidelity beside each time.
+
+Three measurements, each in this one process, calls alternating between the models, median of
+``--repeats`` runs after ``--warmup`` untimed ones:
+
+- ``padded``: MiniLM on a batch of real sentences padded to 128 tokens (as a server pads a batch
+  to a fixed length). bevel drops the padding no sentence needs and merges padding before real
+  tokens. Fidelity: mean-pooled embeddings of 256 held-out sentences, batched the same way.
+- ``passages``: MiniLM on passages of real text that fill all 128 tokens (no padding: the gain is
+  merging alone), for several r. Fidelity over every such passage the bundled text gives.
+- ``vit``: timm ``vit_base_patch16_224`` with random weights, batch 8, ``tome(r=16)``. Fidelity:
+  the cosine of the logits and the share of unchanged top-1 classes on other random images.
+
+Fidelity is the minimum (and mean) cosine to the original model's output.
+
+    python benchmarks/tome_cpu.py                      # all three
+    python benchmarks/tome_cpu.py padded --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import bevel
+from bevel.data import passages, sentences
+from bevel.models import minilm
+from bevel.runtime.timing import median_latencies_ms
+from minilm_common import embedding_fidelity
+
+PADDED_PIPELINES = ['cleanup | tome(r=[0, 0, 0, 10, 10, 10])',
+                    'cleanup | tome(r=[0, 0, 0, 10, 10, 10], metric="hidden")',
+                    'cleanup | tome(r=8, metric="hidden")']
+PASSAGE_R = [2, 4, 8, 12, 16]
+
+
+def minilm_rows(name: str, models: dict, timed: tuple, batches: list, repeats: int, warmup: int) -> None:
+    """Time ``models`` (the first is the baseline) on ``timed`` and print speed-up and fidelity on ``batches``."""
+    model = next(iter(models.values()))
+    reference = minilm.sentence_embeddings(model, batches)
+    fidelity = embedding_fidelity(models, batches, reference)
+    latency = median_latencies_ms(models, timed, runs=repeats, warmup=warmup)
+    base = next(iter(latency.values()))
+    print(f"\n{name}: batch {tuple(timed[0].shape)}, real tokens {int(timed[1].sum())} of {timed[1].numel()}; "
+          f"fidelity over {len(reference)} texts")
+    print(f"{'model':66s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s}")
+    for label in models:
+        low, mean = fidelity[label]
+        print(f"{label:66s} {latency[label]:8.1f} {base / latency[label]:8.2f}x {low:9.5f} {mean:9.5f}")
+
+
+def padded(args: argparse.Namespace) -> None:
+    model = minilm.load_minilm()
+    example = minilm.example_inputs()
+    timed = minilm.encode(sentences(args.batch, seed=3), pad_to_max=True)
+    texts, _ = minilm.held_out_batches(256)
+    held_out = [minilm.encode(texts[i:i + args.batch], pad_to_max=True) for i in range(0, len(texts), args.batch)]
+    models = {"torch eager": model}
+    for pipeline in PADDED_PIPELINES:
+        models[f"bevel {pipeline.removeprefix('cleanup | ')}"] = bevel.compile(model, pipeline, example_inputs=example)
+    minilm_rows("MiniLM, sentences padded to 128", models, timed, held_out, args.repeats, args.warmup)
+
+
+def full_passages(args: argparse.Namespace) -> None:
+    model = minilm.load_minilm()
+    texts = passages(10_000)
+    batches = [minilm.encode(texts[i:i + args.batch]) for i in range(0, len(texts), args.batch)]
+    timed = batches[0]
+    models = {"torch eager": model}
+    for r in PASSAGE_R:
+        for metric in ("keys", "hidden"):
+            pipeline = f'cleanup | tome(r={r}, metric="{metric}")'
+            models[f"bevel tome(r={r}, metric={metric})"] = bevel.compile(model, pipeline, example_inputs=timed)
+    minilm_rows("MiniLM, passages filling 128 tokens", models, timed, batches, args.repeats, args.warmup)
+
+
+def vit(args: argparse.Namespace) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    images = torch.randn(8, 3, 224, 224)
+    compiled = bevel.compile(model, "cleanup | tome(r=16)", example_inputs=(images,))
+    fresh = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(fresh), compiled(fresh)
+    cosine = F.cosine_similarity(got, want)
+    top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    latency = median_latencies_ms({"eager": model, "tome": compiled}, (images,), runs=args.repeats,
+                                  warmup=args.warmup)
+    tokens = compiled.report["tome"].stats["tokens"]
+    print(f"\ntimm vit_base_patch16_224 (random weights), batch 8, tome(r=16): tokens {tokens[0]} -> {tokens[-1]}")
+    print(f"eager {latency['eager']:.0f} ms, tome {latency['tome']:.0f} ms: {latency['eager'] / latency['tome']:.2f}x; "
+          f"logits min cosine {float(cosine.min()):.5f} (mean {float(cosine.mean()):.5f}), top-1 unchanged {top1:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", default=["padded", "passages", "vit"],
+                        choices=["padded", "passages", "vit"], help="what to measure (default: all)")
+    parser.add_argument("--batch", type=int, default=32, help="sentences or passages per MiniLM batch")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs after "
+          f"{args.warmup} warm-up")
+    for section in args.sections:
+        {"padded": padded, "passages": full_passages, "vit": vit}[section](args)
+
+
+if __name__ == "__main__":
+    main()
