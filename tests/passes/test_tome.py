@@ -227,3 +227,14 @@ def test_onnx_export_of_a_merged_vit_runs_with_another_batch_and_agrees(tmp_path
         (logits,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
         with torch.no_grad():
             assert (torch.from_numpy(logits) - compiled(images)).abs().max() <= 1e-4
+
+
+def test_the_torch_compile_backend_merges_like_bevel_compile():
+    model, make_inputs = vit()
+    (x,) = make_inputs(seeded(0))
+    backend = torch.compile(model, backend="bevel", options={"passes": "cleanup | tome(r=3)"})
+    direct = bevel.compile(model, "cleanup | tome(r=3)", example_inputs=(x,))
+    with torch.no_grad():
+        got, want, original = backend(x), direct(x), model(x)
+    assert torch.equal(got, want)
+    assert (got - original).abs().max() > 1e-4  # tokens were merged: not the original model
