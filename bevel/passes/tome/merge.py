@@ -107,7 +107,8 @@ def bipartite_planner(protect: int):
 def reduce_tokens(reduction: TokenReduction, blocks: list[AttentionBlock], schedule: list[int], protect: int,
                   unmerge: bool, drop_padding: bool, notes: list[str], planner) -> PassResult:
     """Rewrite ``blocks`` (r from ``schedule``, blocks with r = 0 skipped), after dropping the padding
-    no row needs if asked, and report the token counts at the example input size."""
+    no row needs if asked, and report the token counts at the example input size: ``tokens`` holds
+    the count before, after dropping padding (when it is dropped) and after each merge."""
     graph = reduction.graph
     tokens = graph.shape(blocks[0].input)[1]
     padding = blocks[0].padding
