@@ -75,6 +75,17 @@ _FLOPS: dict[Any, Callable[[fx.Node], int]] = {
 }
 
 
+def descendants(*nodes: fx.Node) -> set[fx.Node]:
+    """Every node that reads one of ``nodes``, directly or not."""
+    seen, stack = set(), [user for node in nodes for user in node.users]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.users)
+    return seen
+
+
 def register_flops(target: Any, count: Callable[[fx.Node], int]) -> None:
     """Teach the FLOP counter a new op (custom ops register their own count here)."""
     _FLOPS[target] = count

@@ -9,6 +9,7 @@ import sympy
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def _unbacked(dim: Any) -> list[Any]:
     """The symbols of a size that the example inputs do not fix (sizes made by ops at run time)."""
     if not isinstance(dim, torch.SymInt):
         return []
-    return [s for s in dim.node.expr.free_symbols if s.name.startswith("u")]
+    return list(free_unbacked_symbols(dim))
 
 
 def _record_data_dependent_sizes(graph: "Graph") -> None:

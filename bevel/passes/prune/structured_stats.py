@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from bevel.ir.analysis import descendants
 from bevel.ir.graph import Graph
 
 
@@ -124,17 +125,6 @@ def collect_channel_stats(graph: Graph, watched: dict[fx.Node, int],
     return recorder.stats
 
 
-def _downstream(nodes: list[fx.Node]) -> set[fx.Node]:
-    """Every node whose value depends on one of ``nodes`` (the nodes themselves included)."""
-    seen, todo = set(), list(nodes)
-    while todo:
-        node = todo.pop()
-        if node not in seen:
-            seen.add(node)
-            todo.extend(node.users)
-    return seen
-
-
 def recalibrate_batch_norms(graph: Graph, changed: list[fx.Node], batches: list[tuple[Any, ...]],
                             batch_norms: set[Any]) -> list[str]:
     """Re-estimate the running mean and variance of every BatchNorm downstream of ``changed`` on ``batches``.
@@ -144,7 +134,7 @@ def recalibrate_batch_norms(graph: Graph, changed: list[fx.Node], batches: list[
     BatchNorms are taken in graph order, each measured after the earlier ones were updated, since
     each one's input depends on them. Returns the names of the running means updated.
     """
-    after = _downstream(changed)
+    after = set(changed) | descendants(*changed)
     updated = []
     for node in graph.fx_graph.nodes:
         if node.op != "call_function" or node.target not in batch_norms or node.args[0] not in after:

@@ -54,17 +54,6 @@ def ancestors(node: fx.Node, through_sizes: bool = True) -> set[fx.Node]:
     return seen
 
 
-def descendants(node: fx.Node) -> set[fx.Node]:
-    """Every node that reads ``node``, directly or not."""
-    seen, stack = set(), list(node.users)
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.users)
-    return seen
-
-
 def same_size(a, b) -> bool:
     """Whether two sizes (ints or SymInts) are certainly equal."""
     return statically_known_true(a == b)

@@ -52,25 +52,31 @@ def check_r(pass_name: str, r: int | tuple) -> None:
                          f"[r, schedule] with schedule one of {', '.join(map(repr, SCHEDULES))}", key="r")
 
 
+@dataclass
+class TokenReductionParams(PassParams):
+    """The parameters every token reducing pass takes; each pass's ``Params`` adds its own."""
+
+    r: int | tuple[int | str, ...] = param(8, "tokens removed per block: an int, a list of one per block, or "
+                                           "[r, \"decreasing\"] (2r in the first block down to 0)")
+    protect: int = param(1, "leading tokens never removed (the CLS token)", ge=0)
+    unmerge: bool = param(True, "spread per-token outputs back to the original tokens, so their shape is kept")
+    drop_padding: bool = param(True, "with a padding mask: move real tokens to the front before the first "
+                               "block and cut the padding no row needs (the batch's longest row decides)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_r(self.pass_name, self.r)
+
+
 @register_pass("tome")
 class TokenMerging(Pass):
     """Merge similar tokens between the attention and the MLP of each transformer block (ToMe)."""
 
     @dataclass
-    class Params(PassParams):
-        r: int | tuple[int | str, ...] = param(8, "tokens merged per block: an int, a list of one per block, or "
-                                               "[r, \"decreasing\"] (2r in the first block down to 0)")
-        protect: int = param(1, "leading tokens never merged (the CLS token)", ge=0)
+    class Params(TokenReductionParams):
         prop_attn: bool = param(True, "proportional attention: a merged token weighs as the tokens it stands for")
-        unmerge: bool = param(True, "spread per-token outputs back to the original tokens, so their shape is kept")
-        drop_padding: bool = param(True, "with a padding mask: move real tokens to the front before the first "
-                                   "block and cut the padding no row needs (the batch's longest row decides)")
         metric: str = param("keys", "what similarity is measured on: the attention keys averaged over heads "
                             "(ToMe), or the hidden states being merged", choices=("keys", "hidden"))
-
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            check_r(self.pass_name, self.r)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         p = self.params

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from bevel.ir.graph import Graph
-from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
+from bevel.passes.base import Pass, PassContext, PassResult, param
 from bevel.passes.registry import register_pass
 from bevel.passes.tome.blocks import AttentionBlock
-from bevel.passes.tome.merge import check_r, run_planned
+from bevel.passes.tome.merge import TokenReductionParams, run_planned
 from bevel.passes.tome.rewrite import Inserter
 from bevel.passes.tome.token_prune import descending_rank, positions, removal_count, removal_scores
 
@@ -69,23 +69,13 @@ class PiToMe(Pass):
     """Merge the tokens of the largest clusters of similar tokens in each transformer block (PiToMe)."""
 
     @dataclass
-    class Params(PassParams):
-        r: int | tuple[int | str, ...] = param(8, "tokens merged per block: an int, a list of one per block, or "
-                                               "[r, \"decreasing\"] (2r in the first block down to 0)")
+    class Params(TokenReductionParams):
         margin: float = param(0.5, "cosine from which a similar token adds its full cosine to the energy",
                               ge=-1.0, le=1.0)
         alpha: float = param(1.0, "weight of the (negative) energy of tokens less similar than the margin", ge=0.0)
-        protect: int = param(1, "leading tokens never merged (the CLS token)", ge=0)
         prop_attn: bool = param(True, "proportional attention: a merged token weighs as the tokens it stands for")
-        unmerge: bool = param(True, "spread per-token outputs back to the original tokens, so their shape is kept")
-        drop_padding: bool = param(True, "with a padding mask: move real tokens to the front before the first "
-                                   "block and cut the padding no row needs (the batch's longest row decides)")
-
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            check_r(self.pass_name, self.r)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         p = self.params
-        return run_planned("tome.pitome", graph, p, pitome_planner(p.protect, p.margin, p.alpha), p.prop_attn,
+        return run_planned(self.name, graph, p, pitome_planner(p.protect, p.margin, p.alpha), p.prop_attn,
                            "keys")

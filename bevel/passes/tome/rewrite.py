@@ -26,7 +26,8 @@ import torch.fx as fx
 
 from bevel.ir.arguments import find_argument, set_argument
 from bevel.ir.graph import Graph
-from bevel.passes.tome.blocks import AttentionBlock, ATTENTION_OPS, descendants, same_size
+from bevel.ir.analysis import descendants
+from bevel.passes.tome.blocks import AttentionBlock, ATTENTION_OPS, same_size
 
 aten = torch.ops.aten
 bevel_ops = torch.ops.bevel

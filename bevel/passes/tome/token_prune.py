@@ -20,10 +20,10 @@ import torch.fx as fx
 
 from bevel.ir.arguments import argument
 from bevel.ir.graph import Graph
-from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
+from bevel.passes.base import Pass, PassContext, PassResult, param
 from bevel.passes.registry import register_pass
 from bevel.passes.tome.blocks import AttentionBlock
-from bevel.passes.tome.merge import check_r, run_planned
+from bevel.passes.tome.merge import TokenReductionParams, run_planned
 from bevel.passes.tome.rewrite import Inserter
 from bevel.runtime.ops.token_merge import PADDING_SCORE
 
@@ -111,21 +111,10 @@ class TokenPruning(Pass):
     """Drop the least attended tokens after the attention of each transformer block (training-free)."""
 
     @dataclass
-    class Params(PassParams):
-        r: int | tuple[int | str, ...] = param(8, "tokens dropped per block (at most half of the unprotected ones): "
-                                               "an int, a list of one per block, or [r, \"decreasing\"]")
+    class Params(TokenReductionParams):
         importance: str = param("cls", "attention received from the first (CLS) query, or from every real query",
                                 choices=("cls", "mean"))
-        protect: int = param(1, "leading tokens never dropped (the CLS token)", ge=0)
-        unmerge: bool = param(True, "spread per-token outputs back to the original tokens (a dropped token reads "
-                              "the kept token before it), so their shape is kept")
-        drop_padding: bool = param(True, "with a padding mask: move real tokens to the front before the first "
-                                   "block and cut the padding no row needs (the batch's longest row decides)")
-
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            check_r(self.pass_name, self.r)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         p = self.params
-        return run_planned("token_prune", graph, p, prune_planner(p.protect, p.importance), False, "hidden")
+        return run_planned(self.name, graph, p, prune_planner(p.protect, p.importance), False, "hidden")
