@@ -80,7 +80,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print bevel's version and exit.")) -> None:
     """bevel: capture a PyTorch model with torch.export, rewrite its graph with passes, and export the result.
 
-    MODEL is a built-in name (minilm) or package.module:callable, where the callable returns
+    MODEL is a built-in name (minilm, tinylm) or package.module:callable, where the callable returns
     (model, example_inputs); modules in the current directory are found.
     """
 
@@ -144,7 +144,8 @@ def _needs_calibration(cls: Any) -> bool | None:
 
 @app.command("inspect")
 def inspect_command(
-    model_ref: str = typer.Argument(..., metavar="MODEL", help="A built-in name (minilm) or package.module:callable."),
+    model_ref: str = typer.Argument(..., metavar="MODEL",
+                                    help="A built-in name (minilm, tinylm) or package.module:callable."),
     graph: bool = typer.Option(False, "--graph", help="Also print the whole graph, one line per node."),
     top: int = typer.Option(10, "--top", min=0, help="How many of the costliest nodes to list."),
     static_shapes: bool = typer.Option(False, "--static-shapes", help=STATIC_SHAPES_HELP),
@@ -196,7 +197,8 @@ def inspect_command(
 
 @app.command("export")
 def export_command(
-    model_ref: str = typer.Argument(..., metavar="MODEL", help="A built-in name (minilm) or package.module:callable."),
+    model_ref: str = typer.Argument(..., metavar="MODEL",
+                                    help="A built-in name (minilm, tinylm) or package.module:callable."),
     passes: str = typer.Option("cleanup", "--passes", "-p",
                                help='The pipeline, e.g. "cleanup | prune.magnitude(sparsity=0.3)".'),
     out: Path = typer.Option(..., "--out", "-o", file_okay=False,

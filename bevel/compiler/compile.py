@@ -9,12 +9,14 @@ from typing import Any, Iterable
 import torch
 
 from bevel.codegen.lower import check_device, lower
+from bevel.compiler.compile_decoder import compile_decoder
 from bevel.compiler.fidelity import Fidelity, compare, run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures
 from bevel.compiler.pipeline import build_pipeline
 from bevel.compiler.report import Report
 from bevel.errors import BevelError, CaptureError, ParamError, first_line
 from bevel.ir.capture import capture
+from bevel.ir.decoder import is_causal_lm
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext
 from bevel.runtime.compiled_module import CompiledModule
@@ -80,7 +82,8 @@ def copy_model(model: torch.nn.Module) -> torch.nn.Module:
 def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cleanup",
             example_inputs: Any = None, calibration: Iterable[Any] | None = None, device: str = "cpu",
             max_fidelity_drop: float | None = None, dynamic_shapes: Any = None, seed: int = 0,
-            on_pass_start: ProgressHook | None = None, on_pass_end: ProgressHook | None = None) -> CompiledModule:
+            on_pass_start: ProgressHook | None = None, on_pass_end: ProgressHook | None = None,
+            max_cache_len: int | None = None, eval_text: Any = None) -> CompiledModule:
     """Rewrite ``model`` with the pipeline ``passes`` and return a CompiledModule to call, save or export.
 
     Args:
@@ -99,6 +102,15 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
             torch.export dynamic_shapes spec.
         seed: seed set before each pass, for passes that sample.
         on_pass_start, on_pass_end: progress callbacks ``(index, count, pass[, report_entry])``.
+        max_cache_len: causal LMs only: the KV cache's length per sequence (prompt plus generated
+            tokens); defaults to the model's maximum position count.
+        eval_text: causal LMs only: held-out text (a str of UTF-8 bytes for byte-level models, or a
+            tensor of token ids) whose perplexity the report gives for the original model and after
+            each applied pass.
+
+    A causal LM (an HF ``...ForCausalLM`` or ``...LMHeadModel``) is captured as a step graph with an
+    explicit KV cache and comes back as a CompiledDecoder with ``generate()``; its example inputs
+    and calibration batches are prompts: ``input_ids`` or ``(input_ids, attention_mask)``.
     """
     pipeline = build_pipeline(passes)
     if not isinstance(model, torch.nn.Module):
@@ -112,6 +124,14 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
         example_inputs = batches[0]
     example_inputs = as_input_tuple(example_inputs, "example_inputs")
     check_order(pipeline, has_calibration=bool(batches))
+    if is_causal_lm(model):
+        if dynamic_shapes is not None:
+            raise BevelError("dynamic_shapes does not apply to a causal LM: its step graph keeps the batch, the "
+                             "tokens per step and the cache length symbolic")
+        return compile_decoder(copy_model(model), pipeline, example_inputs, batches, device, max_fidelity_drop,
+                               seed, max_cache_len, eval_text, on_pass_start, on_pass_end)
+    if max_cache_len is not None or eval_text is not None:
+        raise BevelError(f"max_cache_len and eval_text apply to causal LMs only; {type(model).__name__} is not one")
     ctx = PassContext(calibration=batches or [example_inputs], example_inputs=example_inputs, device=device,
                       calibrated=bool(batches),
                       seed=seed, max_fidelity_drop=max_fidelity_drop)

@@ -53,8 +53,10 @@ class PassManager:
     """Runs passes in order over one graph, keeping each rewrite only if it passes the instruments."""
 
     def __init__(self, passes: list[Pass], ctx: PassContext, reference_outputs: list,
-                 on_start: ProgressHook | None = None, on_end: ProgressHook | None = None) -> None:
+                 on_start: ProgressHook | None = None, on_end: ProgressHook | None = None,
+                 evaluate: Callable[[Graph], dict[str, float]] | None = None) -> None:
         self.passes = passes
+        self.evaluate = evaluate  # task measures (held-out perplexity) after each applied pass
         self.ctx = ctx
         self.reference = reference_outputs
         self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
@@ -69,6 +71,8 @@ class PassManager:
             if self.on_start:
                 self.on_start(index, len(self.passes), p)
             graph, entry = self._run_one(p, graph, figures)
+            if self.evaluate is not None and entry.status == "applied":
+                entry.quality = self.evaluate(graph)
             figures = entry.after
             log.info("%s: %s in %.2f s%s", entry.name, entry.status, entry.seconds,
                      f" ({entry.reason})" if entry.reason else "")

@@ -38,6 +38,7 @@ class PassReport:
     reason: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quality: dict[str, float] = field(default_factory=dict)  # task measures after the pass (perplexity)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable dict of this entry."""
@@ -45,7 +46,7 @@ class PassReport:
                 "check_seconds": round(self.check_seconds, 4),
                 "before": self.before.to_json(), "after": self.after.to_json(),
                 "fidelity": self.fidelity.to_json() if self.fidelity else None,
-                "reason": self.reason, "stats": self.stats, "notes": self.notes}
+                "reason": self.reason, "stats": self.stats, "notes": self.notes, "quality": self.quality}
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Report:
     passes: list[PassReport] = field(default_factory=list)
     max_fidelity_drop: float | None = None
     capture_fidelity: Fidelity | None = None  # the captured graph against the eager model, before any pass
+    quality: dict[str, float] = field(default_factory=dict)  # task measures of the original model
 
     @property
     def final(self) -> GraphFigures:
@@ -87,7 +89,7 @@ class Report:
                 "capture_seconds": round(self.capture_seconds, 4),
                 "calibration_batches": self.calibration_batches, "max_fidelity_drop": self.max_fidelity_drop,
                 "capture_fidelity": self.capture_fidelity.to_json() if self.capture_fidelity else None,
-                "passes": [p.to_json() for p in self.passes]}
+                "quality": self.quality, "passes": [p.to_json() for p in self.passes]}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Report":
@@ -101,11 +103,11 @@ class Report:
         passes = [PassReport(name=p["name"], status=p["status"], seconds=p["seconds"],
                              before=figures(p["before"]), after=figures(p["after"]), fidelity=fidelity(p["fidelity"]),
                              check_seconds=p.get("check_seconds", 0.0), reason=p["reason"], stats=p["stats"],
-                             notes=p["notes"]) for p in data["passes"]]
+                             notes=p["notes"], quality=p.get("quality", {})) for p in data["passes"]]
         return cls(model=data["model"], pipeline=data["pipeline"], original=figures(data["original"]),
                    capture_seconds=data["capture_seconds"], calibration_batches=data["calibration_batches"],
                    passes=passes, max_fidelity_drop=data.get("max_fidelity_drop"),
-                   capture_fidelity=fidelity(data.get("capture_fidelity")))
+                   capture_fidelity=fidelity(data.get("capture_fidelity")), quality=data.get("quality", {}))
 
     def rows(self) -> list[list[str]]:
         """The table's rows as text: the original graph first, then each pass."""
@@ -151,7 +153,11 @@ class Report:
                 f"weights equal to 0; fidelity budget (max drop in cosine): {budget}")
 
     def _reasons(self) -> str:
-        lines = [f"\n- {p.name}: {p.status}: {p.reason}" for p in self.passes if p.reason]
+        lines = []
+        if self.quality:
+            lines.append(f"\n- held-out quality: original {_quality(self.quality)}")
+            lines += [f"; after {p.name} {_quality(p.quality)}" for p in self.passes if p.quality]
+        lines += [f"\n- {p.name}: {p.status}: {p.reason}" for p in self.passes if p.reason]
         lines += [f"\n- {p.name}: {note}" for p in self.passes for note in p.notes]
         for p in self.passes:
             per_output = p.fidelity.per_output if p.fidelity else {}
@@ -174,6 +180,10 @@ def _fidelity_cells(fid: Fidelity | None) -> list[str]:
         return ["", "", ""]
     top1 = f"{fid.top1_agreement:.1%}" if fid.top1_agreement is not None else ""
     return [f"{fid.cosine:.5f}", f"{fid.max_abs_error:.2e}", top1]
+
+
+def _quality(figures: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:.4g}" for name, value in figures.items())
 
 
 def _count(n: int) -> str:

@@ -144,7 +144,8 @@ def save_artifact(compiled: CompiledModule, path: str) -> str:
                     "container_types": _container_types(program),
                     "non_tensor_inputs": {str(i): x for i, x in enumerate(example_inputs)
                                           if not isinstance(x, torch.Tensor)},
-                    "files": {name: _sha256(os.path.join(path, name)) for name in files}}
+                    "files": {name: _sha256(os.path.join(path, name)) for name in files},
+                    **compiled.manifest_extra()}
         # the manifest is written last and atomically: its presence means the artifact is complete
         temporary = os.path.join(path, MANIFEST + ".tmp")
         with open(temporary, "w") as f:
@@ -364,6 +365,16 @@ def load(path: str) -> CompiledModule:
                                for i in range(count))
     except KeyError as error:
         raise ArtifactError(f"{INPUTS} in '{path}' lacks example input {error}") from None
+    if "decoder" in manifest:
+        from bevel.ir.decoder import DecoderSpec
+        from bevel.runtime.compiled_decoder import CompiledDecoder
+
+        try:
+            spec = DecoderSpec.from_json(manifest["decoder"])
+        except (TypeError, KeyError) as error:
+            raise ArtifactError(f"{MANIFEST} in '{path}' is invalid: \"decoder\" is not a decoder spec "
+                                f"({error})") from None
+        return CompiledDecoder(module, example_inputs, report, manifest.get("pipeline", ""), spec)
     return CompiledModule(module, example_inputs, report, manifest.get("pipeline", ""))
 
 

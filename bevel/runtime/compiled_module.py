@@ -78,5 +78,17 @@ class CompiledModule(torch.nn.Module):
 
         return export_onnx(self, path, opset=DEFAULT_OPSET if opset is None else opset)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Only a compiled causal LM generates; this one says so."""
+        from bevel.ir.decoder import NotACausalLMError
+
+        raise NotACausalLMError(f"generate() needs a compiled causal language model; this one was compiled from "
+                                f"{self.report.model if self.report else 'a model'}, which is not one (bevel "
+                                f"captures HF '...ForCausalLM' / '...LMHeadModel' models as decoders)")
+
+    def manifest_extra(self) -> dict[str, Any]:
+        """Fields a subclass adds to a saved artifact's manifest (none here)."""
+        return {}
+
     def extra_repr(self) -> str:
         return f"pipeline={self.pipeline!r}"

@@ -1,0 +1,263 @@
+"""Decoder language models as one *step* graph with an explicit, preallocated KV cache.
+
+A step takes ``T`` new tokens per sequence and the cache, and returns their logits and the cache
+with the new keys and values written in:
+
+    step(input_ids [B, T], position_ids [B, T], cache_position [T], kv_mask [B, L],
+         past_key_0 [B, Hkv, L, D], past_value_0, ..., past_value_{n-1})
+      -> {"logits": [B, T, V], "present_key_0": [B, Hkv, L, D], ...}
+
+``cache_position`` holds the cache slots the new tokens go to (shared by the batch: prompts are
+left-padded), ``position_ids`` each token's position in its own sequence (what RoPE or a position
+table reads), ``kv_mask`` which slots hold a real token. With ``T`` = the prompt length it is the
+prefill, with ``T = 1`` a decode step: the batch, ``T`` and the cache length ``L`` stay symbolic.
+
+The graph is the model's own HF code run over a cache object whose ``update`` writes into those
+tensors (``aten.index_copy``), and a ready 4-D mask (slot <= the query's slot, and a real token, or
+the query itself), so attention stays ``aten.scaled_dot_product_attention``: :func:`attention_sites`
+names, per layer, that node and the cache inputs and writes that feed it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from bevel.errors import BevelError, CaptureError
+from bevel.ir.analysis import descendants
+from bevel.ir.graph import Graph
+
+STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "kv_mask")
+
+
+class NotACausalLMError(BevelError):
+    """A decoder-only feature (``generate``, a KV cache) was asked of a model that is not a causal LM."""
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the runtime needs to allocate a cache and run a decode loop for a captured decoder."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_cache_len: int
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+    cache_dtype: str = "float32"
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serializable dict of the fields."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DecoderSpec":
+        """The spec :meth:`to_json` wrote."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.cache_dtype)
+
+    def empty_cache(self, batch: int, length: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Zeroed key and value tensors, interleaved per layer: k0, v0, k1, v1, ..."""
+        shape = (batch, self.num_kv_heads, length, self.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(2 * self.num_layers)]
+
+
+def is_causal_lm(model: Any) -> bool:
+    """Whether ``model`` is a decoder-only language model bevel can capture with a KV cache: an HF
+    model with a ``generate`` method and a config that is neither an encoder-decoder nor an encoder."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or config is None or not hasattr(model, "generate"):
+        return False
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def decoder_spec(model: torch.nn.Module, max_cache_len: int | None = None) -> DecoderSpec:
+    """The cache geometry of an HF causal LM, read from its config; ``max_cache_len`` defaults to
+    the model's ``max_position_embeddings`` (or ``n_positions``)."""
+    if not is_causal_lm(model):
+        raise NotACausalLMError(f"{type(model).__name__} is not a causal language model (an HF '...ForCausalLM' or "
+                                f"'...LMHeadModel' with generate()): decoder capture and generate() need one")
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None) or 2048
+    if max_cache_len is None:
+        max_cache_len = int(limit)
+    if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or not 2 <= max_cache_len:
+        raise BevelError(f"max_cache_len={max_cache_len!r} must be an integer of at least 2 (tokens per sequence)")
+    eos = text.eos_token_id if isinstance(text.eos_token_id, int) else None
+    pad = text.pad_token_id if isinstance(getattr(text, "pad_token_id", None), int) else (eos or 0)
+    dtype = next(model.parameters()).dtype
+    return DecoderSpec(num_layers=int(layers), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
+                       vocab_size=int(text.vocab_size), max_cache_len=max_cache_len, eos_token_id=eos,
+                       pad_token_id=int(pad), cache_dtype=str(dtype).replace("torch.", ""))
+
+
+class StepCache:
+    """An HF-style cache over explicit tensors: ``update`` writes the new keys and values at the
+    step's slots (out of place, so the graph stays functional) and returns the whole layer cache."""
+
+    is_compileable = True
+
+    def __init__(self, cache: tuple[torch.Tensor, ...], slots: torch.Tensor) -> None:
+        self.tensors = list(cache)
+        self.slots = slots
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = 2 * layer_idx, 2 * layer_idx + 1
+        self.tensors[k] = self.tensors[k].index_copy(2, self.slots, keys.to(self.tensors[k].dtype))
+        self.tensors[v] = self.tensors[v].index_copy(2, self.slots, values.to(self.tensors[v].dtype))
+        return self.tensors[k], self.tensors[v]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are always given, so HF never needs it
+
+
+def step_mask(cache_position: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
+    """The boolean attention mask [B, 1, T, L]: a query sees the real tokens at or before its slot,
+    and always itself (a padding query then has one finite row instead of a NaN one)."""
+    slots = torch.arange(kv_mask.shape[1], device=kv_mask.device)
+    query = cache_position.unsqueeze(1)
+    return (kv_mask[:, None, None, :] | (slots == query)) & (slots <= query)
+
+
+class DecoderStep(torch.nn.Module):
+    """An HF causal LM as the step function of the module docstring (what gets captured)."""
+
+    def __init__(self, model: torch.nn.Module, spec: DecoderSpec) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
+                kv_mask: torch.Tensor, *cache: torch.Tensor) -> dict[str, torch.Tensor]:
+        steps = StepCache(cache, cache_position)
+        out = self.model(input_ids=input_ids, position_ids=position_ids,
+                         attention_mask=step_mask(cache_position, kv_mask), past_key_values=steps, use_cache=True)
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return {"logits": logits, **dict(zip(cache_names(self.spec.num_layers, "present"), steps.tensors))}
+
+
+def cache_names(num_layers: int, role: str = "past") -> list[str]:
+    """``past_key_0, past_value_0, past_key_1, ...``: the cache inputs in order; with
+    ``role="present"`` the names of the updated cache among the outputs."""
+    return [f"{role}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, mask)`` with each row's real tokens moved to its end (left padding), as a shared
+    cache slot per step needs; rows already left-padded come back unchanged."""
+    if attention_mask is None:
+        return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
+    mask = attention_mask.bool()
+    # a stable sort on "is real" puts padding first and keeps the order of the real tokens
+    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), mask.gather(1, order)
+
+
+def prefill_inputs(spec: DecoderSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   cache_len: int | None = None) -> tuple[torch.Tensor, ...]:
+    """The step inputs of a prefill: left-padded prompts at slots 0..T-1 of an empty cache of
+    ``cache_len`` slots (default: the prompt length)."""
+    ids, mask = left_padded(input_ids, attention_mask)
+    batch, length = ids.shape
+    cache_len = length if cache_len is None else cache_len
+    kv_mask = torch.zeros(batch, cache_len, dtype=torch.bool, device=ids.device)
+    kv_mask[:, :length] = mask
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    slots = torch.arange(length, device=ids.device)
+    return (ids, positions, slots, kv_mask, *spec.empty_cache(batch, cache_len, ids.device))
+
+
+def capture_decoder(model: torch.nn.Module, spec: DecoderSpec, input_ids: torch.Tensor) -> Graph:
+    """Capture ``model`` as the step graph (batch, tokens per step and cache length symbolic).
+
+    ``input_ids`` only gives torch.export an example; rows and tokens are repeated when there is a
+    single one, because an example size of 1 would fix that dimension.
+    """
+    if input_ids.dim() != 2:
+        raise CaptureError(f"a decoder's example input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+    example = input_ids[:, :spec.max_cache_len - 2]
+    if example.shape[0] < 2:
+        example = example.repeat(2, 1)
+    if example.shape[1] < 2:
+        example = example.repeat(1, 2)
+    args = prefill_inputs(spec, example, cache_len=example.shape[1] + 2)
+    batch, tokens = torch.export.Dim("batch", min=1), torch.export.Dim("tokens", min=1)
+    slots = torch.export.Dim("cache_len", min=2)
+    cache_shape = {0: batch, 2: slots}
+    dynamic = ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: tokens}, {0: batch, 1: slots},
+               tuple(cache_shape for _ in range(2 * spec.num_layers)))
+    from bevel.ir.capture import capture
+
+    graph = capture(DecoderStep(model, spec), args, dynamic_shapes=dynamic)
+    name_inputs(graph.module, list(STEP_INPUTS) + cache_names(spec.num_layers))
+    return graph
+
+
+def name_inputs(module: fx.GraphModule, names: list[str]) -> None:
+    """Give the step graph's placeholders their names (they become the ONNX input names)."""
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(names):
+        raise CaptureError(f"the decoder step graph has {len(placeholders)} inputs, expected {len(names)}")
+    for node, name in zip(placeholders, names):
+        if node.name != name:
+            node._rename(name)
+            node.target = node.name  # a placeholder's target is its argument name in the code
+    codegen = module.graph._codegen
+    if getattr(codegen, "pytree_info", None) is not None:  # the names forward() is written with
+        codegen.pytree_info = codegen.pytree_info._replace(orig_args=list(names))
+    module.recompile()
+
+
+@dataclass
+class AttentionSite:
+    """One layer's attention in a step graph: the SDPA node and the cache it reads and writes."""
+
+    layer: int
+    attention: fx.Node       # aten.scaled_dot_product_attention
+    key_cache: fx.Node       # the placeholder of the incoming keys
+    value_cache: fx.Node
+    key_write: fx.Node       # the index_copy that writes the step's keys into it
+    value_write: fx.Node
+
+
+def attention_sites(graph: Graph) -> list[AttentionSite]:
+    """Per layer, the attention node of a captured step graph and its cache (see the module docstring);
+    each attention node is tagged ``meta["bevel_attention"] = {"layer": i}``."""
+    placeholders = {n.name: n for n in graph.inputs()}
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    order = {n: i for i, n in enumerate(graph.fx_graph.nodes)}
+    sites = []
+    layer = 0
+    while f"past_key_{layer}" in placeholders:
+        key_cache, value_cache = placeholders[f"past_key_{layer}"], placeholders[f"past_value_{layer}"]
+        writes = []
+        for cache in (key_cache, value_cache):
+            found = [u for u in cache.users if u.target == torch.ops.aten.index_copy.default and u.args[0] is cache]
+            if len(found) != 1:
+                raise BevelError(f"the step graph's {cache.name} is not written by one index_copy")
+            writes.append(found[0])
+        readers = [n for n in descendants(writes[0]) if n.target == sdpa]
+        if not readers:
+            raise BevelError(f"no scaled_dot_product_attention reads {key_cache.name} in the step graph")
+        attention = min(readers, key=order.__getitem__)  # later layers' attention reads it too
+        attention.meta["bevel_attention"] = {"layer": layer}
+        sites.append(AttentionSite(layer, attention, key_cache, value_cache, writes[0], writes[1]))
+        layer += 1
+    return sites

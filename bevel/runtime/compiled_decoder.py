@@ -1,0 +1,174 @@
+"""``CompiledDecoder``: a compiled causal LM, with ``generate()`` running prefill then decode steps
+over a preallocated KV cache (see :mod:`bevel.ir.decoder` for the step graph)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from bevel.compiler.report import Report
+from bevel.errors import BevelError
+from bevel.ir.decoder import DecoderSpec, cache_names, prefill_inputs
+from bevel.runtime.compiled_module import CompiledModule
+
+
+class GenerateError(BevelError):
+    """``generate`` was given a prompt, a length or a sampling setting it cannot run."""
+
+
+_SHAPE_READERS = ("_guards_fn", torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int,
+                  torch.ops.aten.sym_numel.default)
+
+
+def in_place_cache_writes(step: fx.GraphModule, num_layers: int) -> fx.GraphModule:
+    """A copy of the step graph (sharing its weights) that writes the new keys and values into the
+    cache tensors it is given instead of returning updated copies: the decode loop owns the cache,
+    and copying every layer's whole cache at each token would cost more than the token itself."""
+    graph = copy.deepcopy(step.graph)
+    names = set(cache_names(num_layers))
+    for node in graph.nodes:
+        # size queries and the exported module's input guards read only shapes, so they may share the input
+        readers = [u for u in node.users if u.target not in _SHAPE_READERS]
+        if node.op == "placeholder" and node.name in names and len(readers) == 1:
+            (user,) = readers
+            if user.target == torch.ops.aten.index_copy.default and user.args[0] is node:
+                user.target = torch.ops.aten.index_copy_.default
+    return fx.GraphModule(step, graph)
+
+
+class CompiledDecoder(CompiledModule):
+    """A compiled decoder LM.
+
+    ``cm(input_ids, attention_mask=None)`` returns the logits [batch, tokens, vocab], as the model's
+    ``.logits``; ``cm.generate(input_ids, max_new_tokens)`` decodes. ``cm.step(*inputs)`` runs the
+    captured step graph itself (prefill or decode, see :mod:`bevel.ir.decoder`). ``prefill_graph``
+    and ``decode_graph`` are the two graphs generate runs; they share the weights and write the
+    cache in place. ``spec`` holds the cache geometry.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
+                 pipeline: str, spec: DecoderSpec) -> None:
+        super().__init__(graph_module, example_inputs, report, pipeline)
+        self.spec = spec
+        self.prefill_graph = in_place_cache_writes(graph_module, spec.num_layers)
+        self.decode_graph = in_place_cache_writes(graph_module, spec.num_layers)
+
+    @property
+    def device(self) -> torch.device:
+        tensors = list(self.graph_module.parameters()) + list(self.graph_module.buffers())
+        return tensors[0].device if tensors else torch.device("cpu")
+
+    def step(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One step of the captured graph (functional: the cache inputs are left untouched)."""
+        with torch.no_grad():
+            return self.graph_module(*inputs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every token of the prompts (a prefill into a fresh cache), in the input's order."""
+        ids = self._check_ids(input_ids)
+        inputs = prefill_inputs(self.spec, ids, None if attention_mask is None else attention_mask.to(ids.device))
+        with torch.no_grad():
+            logits = self.prefill_graph(*inputs)["logits"]
+        if attention_mask is None:
+            return logits
+        # the prefill ran on left-padded rows: put each token's logits back where it was
+        order = torch.sort(attention_mask.to(ids.device).bool().to(torch.int8), dim=1, stable=True).indices
+        return torch.empty_like(logits).scatter_(1, order.unsqueeze(-1).expand_as(logits), logits)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | None = -1,
+                 seed: int | None = None) -> torch.Tensor:
+        """Continue each prompt by up to ``max_new_tokens`` tokens; returns [batch, prompt + new].
+
+        Prompts of different lengths come padded with ``attention_mask`` (1 = real token); they are
+        left-padded in the result, as HF returns them. ``temperature=0`` decodes greedily; above 0
+        it samples from the softmax of logits/temperature, restricted to the ``top_k`` most likely
+        tokens if given (``seed`` makes sampling reproducible). A row that emits ``eos_token_id``
+        (default: the model's; None never stops) is finished and padded with the pad token; the
+        loop stops when every row is.
+        """
+        ids = self._check_ids(input_ids)
+        self._check_settings(max_new_tokens, temperature, top_k)
+        eos = self.spec.eos_token_id if eos_token_id == -1 else eos_token_id
+        mask = None if attention_mask is None else attention_mask.to(ids.device)
+        if mask is not None and (mask.shape != ids.shape or not bool(mask.bool().any(dim=1).all())):
+            raise GenerateError(f"attention_mask must have the prompts' shape {tuple(ids.shape)} and mark at least "
+                                f"one real token per row")
+        prompt_len = ids.shape[1]
+        cache_len = prompt_len + max_new_tokens
+        if cache_len > self.spec.max_cache_len:
+            what = "the prompt" if prompt_len > self.spec.max_cache_len else "the prompt plus max_new_tokens"
+            raise GenerateError(f"{what} ({cache_len if prompt_len <= self.spec.max_cache_len else prompt_len} "
+                                f"tokens) does not fit the KV cache of {self.spec.max_cache_len} tokens per sequence; "
+                                f"shorten it or compile with a larger max_cache_len")
+        generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
+        inputs = prefill_inputs(self.spec, ids, mask, cache_len=cache_len)
+        prompt, positions, _, kv_mask = inputs[:4]
+        batch = prompt.shape[0]
+        finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        new_tokens = []
+        present = cache_names(self.spec.num_layers, "present")
+        with torch.no_grad():
+            out = self.prefill_graph(*inputs)
+            # the caches come back from the graph: the very tensors given where it writes in place
+            logits, cache = out["logits"][:, -1], [out[name] for name in present]
+            position = positions[:, -1]
+            for index in range(max_new_tokens):
+                token = self._pick(logits, temperature, top_k, generator)
+                token = torch.where(finished, torch.full_like(token, self.spec.pad_token_id), token)
+                new_tokens.append(token)
+                if eos is not None:
+                    finished |= token == eos
+                if index == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                slot = prompt_len + index
+                kv_mask[:, slot] = True
+                position = position + 1
+                out = self.decode_graph(token.unsqueeze(1), position.unsqueeze(1),
+                                        torch.tensor([slot], device=ids.device), kv_mask, *cache)
+                logits, cache = out["logits"][:, -1], [out[name] for name in present]
+        return torch.cat([prompt, torch.stack(new_tokens, dim=1)], dim=1)
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,
+              generator: torch.Generator | None) -> torch.Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        scores = logits.float() / temperature
+        if top_k is not None and top_k < scores.shape[-1]:
+            threshold = scores.topk(top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < threshold, float("-inf"))
+        return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+    def _check_ids(self, input_ids: Any) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype in (torch.float16, torch.bfloat16,
+                                                                             torch.float32, torch.float64):
+            raise GenerateError(f"input_ids must be an integer tensor of token ids, got {type(input_ids).__name__}"
+                                f"{'' if not isinstance(input_ids, torch.Tensor) else ' ' + str(input_ids.dtype)}")
+        ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+        if ids.dim() != 2:
+            raise GenerateError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if ids.numel() == 0:
+            raise GenerateError(f"the prompt is empty (input_ids of shape {tuple(ids.shape)}): give at least one token "
+                                f"per sequence")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.spec.vocab_size:
+            raise GenerateError(f"input_ids hold token {low if low < 0 else high}, outside the vocabulary "
+                                f"[0, {self.spec.vocab_size})")
+        return ids.to(self.device).long()
+
+    @staticmethod
+    def _check_settings(max_new_tokens: Any, temperature: Any, top_k: Any) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerateError(f"max_new_tokens={max_new_tokens!r} must be an integer of at least 1")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise GenerateError(f"temperature={temperature!r} must be a number >= 0 (0 decodes greedily)")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise GenerateError(f"top_k={top_k!r} must be None or an integer of at least 1")
+
+    def manifest_extra(self) -> dict[str, Any]:
+        """What an artifact needs beyond the graph to rebuild this: the cache geometry."""
+        return {"decoder": self.spec.to_json()}

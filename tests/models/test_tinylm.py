@@ -1,0 +1,92 @@
+"""tinylm, the trained byte-level decoder that ships with bevel: it loads offline, predicts held-out
+English far better than byte frequencies do, and compiled greedy generation equals HF's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bevel
+from bevel.eval import needle_check, perplexity
+from bevel.eval.perplexity import unigram_perplexity
+from bevel.models import tinylm
+from bevel.models.tinylm import corpus
+
+# a 16 KB slice of the held-out text keeps the test at a few seconds; the whole split's figure is
+# in the model's README and metrics.json
+HELD_OUT_BYTES = 16384
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tinylm.load_tinylm()
+
+
+@pytest.fixture(scope="module")
+def compiled(model):
+    return bevel.compile(model, "cleanup", example_inputs=tinylm.prompts(["The object model", "A function"]),
+                         max_cache_len=1024)
+
+
+def test_tinylm_loads_offline_with_its_shipped_size(model):
+    params = sum(p.numel() for p in model.parameters())
+    assert model.config.num_hidden_layers == 12 and model.config.num_key_value_heads < model.config.num_attention_heads
+    assert 4e6 < params < 6e6
+    assert tinylm.WEIGHTS.stat().st_size < 25 * 2**20
+
+
+def test_held_out_perplexity_is_far_below_a_unigram_byte_model(model):
+    text = corpus.held_out_text()
+    ours = perplexity(model, text, context=512, stride=256, max_tokens=HELD_OUT_BYTES)
+    unigram = unigram_perplexity(corpus.training_stream()[corpus.training_stream() < 256],
+                                 corpus.encode(text)[:HELD_OUT_BYTES])
+    print(f"\ntinylm held-out perplexity {ours:.3f} per byte; unigram byte model {unigram:.3f} "
+          f"(first {HELD_OUT_BYTES} held-out bytes)")
+    assert ours < unigram / 3
+
+
+def test_compiled_greedy_generation_equals_hf_generate(model, compiled):
+    ids, mask = tinylm.prompts(["Return the value of", "The", "Raise an exception when the", "A list"])
+    ours = compiled.generate(ids, max_new_tokens=40, attention_mask=mask, eos_token_id=None)
+    hf = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None,
+                        pad_token_id=tinylm.EOS)
+    assert torch.equal(ours, hf)
+    print("\n" + "\n".join(repr(tinylm.decode(row[row != tinylm.EOS])) for row in ours))
+
+
+def test_prefill_and_decode_match_the_eager_model(model, compiled):
+    from bevel.ir.decoder import cache_names, prefill_inputs
+
+    ids, mask = tinylm.prompts(["Import the module", "Class"])
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    eager = model(ids, attention_mask=mask, position_ids=positions).logits
+    assert (compiled(ids, mask) - eager)[mask.bool()].abs().max().item() < 1e-4
+    inputs = prefill_inputs(compiled.spec, ids, mask, cache_len=ids.shape[1] + 1)
+    cache = [compiled.step(*inputs)[n] for n in cache_names(12, "present")]
+    token = torch.tensor([[32], [101]])
+    kv_mask = inputs[3].clone()
+    kv_mask[:, -1] = True
+    out = compiled.step(token, positions[:, -1:] + 1, torch.tensor([ids.shape[1]]), kv_mask, *cache)
+    full_mask = torch.cat([mask, torch.ones_like(token)], 1)
+    full = model(torch.cat([ids, token], 1), attention_mask=full_mask,
+                 position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, -1]
+    assert (out["logits"][:, -1] - full).abs().max().item() < 1e-4
+
+
+def test_the_report_gives_held_out_perplexity_before_and_after_each_pass(model):
+    text = corpus.held_out_text()[:4096]
+    cm = bevel.compile(model, "cleanup | quantize.int8_weight", example_inputs=tinylm.prompts(["The object"]),
+                       eval_text=text, max_cache_len=1024)
+    before = cm.report.quality["perplexity"]
+    after = cm.report["quantize.int8_weight"].quality["perplexity"]
+    print(f"\nheld-out perplexity: original {before:.4f}, after int8 weights {after:.4f}")
+    assert before == pytest.approx(perplexity(model, text, context=512, stride=256), rel=1e-6)
+    assert before < after < before * 1.05  # int8 weights cost a little, not much
+    assert "held-out quality: original perplexity" in str(cm.report)
+
+
+def test_the_needle_check_runs_on_tinylm(compiled):
+    filler = corpus.held_out_text()
+    score = needle_check(compiled, filler, filler_chars=200, count=4)
+    print(f"\nneedle check (200 bytes of filler): {score:.2f}")
+    assert 0.0 <= score <= 1.0
