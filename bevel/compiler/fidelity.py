@@ -8,7 +8,8 @@ Figures, each over every calibration batch and every floating-point output tenso
 
 An output may change shape only where a pass declared it would (``reshaped``: token merging without
 unmerging leaves per-token outputs with fewer tokens); such an output is not compared, and
-``not_compared`` names it.
+``not_compared`` names it, as it names the outputs a pass declared ``unused`` (the cache of a
+decoder layer that layer skipping removed).
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ def _is_logits(leaf: _Leaf, single_output: bool) -> bool:
 
 
 def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]],
-            reshaped: frozenset[int] = frozenset()) -> Fidelity:
+            reshaped: frozenset[int] = frozenset(), unused: frozenset[int] = frozenset()) -> Fidelity:
     """Fidelity of ``candidate`` outputs against ``reference`` outputs, batch by batch; the flat
-    outputs at the positions ``reshaped`` may have changed shape (then they are not compared)."""
+    outputs at the positions ``reshaped`` may have changed shape (then they are not compared), those
+    at the positions ``unused`` are never compared (a pass made them meaningless on purpose: the
+    cache of a removed decoder layer)."""
     cosine, max_err, agree, rows = 1.0, 0.0, 0, 0
     per_output: dict[str, float] = {}
     not_compared: list[str] = []
@@ -81,7 +84,7 @@ def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]],
             raise ValueError(f"the rewritten graph returns {len(new_batch)} float outputs, "
                              f"the original {len(ref_batch)}")
         for ref, new in zip(ref_batch, new_batch):
-            if ref.value.shape != new.value.shape and ref.index in reshaped:
+            if ref.index in unused or (ref.value.shape != new.value.shape and ref.index in reshaped):
                 if ref.path not in not_compared:
                     not_compared.append(ref.path or "output")
                 continue

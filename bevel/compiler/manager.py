@@ -60,6 +60,7 @@ class PassManager:
         self.ctx = ctx
         self.reference = reference_outputs
         self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
+        self.unused: frozenset[int] = frozenset()  # flat outputs an applied pass made meaningless
         self.on_start = on_start
         self.on_end = on_end
 
@@ -95,7 +96,8 @@ class PassManager:
         try:
             problems = graph.lint()
             reshaped = self.reshaped | frozenset(result.stats.get("reshaped_outputs", ()))
-            fidelity = None if problems else self.fidelity(graph, reshaped)
+            unused = self.unused | frozenset(result.stats.get("unused_outputs", ()))
+            fidelity = None if problems else self.fidelity(graph, reshaped, unused)
         except Exception as error:  # the rewritten graph does not run on the calibration batches
             return snapshot, PassReport(name, "rolled back", seconds, before, before,
                                         check_seconds=time.perf_counter() - start, stats=result.stats,
@@ -115,7 +117,7 @@ class PassManager:
                                         check_seconds=check_seconds, reason=reason, stats=result.stats,
                                         notes=result.notes)
         status = "applied" if result.changed else "no change"
-        self.reshaped = reshaped
+        self.reshaped, self.unused = reshaped, unused
         return graph, PassReport(name, status, seconds, before, after, fidelity=fidelity,
                                  check_seconds=check_seconds, stats=result.stats, notes=result.notes)
 
@@ -125,9 +127,10 @@ class PassManager:
         log.warning("pass %s failed and was rolled back: %s", name, detail)
         return PassReport(name, "failed", seconds, before, before, reason=detail)
 
-    def fidelity(self, graph: Graph, reshaped: frozenset[int] = frozenset()) -> Fidelity:
+    def fidelity(self, graph: Graph, reshaped: frozenset[int] = frozenset(),
+                 unused: frozenset[int] = frozenset()) -> Fidelity:
         """The graph's outputs on the calibration batches against the original model's."""
-        return compare(self.reference, run_batches(graph, self.ctx.calibration), reshaped)
+        return compare(self.reference, run_batches(graph, self.ctx.calibration), reshaped, unused)
 
 
 def _exception_text(error: BaseException) -> str:

@@ -239,25 +239,26 @@ class AttentionSite:
 
 def attention_sites(graph: Graph) -> list[AttentionSite]:
     """Per layer, the attention node of a captured step graph and its cache (see the module docstring);
-    each attention node is tagged ``meta["bevel_attention"] = {"layer": i}``."""
+    each attention node is tagged ``meta["bevel_attention"] = {"layer": i}``. Layers a pass removed
+    (their cache is passed through unwritten) have no site."""
     placeholders = {n.name: n for n in graph.inputs()}
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
     order = {n: i for i, n in enumerate(graph.fx_graph.nodes)}
     sites = []
-    layer = 0
-    while f"past_key_{layer}" in placeholders:
+    layer_count = sum(1 for name in placeholders if name.startswith("past_key_"))
+    for layer in range(layer_count):
         key_cache, value_cache = placeholders[f"past_key_{layer}"], placeholders[f"past_value_{layer}"]
-        writes = []
-        for cache in (key_cache, value_cache):
-            found = [u for u in cache.users if u.target == torch.ops.aten.index_copy.default and u.args[0] is cache]
-            if len(found) != 1:
-                raise BevelError(f"the step graph's {cache.name} is not written by one index_copy")
-            writes.append(found[0])
-        readers = [n for n in descendants(writes[0]) if n.target == sdpa]
+        writes = [[u for u in cache.users if u.target == torch.ops.aten.index_copy.default and u.args[0] is cache]
+                  for cache in (key_cache, value_cache)]
+        if writes == [[], []]:
+            continue  # a layer a pass removed: its cache passes through unread
+        if [len(w) for w in writes] != [1, 1]:
+            raise BevelError(f"the step graph's cache of layer {layer} is not written by one index_copy per tensor")
+        key_write, value_write = writes[0][0], writes[1][0]
+        readers = [n for n in descendants(key_write) if n.target == sdpa]
         if not readers:
             raise BevelError(f"no scaled_dot_product_attention reads {key_cache.name} in the step graph")
         attention = min(readers, key=order.__getitem__)  # later layers' attention reads it too
         attention.meta["bevel_attention"] = {"layer": layer}
-        sites.append(AttentionSite(layer, attention, key_cache, value_cache, writes[0], writes[1]))
-        layer += 1
+        sites.append(AttentionSite(layer, attention, key_cache, value_cache, key_write, value_write))
     return sites

@@ -90,3 +90,17 @@ def test_the_needle_check_runs_on_tinylm(compiled):
     score = needle_check(compiled, filler, filler_chars=200, count=4)
     print(f"\nneedle check (200 bytes of filler): {score:.2f}")
     assert 0.0 <= score <= 1.0
+
+
+def test_the_training_script_is_deterministic(tmp_path):
+    """Two short runs with the same settings write identical weights: how the shipped ones reproduce."""
+    from safetensors.torch import load_file
+
+    from bevel.models.tinylm import train
+
+    settings = ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-bytes", "256"]
+    train.main(settings + ["--out", str(tmp_path / "a")])
+    train.main(settings + ["--out", str(tmp_path / "b")])
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.embed_tokens.weight"], tinylm.build_untrained().model.embed_tokens.weight)

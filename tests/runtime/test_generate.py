@@ -35,6 +35,19 @@ def test_greedy_generation_equals_hf_generate(kind):
     assert torch.equal(out, hf_greedy(model, ids, mask, 16))
 
 
+def test_prefill_and_decode_graphs_share_the_weights_and_write_the_cache_in_place(llama):
+    _, cm = llama
+    weights = dict(cm.graph_module.named_parameters())
+    for graph in (cm.prefill_graph, cm.decode_graph):
+        assert graph.graph is not cm.graph_module.graph
+        assert all(p is weights[name] for name, p in graph.named_parameters())
+        assert graph.code.count("index_copy_.default") == 2 * cm.spec.num_layers
+    ids, mask = padded_prompts([4, 2], seed=14)
+    inputs = prefill_inputs(cm.spec, ids, mask, cache_len=8)
+    out = cm.prefill_graph(*inputs)
+    assert out["present_key_0"] is inputs[4] and inputs[4].abs().max() > 0
+
+
 def test_rows_stop_at_eos_and_are_padded_as_hf_pads_them(llama):
     model, cm = llama
     ids, mask = padded_prompts([4, 7, 2], seed=7)
@@ -96,6 +109,8 @@ def test_generate_after_save_and_load(llama, tmp_path):
     cm.save(str(tmp_path / "art"))
     loaded = bevel.load(str(tmp_path / "art"))
     assert type(loaded).__name__ == "CompiledDecoder" and loaded.spec == cm.spec
+    # the loaded graphs still write the cache in place (a functional copy of every cache per token is slow)
+    assert loaded.decode_graph.code.count("index_copy_.default") == 2 * cm.spec.num_layers
     assert torch.equal(loaded.generate(ids, max_new_tokens=10, attention_mask=mask, eos_token_id=None), expected)
 
 

@@ -63,26 +63,32 @@ def train(steps: int, batch_size: int, seq_len: int, peak_lr: float, seed: int,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=420, help="optimizer steps (default 420)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
-    parser.add_argument("--seq-len", type=int, default=512, help="bytes per window (default 512)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    parser.add_argument("--seq-len", type=int, default=1024, help="bytes per window (default 1024)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads; results depend on it (default 1)")
     parser.add_argument("--out", type=pathlib.Path, default=WEIGHTS_DIR,
                         help="where the weights go (default: the package)")
+    parser.add_argument("--eval-bytes", type=int, default=None,
+                        help="score only this many held-out bytes at the end (default: all of them)")
     args = parser.parse_args(argv)
 
     from safetensors.torch import save_file
 
     from bevel.eval.perplexity import perplexity
 
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    model = train(args.steps, args.batch_size, args.seq_len, args.lr, args.seed)
+    try:
+        model = train(args.steps, args.batch_size, args.seq_len, args.lr, args.seed)
+    finally:
+        torch.set_num_threads(previous_threads)
     args.out.mkdir(parents=True, exist_ok=True)
     # tied embeddings: the head shares the token table, which is saved once
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(args.out / "model.safetensors"))
-    held_out = perplexity(model, corpus.held_out_text(), context=512, stride=256)
+    held_out = perplexity(model, corpus.held_out_text(), context=1024, stride=512, max_tokens=args.eval_bytes)
     metrics = {"held_out_perplexity": held_out, "steps": args.steps, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "lr": args.lr, "seed": args.seed, "threads": args.threads,
                "config": CONFIG}
