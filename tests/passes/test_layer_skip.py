@@ -58,7 +58,7 @@ def test_an_identity_block_ranks_first_and_goes_without_loss(kind, calibration):
     assert per_block[2]["rel_l2"] == pytest.approx(0.0, abs=1e-9)
     assert per_block[2]["cosine_without_it"] == pytest.approx(1.0, abs=1e-6)
     # the removed layer's cache is passed through and not compared; the rest is exact
-    assert [f"present_key_2", "present_value_2"] == entry.fidelity.not_compared
+    assert ["present_key_2", "present_value_2"] == entry.fidelity.not_compared
     fresh_ids, fresh_mask = padded_prompts([9, 2], seed=7)
     eager = model(fresh_ids, attention_mask=fresh_mask, position_ids=positions_of(fresh_mask)).logits
     assert (cm(fresh_ids, fresh_mask) - eager)[fresh_mask.bool()].abs().max().item() < 1e-5

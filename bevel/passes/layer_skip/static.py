@@ -164,7 +164,8 @@ def measure_blocks(graph: Graph, blocks: list[Block], batches: list[tuple[Any, .
         covariance = s["sxy"] / rows - mean_x * mean_y
         # a channel that never varies gets a = 0 (its output mean is all one can fit)
         scale = torch.where(variance > 1e-12, covariance / variance.clamp(min=1e-12), torch.zeros_like(variance))
-        stats[block.index] = {"cosine": float(s["cos"] / s["cos_rows"].clamp(min=1)), "rel_l2": float((s["diff2"] / s["in2"]).sqrt()),
+        stats[block.index] = {"cosine": float(s["cos"] / s["cos_rows"].clamp(min=1)),
+                              "rel_l2": float((s["diff2"] / s["in2"]).sqrt()),
                               "affine": (scale, mean_y - scale * mean_x)}
     return stats
 
