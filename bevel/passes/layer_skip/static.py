@@ -77,6 +77,7 @@ class StaticLayerSkip(Pass):
             remove_blocks(graph, chosen, affine)
         report = {i: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in s.items() if k != "affine"}
                   for i, s in stats.items()}
+        notes += [_describe(b, report[b.index], b in chosen) for b in usable]
         return PassResult(changed=bool(chosen), notes=notes,
                           stats={"blocks": len(blocks), "removed": sorted(b.index for b in chosen),
                                  "unused_outputs": unwritten,
@@ -115,6 +116,15 @@ class StaticLayerSkip(Pass):
             if _fidelity(graph, trial, affine, ctx, reference).drop <= self.params.max_drop:
                 chosen = trial
         return chosen
+
+
+def _describe(block: Block, figures: dict[str, Any], removed: bool) -> str:
+    """One line of the report per block: its scores, its rank and the damage of removing it alone."""
+    alone = figures.get("cosine_without_it")
+    return (f"block {block.index} ({block.path}): rank {figures['rank']}, input-output cosine {figures['cosine']:.4f}, "
+            f"relative L2 change {figures['rel_l2']:.4f}"
+            + (f", outputs' cosine without it {alone:.4f}" if alone is not None else "")
+            + (" - removed" if removed else ""))
 
 
 class _Recorder(fx.Interpreter):
