@@ -3,19 +3,23 @@
 A step takes ``T`` new tokens per sequence and the cache, and returns their logits and the cache
 with the new keys and values written in:
 
-    step(input_ids [B, T], position_ids [B, T], cache_position [T], kv_mask [B, L],
+    step(input_ids [B, T], position_ids [B, T], cache_position [T], kv_positions [B, L],
          past_key_0 [B, Hkv, L, D], past_value_0, ..., past_value_{n-1})
       -> {"logits": [B, T, V], "present_key_0": [B, Hkv, L, D], ...}
 
 ``cache_position`` holds the cache slots the new tokens go to (shared by the batch: prompts are
 left-padded), ``position_ids`` each token's position in its own sequence (what RoPE or a position
-table reads), ``kv_mask`` which slots hold a real token. With ``T`` = the prompt length it is the
-prefill, with ``T = 1`` a decode step: the batch, ``T`` and the cache length ``L`` stay symbolic.
+table reads), ``kv_positions`` the position of the token each slot holds after this step (-1 for an
+empty or padding slot). Attention is decided by positions alone: a query sees the slots holding a
+position at or before its own, so a pass may bound it by distance (a window) or keep the first
+positions (sinks), and a runtime may place tokens in any slot. With ``T`` = the prompt length it
+is the prefill, with ``T = 1`` a decode step: the batch, ``T`` and the cache length ``L`` stay
+symbolic.
 
 The graph is the model's own HF code run over a cache object whose ``update`` writes into those
-tensors (``aten.index_copy``), and a ready 4-D mask (slot <= the query's slot, and a real token, or
-the query itself), so attention stays ``aten.scaled_dot_product_attention``: :func:`attention_sites`
-names, per layer, that node and the cache inputs and writes that feed it.
+tensors (``aten.index_copy``), and a ready 4-D mask built from the positions, so attention stays
+``aten.scaled_dot_product_attention``: :func:`attention_sites` names, per layer, that node and the
+cache inputs and writes that feed it.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ import torch.fx as fx
 
 from bevel.errors import BevelError, CaptureError
 from bevel.ir.analysis import descendants
+from bevel.ir.capture import capture
 from bevel.ir.graph import Graph
 
-STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "kv_mask")
+STEP_INPUTS = ("input_ids", "position_ids", "cache_position", "kv_positions")
 
 
 class NotACausalLMError(BevelError):
@@ -128,12 +133,12 @@ class StepCache:
         return 0  # positions are always given, so HF never needs it
 
 
-def step_mask(cache_position: torch.Tensor, kv_mask: torch.Tensor) -> torch.Tensor:
-    """The boolean attention mask [B, 1, T, L]: a query sees the real tokens at or before its slot,
-    and always itself (a padding query then has one finite row instead of a NaN one)."""
-    slots = torch.arange(kv_mask.shape[1], device=kv_mask.device)
-    query = cache_position.unsqueeze(1)
-    return (kv_mask[:, None, None, :] | (slots == query)) & (slots <= query)
+def step_mask(position_ids: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+    """The boolean attention mask [B, 1, T, L]: a query sees the slots holding a token of its own
+    sequence at or before its position. A padding query (position 0) sees the sequence's first
+    token, so no row is all masked (that would give NaN)."""
+    keys = kv_positions[:, None, None, :]
+    return (keys >= 0) & (keys <= position_ids[:, None, :, None])
 
 
 class DecoderStep(torch.nn.Module):
@@ -145,10 +150,10 @@ class DecoderStep(torch.nn.Module):
         self.spec = spec
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
-                kv_mask: torch.Tensor, *cache: torch.Tensor) -> dict[str, torch.Tensor]:
+                kv_positions: torch.Tensor, *cache: torch.Tensor) -> dict[str, torch.Tensor]:
         steps = StepCache(cache, cache_position)
         out = self.model(input_ids=input_ids, position_ids=position_ids,
-                         attention_mask=step_mask(cache_position, kv_mask), past_key_values=steps, use_cache=True)
+                         attention_mask=step_mask(position_ids, kv_positions), past_key_values=steps, use_cache=True)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return {"logits": logits, **dict(zip(cache_names(self.spec.num_layers, "present"), steps.tensors))}
 
@@ -177,11 +182,11 @@ def prefill_inputs(spec: DecoderSpec, input_ids: torch.Tensor, attention_mask: t
     ids, mask = left_padded(input_ids, attention_mask)
     batch, length = ids.shape
     cache_len = length if cache_len is None else cache_len
-    kv_mask = torch.zeros(batch, cache_len, dtype=torch.bool, device=ids.device)
-    kv_mask[:, :length] = mask
     positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+    kv_positions = torch.full((batch, cache_len), -1, dtype=torch.long, device=ids.device)
+    kv_positions[:, :length] = torch.where(mask, positions, -1)
     slots = torch.arange(length, device=ids.device)
-    return (ids, positions, slots, kv_mask, *spec.empty_cache(batch, cache_len, ids.device))
+    return (ids, positions, slots, kv_positions, *spec.empty_cache(batch, cache_len, ids.device))
 
 
 def capture_decoder(model: torch.nn.Module, spec: DecoderSpec, input_ids: torch.Tensor) -> Graph:
@@ -203,8 +208,6 @@ def capture_decoder(model: torch.nn.Module, spec: DecoderSpec, input_ids: torch.
     cache_shape = {0: batch, 2: slots}
     dynamic = ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: tokens}, {0: batch, 1: slots},
                tuple(cache_shape for _ in range(2 * spec.num_layers)))
-    from bevel.ir.capture import capture
-
     graph = capture(DecoderStep(model, spec), args, dynamic_shapes=dynamic)
     name_inputs(graph.module, list(STEP_INPUTS) + cache_names(spec.num_layers))
     return graph

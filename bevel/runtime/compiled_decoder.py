@@ -15,6 +15,9 @@ from bevel.ir.decoder import DecoderSpec, cache_names, prefill_inputs
 from bevel.runtime.compiled_module import CompiledModule
 
 
+MODEL_EOS = object()  # generate's default end-of-text token: the one the model's config names
+
+
 class GenerateError(BevelError):
     """``generate`` was given a prompt, a length or a sampling setting it cannot run."""
 
@@ -79,7 +82,7 @@ class CompiledDecoder(CompiledModule):
         return torch.empty_like(logits).scatter_(1, order.unsqueeze(-1).expand_as(logits), logits)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
-                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: int | None = -1,
+                 temperature: float = 0.0, top_k: int | None = None, eos_token_id: Any = MODEL_EOS,
                  seed: int | None = None) -> torch.Tensor:
         """Continue each prompt by up to ``max_new_tokens`` tokens; returns [batch, prompt + new].
 
@@ -92,21 +95,23 @@ class CompiledDecoder(CompiledModule):
         """
         ids = self._check_ids(input_ids)
         self._check_settings(max_new_tokens, temperature, top_k)
-        eos = self.spec.eos_token_id if eos_token_id == -1 else eos_token_id
+        eos = self.spec.eos_token_id if eos_token_id is MODEL_EOS else eos_token_id
         mask = None if attention_mask is None else attention_mask.to(ids.device)
         if mask is not None and (mask.shape != ids.shape or not bool(mask.bool().any(dim=1).all())):
             raise GenerateError(f"attention_mask must have the prompts' shape {tuple(ids.shape)} and mark at least "
                                 f"one real token per row")
-        prompt_len = ids.shape[1]
+        prompt_len, limit = ids.shape[1], self.spec.max_cache_len
         cache_len = prompt_len + max_new_tokens
-        if cache_len > self.spec.max_cache_len:
-            what = "the prompt" if prompt_len > self.spec.max_cache_len else "the prompt plus max_new_tokens"
-            raise GenerateError(f"{what} ({cache_len if prompt_len <= self.spec.max_cache_len else prompt_len} "
-                                f"tokens) does not fit the KV cache of {self.spec.max_cache_len} tokens per sequence; "
-                                f"shorten it or compile with a larger max_cache_len")
+        if prompt_len > limit:
+            raise GenerateError(f"the prompt ({prompt_len} tokens) does not fit the KV cache of {limit} tokens per "
+                                f"sequence; shorten it or compile with a larger max_cache_len")
+        if cache_len > limit:
+            raise GenerateError(f"the prompt plus max_new_tokens ({prompt_len} + {max_new_tokens} = {cache_len} "
+                                f"tokens) does not fit the KV cache of {limit} tokens per sequence; ask for at most "
+                                f"{limit - prompt_len} new tokens or compile with a larger max_cache_len")
         generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
         inputs = prefill_inputs(self.spec, ids, mask, cache_len=cache_len)
-        prompt, positions, _, kv_mask = inputs[:4]
+        prompt, positions, _, kv_positions = inputs[:4]
         batch = prompt.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         new_tokens = []
@@ -125,10 +130,10 @@ class CompiledDecoder(CompiledModule):
                 if index == max_new_tokens - 1 or bool(finished.all()):
                     break
                 slot = prompt_len + index
-                kv_mask[:, slot] = True
                 position = position + 1
+                kv_positions[:, slot] = position
                 out = self.decode_graph(token.unsqueeze(1), position.unsqueeze(1),
-                                        torch.tensor([slot], device=ids.device), kv_mask, *cache)
+                                        torch.tensor([slot], device=ids.device), kv_positions, *cache)
                 logits, cache = out["logits"][:, -1], [out[name] for name in present]
         return torch.cat([prompt, torch.stack(new_tokens, dim=1)], dim=1)
 

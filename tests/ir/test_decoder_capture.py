@@ -40,15 +40,15 @@ def test_decode_steps_with_the_cache_match_a_full_recompute(compiled):
     inputs = prefill_inputs(cm.spec, ids, mask, cache_len=ids.shape[1] + steps)
     out = cm.step(*inputs)
     cache = [out[name] for name in cache_names(cm.spec.num_layers, "present")]
-    kv_mask, position = inputs[3].clone(), positions_of(mask)[:, -1]
+    kv_positions, position = inputs[3].clone(), positions_of(mask)[:, -1]
     tokens, masks = ids, mask
     generator = torch.Generator().manual_seed(3)
     for index in range(steps):
         token = torch.randint(3, 300, (ids.shape[0], 1), generator=generator)
         slot = ids.shape[1] + index
-        kv_mask[:, slot] = True
         position = position + 1
-        out = cm.step(token, position.unsqueeze(1), torch.tensor([slot]), kv_mask, *cache)
+        kv_positions[:, slot] = position
+        out = cm.step(token, position.unsqueeze(1), torch.tensor([slot]), kv_positions, *cache)
         cache = [out[name] for name in cache_names(cm.spec.num_layers, "present")]
         tokens = torch.cat([tokens, token], dim=1)
         masks = torch.cat([masks, torch.ones_like(token)], dim=1)

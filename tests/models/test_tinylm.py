@@ -64,9 +64,9 @@ def test_prefill_and_decode_match_the_eager_model(model, compiled):
     inputs = prefill_inputs(compiled.spec, ids, mask, cache_len=ids.shape[1] + 1)
     cache = [compiled.step(*inputs)[n] for n in cache_names(12, "present")]
     token = torch.tensor([[32], [101]])
-    kv_mask = inputs[3].clone()
-    kv_mask[:, -1] = True
-    out = compiled.step(token, positions[:, -1:] + 1, torch.tensor([ids.shape[1]]), kv_mask, *cache)
+    kv_positions = inputs[3].clone()
+    kv_positions[:, -1] = positions[:, -1] + 1
+    out = compiled.step(token, positions[:, -1:] + 1, torch.tensor([ids.shape[1]]), kv_positions, *cache)
     full_mask = torch.cat([mask, torch.ones_like(token)], 1)
     full = model(torch.cat([ids, token], 1), attention_mask=full_mask,
                  position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, -1]
@@ -104,3 +104,19 @@ def test_the_training_script_is_deterministic(tmp_path):
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], tinylm.build_untrained().model.embed_tokens.weight)
+
+
+def test_the_cli_exports_tinylm_with_its_cache(tmp_path):
+    from typer.testing import CliRunner
+
+    from bevel.compiler.cli import app
+
+    result = CliRunner().invoke(app, ["export", "tinylm", "--passes", "cleanup", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    loaded = bevel.load(str(tmp_path / "artifact"))
+    ids, mask = tinylm.prompts(["The"])
+    assert loaded.generate(ids, max_new_tokens=4).shape == (1, ids.shape[1] + 4)
+    import onnx
+
+    names = [i.name for i in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.input]
+    assert names[:4] == ["input_ids", "position_ids", "cache_position", "kv_positions"] and "past_value_11" in names

@@ -122,16 +122,16 @@ def test_the_decode_step_runs_in_onnxruntime_with_the_cache_as_inputs_and_output
     cm.export_onnx(path)
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     names = cache_names(cm.spec.num_layers)
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "position_ids", "cache_position", "kv_mask",
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "position_ids", "cache_position", "kv_positions",
                                                      *names]
     assert [o.name for o in session.get_outputs()] == ["logits", *cache_names(cm.spec.num_layers, "present")]
     # prefill in torch, then one decode step (one token per row, other batch size and cache length) in both
     ids, mask = padded_prompts([5, 3], seed=13)
     inputs = prefill_inputs(cm.spec, ids, mask, cache_len=11)
     cache = [cm.step(*inputs)[n] for n in cache_names(cm.spec.num_layers, "present")]
-    kv_mask = inputs[3].clone()
-    kv_mask[:, 5] = True
-    step = (torch.tensor([[17], [42]]), inputs[1][:, -1:] + 1, torch.tensor([5]), kv_mask, *cache)
+    kv_positions = inputs[3].clone()
+    kv_positions[:, 5] = inputs[1][:, -1] + 1
+    step = (torch.tensor([[17], [42]]), inputs[1][:, -1:] + 1, torch.tensor([5]), kv_positions, *cache)
     expected = cm.step(*step)
     got = session.run(None, {name: t.numpy() for name, t in zip([i.name for i in session.get_inputs()], step)})
     assert abs(got[0] - expected["logits"].numpy()).max() < 1e-4
@@ -147,7 +147,7 @@ def test_the_decode_step_runs_in_onnxruntime_with_the_cache_as_inputs_and_output
     (lambda cm, ids: cm.generate(ids, 2.5), "max_new_tokens=2.5"),
     (lambda cm, ids: cm.generate(torch.randint(3, 300, (1, 60)), 4), "the prompt \\(60 tokens\\) does not fit the KV "
                                                                       "cache of 48 tokens"),
-    (lambda cm, ids: cm.generate(ids, 45), "the prompt plus max_new_tokens \\(50 tokens\\) does not fit"),
+    (lambda cm, ids: cm.generate(ids, 45), "the prompt plus max_new_tokens \\(5 \\+ 45 = 50 tokens\\) does not fit"),
     (lambda cm, ids: cm.generate(ids.float(), 4), "input_ids must be an integer tensor"),
     (lambda cm, ids: cm.generate([1, 2, 3], 4), "input_ids must be an integer tensor of token ids, got list"),
     (lambda cm, ids: cm.generate(ids + 1000, 4), "outside the vocabulary \\[0, 300\\)"),

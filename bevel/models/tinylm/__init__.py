@@ -59,10 +59,21 @@ def calibration_batches(count: int = 4, batch_size: int = 4, seed: int = 1) -> l
     return [prompts(texts[i * batch_size:(i + 1) * batch_size]) for i in range(count)]
 
 
+def text_windows(count: int = 4, batch_size: int = 4, length: int = 256, seed: int = 1) -> list[tuple[torch.Tensor]]:
+    """``count`` batches of ``length``-byte windows of the training text (no padding): calibration
+    for passes that score layers or heads on running text."""
+    from bevel.models.tinylm.corpus import training_stream
+
+    stream = training_stream()
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - length, (count, batch_size), generator=generator)
+    return [(torch.stack([stream[s:s + length] for s in row.tolist()]),) for row in starts]
+
+
 def build() -> tuple[torch.nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """The built-in MODEL ``tinylm``: the model and a batch of two prompts of different lengths."""
     return load_tinylm(), prompts(["The object model of Python", "A function"])
 
 
 __all__ = ["CONFIG", "EOS", "build", "calibration_batches", "decode", "encode", "held_out_text", "load_tinylm",
-           "prompts", "training_metrics"]
+           "prompts", "text_windows", "training_metrics"]
