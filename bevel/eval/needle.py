@@ -35,14 +35,15 @@ def needle_check(model: Any, filler: str, filler_chars: int = 300, count: int = 
     import torch
 
     from bevel.models.tinylm.corpus import decode, encode
+    from bevel.runtime.compiled_decoder import CompiledDecoder
 
     hits = 0
     for prompt, answer in needle_prompts(count, filler, filler_chars, seed):
         ids = encode(prompt).unsqueeze(0)
         steps = len(answer.encode("utf-8"))
-        if hasattr(model, "generate") and not isinstance(model, torch.nn.Module):
+        if isinstance(model, CompiledDecoder) or not isinstance(model, torch.nn.Module):
             out = model.generate(ids, max_new_tokens=steps)
-        else:
+        else:  # an HF model: its own greedy search
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False)
         hits += decode(out[0, ids.shape[1]:]) == answer
     return hits / count

@@ -81,15 +81,18 @@ def test_the_report_gives_held_out_perplexity_before_and_after_each_pass(model):
     after = cm.report["quantize.int8_weight"].quality["perplexity"]
     print(f"\nheld-out perplexity: original {before:.4f}, after int8 weights {after:.4f}")
     assert before == pytest.approx(perplexity(model, text, context=512, stride=256), rel=1e-6)
-    assert before < after < before * 1.05  # int8 weights cost a little, not much
+    assert abs(after / before - 1) < 0.02  # per-channel int8 weights barely move a byte-level LM
     assert "held-out quality: original perplexity" in str(cm.report)
 
 
-def test_the_needle_check_runs_on_tinylm(compiled):
+def test_the_needle_check_gives_the_same_score_compiled_and_eager(model, compiled):
+    """tinylm does not copy: it scores 0 of 8 even with no filler (it completes "The secret code of
+    the archive is" with " a string th..."), so the check's figure is a baseline for passes, not a
+    skill; its correctness is tested on an oracle in tests/eval."""
     filler = corpus.held_out_text()
-    score = needle_check(compiled, filler, filler_chars=200, count=4)
-    print(f"\nneedle check (200 bytes of filler): {score:.2f}")
-    assert 0.0 <= score <= 1.0
+    scores = [needle_check(m, filler, filler_chars=100, count=8) for m in (model, compiled)]
+    print(f"\nneedle check (100 bytes of filler): eager {scores[0]:.2f}, compiled {scores[1]:.2f}")
+    assert scores[0] == scores[1]
 
 
 def test_the_training_script_is_deterministic(tmp_path):
