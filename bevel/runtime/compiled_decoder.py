@@ -22,24 +22,40 @@ class GenerateError(BevelError):
     """``generate`` was given a prompt, a length or a sampling setting it cannot run."""
 
 
-_SHAPE_READERS = ("_guards_fn", torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int,
-                  torch.ops.aten.sym_numel.default)
+aten = torch.ops.aten
+_SHAPE_READERS = (aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default)
+# checks torch.export leaves in the graph: the decode loop builds every input itself, and one Python
+# call per check at every token is time the step does not need
+_CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
+           aten.sym_constrain_range_for_size.default)
 
 
-def in_place_cache_writes(step: fx.GraphModule, num_layers: int) -> fx.GraphModule:
-    """A copy of the step graph (sharing its weights) that writes the new keys and values into the
-    cache tensors it is given instead of returning updated copies: the decode loop owns the cache,
-    and copying every layer's whole cache at each token would cost more than the token itself."""
+def runtime_graph(step: fx.GraphModule, num_layers: int) -> fx.GraphModule:
+    """A copy of the step graph for the decode loop, sharing its weights: it writes the new keys and
+    values into the cache tensors it is given instead of returning updated copies (copying every
+    layer's whole cache at each token would cost more than the token), drops torch.export's input
+    guards and tensor checks, and takes and returns flat tensors: ``(logits, present_key_0, ...)``."""
     graph = copy.deepcopy(step.graph)
+    for node in list(graph.nodes):
+        if node.target in _CHECKS or (node.op == "call_module" and node.target == "_guards_fn"):
+            graph.erase_node(node)
     names = set(cache_names(num_layers))
     for node in graph.nodes:
-        # size queries and the exported module's input guards read only shapes, so they may share the input
-        readers = [u for u in node.users if u.target not in _SHAPE_READERS]
+        readers = [u for u in node.users if u.target not in _SHAPE_READERS]  # size queries may share it
         if node.op == "placeholder" and node.name in names and len(readers) == 1:
             (user,) = readers
-            if user.target == torch.ops.aten.index_copy.default and user.args[0] is node:
-                user.target = torch.ops.aten.index_copy_.default
+            if user.target == aten.index_copy.default and user.args[0] is node:
+                user.target = aten.index_copy_.default
+    graph._codegen = fx.graph.CodeGen()  # plain positional inputs and a tuple of outputs, no pytree
     return fx.GraphModule(step, graph)
+
+
+def _keep_writes(views: list[torch.Tensor], returned: tuple[torch.Tensor, ...]) -> None:
+    """Where a step returned a new cache tensor instead of writing into the one it was given (a
+    rewrite the in-place conversion did not recognize), copy it back, so the loop stays correct."""
+    for view, value in zip(views, returned):
+        if value.data_ptr() != view.data_ptr():
+            view.copy_(value)
 
 
 class CompiledDecoder(CompiledModule):
@@ -48,16 +64,17 @@ class CompiledDecoder(CompiledModule):
     ``cm(input_ids, attention_mask=None)`` returns the logits [batch, tokens, vocab], as the model's
     ``.logits``; ``cm.generate(input_ids, max_new_tokens)`` decodes. ``cm.step(*inputs)`` runs the
     captured step graph itself (prefill or decode, see :mod:`bevel.ir.decoder`). ``prefill_graph``
-    and ``decode_graph`` are the two graphs generate runs; they share the weights and write the
-    cache in place. ``spec`` holds the cache geometry.
+    and ``decode_graph`` are the two graphs generate runs (see :func:`runtime_graph`); they share
+    the weights, write the cache in place and return ``(logits, present_key_0, ...)``. ``spec``
+    holds the cache geometry.
     """
 
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
                  pipeline: str, spec: DecoderSpec) -> None:
         super().__init__(graph_module, example_inputs, report, pipeline)
         self.spec = spec
-        self.prefill_graph = in_place_cache_writes(graph_module, spec.num_layers)
-        self.decode_graph = in_place_cache_writes(graph_module, spec.num_layers)
+        self.prefill_graph = runtime_graph(graph_module, spec.num_layers)
+        self.decode_graph = runtime_graph(graph_module, spec.num_layers)
 
     @property
     def device(self) -> torch.device:
@@ -74,7 +91,7 @@ class CompiledDecoder(CompiledModule):
         ids = self._check_ids(input_ids)
         inputs = prefill_inputs(self.spec, ids, None if attention_mask is None else attention_mask.to(ids.device))
         with torch.no_grad():
-            logits = self.prefill_graph(*inputs)["logits"]
+            logits = self.prefill_graph(*inputs)[0]
         if attention_mask is None:
             return logits
         # the prefill ran on left-padded rows: put each token's logits back where it was
@@ -111,15 +128,18 @@ class CompiledDecoder(CompiledModule):
                                 f"{limit - prompt_len} new tokens or compile with a larger max_cache_len")
         generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
         inputs = prefill_inputs(self.spec, ids, mask, cache_len=cache_len)
-        prompt, positions, _, kv_positions = inputs[:4]
+        prompt, positions, slots, kv_positions = inputs[:4]
+        cache = list(inputs[4:])
         batch = prompt.shape[0]
         finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
         new_tokens = []
-        present = cache_names(self.spec.num_layers, "present")
         with torch.no_grad():
-            out = self.prefill_graph(*inputs)
-            # the caches come back from the graph: the very tensors given where it writes in place
-            logits, cache = out["logits"][:, -1], [out[name] for name in present]
+            # each step sees the slots filled so far (views: the writes land in the whole cache),
+            # so attention costs what the sequence holds, not what the cache could hold
+            views = [c[:, :, :prompt_len] for c in cache]
+            out = self.prefill_graph(prompt, positions, slots, kv_positions[:, :prompt_len], *views)
+            _keep_writes(views, out[1:])
+            logits = out[0][:, -1]
             position = positions[:, -1]
             for index in range(max_new_tokens):
                 token = self._pick(logits, temperature, top_k, generator)
@@ -132,9 +152,11 @@ class CompiledDecoder(CompiledModule):
                 slot = prompt_len + index
                 position = position + 1
                 kv_positions[:, slot] = position
+                views = [c[:, :, :slot + 1] for c in cache]
                 out = self.decode_graph(token.unsqueeze(1), position.unsqueeze(1),
-                                        torch.tensor([slot], device=ids.device), kv_positions, *cache)
-                logits, cache = out["logits"][:, -1], [out[name] for name in present]
+                                        torch.tensor([slot], device=ids.device), kv_positions[:, :slot + 1], *views)
+                _keep_writes(views, out[1:])
+                logits = out[0][:, -1]
         return torch.cat([prompt, torch.stack(new_tokens, dim=1)], dim=1)
 
     @staticmethod
