@@ -67,6 +67,7 @@ class DecoderSpec:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The cache's torch dtype (the model's weights' dtype)."""
         return getattr(torch, self.cache_dtype)
 
     def empty_cache(self, batch: int, length: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
@@ -124,12 +125,14 @@ class StepCache:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``keys`` and ``values`` of layer ``layer_idx`` at the step's slots; return the layer's cache."""
         k, v = 2 * layer_idx, 2 * layer_idx + 1
         self.tensors[k] = self.tensors[k].index_copy(2, self.slots, keys.to(self.tensors[k].dtype))
         self.tensors[v] = self.tensors[v].index_copy(2, self.slots, values.to(self.tensors[v].dtype))
         return self.tensors[k], self.tensors[v]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Unused: positions are always given, so HF never asks (0 keeps its defaults harmless)."""
         return 0  # positions are always given, so HF never needs it
 
 
@@ -151,6 +154,7 @@ class DecoderStep(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
                 kv_positions: torch.Tensor, *cache: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits of the step's tokens and the cache with their keys and values written in."""
         steps = StepCache(cache, cache_position)
         out = self.model(input_ids=input_ids, position_ids=position_ids,
                          attention_mask=step_mask(position_ids, kv_positions), past_key_values=steps, use_cache=True)

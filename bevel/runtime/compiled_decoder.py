@@ -78,6 +78,7 @@ class CompiledDecoder(CompiledModule):
 
     @property
     def device(self) -> torch.device:
+        """Where the weights live (inputs are moved there)."""
         tensors = list(self.graph_module.parameters()) + list(self.graph_module.buffers())
         return tensors[0].device if tensors else torch.device("cpu")
 

@@ -31,6 +31,7 @@ def batches(stream: torch.Tensor, batch_size: int, seq_len: int, seed: int):
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then a cosine decay to a tenth of it."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -39,6 +40,7 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
 
 def train(steps: int, batch_size: int, seq_len: int, peak_lr: float, seed: int,
           log_every: int = 10) -> torch.nn.Module:
+    """A tinylm trained from its seeded initialization; prints the loss every ``log_every`` steps."""
     model = build_untrained(seed=seed).train()
     stream = corpus.training_stream()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -61,6 +63,7 @@ def train(steps: int, batch_size: int, seq_len: int, peak_lr: float, seed: int,
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: train, save the weights and record the held-out perplexity."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=420, help="optimizer steps (default 420)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")

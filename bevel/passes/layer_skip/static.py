@@ -52,6 +52,7 @@ class StaticLayerSkip(Pass):
                                   "block) and report it")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        """Score the blocks, choose the ones to remove, and route the residual stream around them."""
         blocks = find_blocks(graph)
         if not blocks:
             return PassResult(changed=False, notes=["no repeated blocks (transformer layers) found: nothing changed"])
