@@ -83,7 +83,7 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
             example_inputs: Any = None, calibration: Iterable[Any] | None = None, device: str = "cpu",
             max_fidelity_drop: float | None = None, dynamic_shapes: Any = None, seed: int = 0,
             on_pass_start: ProgressHook | None = None, on_pass_end: ProgressHook | None = None,
-            max_cache_len: int | None = None, eval_text: Any = None) -> CompiledModule:
+            max_cache_len: int | None = None, eval_text: Any = None, decoder: bool | None = None) -> CompiledModule:
     """Rewrite ``model`` with the pipeline ``passes`` and return a CompiledModule to call, save or export.
 
     Args:
@@ -107,6 +107,9 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
         eval_text: causal LMs only: held-out text (a str of UTF-8 bytes for byte-level models, or a
             tensor of token ids) whose perplexity the report gives for the original model and after
             each applied pass.
+        decoder: None (a causal LM becomes a CompiledDecoder), or False to capture a causal LM's plain
+            forward instead (tokens -> logits, no cache): structured pruning of attention heads
+            needs that graph, since a decoder's cache inputs fix its KV head count.
 
     A causal LM (an HF ``...ForCausalLM`` or ``...LMHeadModel``) is captured as a step graph with an
     explicit KV cache and comes back as a CompiledDecoder with ``generate()``; its example inputs
@@ -124,7 +127,7 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
         example_inputs = batches[0]
     example_inputs = as_input_tuple(example_inputs, "example_inputs")
     check_order(pipeline, has_calibration=bool(batches))
-    if is_causal_lm(model):
+    if decoder is None and is_causal_lm(model):
         if dynamic_shapes is not None:
             raise BevelError("dynamic_shapes does not apply to a causal LM: its step graph keeps the batch, the "
                              "tokens per step and the cache length symbolic")

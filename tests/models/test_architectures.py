@@ -1,6 +1,7 @@
 """Other architectures through compile, save/load and ONNX (random weights, small configs):
 a timm ViT, GPT-2 (its linears are HF Conv1D, i.e. addmm) and Llama (rotary embeddings under a
-higher-order op). Differential tolerance: cleanup is exact (1e-5); pruning is checked by its count."""
+higher-order op); the two causal LMs are captured as decoders, whose ONNX model takes the step
+inputs. Differential tolerance: cleanup is exact (1e-5); pruning is checked by its count."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 
 import bevel
 from bevel.errors import CaptureError
+from bevel.ir.decoder import prefill_inputs
+from bevel.runtime.compiled_decoder import CompiledDecoder
 from tests.models_zoo import seeded
 
 
@@ -58,7 +61,7 @@ def test_compile_save_load_and_onnx(build, tmp_path):
     zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
     assert zeros == pytest.approx(0.3, abs=0.01)
     if build is gpt2:
-        assert "lm_head.weight" not in pruned and "transformer.wte.weight" not in pruned
+        assert "model.lm_head.weight" not in pruned and "model.transformer.wte.weight" not in pruned
         assert any("tied" in note for note in cm.report["prune.magnitude"].notes)
 
     exact = bevel.compile(model, "cleanup", example_inputs=example)
@@ -71,12 +74,25 @@ def test_compile_save_load_and_onnx(build, tmp_path):
 
     path = cm.export_onnx(str(tmp_path / "model.onnx"))
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    (first, *_) = session.run(None, {session.get_inputs()[0].name: fresh[0].numpy()})
+    inputs = prefill_inputs(cm.spec, fresh[0]) if isinstance(cm, CompiledDecoder) else fresh
+    (first, *_) = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
     # float32 with another summation order in onnxruntime; a wrong op would be off by orders more
     assert abs(first - out.numpy()).max() <= 1e-4
 
 
 def test_a_kv_cache_output_gets_a_suggestion():
-    model, example, _ = gpt2(use_cache=True)
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    # the bare GPT-2 stack is no causal LM (no head, no generate): its cache output cannot be captured
+    model = GPT2Model(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)).eval()
     with pytest.raises(CaptureError, match="use_cache = False"):
-        bevel.compile(model, "cleanup", example_inputs=example)
+        bevel.compile(model, "cleanup", example_inputs=(torch.randint(0, 128, (2, 9), generator=seeded(3)),))
+
+
+def test_a_causal_lm_with_its_cache_on_is_captured_as_a_decoder():
+    model, example, fresh = gpt2(use_cache=True)
+    cm = bevel.compile(model, "cleanup", example_inputs=example)
+    assert isinstance(cm, CompiledDecoder)
+    with torch.no_grad():
+        assert (cm(*fresh) - model(*fresh).logits).abs().max() <= 1e-5

@@ -106,7 +106,9 @@ TARGETS = {"mlp": "all", "conv_residual": "conv", "bert": "all", "llama_gqa": "a
 def compile_pruned(model, make_inputs, passes, calibrated=True):
     example = make_inputs(seeded(0))
     calibration = [make_inputs(seeded(i)) for i in (1, 2)] if calibrated else None
-    return bevel.compile(model, passes, example_inputs=example, calibration=calibration)
+    # a causal LM's plain forward: heads cannot be pruned in a decoder's step graph (its cache fixes them)
+    return bevel.compile(model, passes, example_inputs=example, calibration=calibration,
+                         decoder=False if hasattr(model, "generate") else None)
 
 
 def first_output(out):
