@@ -173,10 +173,14 @@ def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) ->
     cache slot per step needs; rows already left-padded come back unchanged."""
     if attention_mask is None:
         return input_ids, torch.ones_like(input_ids, dtype=torch.bool)
-    mask = attention_mask.bool()
-    # a stable sort on "is real" puts padding first and keeps the order of the real tokens
-    order = torch.sort(mask.to(torch.int8), dim=1, stable=True).indices
-    return input_ids.gather(1, order), mask.gather(1, order)
+    order = left_pad_order(attention_mask)
+    return input_ids.gather(1, order), attention_mask.bool().gather(1, order)
+
+
+def left_pad_order(attention_mask: torch.Tensor) -> torch.Tensor:
+    """For each row, the column each left-padded position takes its token from: a stable sort on
+    "is real" puts padding first and keeps the order of the real tokens."""
+    return torch.sort(attention_mask.bool().to(torch.int8), dim=1, stable=True).indices
 
 
 def prefill_inputs(spec: DecoderSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from bevel.compiler.report import Report
 from bevel.errors import BevelError
-from bevel.ir.decoder import DecoderSpec, cache_names, prefill_inputs
+from bevel.ir.decoder import DecoderSpec, cache_names, left_pad_order, prefill_inputs
 from bevel.runtime.compiled_module import CompiledModule
 
 
@@ -96,7 +96,7 @@ class CompiledDecoder(CompiledModule):
         if attention_mask is None:
             return logits
         # the prefill ran on left-padded rows: put each token's logits back where it was
-        order = torch.sort(attention_mask.to(ids.device).bool().to(torch.int8), dim=1, stable=True).indices
+        order = left_pad_order(attention_mask.to(ids.device))
         return torch.empty_like(logits).scatter_(1, order.unsqueeze(-1).expand_as(logits), logits)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask: torch.Tensor | None = None,
