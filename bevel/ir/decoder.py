@@ -25,6 +25,7 @@ cache inputs and writes that feed it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +125,7 @@ class StepCache:
         self.slots = slots
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``keys`` and ``values`` of layer ``layer_idx`` at the step's slots; return the layer's cache."""
         k, v = 2 * layer_idx, 2 * layer_idx + 1
         self.tensors[k] = self.tensors[k].index_copy(2, self.slots, keys.to(self.tensors[k].dtype))
@@ -157,9 +158,16 @@ class DecoderStep(torch.nn.Module):
         """Logits of the step's tokens and the cache with their keys and values written in."""
         steps = StepCache(cache, cache_position)
         out = self.model(input_ids=input_ids, position_ids=position_ids,
-                         attention_mask=step_mask(position_ids, kv_positions), past_key_values=steps, use_cache=True)
+                         attention_mask=step_mask(position_ids, kv_positions), use_cache=True,
+                         **{_cache_argument(self.model): steps})
         logits = out.logits if hasattr(out, "logits") else out[0]
         return {"logits": logits, **dict(zip(cache_names(self.spec.num_layers, "present"), steps.tensors))}
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The keyword a model's forward takes its cache by: ``cache`` from transformers 5 on, before it
+    ``past_key_values`` (which transformers 5 still accepts, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def cache_names(num_layers: int, role: str = "past") -> list[str]:
