@@ -116,6 +116,15 @@ def _is_identity(node: fx.Node, graph_mutates: bool) -> bool:
     return True
 
 
+def is_alias_of_input(node: fx.Node) -> bool:
+    """Whether ``node`` returns its first argument itself: an aliasing op that changes nothing (a cast
+    to the same dtype, a view to the same shape). Re-tracing a graph makes later readers of a
+    tensor read such an alias instead."""
+    return (node.op == "call_function" and node.target in ALIASING_IDENTITY_OPS and bool(node.args)
+            and isinstance(node.args[0], fx.Node) and _same_type(node.meta.get("val"), node.args[0].meta.get("val"))
+            and _keeps_values(node))
+
+
 def _is_full_slice(node: fx.Node) -> bool:
     # the output has the input's shape (checked by the caller); a slice of the full length with step 1
     # starting at 0 is then the identity

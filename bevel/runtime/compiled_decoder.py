@@ -13,6 +13,7 @@ from bevel.compiler.report import Report
 from bevel.errors import BevelError
 from bevel.ir.decoder import DecoderSpec, cache_names, left_pad_order, prefill_inputs
 from bevel.runtime.compiled_module import CompiledModule
+from bevel.runtime.early_exit import EarlyExitRunner, EarlyExitState, early_exit_state, has_early_exit
 
 
 MODEL_EOS = object()  # generate's default end-of-text token: the one the model's config names
@@ -66,7 +67,9 @@ class CompiledDecoder(CompiledModule):
     captured step graph itself (prefill or decode, see :mod:`bevel.ir.decoder`). ``prefill_graph``
     and ``decode_graph`` are the two graphs generate runs (see :func:`runtime_graph`); they share
     the weights, write the cache in place and return ``(logits, present_key_0, ...)``. ``spec``
-    holds the cache geometry.
+    holds the cache geometry. After ``layer_skip.early_exit`` both run block by block
+    (:class:`~bevel.runtime.early_exit.EarlyExitRunner`), and ``early_exit`` counts the depth of the
+    tokens they ran (``early_exit.average_depth``, ``early_exit.reset()``); otherwise it is None.
     """
 
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
@@ -75,6 +78,12 @@ class CompiledDecoder(CompiledModule):
         self.spec = spec
         self.prefill_graph = runtime_graph(graph_module, spec.num_layers)
         self.decode_graph = runtime_graph(graph_module, spec.num_layers)
+        self.early_exit: EarlyExitState | None = None
+        if has_early_exit(graph_module):
+            # exited rows skip the blocks after their exit (same outputs as the graph)
+            self.early_exit = early_exit_state(graph_module)
+            self.prefill_graph = EarlyExitRunner(self.prefill_graph, self.early_exit, decode=False)
+            self.decode_graph = EarlyExitRunner(self.decode_graph, self.early_exit, decode=True)
 
     @property
     def device(self) -> torch.device:

@@ -1,3 +1,4 @@
-"""Layer skipping: removing whole transformer blocks that change the hidden state least."""
+"""Layer skipping: removing whole transformer blocks that change the hidden state least (``static``), and
+leaving the model early where its own head is already confident (``early_exit``)."""
 
-from bevel.passes.layer_skip import static  # noqa: F401
+from bevel.passes.layer_skip import early_exit, static  # noqa: F401
