@@ -13,7 +13,7 @@ from bevel.compiler.report import Report
 from bevel.errors import BevelError
 from bevel.ir.decoder import DecoderSpec, cache_names, left_pad_order, prefill_inputs
 from bevel.runtime.compiled_module import CompiledModule
-from bevel.runtime.early_exit import EarlyExitRunner, EarlyExitState, early_exit_state, has_early_exit
+from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
 
 
 MODEL_EOS = object()  # generate's default end-of-text token: the one the model's config names
@@ -72,13 +72,14 @@ class CompiledDecoder(CompiledModule):
     tokens they ran (``early_exit.average_depth``, ``early_exit.reset()``); otherwise it is None.
     """
 
+    _runs_early_exit_here = False  # the prefill and decode graphs below do
+
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
                  pipeline: str, spec: DecoderSpec) -> None:
         super().__init__(graph_module, example_inputs, report, pipeline)
         self.spec = spec
         self.prefill_graph = runtime_graph(graph_module, spec.num_layers)
         self.decode_graph = runtime_graph(graph_module, spec.num_layers)
-        self.early_exit: EarlyExitState | None = None
         if has_early_exit(graph_module):
             # exited rows skip the blocks after their exit (same outputs as the graph)
             self.early_exit = early_exit_state(graph_module)

@@ -31,7 +31,9 @@ class CompiledModule(torch.nn.Module):
 
     ``report`` holds the per-pass figures, ``pipeline`` the pipeline text, ``example_inputs`` the
     inputs it was compiled with. ``save(dir)`` writes an artifact for ``bevel.load``;
-    ``export_onnx(path)`` writes an ONNX model.
+    ``export_onnx(path)`` writes an ONNX model. After ``layer_skip.early_exit`` the graph runs block
+    by block, samples that exited leaving the batch, and ``early_exit`` counts their depths
+    (:class:`~bevel.runtime.early_exit.EarlyExitState`); otherwise it is None.
     """
 
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
@@ -41,9 +43,24 @@ class CompiledModule(torch.nn.Module):
         self.example_inputs = tuple(example_inputs)
         self.report = report
         self.pipeline = pipeline
+        self.early_exit = None
+        self._exit_runner = None
+        if self._runs_early_exit_here:
+            from bevel.runtime.compiled_decoder import runtime_graph
+            from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
+
+            if has_early_exit(graph_module):
+                # samples that exited skip the blocks after their exit (same outputs as the graph)
+                self.early_exit = early_exit_state(graph_module)
+                self._exit_runner = EarlyExitRunner(runtime_graph(graph_module, 0), self.early_exit, decode=False)
+
+    _runs_early_exit_here = True  # a compiled decoder runs its own step graphs
 
     def forward(self, *args: Any) -> Any:
         with torch.no_grad():
+            if self._exit_runner is not None:
+                codegen = self.graph_module.graph._codegen  # the model's input and output structure
+                return codegen.process_outputs(self._exit_runner(*codegen.process_inputs(*args)))
             return self.graph_module(*args)
 
     def cpu_graph_module(self) -> fx.GraphModule:

@@ -26,9 +26,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from bevel.runtime.early_exit_ops import decide_reference, freeze_reference
+
 DECIDE = torch.ops.bevel.early_exit_decide.default
 FREEZE = torch.ops.bevel.early_exit_freeze.default
 _CACHE_WRITE = torch.ops.aten.index_copy_.default
+# the pieces call the ops' references directly: the same code, without the dispatcher's cost per call
+_DIRECT = {DECIDE: decide_reference, FREEZE: freeze_reference}
 
 
 def has_early_exit(module: fx.GraphModule) -> bool:
@@ -44,7 +48,10 @@ class EarlyExitState:
     total: int
     shared: bool
     cap: int | None = None                 # exit depth of the last position run (skipdecode only)
+    compact_share: float = 0.5             # gather the running rows when at most this share of the batch runs
+    compacted: int = 0                     # block runs on a gathered part of the batch since the last reset
     counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    decode_counts: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
 
     @property
     def tokens(self) -> int:
@@ -54,10 +61,16 @@ class EarlyExitState:
     @property
     def average_depth(self) -> float | None:
         """Mean number of blocks those tokens ran (None before any)."""
-        if not self.tokens:
-            return None
-        depths = torch.arange(self.counts.numel(), dtype=torch.float64)
-        return float((self.counts.double() * depths).sum() / self.tokens)
+        return self.average() if self.tokens else None
+
+    def average(self, decode_only: bool = False) -> float:
+        """Mean number of blocks the counted tokens ran, or only those of decode steps (one token per
+        sequence each); the full depth when there were none."""
+        counts = self.decode_counts if decode_only else self.counts
+        if not int(counts.sum()):
+            return float(self.total)
+        depths = torch.arange(counts.numel(), dtype=torch.float64)
+        return float((counts.double() * depths).sum() / counts.sum())
 
     def depth_counts(self) -> dict[int, int]:
         """How many tokens left at each depth."""
@@ -66,11 +79,16 @@ class EarlyExitState:
     def reset(self) -> None:
         """Forget the counted tokens."""
         self.counts = torch.zeros(self.total + 1, dtype=torch.int64)
+        self.decode_counts = self.counts.clone()
+        self.compacted = 0
 
-    def record(self, depth: torch.Tensor, real: torch.Tensor | None) -> None:
+    def record(self, depth: torch.Tensor, real: torch.Tensor | None, decode: bool) -> None:
         """Count the exit depths of a step's tokens (only the ``real`` ones when given)."""
         chosen = depth[real] if real is not None else depth.reshape(-1)
-        self.counts = self.counts + torch.bincount(chosen.reshape(-1).cpu(), minlength=self.total + 1)
+        found = torch.bincount(chosen.reshape(-1).cpu(), minlength=self.total + 1)
+        self.counts = self.counts + found
+        if decode:
+            self.decode_counts = self.decode_counts + found
 
 
 def early_exit_state(module: fx.GraphModule) -> EarlyExitState:
@@ -111,7 +129,7 @@ class _Piece:
         values = [gathered[n] if n in gathered else
                   env[n].index_select(0, select) if select is not None and by_row else env[n]
                   for n, by_row in zip(self.inputs, self.rows)]
-        return self.module(*values)
+        return self.module.forward(*values)  # forward itself: a module call's hooks cost time per block
 
 
 @dataclass
@@ -253,16 +271,22 @@ class EarlyExitRunner(torch.nn.Module):
 
     def _run_stage(self, stage: _Stage, env: dict[fx.Node, Any]) -> None:
         depth = env[stage.depth_in]
-        running = (depth > stage.block).reshape(depth.shape[0], -1).any(dim=1)
-        count = int(running.sum())
+        # one small read per block decides what runs; the rest stays in tensors
+        deepest = depth.reshape(depth.shape[0], -1).amax(dim=1).tolist()
+        running = [row for row, value in enumerate(deepest) if value > stage.block]
+        count = len(running)
         outputs = [stage.stream_out] + ([stage.depth_out] if stage.exit_depth is not None else [])
-        if count == depth.shape[0]:  # every row runs the block: no gathering
+        if count == depth.shape[0] or (count and count > self.state.compact_share * depth.shape[0]):
+            # every row runs the block, or too many for gathering them to pay: the whole batch runs
+            # it, and the freeze keeps the exited tokens' hidden states (their cache entries come
+            # from those, as the graph computes them)
             env.update(zip(outputs, stage.full(env)))
             return
         env[stage.stream_out] = env[stage.stream_in]
         env[stage.depth_out] = depth
         if count:
-            rows = running.nonzero().squeeze(1)
+            rows = torch.tensor(running, device=depth.device)
+            self.state.compacted += 1
             gathered = {w.cache: env[w.cache].index_select(0, rows) for w in stage.writes}
             results = stage.full(env, rows, gathered)
             for node, value in zip(outputs, results):
@@ -272,7 +296,9 @@ class EarlyExitRunner(torch.nn.Module):
                 _write_rows(env[w.cache], w.dim, slots, gathered[w.cache].index_select(w.dim, slots), rows)
         if self.state.shared:
             return  # later positions exit no deeper: nothing will read the skipped layers' entries
-        rest = (~running).nonzero().squeeze(1)
+        rest = torch.tensor([row for row, value in enumerate(deepest) if value <= stage.block], device=depth.device)
+        if not stage.writes:
+            return  # no cache (an encoder or a classifier): exited rows need nothing from this block
         sources = stage.kv(env, None if count == 0 else rest)
         for w, source in zip(stage.writes, sources):
             if count == 0:
@@ -285,7 +311,7 @@ class EarlyExitRunner(torch.nn.Module):
         if "kv_positions" in self.names and "cache_position" in self.names and depth.dim() == 2:
             positions = inputs[self.names.index("kv_positions")]
             real = positions.index_select(1, inputs[self.names.index("cache_position")]) >= 0
-        self.state.record(depth, real)
+        self.state.record(depth, real, self.decode)
 
     def _depth_of_whole(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         from bevel.passes.layer_skip.early_exit import exit_depths
@@ -365,6 +391,7 @@ def _extract(module: fx.GraphModule, nodes: list[fx.Node], outputs: list[fx.Node
             return env[a]
 
         env[node] = graph.node_copy(node, arg)
+        env[node].target = _DIRECT.get(node.target, node.target)
     graph.output(tuple(env[n] for n in outputs))
     graph._codegen = fx.graph.CodeGen()
     rows = [_by_row(n, batch) for n in inputs]

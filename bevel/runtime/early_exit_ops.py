@@ -43,9 +43,8 @@ def exit_confidence(logits: torch.Tensor, criterion: str) -> torch.Tensor:
     raise ValueError(f"unknown early-exit criterion {criterion!r}; expected one of {CRITERIA}")
 
 
-@torch.library.custom_op("bevel::early_exit_decide", mutates_args=())
-def early_exit_decide(logits: torch.Tensor, depth: torch.Tensor, threshold: float, exit_depth: int,
-                      criterion: str, shared: bool) -> torch.Tensor:
+def decide_reference(logits: torch.Tensor, depth: torch.Tensor, threshold: float, exit_depth: int,
+                     criterion: str, shared: bool) -> torch.Tensor:
     """The exit depths after the exit point ``exit_depth`` (see the module docstring); ``depth``
     has the shape of ``logits`` without its last dimension."""
     exited_before = depth < exit_depth
@@ -57,6 +56,20 @@ def early_exit_decide(logits: torch.Tensor, depth: torch.Tensor, threshold: floa
     return torch.where(exits & ~exited_before, torch.full_like(depth, exit_depth), depth)
 
 
+def freeze_reference(hidden_in: torch.Tensor, hidden_out: torch.Tensor, depth: torch.Tensor,
+                     block: int) -> torch.Tensor:
+    """``hidden_out`` where a token still runs block ``block``, ``hidden_in`` where it exited before it."""
+    frozen = (depth <= block).reshape(*depth.shape, *([1] * (hidden_out.dim() - depth.dim())))
+    return torch.where(frozen, hidden_in, hidden_out)
+
+
+@torch.library.custom_op("bevel::early_exit_decide", mutates_args=())
+def early_exit_decide(logits: torch.Tensor, depth: torch.Tensor, threshold: float, exit_depth: int,
+                      criterion: str, shared: bool) -> torch.Tensor:
+    """See :func:`decide_reference`."""
+    return decide_reference(logits, depth, threshold, exit_depth, criterion, shared)
+
+
 @early_exit_decide.register_fake
 def _(logits: torch.Tensor, depth: torch.Tensor, threshold: float, exit_depth: int, criterion: str,
       shared: bool) -> torch.Tensor:
@@ -66,9 +79,8 @@ def _(logits: torch.Tensor, depth: torch.Tensor, threshold: float, exit_depth: i
 @torch.library.custom_op("bevel::early_exit_freeze", mutates_args=())
 def early_exit_freeze(hidden_in: torch.Tensor, hidden_out: torch.Tensor, depth: torch.Tensor,
                       block: int) -> torch.Tensor:
-    """``hidden_out`` where a token still runs block ``block``, ``hidden_in`` where it exited before it."""
-    frozen = (depth <= block).reshape(*depth.shape, *([1] * (hidden_out.dim() - depth.dim())))
-    return torch.where(frozen, hidden_in, hidden_out)
+    """See :func:`freeze_reference`."""
+    return freeze_reference(hidden_in, hidden_out, depth, block)
 
 
 @early_exit_freeze.register_fake

@@ -30,10 +30,11 @@ from tests.decoders import padded_prompts, positions_of, small_causal_lm
 LAYERS = 4
 
 
-def reference_early_exit(model, ids, mask, threshold, min_layer, criterion="max_prob", shared=False):
+def reference_early_exit(model, ids, mask, threshold, min_layer, criterion="max_prob", shared=False, every=1):
     """Eager logits under the exit rule, computed with hooks on the HF decoder layers: a token's
-    hidden state is kept once it has exited; after each block from ``min_layer - 1`` to the one
-    before last, the model's own norm and head decide. Returns (logits, depths, confidences)."""
+    hidden state is kept once it has exited; after block ``min_layer - 1`` and every ``every``-th
+    one after it, up to the one before last, the model's own norm and head decide. Returns
+    (logits, depths, confidences)."""
     layers, total = model.model.layers, len(model.model.layers)
     state = {"depth": None, "confidences": []}
 
@@ -42,7 +43,7 @@ def reference_early_exit(model, ids, mask, threshold, min_layer, criterion="max_
             hidden_in, depth = args[0], state["depth"]
             if depth is not None:
                 output = torch.where((depth <= index)[..., None], hidden_in, output)
-            if min_layer - 1 <= index < total - 1:
+            if min_layer - 1 <= index < total - 1 and (index - min_layer + 1) % every == 0:
                 probabilities = model.lm_head(model.model.norm(output)).float().softmax(-1)
                 top = probabilities.topk(2, dim=-1).values
                 confidence = top[..., 0] if criterion == "max_prob" else top[..., 0] - top[..., 1]
@@ -133,16 +134,17 @@ def _threshold_among(confidences: torch.Tensor) -> float:
     return float((middle[best] + middle[best + 1]) / 2)
 
 
-@pytest.mark.parametrize("criterion", ["max_prob", "margin"])
-def test_mixed_exits_equal_an_eager_implementation_and_generation_follows_the_graph(llama, calibration, criterion):
+@pytest.mark.parametrize("criterion, every", [("max_prob", 1), ("margin", 1), ("max_prob", 2)])
+def test_mixed_exits_equal_an_eager_implementation_and_generation_follows_the_graph(llama, calibration, criterion,
+                                                                                   every):
     ids, mask = padded_prompts([7, 10, 4], seed=13)
-    _, _, confidences = reference_early_exit(llama, ids, mask, 1.0, 1, criterion)
+    _, _, confidences = reference_early_exit(llama, ids, mask, 1.0, 1, criterion, every=every)
     threshold = _threshold_among(confidences[:, mask.bool()])
-    expected, depth, confidences = reference_early_exit(llama, ids, mask, threshold, 1, criterion)
+    expected, depth, confidences = reference_early_exit(llama, ids, mask, threshold, 1, criterion, every=every)
     assert (confidences[:, mask.bool()] - threshold).abs().min() > 1e-4
     assert len(depth[mask.bool()].unique()) >= 3  # tokens leave at several depths
-    cm = bevel.compile(llama, f"layer_skip.early_exit(threshold={threshold!r}, min_layer=1, criterion=\"{criterion}\")",
-                       calibration=calibration)
+    cm = bevel.compile(llama, f"layer_skip.early_exit(threshold={threshold!r}, min_layer=1, every={every}, "
+                              f"criterion=\"{criterion}\")", calibration=calibration)
     graph_logits = cm.step(*prefill_inputs(cm.spec, ids, mask))["logits"]
     real = mask.bool()
     assert (graph_logits - expected)[real].abs().max().item() < 1e-5
@@ -151,9 +153,16 @@ def test_mixed_exits_equal_an_eager_implementation_and_generation_follows_the_gr
     graph_depth = exit_depths(cm.graph_module, prefill_inputs(cm.spec, ids, mask))
     assert torch.equal(graph_depth[real], depth[real])
 
-    cm.early_exit.reset()
-    generated = cm.generate(ids, 8, attention_mask=mask, eos_token_id=None)
-    assert len(cm.early_exit.depth_counts()) >= 2
+    # rows that have left are gathered out of the batch (compaction) or run along, frozen
+    runs = {}
+    for share in (1.0, 0.0):
+        cm.early_exit.reset()
+        cm.early_exit.compact_share = share
+        runs[share] = cm.generate(ids, 8, attention_mask=mask, eos_token_id=None)
+        assert len(cm.early_exit.depth_counts()) >= 2
+        assert (cm.early_exit.compacted > 0) == (share == 1.0)
+    assert torch.equal(runs[1.0], runs[0.0])
+    generated = runs[1.0]
     forced = teacher_forced_logits(cm, mask, generated)
     prompt = ids.shape[1]
     assert torch.equal(forced[:, prompt - 1:-1].argmax(-1), generated[:, prompt:])
@@ -183,26 +192,74 @@ def test_skipdecode_shares_one_non_increasing_depth_per_position(llama, calibrat
     assert len(depths[0].unique()) >= 2
 
 
-def test_a_classifier_exits_per_sample():
+def reference_classifier_exit(model, ids, mask, threshold, min_layer):
+    """A BERT classifier's logits under the exit rule, per sample, with hooks on its encoder layers
+    and its own pooler and classifier as the exit head (as :func:`reference_early_exit`). Returns
+    (logits, depths, confidences)."""
+    layers, total = model.bert.encoder.layer, len(model.bert.encoder.layer)
+    state = {"depth": None, "confidences": []}
+
+    def hook(index):
+        def after(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            depth = state["depth"]
+            if depth is not None:
+                hidden_out = torch.where((depth <= index)[:, None, None], hidden_in, hidden_out)
+            if min_layer - 1 <= index < total - 1:
+                confidence = model.classifier(model.bert.pooler(hidden_out)).softmax(-1).amax(-1)
+                state["confidences"].append(confidence)
+                if depth is None:
+                    depth = torch.full(confidence.shape, total)
+                state["depth"] = torch.where((confidence > threshold) & (depth > index), index + 1, depth)
+            return (hidden_out, *output[1:]) if isinstance(output, tuple) else hidden_out
+        return after
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+        return logits, state["depth"], torch.stack(state["confidences"])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_a_classifier_exits_per_sample_and_exited_samples_leave_the_batch():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
     config = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
                         vocab_size=100, num_labels=3)
     model = BertForSequenceClassification(config).eval()
-    ids = torch.randint(0, 100, (6, 7))
-    fresh = torch.randint(0, 100, (5, 9))
+    with torch.no_grad():  # a sharper classifier, so that some samples are confident early
+        model.classifier.weight.mul_(60)
+    ids, mask = torch.randint(0, 100, (6, 7)), torch.ones(6, 7, dtype=torch.long)
+    fresh, fresh_mask = torch.randint(0, 100, (9, 11)), torch.ones(9, 11, dtype=torch.long)
+    fresh_mask[2, 7:] = 0
     with torch.no_grad():
-        expected = model(fresh).logits
-    same = bevel.compile(model, "layer_skip.early_exit(threshold=1.0)", example_inputs=(ids,))
-    assert (same(fresh).logits - expected).abs().max().item() < 1e-5
+        expected = model(fresh, attention_mask=fresh_mask).logits
+    same = bevel.compile(model, "layer_skip.early_exit(threshold=1.0)", example_inputs=(ids, mask))
+    assert (same(fresh, fresh_mask).logits - expected).abs().max().item() < 1e-5
+
     short = copy.deepcopy(model)
     short.bert.encoder.layer = short.bert.encoder.layer[:1]
     with torch.no_grad():
-        truncated_logits = short(fresh).logits
-    forced = bevel.compile(model, "layer_skip.early_exit(threshold=1e-9, min_layer=1)", example_inputs=(ids,))
+        truncated_logits = short(fresh, attention_mask=fresh_mask).logits
+    forced = bevel.compile(model, "layer_skip.early_exit(threshold=1e-9, min_layer=1)", example_inputs=(ids, mask))
     assert forced.report.passes[0].stats["average_depth"] == 1
-    assert (forced(fresh).logits - truncated_logits).abs().max().item() < 1e-5
+    assert (forced(fresh, fresh_mask).logits - truncated_logits).abs().max().item() < 1e-5
+
+    threshold = 0.45
+    mixed_logits, depth, confidences = reference_classifier_exit(model, fresh, fresh_mask, threshold, 1)
+    assert len(depth.unique()) >= 2 and (confidences - threshold).abs().min() > 1e-4
+    mixed = bevel.compile(model, f"layer_skip.early_exit(threshold={threshold}, min_layer=1)",
+                          example_inputs=(ids, mask))
+    assert "calibration samples" in mixed.report.passes[0].notes[0]
+    mixed.early_exit.compact_share = 1.0  # gather the running samples whenever some have left
+    assert (mixed(fresh, fresh_mask).logits - mixed_logits).abs().max().item() < 1e-5
+    assert mixed.early_exit.compacted > 0
+    assert mixed.early_exit.depth_counts() == {d: int((depth == d).sum()) for d in depth.unique().tolist()}
 
 
 @pytest.mark.parametrize("value", [0, -0.5, 1.5])
@@ -240,17 +297,26 @@ def test_a_model_without_repeated_blocks_is_left_unchanged():
     assert entry.status == "no change" and "no repeated blocks" in entry.notes[0]
 
 
+class ResidualBlock(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.relu(self.linear(x))
+
+
 class MaskedPoolingClassifier(torch.nn.Module):
     """Blocks in a ModuleList, then a head that pools with the attention mask (another input)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(3)])
+        self.blocks = torch.nn.ModuleList([ResidualBlock(8) for _ in range(3)])
         self.head = torch.nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = x + torch.relu(block(x))
+            x = block(x)
         return self.head((x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True))
 
 

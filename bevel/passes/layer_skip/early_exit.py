@@ -52,6 +52,8 @@ class EarlyExit(Pass):
                                            "(largest minus second largest)", choices=CRITERIA)
         min_layer: int | None = param(None, "blocks every token runs before it may exit (none: a third of "
                                             "the blocks, at least 1)", ge=1)
+        every: int = param(1, "check for an exit after every k-th block from min_layer on (each check runs the "
+                              "head: fewer checks cost less, exits are coarser)", ge=1)
         mode: str = param("token", "'token': each token or sample exits on its own; 'skipdecode': one exit "
                                    "per position shared by the batch, never rising along the sequence",
                           choices=("token", "skipdecode"))
@@ -70,14 +72,15 @@ class EarlyExit(Pass):
             return PassResult(changed=False, notes=[f"no final norm and head to exit through: {head}; nothing changed"])
         total = len(blocks)
         first = self._min_layer(total)
-        insert_exits(graph, blocks, head, first, self.params.threshold, self.params.criterion,
+        insert_exits(graph, blocks, head, first, self.params.every, self.params.threshold, self.params.criterion,
                      self.params.mode == "skipdecode")
         depths = measure_depths(graph, ctx.calibration)
         counts = torch.bincount(depths, minlength=total + 1)[first:].tolist() if depths.numel() else []
         average = float(depths.double().mean()) if depths.numel() else float(total)
         shares = {str(first + i): round(c / max(depths.numel(), 1), 6) for i, c in enumerate(counts) if c}
-        note = (f"average depth {average:.2f} of {total} blocks on {depths.numel()} calibration tokens "
-                f"(earliest exit after {first} blocks, threshold {self.params.threshold}, {self.params.criterion}, "
+        predictions = "tokens" if head[-1].meta["val"].dim() > 2 else "samples"
+        note = (f"average depth {average:.2f} of {total} blocks on {depths.numel()} calibration {predictions} "
+                f"(earliest exit after {first} blocks, checked every {self.params.every}, threshold {self.params.threshold}, {self.params.criterion}, "
                 f"mode {self.params.mode}); share leaving at each depth: "
                 + ", ".join(f"{d}: {s:.3f}" for d, s in shares.items()))
         return PassResult(changed=True, notes=[note],
@@ -113,7 +116,7 @@ def find_head(graph: Graph, last: Block) -> list[fx.Node] | str:
             and value.shape[-1] >= 2):
         return f"the output {logits.name} computed from the last block is not a prediction over classes or tokens"
     order = {n: i for i, n in enumerate(graph.fx_graph.nodes)}
-    head = [n for n in after if n is logits or logits in descendants(n)]
+    head = sorted((n for n in after if n is logits or logits in descendants(n)), key=order.__getitem__)
     for node in head:
         for source in node.all_input_nodes:
             if source is last.hidden_out or source in after or source.op == "get_attr":
@@ -122,7 +125,7 @@ def find_head(graph: Graph, last: Block) -> list[fx.Node] | str:
                 inputs = ", ".join(sorted(n.name for n in _ancestors(source) if n.op == "placeholder"))
                 return (f"the head reads {source.name}" + (f" (computed from the input {inputs})" if inputs else "")
                         + " besides the last block's hidden state, so it cannot be applied to another block's output")
-    return sorted(head, key=order.__getitem__)
+    return head
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:
@@ -135,9 +138,10 @@ def _ancestors(node: fx.Node) -> set[fx.Node]:
     return found
 
 
-def insert_exits(graph: Graph, blocks: list[Block], head: list[fx.Node], first: int, threshold: float,
+def insert_exits(graph: Graph, blocks: list[Block], head: list[fx.Node], first: int, every: int, threshold: float,
                  criterion: str, shared: bool) -> None:
-    """Rewrite ``graph`` as the module docstring says: exits after blocks ``first - 1 .. len - 2``."""
+    """Rewrite ``graph`` as the module docstring says: exits after blocks ``first - 1``, then every
+    ``every``-th block, up to the one before last."""
     total, fx_graph = len(blocks), graph.fx_graph
     stream = depth = None
     for block in blocks[first - 1:]:
@@ -150,8 +154,8 @@ def insert_exits(graph: Graph, blocks: list[Block], head: list[fx.Node], first: 
                 out.replace_all_uses_with(frozen, delete_user_cb=lambda user: user is not frozen)
                 anchor = frozen
         stream = anchor
-        if block.index == total - 1:
-            break
+        if block.index == total - 1 or (block.index - (first - 1)) % every:
+            continue
         logits = anchor = _copy_head(graph, head, blocks[-1].hidden_out, stream, anchor, block.index)
         with fx_graph.inserting_after(anchor):
             if depth is None:  # every token starts with the full depth
