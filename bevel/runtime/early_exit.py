@@ -42,8 +42,9 @@ def has_early_exit(module: fx.GraphModule) -> bool:
 
 @dataclass
 class EarlyExitState:
-    """What the prefill and decode runners of one compiled decoder share: the depth statistics of
-    the tokens they ran, and SkipDecode's bound carried between decode steps."""
+    """What the runners of one compiled model share (a decoder's prefill and decode graphs): the
+    depth statistics of the tokens or samples they ran, when to gather rows, and SkipDecode's bound
+    carried between decode steps."""
 
     total: int
     shared: bool
@@ -367,10 +368,10 @@ def _extract(module: fx.GraphModule, nodes: list[fx.Node], outputs: list[fx.Node
     """
     inside = set(nodes)
     external: list[fx.Node] = []
-    for node in nodes:
-        for source in node.all_input_nodes:
-            if source not in inside and source.op != "get_attr" and source not in external:
-                external.append(source)
+    # what the nodes read from outside, and outputs computed before the piece (passed through)
+    for source in [a for node in nodes for a in node.all_input_nodes] + outputs:
+        if source not in inside and source.op != "get_attr" and source not in external:
+            external.append(source)
     tensors = [n for n in external if not _is_size(n)]
     sizes = {n: _size_source(n, tensors, batch) for n in external if _is_size(n)}
     inputs = tensors + [n for n, source in sizes.items() if source is None]

@@ -1,8 +1,8 @@
 """``layer_skip.early_exit``: a token (or sample) leaves the model after block k when the model's
 own final norm and head, applied to the hidden state there, already predict with confidence.
 
-The rewrite (see :mod:`bevel.runtime.early_exit_ops` for the two ops it inserts): after each block
-from ``min_layer - 1`` to the one before last, a copy of the head (the nodes between the last block
+The rewrite (see :mod:`bevel.runtime.early_exit_ops` for the two ops it inserts): after block
+``min_layer - 1`` and every ``every``-th block after it, up to the one before last, a copy of the head (the nodes between the last block
 and the logits) computes a prediction, and ``bevel::early_exit_decide`` gives the tokens whose
 confidence is above ``threshold`` their exit depth; after every later block,
 ``bevel::early_exit_freeze`` keeps an exited token's hidden state as it was. So the final head sees
