@@ -36,6 +36,8 @@ class CompiledModule(torch.nn.Module):
     (:class:`~bevel.runtime.early_exit.EarlyExitState`); otherwise it is None.
     """
 
+    _runs_early_exit_here = True  # a compiled decoder runs its own step graphs instead
+
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
                  pipeline: str) -> None:
         super().__init__()
@@ -53,8 +55,6 @@ class CompiledModule(torch.nn.Module):
                 # samples that exited skip the blocks after their exit (same outputs as the graph)
                 self.early_exit = early_exit_state(graph_module)
                 self._exit_runner = EarlyExitRunner(runtime_graph(graph_module, 0), self.early_exit, decode=False)
-
-    _runs_early_exit_here = True  # a compiled decoder runs its own step graphs
 
     def forward(self, *args: Any) -> Any:
         with torch.no_grad():

@@ -7,7 +7,9 @@ The graph computes every block for every row and keeps exited tokens' hidden sta
 embedding and the blocks up to the first exit), one stage per later block (the block, its freeze,
 its exit head and decision), and the suffix (the final norm and head). Before each block stage it
 looks at the exit depths: the rows with a token still running go through the stage, gathered into a
-smaller batch when others have left (compaction); the rows whose tokens have all exited only get the
+smaller batch when at most ``compact_share`` of the batch still runs (compaction; otherwise the
+whole batch runs the block and the freeze keeps the exited tokens); the rows whose tokens have all
+exited, when they are left out, only get the
 keys and values the block would write for them, computed from their frozen hidden state by the
 stage's cache-writing nodes alone (with ``mode="skipdecode"`` not even that: later positions never
 read them). A stage none of whose rows runs is not called at all.

@@ -2,9 +2,10 @@
 own final norm and head, applied to the hidden state there, already predict with confidence.
 
 The rewrite (see :mod:`bevel.runtime.early_exit_ops` for the two ops it inserts): after block
-``min_layer - 1`` and every ``every``-th block after it, up to the one before last, a copy of the head (the nodes between the last block
-and the logits) computes a prediction, and ``bevel::early_exit_decide`` gives the tokens whose
-confidence is above ``threshold`` their exit depth; after every later block,
+``min_layer - 1`` and every ``every``-th block after it, up to the one before last, a copy of the
+head (the nodes between the last block and the logits) computes a prediction, and
+``bevel::early_exit_decide`` gives the tokens whose confidence is above ``threshold`` their exit
+depth; after every later block,
 ``bevel::early_exit_freeze`` keeps an exited token's hidden state as it was. So the final head sees
 each token's hidden state at its exit, and the blocks a token skips still compute its keys and
 values from that state, which later tokens attend to (CALM's state copying, Schuster et al. 2022).
@@ -80,8 +81,9 @@ class EarlyExit(Pass):
         shares = {str(first + i): round(c / max(depths.numel(), 1), 6) for i, c in enumerate(counts) if c}
         predictions = "tokens" if head[-1].meta["val"].dim() > 2 else "samples"
         note = (f"average depth {average:.2f} of {total} blocks on {depths.numel()} calibration {predictions} "
-                f"(earliest exit after {first} blocks, checked every {self.params.every}, threshold {self.params.threshold}, {self.params.criterion}, "
-                f"mode {self.params.mode}); share leaving at each depth: "
+                f"(earliest exit after {first} blocks, checked every {self.params.every}, threshold "
+                f"{self.params.threshold}, {self.params.criterion}, mode {self.params.mode}); share leaving at each "
+                f"depth: "
                 + ", ".join(f"{d}: {s:.3f}" for d, s in shares.items()))
         return PassResult(changed=True, notes=[note],
                           stats={"blocks": total, "min_layer": first, "average_depth": round(average, 6),
