@@ -231,7 +231,8 @@ def test_magnitude_ranking_of_a_conv_counts_its_batch_norm_scale():
 def test_statistics_of_padded_sequences_count_the_real_tokens_only():
     """Calibration batches of padded sentences: the positions the attention mask marks as padding do not
     enter the channel statistics, which then equal those of the unpadded rows."""
-    from bevel.passes.prune.structured_stats import collect_channel_stats, token_mask
+    from bevel.passes.prune.structured_stats import collect_channel_stats
+    from bevel.passes.token_rows import token_mask
 
     class Tagger(nn.Module):
         def __init__(self) -> None:

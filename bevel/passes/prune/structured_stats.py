@@ -3,7 +3,7 @@ over the calibration batches: the sum of squares (Wanda's activation norm, the d
 layer's ``X^T X``), the mean, and the mean over the batch of every position (what a layer's bias
 absorbs for removed channels: a conv's zero padding makes their contribution depend on position),
 and for channels in the last dimension (a Linear's input) the sum of ``x x^T``. In batches of padded
-sequences only the real tokens count (see :func:`token_mask`)."""
+sequences only the real tokens count (see :func:`bevel.passes.token_rows.token_mask`)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from bevel.ir.analysis import descendants
 from bevel.ir.graph import Graph
+from bevel.passes.token_rows import token_mask
 
 
 @dataclass
@@ -42,27 +43,6 @@ class ChannelStats:
     def batch_mean(self) -> torch.Tensor | None:
         """The mean input of one example, position by position; None if the batches' sizes differed."""
         return None if self.batch_total is None else self.batch_total / max(1, self.batch_count)
-
-
-def token_mask(batch: tuple[Any, ...]) -> torch.Tensor | None:
-    """Which positions of a padded batch of sequences hold real tokens, if the batch says so.
-
-    Calibration batches of sentences are padded to their longest one; padded positions carry
-    activations the model then ignores, and left in the statistics they would weigh as much as real
-    tokens (most of a batch, for short sentences). The mask is the batch's attention mask: an input
-    after the first, integer or bool, of the first input's 2-d shape and holding only 0 and 1.
-    None when there is no such input (images, or a batch without padding).
-    """
-    first = batch[0] if batch else None
-    if not isinstance(first, torch.Tensor) or first.dim() != 2:
-        return None
-    for candidate in batch[1:]:
-        if isinstance(candidate, torch.Tensor) and candidate.shape == first.shape \
-                and not candidate.is_floating_point() and not candidate.is_complex():
-            mask = candidate.bool()
-            if torch.equal(mask.to(candidate.dtype), candidate):
-                return mask if not bool(mask.all()) else None
-    return None
 
 
 class _SeenAll(Exception):

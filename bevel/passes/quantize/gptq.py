@@ -8,6 +8,14 @@ decreasing Hessian diagonal ("act-order": the most active inputs first, while th
 are left to absorb their error), and each group's scale and zero point are fixed before the loop
 from the original weights ("static groups", so groups stay contiguous in the stored layout), with
 the range chosen by a clipping search (``searched_int4_group_params``).
+
+Layers are quantized stage by stage, each on the inputs the partly quantized model gives it. Those
+inputs carry the error of the layers before; plain GPTQ fits the layer to its own float output on
+them and leaves that error in place. The asymmetric fit (Li et al., "GPTAQ: Efficient
+Finetuning-Free Quantization for Asymmetric Calibration") aims at the float model's output
+instead: before the column loop the weight is moved to the least-squares map from the quantized
+inputs to the float model's outputs, kept near the original by a ridge term
+(:func:`fit_to_float_outputs`); GPTQ then rounds that weight.
 """
 
 from __future__ import annotations
@@ -22,6 +30,12 @@ DAMPING = 0.01
 BLOCK = 128
 # visit columns by decreasing Hessian diagonal ("act-order")
 ACT_ORDER = True
+# the asymmetric fit's ridge toward the original weight, as a fraction of the mean Hessian diagonal.
+# On all-MiniLM-L6-v2 (int4 groups of 64, 512 calibration sentences), minimum / mean cosine of 256
+# held-out sentence embeddings: without the fit 0.974 / 0.9929; ridge 0.01: 0.968 / 0.9950, 0.1:
+# 0.972 / 0.9954, 0.3: 0.977 / 0.9953, 1.0: 0.975 / 0.9951 (another 256 sentences: 0.981 without,
+# 0.982, 0.987, 0.987, 0.986). A small ridge overfits the calibration rows: the minimum falls.
+FIT_RIDGE = 0.3
 
 
 def inverse_hessian_factor(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +47,17 @@ def inverse_hessian_factor(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.T
     h += DAMPING * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True), dead
+
+
+def fit_to_float_outputs(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """The [N, K] weight whose outputs on a layer's quantized-model inputs ``X`` are nearest the
+    float model's outputs ``X_f W^T``, with a ridge toward ``weight``: row by row, the solution of
+    ``(X^T X + r I) w' = (X^T X_f + r I) w``, ``hessian = X^T X`` and ``cross = X^T X_f`` (both
+    example-weighted, see ``calibration``), ``r = FIT_RIDGE`` times the mean of the diagonal. Where
+    the two inputs agree it returns ``weight``."""
+    h, c = hessian.double(), cross.double()
+    ridge = FIT_RIDGE * torch.diag(h).mean().clamp(min=1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve(h + ridge, (c + ridge) @ weight.double().T).T.to(weight.dtype)
 
 
 def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor,

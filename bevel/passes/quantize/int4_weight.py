@@ -2,10 +2,11 @@
 
 ``method="rtn"`` rounds each weight to the nearest code (the baseline); ``"gptq"`` compensates each
 column's rounding error with calibration statistics, layer after layer on the partly quantized
-model's activations (see ``gptq``); ``"awq"`` scales input channels by their activations before
-rounding, the inverse scale becoming a multiply on the layer's input (see ``awq``); ``"auto"``
-(default) takes GPTQ when calibration batches were given and round-to-nearest otherwise. ``group_size="auto"``
-picks each layer's group size from its weights (see ``group_size``).
+model's activations, each layer aimed at the float model's outputs (``asymmetric``, see ``gptq``);
+``"awq"`` scales input channels by their activations before rounding, the inverse scale becoming
+a multiply on the layer's input (see ``awq``); ``"auto"`` (default) takes GPTQ when calibration
+batches were given and round-to-nearest otherwise. ``group_size="auto"`` picks each layer's group
+size from its weights (see ``group_size``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from bevel.passes.base import PassContext, param
 from bevel.passes.quantize.calibration import InputStats
 from bevel.passes.quantize.group_size import choose_group_size
-from bevel.passes.quantize.gptq import gptq_int4
+from bevel.passes.quantize.gptq import fit_to_float_outputs, gptq_int4
 from bevel.passes.quantize.rewrite import (BIAS, INPUT, QuantizeParams, QuantizePass, Quantized, Stored,
                                            int8_embedding_table, relative_error)
 from bevel.passes.quantize.sites import EmbeddingSite, LinearSite
@@ -46,6 +47,10 @@ class Int4WeightOnly(QuantizePass):
                                     "calibration data; 'awq' scales input channels by their activations "
                                     "before rounding; 'auto' is gptq with calibration, else rtn",
                             choices=("auto", "rtn", "gptq", "awq"))
+        asymmetric: bool = param(True, "with gptq: fit each layer to the float model's outputs, so that it also "
+                                       "corrects the error the layers before it left (GPTAQ); False fits it to "
+                                       "its own float output on the same inputs (plain GPTQ, one calibration "
+                                       "run per stage instead of two)")
         embedding_bits: int = param(8, "bits of quantized embedding tables: 8 (int8 rows) or 4 (groups of 32, "
                                        "smaller and less faithful)", choices=(4, 8))
 
@@ -68,6 +73,9 @@ class Int4WeightOnly(QuantizePass):
     def sequential(self) -> bool:
         return self.method == "gptq"
 
+    def fits_float_outputs(self) -> bool:
+        return self.method == "gptq" and self.params.asymmetric
+
     def quantize_linear(self, site: LinearSite, stats: InputStats) -> Quantized | str:
         width = site.weight.shape[1]
         group_size = self.params.group_size
@@ -86,6 +94,8 @@ class Int4WeightOnly(QuantizePass):
             factors, _ = awq_scales(weight, stats.sample(), round_trip)
             weight, input_scale = weight * factors, Stored("awq_scale", 1.0 / factors)
         if self.method == "gptq":
+            if stats.cross is not None:
+                weight = fit_to_float_outputs(weight, stats.hessian, stats.cross)
             qweight, scale, zero = gptq_int4(weight, stats.hessian, group_size)
         else:
             qweight, scale, zero = quantize_int4_groups(weight, group_size)

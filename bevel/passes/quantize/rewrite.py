@@ -91,6 +91,12 @@ class QuantizePass(Pass):
         """Whether layers are quantized stage by stage, each fitted to already quantized inputs."""
         return False
 
+    def fits_float_outputs(self) -> bool:
+        """Whether layers are fitted to the float model's outputs: their statistics then pair each
+        input with the one the float model gives (``InputStats.cross``), from a copy of the graph
+        taken before any layer is quantized."""
+        return False
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         sites, notes = find_sites(graph, self.params.skip, self.params.embeddings)
         if not any(isinstance(s, LinearSite) for s in sites):
@@ -100,9 +106,13 @@ class QuantizePass(Pass):
         self.graph = graph
         self.errors: dict[str, float] = {}
         self.kept_float: dict[str, float] = {}
+        reference = None
+        if self.fits_float_outputs():  # layer inputs are named as in the copy until they are rewritten
+            reference = (graph.copy().module, {s.node: s.x.name for s in sites if isinstance(s, LinearSite)})
         for stage in quantization_stages(sites) if self.sequential() else [sites]:
             linears = {s.node: s.x for s in stage if isinstance(s, LinearSite)}
-            stats = collect_input_stats(graph, linears, ctx.calibration, with_hessian=self.with_hessian())
+            stats = collect_input_stats(graph, linears, ctx.calibration, with_hessian=self.with_hessian(),
+                                        reference=reference)
             for site in stage:
                 notes += self._quantize_site(graph, site, stats.get(site.node))
         if self.kept_float:
