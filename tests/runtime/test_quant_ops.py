@@ -78,13 +78,20 @@ def test_per_token_codes_use_the_full_range_of_each_row():
     assert (codes[2] == 0).all() and (scale > 0).all()
 
 
+@pytest.fixture(params=cpu_integer_linear.usable_backends())
+def gemm(request, monkeypatch):
+    """Each integer GEMM this machine runs exactly (fbgemm everywhere on x86, oneDNN with VNNI), forced."""
+    monkeypatch.setattr(cpu_integer_linear, "GEMM", request.param)
+    return request.param
+
+
 def _random_linear(n=48, k=96, seed=5):
     g = seeded(seed)
     return torch.randn(n, k, generator=g) * 0.1, torch.randn(n, generator=g), torch.randn(3, 7, k, generator=g)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_int8_weight_linear_cpu_path_matches_the_reference(with_bias):
+def test_int8_weight_linear_cpu_path_matches_the_reference(with_bias, gemm):
     w, b, x = _random_linear()
     b = b if with_bias else None
     q, s = quantize_int8_per_channel(w)
@@ -95,7 +102,7 @@ def test_int8_weight_linear_cpu_path_matches_the_reference(with_bias):
 
 
 @pytest.mark.parametrize("with_smoothing", [True, False])
-def test_int8_dynamic_linear_cpu_path_sums_exactly_what_the_reference_sums(with_smoothing):
+def test_int8_dynamic_linear_cpu_path_sums_exactly_what_the_reference_sums(with_smoothing, gemm):
     w, b, x = _random_linear(seed=6)
     x[0, 0] = 0.0  # a token of zeros
     x[1, 2, :] = torch.where(torch.arange(96) % 2 == 0, 5.0, -5.0)  # codes at +-127 everywhere
@@ -107,7 +114,7 @@ def test_int8_dynamic_linear_cpu_path_sums_exactly_what_the_reference_sums(with_
     assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
-def test_int4_weight_linear_cpu_path_stays_within_the_int8_regrid_of_the_reference():
+def test_int4_weight_linear_cpu_path_stays_within_the_int8_regrid_of_the_reference(gemm):
     w, b, x = _random_linear(seed=8)
     q, scale, zero = quantize_int4_groups(w, 32)
     reference = int4_weight_linear_reference(x, q, scale, zero, 32, b)
@@ -144,7 +151,29 @@ def test_fake_faces_give_shapes_and_dtypes_without_computing():
         assert out.shape == (2, 3, 96) and out.dtype == torch.float32
 
 
-def test_packed_weights_are_made_again_when_the_stored_weight_changes():
+def test_codes_half_way_between_integers_round_to_even_in_every_gemm(gemm):
+    """The GEMMs round the codes they read; the reference rounds with torch.round (half to even)."""
+    q = torch.eye(8, dtype=torch.int8)
+    packed = cpu_integer_linear.PackedWeight(q, torch.ones(8))
+    codes = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -127.5]]).repeat(200, 1)  # oneDNN's row count
+    expected = torch.round(codes)
+    assert torch.equal(cpu_integer_linear.integer_matmul(codes, packed), expected)
+
+
+def test_automatic_choice_takes_onednn_for_large_calls_on_amx_cpus_only(monkeypatch):
+    monkeypatch.setattr(cpu_integer_linear, "usable_backends", lambda: ["fbgemm", "onednn"])
+    for amx in (True, False):
+        monkeypatch.setattr(cpu_integer_linear, "_cpu_has", lambda feature, amx=amx: amx)
+        rows = cpu_integer_linear.ONEDNN_MIN_ROWS
+        assert cpu_integer_linear._backend(rows) == ("onednn" if amx else "fbgemm")
+        assert cpu_integer_linear._backend(rows - 1) == "fbgemm"
+    monkeypatch.setattr(cpu_integer_linear, "usable_backends", lambda: ["fbgemm"])
+    monkeypatch.setattr(cpu_integer_linear, "GEMM", "onednn")
+    with pytest.raises(RuntimeError, match="onednn"):
+        cpu_integer_linear._backend(4096)
+
+
+def test_packed_weights_are_made_again_when_the_stored_weight_changes(gemm):
     w, b, x = _random_linear(seed=10)
     q, s = quantize_int8_per_channel(w)
     first = ops.int8_dynamic_linear(x, q, s, b, None)

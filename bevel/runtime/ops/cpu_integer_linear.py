@@ -1,22 +1,30 @@
-"""The fast CPU path of the quantized linears: int8 x int8 GEMMs with int32 accumulation in PyTorch's
-x86 quantized engine (fbgemm).
+"""The fast CPU path of the quantized linears: int8 x int8 GEMMs with int32 accumulation, in
+PyTorch's x86 quantized engine (fbgemm) or, on CPUs with AMX, in oneDNN.
 
-Measured on a 2-core x86 CPU, x [4096, 384] by W [1536, 384]: fp32 ``F.linear`` 34-43 ms, fbgemm's
-int8 GEMM (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``) 9-10 ms, while
-``torch._int_mm`` and ``torch._weight_int8pack_mm`` take seconds and the group-wise
-``_weight_int4pack_mm_for_cpu`` 2.2 s. fbgemm takes activations as uint8 with one scale and zero
-point per call, so the per-token scales are applied outside: bevel hands it integer codes
-(``scale=1``, ``zero_point=128``, exact for codes in [-128, 127]) and multiplies the int32 sums
-by the token scales afterwards. Its results are exact integer sums, checked in the tests against
-the reference, also on codes at the ends of the range.
+Measured on a 2-core x86 CPU with AVX2 only, x [4096, 384] by W [1536, 384]: fp32 ``F.linear``
+34-43 ms, fbgemm's int8 GEMM (``quantized::linear_with_input_q_dq_qweight_dq_output_fp32``)
+9-10 ms, while ``torch._int_mm`` and ``torch._weight_int8pack_mm`` take seconds and the group-wise
+``_weight_int4pack_mm_for_cpu`` 2.2 s. On a 2-core CPU with AMX (Sapphire Rapids), the same
+shape: fp32 12.2 ms, fbgemm 9.9 ms, oneDNN's ``qlinear_pointwise`` 2.1 ms (at [4096, 1536] by
+[384, 1536] 5.1 against 3.4 ms; at 16 rows fbgemm is faster, 0.034 against 0.039 ms). So oneDNN
+takes the calls of at least ``ONEDNN_MIN_ROWS`` rows where the CPU has AMX, fbgemm the rest
+(``GEMM``: "auto", or "fbgemm" / "onednn" to force one).
+
+Both take activations as uint8 with one scale and zero point per call, so the per-token scales are
+applied outside: bevel hands them integer codes (``scale=1``, ``zero_point=128``, exact for codes
+in [-128, 127]) and multiplies the int32 sums by the token scales afterwards. Their results are
+exact integer sums, checked in the tests against the reference, also on codes at the ends of the
+range. oneDNN is used only where the CPU has VNNI instructions, which sum uint8 x int8 products
+in int32 (without them a pair of products is summed in int16 first, which can saturate).
 
 Weight-only ops keep their activations in float; to run them on integer GEMMs each token is split
 into two int8 digits (``x ~ s * (256 * hi + lo)``, 15 bits per token), so the activation error
 (about 3e-5 of the token's largest value) stays far below the weight's quantization error.
 
-The packed weights are made once per quantized weight and cached beside it (weakly, so they go
-when the weight goes). They are packed for the ``x86`` engine, PyTorch's default on x86: on MiniLM at
-32 x 128 tokens the whole model ran 10-30% faster with it than with weights packed for ``fbgemm``.
+The packed weights are made once per quantized weight and backend, and cached beside it (weakly,
+so they go when the weight goes). fbgemm's are packed for the ``x86`` engine, PyTorch's default on
+x86: on MiniLM at 32 x 128 tokens the whole model ran 10-30% faster with it than with weights
+packed for ``fbgemm``.
 """
 
 from __future__ import annotations
@@ -31,12 +39,17 @@ import torch
 from bevel.runtime.ops.quant_format import INT8_MAX, TOKEN_SCALE_EPS
 
 _ZERO_POINT = 128
+# calls of fewer rows stay on fbgemm even where oneDNN runs on AMX (decode-sized GEMMs, see above)
+ONEDNN_MIN_ROWS = 128
+# which integer GEMM runs: "auto" (oneDNN with AMX for calls of ONEDNN_MIN_ROWS rows or more,
+# else fbgemm), "fbgemm" or "onednn"
+GEMM = "auto"
 # |x| / s <= 127 * 256 keeps the high digit in [-127, 127] and the low one in [-128, 127]
 _TWO_DIGIT_RANGE = 127 * 256
 
 # id(stored weight) -> (its version, the other tensors it was packed with, the packed weight); an
 # entry is dropped when its weight is freed (a WeakKeyDictionary would compare tensors with ==)
-_packed_cache: dict[int, tuple[int, tuple[int, ...], Any]] = {}
+_packed_cache: dict[int, tuple[int, tuple[int, ...], "PackedWeight"]] = {}
 _scratch = threading.local()
 
 
@@ -46,22 +59,64 @@ def available() -> bool:
             and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"))
 
 
-def _prepack(qweight: torch.Tensor, scale: torch.Tensor) -> Any:
-    """The x86 engine's packed form of an int8 [N, K] weight with per-row scales (no bias: callers add it)."""
-    rows = qweight.shape[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantized-tensor constructors warn that they are deprecated
-        quantized = torch._make_per_channel_quantized_tensor(
-            qweight.contiguous(), scale.double(), torch.zeros(rows, dtype=torch.long), 0)
-        engine = torch.backends.quantized.engine
-        torch.backends.quantized.engine = "x86"
-        try:
-            return torch.ops.quantized.linear_prepack(quantized, None)
-        finally:
-            torch.backends.quantized.engine = engine
+def _cpu_has(feature: str) -> bool:
+    check = getattr(torch.cpu, f"_is_{feature}_supported", None)  # private, present since torch 2.3
+    return bool(check()) if check is not None else False
 
 
-def packed_weight(key: torch.Tensor, companions: tuple[torch.Tensor, ...], make: Any) -> Any:
+def usable_backends() -> list[str]:
+    """The integer GEMMs this machine runs exactly: fbgemm, and oneDNN where the CPU has VNNI."""
+    backends = ["fbgemm"] if available() else []
+    if (backends and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+            and _cpu_has("vnni")):
+        backends.append("onednn")
+    return backends
+
+
+def _backend(rows: int) -> str:
+    if GEMM != "auto":
+        if GEMM not in usable_backends():
+            raise RuntimeError(f"the integer GEMM '{GEMM}' does not run exactly on this machine; "
+                               f"usable: {usable_backends()}")
+        return GEMM
+    if rows >= ONEDNN_MIN_ROWS and _cpu_has("amx_tile") and "onednn" in usable_backends():
+        return "onednn"
+    return "fbgemm"
+
+
+class PackedWeight:
+    """An int8 [N, K] weight with per-row scales, packed for each integer GEMM when first used."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        self.qweight, self.scale = qweight.contiguous(), scale.float().contiguous()
+        self.packed: dict[str, Any] = {}
+
+    def get(self, backend: str) -> Any:
+        if backend not in self.packed:
+            self.packed[backend] = self._fbgemm() if backend == "fbgemm" else self._onednn()
+        return self.packed[backend]
+
+    def _fbgemm(self) -> Any:
+        """The x86 engine's packed form (no bias: callers add it)."""
+        rows = self.qweight.shape[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized-tensor constructors warn that they are deprecated
+            quantized = torch._make_per_channel_quantized_tensor(
+                self.qweight, self.scale.double(), torch.zeros(rows, dtype=torch.long), 0)
+            engine = torch.backends.quantized.engine
+            torch.backends.quantized.engine = "x86"
+            try:
+                return torch.ops.quantized.linear_prepack(quantized, None)
+            finally:
+                torch.backends.quantized.engine = engine
+
+    def _onednn(self) -> Any:
+        """oneDNN's packed weight with its scales and (zero) zero points."""
+        zero_points = torch.zeros(self.qweight.shape[0], dtype=torch.long)
+        return torch.ops.onednn.qlinear_prepack(self.qweight, None), self.scale, zero_points
+
+
+def packed_weight(key: torch.Tensor, companions: tuple[torch.Tensor, ...], make: Any) -> PackedWeight:
     """The packed weight cached for ``key`` (a stored quantized weight) and its ``companions`` (its
     scales, zero points), made by ``make()`` -> (int8 weight, scale) when missing or when any of
     them was replaced or written to since."""
@@ -69,30 +124,45 @@ def packed_weight(key: torch.Tensor, companions: tuple[torch.Tensor, ...], make:
     cached = _packed_cache.get(id(key))
     if cached is not None and cached[0] == key._version and cached[1] == stamp:
         return cached[2]
-    qweight, scale = make()
-    packed = _prepack(qweight, scale)
+    packed = PackedWeight(*make())
     if id(key) not in _packed_cache:
         weakref.finalize(key, _packed_cache.pop, id(key), None)
     _packed_cache[id(key)] = (key._version, stamp, packed)
     return packed
 
 
-def integer_matmul(codes: torch.Tensor, packed: Any) -> torch.Tensor:
-    """``codes @ qweight.T * scale`` for integer-valued float32 codes [M, K] in [-128, 127]."""
-    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-        codes, 1.0, _ZERO_POINT, packed)
+def integer_matmul(codes: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """``codes @ qweight.T * scale`` for float32 codes [M, K] in [-128, 127], rounded half to even
+    as they are read (the GEMMs quantize their input with scale 1 and zero point 128). The codes may
+    be overwritten (oneDNN rounds them in place)."""
+    if _backend(codes.shape[0]) == "fbgemm":
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            codes, 1.0, _ZERO_POINT, packed.get("fbgemm"))
+    weight, scale, zero_points = packed.get("onednn")
+    return torch.ops.onednn.qlinear_pointwise(_unsigned_codes(codes), 1.0, _ZERO_POINT, weight, scale, zero_points,
+                                              None, 1.0, 0, torch.float32, "none", [], "")
 
 
-def _workspace(rows: int, columns: int) -> torch.Tensor:
-    """A float32 scratch tensor of this shape, reused across calls by this thread: fresh allocations of
-    activation-sized tensors cost more than the arithmetic done in them (page faults), and fbgemm
-    copies the codes it is given, so the buffer is free again when the GEMM returns."""
+def _unsigned_codes(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` rounded half to even and clamped to [-128, 127] as fbgemm reads them, plus the zero
+    point 128, as uint8: the int8 byte with its sign bit flipped is the same number plus 128 (plain
+    ops instead of the deprecated quantized tensors). ``codes`` are scratch (rounded in place) and the
+    result is a reused buffer, valid until the next call."""
+    signed = _workspace(*codes.shape, dtype=torch.int8)
+    signed.copy_(codes.round_().clamp_(-128, 127))  # integers already: the cast is exact
+    return signed.view(torch.uint8).bitwise_xor_(0x80)
+
+
+def _workspace(rows: int, columns: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scratch tensor of this shape and dtype, reused across calls by this thread: fresh allocations of
+    activation-sized tensors cost more than the arithmetic done in them (page faults), and the GEMMs
+    are done with the codes they are given when they return, so the buffer is free again then."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((rows, columns))
+    buffer = buffers.get((rows, columns, dtype))
     if buffer is None:
         if len(buffers) >= 8:  # a handful of shapes per model; forget the oldest beyond that
             buffers.pop(next(iter(buffers)))
-        buffer = buffers[(rows, columns)] = torch.empty(rows, columns)
+        buffer = buffers[(rows, columns, dtype)] = torch.empty(rows, columns, dtype=dtype)
     return buffer
 
 
@@ -110,11 +180,11 @@ def _scale_rows(sums: torch.Tensor, token_scale: torch.Tensor, bias: torch.Tenso
     return torch.addcmul(bias.float(), sums, token_scale, out=sums)
 
 
-def per_token_linear(x: torch.Tensor, input_scale: torch.Tensor | None, packed: Any,
+def per_token_linear(x: torch.Tensor, input_scale: torch.Tensor | None, packed: PackedWeight,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """W8A8 of a float [..., K] input (times ``input_scale`` [K] first, if given): per-token int8
-    codes (``quant_format``'s rule) times the packed int8 weight, float32 result. fbgemm rounds the
-    codes (half to even, as ``torch.round``) while it reads them, so they are handed over unrounded."""
+    codes (``quant_format``'s rule) times the packed int8 weight, float32 result. The GEMMs round the
+    codes (half to even, as ``torch.round``) while they read them, so they are handed over unrounded."""
     shape = x.shape
     x = x.reshape(-1, shape[-1]).float()
     codes = _workspace(*x.shape)
@@ -127,7 +197,7 @@ def per_token_linear(x: torch.Tensor, input_scale: torch.Tensor | None, packed: 
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
-def float_activation_linear(x: torch.Tensor, packed: Any, bias: torch.Tensor | None) -> torch.Tensor:
+def float_activation_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """A float [..., K] input times an int8 packed weight on integer GEMMs, each token carried as two
     int8 digits (see the module docstring); float32 result."""
     shape = x.shape
@@ -135,7 +205,7 @@ def float_activation_linear(x: torch.Tensor, packed: Any, bias: torch.Tensor | N
     scale = _token_peak(x) / _TWO_DIGIT_RANGE
     whole = x / scale
     high = torch.round(whole / 256)
-    # fbgemm rounds the low digit; where it comes out at 128 it is clipped to 127, an error of one
+    # the GEMM rounds the low digit; where it comes out at 128 it is clipped to 127, an error of one
     # unit in 32512 of the token's largest value
     low = whole.add_(high, alpha=-256)
     # two GEMMs: one on twice the rows took 4x as long as one on the rows in fbgemm

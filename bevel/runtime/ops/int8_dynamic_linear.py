@@ -2,7 +2,7 @@
 
 ``x' = x * input_scale`` (SmoothQuant's per-input-channel migration, when given), then per token
 ``s = max|x'_row| / 127`` and ``xq = round(x' / s)``; ``y = (xq @ qweight.T) * s * scale + bias`` in
-``x``'s dtype. CPU: fbgemm's int8 GEMM on the codes (``cpu_integer_linear``), exact integer sums;
+``x``'s dtype. CPU: an int8 GEMM (fbgemm or oneDNN) on the codes (``cpu_integer_linear``), exact integer sums;
 CUDA: a Triton kernel; ONNX: per-token quantization written out, then ``MatMulInteger``.
 """
 

@@ -1,7 +1,7 @@
 """``bevel::int8_weight_linear``: a linear with int8 per-channel weights; activations stay in float.
 
 ``y = x @ (qweight * scale[:, None]).T + bias`` in ``x``'s dtype (formats in ``quant_format``).
-CPU: integer GEMMs in fbgemm with each token carried as two int8 digits (``cpu_integer_linear``);
+CPU: integer GEMMs (fbgemm or oneDNN) with each token carried as two int8 digits (``cpu_integer_linear``);
 CUDA: the fused dequantize-matmul Triton kernel; ONNX: ``DequantizeLinear`` feeding ``MatMul``.
 """
 
