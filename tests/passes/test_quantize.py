@@ -258,6 +258,53 @@ def test_gptq_without_calibration_is_refused_before_any_work():
         bevel.compile(mlp(), 'quantize.int4_weight(method="gptq")', example_inputs=batches()[0])
 
 
+class SharedInput(nn.Module):
+    """Three layers reading one input, as attention's query, key and value: two read through views
+    that keep the leading dims, the third (without a bias) through a flatten that does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 32), nn.Linear(64, 32), nn.Linear(64, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        scores = (self.q(x).view(b, t, 4, 8) * self.k(x).view(b, t, 4, 8)).sum(-1)
+        return torch.cat([scores, self.v(x).flatten(0, 1).reshape(b, t, 16)], dim=-1)
+
+
+@pytest.mark.parametrize("pipeline", ["quantize.int8_weight", "quantize.int8_dynamic",
+                                      'quantize.int4_weight(group_size=32, method="rtn")',
+                                      'quantize.int4_weight(group_size=32, method="gptq")'])
+def test_layers_reading_one_input_fuse_into_one_op_with_the_same_outputs(pipeline):
+    """Stacked rows compute what the separate layers did (the same input quantization, the same
+    integer sums per row), so fused and unfused outputs are equal, bit for bit."""
+    torch.manual_seed(0)
+    model = SharedInput().eval()
+    g = seeded(20)
+    calibration = [(torch.randn(2, 12, 64, generator=g),) for _ in range(4)]
+    fused = bevel.compile(model, pipeline, example_inputs=calibration[0], calibration=calibration)
+    unfused = pipeline.replace(")", ", fuse=false)") if "(" in pipeline else pipeline + "(fuse=false)"
+    separate = bevel.compile(model, unfused, example_inputs=calibration[0], calibration=calibration)
+    assert fused.report.passes[0].stats["fused"] == [["q.weight", "k.weight", "v.weight"]]
+    assert separate.report.passes[0].stats["fused"] == []
+    ops = [n for n in fused.graph_module.graph.nodes if str(n.target).startswith("bevel.")]
+    assert len(ops) == 1
+    copies = [n for n in fused.graph_module.graph.nodes if n.target == torch.ops.aten.clone.default]
+    assert len(copies) == 1  # only the output read through the flatten
+    x = torch.randn(3, 7, 64, generator=seeded(21))
+    assert torch.equal(fused(x), separate(x))
+
+
+def test_layers_with_different_input_scales_are_not_fused():
+    """AWQ scales each layer's input by its own factors: the layers no longer read one input."""
+    torch.manual_seed(0)
+    g = seeded(22)
+    calibration = [(torch.randn(2, 12, 64, generator=g),) for _ in range(4)]
+    compiled = bevel.compile(SharedInput().eval(), 'quantize.int4_weight(group_size=32, method="awq")',
+                             example_inputs=calibration[0], calibration=calibration)
+    assert compiled.report.passes[0].stats["quantized"] == 3 and compiled.report.passes[0].stats["fused"] == []
+
+
 def test_a_model_without_linear_layers_is_reported_unchanged():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     cm = bevel.compile(model, "quantize.int8_dynamic", example_inputs=(torch.randn(1, 3, 8, 8),))

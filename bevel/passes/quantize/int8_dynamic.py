@@ -5,7 +5,9 @@ Smoothing is kept for a layer only where it lowers the layer's measured error on
 batches by at least ``SMOOTHING_GAIN``: it costs a multiply over the input on every call, and on
 some layers it does harm (on MiniLM it cut the error of query/key/value and the first FFN layer by
 35-65% but raised the second FFN layer's by up to 77%, where the GELU output has no outlier channels
-to move).
+to move). Layers that read the same input (query, key and value) share one factor, computed from
+their weights together, and one decision, taken on their summed errors, as SmoothQuant does for
+them: their input is then quantized once, in one fused op (see ``siblings``).
 """
 
 from __future__ import annotations
@@ -39,20 +41,33 @@ class Int8Dynamic(QuantizePass):
 
     def prepare(self, ctx: PassContext) -> list[str]:
         self.smoothed: list[str] = []
+        self.smoothing: dict[str, torch.Tensor | None] = {}  # weight name -> the factors its group chose
         if self.params.smooth > 0 and not ctx.calibrated:
             return ["smoothing statistics come from the example inputs: no calibration batches were given"]
         return []
 
     def quantize_linear(self, site: LinearSite, stats: InputStats) -> Quantized | str:
-        plain = self._plan(site.weight, None)
         if self.params.smooth == 0:
-            return plain
-        factors = smoothing_factors(stats.absmax, site.weight, self.params.smooth)
-        smoothed = self._plan(site.weight.float() * factors, Stored("input_scale", 1.0 / factors))
-        if self.layer_error(site, smoothed, stats) <= (1 - SMOOTHING_GAIN) * self.layer_error(site, plain, stats):
-            self.smoothed.append(site.weight_name)
-            return smoothed
-        return plain
+            return self._plan(site.weight, None)
+        if site.weight_name not in self.smoothing:
+            self._choose_smoothing(self.siblings_of(site), stats)
+        factors = self.smoothing[site.weight_name]
+        if factors is None:
+            return self._plan(site.weight, None)
+        self.smoothed.append(site.weight_name)
+        return self._plan(site.weight.float() * factors, Stored("input_scale", 1.0 / factors))
+
+    def _choose_smoothing(self, group: list[LinearSite], stats: InputStats) -> None:
+        """One set of factors for layers reading the same input (their weights stacked), kept if it
+        cuts their summed error by SMOOTHING_GAIN; ``stats`` are those of the input they share."""
+        factors = smoothing_factors(stats.absmax, torch.cat([s.weight for s in group]), self.params.smooth)
+        plain = smoothed = 0.0
+        for site in group:
+            plain += self.layer_error(site, self._plan(site.weight, None), stats)
+            smoothed += self.layer_error(site, self._plan(site.weight.float() * factors,
+                                                          Stored("input_scale", 1.0 / factors)), stats)
+        chosen = factors if smoothed <= (1 - SMOOTHING_GAIN) * plain else None
+        self.smoothing.update({s.weight_name: chosen for s in group})
 
     @staticmethod
     def _plan(weight: torch.Tensor, input_scale: Stored | None) -> Quantized:

@@ -3,19 +3,23 @@ layer, measure its output error, and swap it for a bevel op unless the error is 
 
 A pass only says how one layer is quantized (:meth:`QuantizePass.quantize_linear`); layers whose
 measured error is too high stay in float and the report lists them with their errors, so the
-precision of each layer is decided by measurement.
+precision of each layer is decided by measurement. At the end, quantized layers that read the same
+input are fused into one op (``fuse``, see ``siblings``).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.fx as fx
 
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.quantize.calibration import InputStats, collect_input_stats, quantization_stages
+from bevel.passes.quantize.siblings import fuse_siblings
 from bevel.passes.quantize.sites import EmbeddingSite, LinearSite, find_sites
 from bevel.runtime.ops.quant_format import dequantize_int8_per_channel, quantize_int8_per_channel
 
@@ -106,6 +110,12 @@ class QuantizePass(Pass):
         self.graph = graph
         self.errors: dict[str, float] = {}
         self.kept_float: dict[str, float] = {}
+        self.rewritten: dict[fx.Node, str] = {}  # the new op of each quantized Linear, and its weight's name
+        readers: dict[fx.Node, list[LinearSite]] = defaultdict(list)
+        for site in sites:
+            if isinstance(site, LinearSite):
+                readers[site.x].append(site)
+        self.siblings = {site.weight_name: group for group in readers.values() for site in group}
         reference = None
         if self.fits_float_outputs():  # layer inputs are named as in the copy until they are rewritten
             reference = (graph.copy().module, {s.node: s.x.name for s in sites if isinstance(s, LinearSite)})
@@ -120,9 +130,11 @@ class QuantizePass(Pass):
                          f"{self.params.max_layer_error}: "
                          + ", ".join(f"{k} ({v:.4f})" for k, v in self.kept_float.items()))
         quantized = len(self.errors) - len(self.kept_float)
+        fused = fuse_siblings(graph, list(self.rewritten)) if self.params.fuse else []
         if quantized:
             graph.refresh()
-        figures = {"quantized": quantized, "kept_float": self.kept_float, "layer_error": self.errors}
+        figures = {"quantized": quantized, "kept_float": self.kept_float, "layer_error": self.errors,
+                   "fused": [[self.rewritten[node] for node in group] for group in fused]}
         return PassResult(changed=quantized > 0, stats={**figures, **self.extra_stats()}, notes=notes)
 
     def _quantize_site(self, graph: Graph, site: Any, stats: InputStats | None) -> list[str]:
@@ -140,8 +152,14 @@ class QuantizePass(Pass):
         if self.params.max_layer_error is not None and error > self.params.max_layer_error:
             self.kept_float[site.weight_name] = round(error, 6)
             return []
-        self._replace(graph, site, plan, layer_input)
+        new = self._replace(graph, site, plan, layer_input)
+        if isinstance(site, LinearSite):
+            self.rewritten[new] = site.weight_name
         return []
+
+    def siblings_of(self, site: LinearSite) -> list[LinearSite]:
+        """The Linear layers that read the same input as ``site`` (itself included), in graph order."""
+        return self.siblings[site.weight_name]
 
     def extra_stats(self) -> dict[str, Any]:
         """Pass-specific figures for the report."""
@@ -156,7 +174,7 @@ class QuantizePass(Pass):
             return relative_error(plan.evaluate(x, bias), exact)
 
     @staticmethod
-    def _replace(graph: Graph, site: Any, plan: Quantized, layer_input: Any) -> None:
+    def _replace(graph: Graph, site: Any, plan: Quantized, layer_input: Any) -> fx.Node:
         if plan.input_scale is not None:
             factor = graph.add_param(f"{site.weight_name}_{plan.input_scale.suffix}", plan.input_scale.tensor,
                                      before=site.node)
@@ -175,6 +193,7 @@ class QuantizePass(Pass):
             new = graph.fx_graph.call_function(plan.op, tuple(args))
         new.meta.update({k: v for k, v in site.node.meta.items() if k in ("nn_module_stack", "stack_trace")})
         graph.replace_node(site.node, new)
+        return new
 
 
 @dataclass
@@ -186,3 +205,5 @@ class QuantizeParams(PassParams):
                                    "of quantize.int4_weight)")
     max_layer_error: float | None = param(None, "layers whose relative output error on the calibration batches "
                                                 "is above this stay in float (None: quantize all)", gt=0.0)
+    fuse: bool = param(True, "fuse quantized layers that read the same input (attention's query, key and value; "
+                             "a gated MLP's gate and up) into one op: the input is quantized once, one GEMM runs")
