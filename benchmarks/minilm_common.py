@@ -1,8 +1,10 @@
-"""What the MiniLM CPU benchmarks share: an ONNX file run in ONNX Runtime as a callable, and the
-fidelity of each candidate's sentence embeddings to the original's."""
+"""What the MiniLM CPU benchmarks share: an ONNX file run in ONNX Runtime as a callable, the
+fidelity of each candidate's sentence embeddings to the original's, the page faults of one call,
+and the CPU's matrix instructions."""
 
 from __future__ import annotations
 
+import resource
 from typing import Any, Callable
 
 import numpy as np
@@ -37,3 +39,24 @@ def embedding_fidelity(models: dict[str, Any], held_out: list[tuple[torch.Tensor
         cosine = torch.nn.functional.cosine_similarity(minilm.sentence_embeddings(candidate, held_out), reference)
         fidelity[name] = (float(cosine.min()), float(cosine.mean()))
     return fidelity
+
+
+def page_faults_per_call(models: dict[str, Callable[..., Any]], inputs: tuple[Any, ...]) -> dict[str, int]:
+    """Minor page faults of one call of each model (after the timed ones). Fresh activation-sized
+    allocations that the C library takes from and gives back to the system fault in every page they
+    touch; on a small VM that can cost a fifth of a forward, and whether a process gets there depends
+    on its allocation history, so the counts explain runs that differ."""
+    faults = {}
+    with torch.no_grad():
+        for name, model in models.items():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            model(*inputs)
+            faults[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return faults
+
+
+def cpu_matrix_features() -> str:
+    """The CPU's int8/bf16 matrix instructions as torch sees them (they decide which GEMMs run fast)."""
+    names = {"avx2": "AVX2", "avx512": "AVX-512", "vnni": "VNNI", "amx_tile": "AMX"}
+    found = [label for key, label in names.items() if getattr(torch.cpu, f"_is_{key}_supported", lambda: False)()]
+    return ", ".join(found) or "none detected"

@@ -5,7 +5,7 @@ All measured in this one process on the same batch (real sentences padded to ``-
 calls alternating between the models, median of ``--repeats`` runs after ``--warmup`` untimed
 ones. Beside each time: the fidelity of the sentence embeddings (mean-pooled last hidden states)
 to fp32 eager over ``--sentences`` held-out sentences (none used for calibration): the minimum
-and the mean cosine.
+and the mean cosine; and the page faults of one call (see ``minilm_common.page_faults_per_call``).
 
     python benchmarks/quantize_cpu.py --batch 32 --seq 128 --repeats 10
 """
@@ -24,7 +24,7 @@ import bevel
 from bevel.data import sentences
 from bevel.models import minilm
 from bevel.runtime.timing import median_latencies_ms
-from minilm_common import embedding_fidelity, onnxruntime_callable
+from minilm_common import cpu_matrix_features, embedding_fidelity, onnxruntime_callable, page_faults_per_call
 
 
 def onnxruntime_int8(model: torch.nn.Module, example: tuple[torch.Tensor, ...], folder: str, threads: int):
@@ -70,15 +70,16 @@ def main() -> None:
         reference = minilm.sentence_embeddings(model, held_out)
         fidelity = embedding_fidelity(models, held_out, reference)
         latency = median_latencies_ms(models, timed, runs=args.repeats, warmup=args.warmup)
+        faults = page_faults_per_call(models, timed)
 
     base = latency["torch eager fp32"]
     print(f"MiniLM, batch {tuple(timed[0].shape)}, torch {torch.__version__}, {threads} threads, "
           f"median of {args.repeats} runs after {args.warmup} warm-up; "
-          f"fidelity over {len(reference)} held-out sentences")
-    print(f"{'model':42s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s}")
+          f"fidelity over {len(reference)} held-out sentences; CPU: {cpu_matrix_features()}")
+    print(f"{'model':42s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s} {'faults':>8s}")
     for name in models:
         low, mean = fidelity[name]
-        print(f"{name:42s} {latency[name]:8.1f} {base / latency[name]:8.2f}x {low:9.5f} {mean:9.5f}")
+        print(f"{name:42s} {latency[name]:8.1f} {base / latency[name]:8.2f}x {low:9.5f} {mean:9.5f} {faults[name]:8d}")
 
 
 if __name__ == "__main__":

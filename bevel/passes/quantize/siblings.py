@@ -5,8 +5,9 @@ Their weights are stacked along the output rows (every quantized format here kee
 output feature), so the fused op computes exactly what the separate ones did: the same input
 quantization (per token, or two digits per token) and the same integer sums per row. It quantizes
 the input once instead of once per layer and runs one wider GEMM; its output is split back into the
-layers' outputs. On MiniLM's query/key/value at 4096 tokens, W8A8 on a 2-core CPU with AMX: three
-calls 9.4 ms, one fused call 2.4 ms (fbgemm: 5.7 against 4.4 ms).
+layers' outputs. MiniLM's query/key/value at 4096 tokens, W8A8 on a 2-core CPU with AMX, the CPU
+path called alone: three calls 9.0 ms, one fused call 3.3 ms; in the whole model's forward (an A/B in
+one process) the fused graph was 1-3% faster: its time is mostly elsewhere.
 
 Layers fuse only when every argument that is not per output row is the same: the input, a group
 size, and a smoothing factor (``quantize.int8_dynamic`` computes one factor for the siblings).
