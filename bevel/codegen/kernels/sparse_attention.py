@@ -1,0 +1,99 @@
+"""The CUDA face of ``bevel::sparse_attention``: a block-sparse flash-attention forward (see
+``runtime/ops/sparse_attention.py`` for what it computes).
+
+One program per (query block, batch x query head) walks the key blocks its row of the block index
+table lists, with the online softmax of FlashAttention: a running maximum and sum per query, the
+accumulator rescaled when the maximum grows. Inside a listed block the position rule masks single
+keys (causality, the head's window and sinks, empty slots), so a table may list more than is seen.
+Query and key blocks have the table's ``block`` size; grouped-query attention reads each KV head
+where its query heads need it, without copies.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bevel.runtime.ops.sparse_attention import head_values, kv_head_positions, positional_blocks
+
+
+@triton.jit
+def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_pos_ptr, table_ptr, count_ptr, window_ptr,
+                                  sinks_ptr, out_ptr, T, L, D, DV, HEADS, KV_HEADS, POS_HEADS, QUERY_BLOCKS, WIDTH,
+                                  scale, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                  IEEE: tl.constexpr):
+    """out[b, h, query block] from the key blocks table[b, h, query block, :count] (contiguous inputs)."""
+    query_block = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // HEADS, bh % HEADS
+    kv_head = h // (HEADS // KV_HEADS)
+    pos_head = kv_head if POS_HEADS > 1 else 0
+    offs_m = query_block * BLOCK + tl.arange(0, BLOCK)
+    offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    q = tl.load(q_ptr + (bh * T + offs_m[:, None]) * D + offs_d[None, :],
+                mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+    q_pos = tl.load(q_pos_ptr + b * T + offs_m, mask=offs_m < T, other=0)
+    window = tl.load(window_ptr + h)
+    sinks = tl.load(sinks_ptr + h)
+    top = tl.full((BLOCK,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK, BLOCK_DV), tl.float32)
+    row = bh * QUERY_BLOCKS + query_block
+    count = tl.load(count_ptr + row)
+    kv_base = (b * KV_HEADS + kv_head) * L
+    for i in range(0, count):
+        key_block = tl.load(table_ptr + row * WIDTH + i)
+        offs_n = key_block * BLOCK + tl.arange(0, BLOCK)
+        inside = offs_n < L
+        k = tl.load(k_ptr + (kv_base + offs_n[:, None]) * D + offs_d[None, :],
+                    mask=inside[:, None] & (offs_d[None, :] < D), other=0.0)
+        kv_pos = tl.load(kv_pos_ptr + (b * POS_HEADS + pos_head) * L + offs_n, mask=inside, other=-1)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        distance = q_pos[:, None] - kv_pos[None, :]
+        seen = (kv_pos[None, :] >= 0) & (distance >= 0) & (
+            (window <= 0) | (distance < window) | (kv_pos[None, :] < sinks))
+        s = tl.where(seen, s, float("-inf"))
+        new_top = tl.maximum(top, tl.max(s, axis=1))
+        shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no key seen yet: nothing to rescale
+        p = tl.exp(s - shift[:, None])
+        alpha = tl.exp(top - shift)
+        total = total * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + (kv_base + offs_n[:, None]) * DV + offs_dv[None, :],
+                    mask=inside[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        top = new_top
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + (bh * T + offs_m[:, None]) * DV + offs_dv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & (offs_dv[None, :] < DV))
+
+
+def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
+                            kv_positions: torch.Tensor, window: list[int], sinks: list[int],
+                            block_index: torch.Tensor | None, block: int, scale: float) -> torch.Tensor:
+    """``bevel::sparse_attention`` with the kernel above; the block size must be a power of two of at
+    least 16 (the tile of the kernel's matrix products)."""
+    batch, heads, queries, dim = q.shape
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"the Triton sparse attention needs a power-of-two block of at least 16, got {block}")
+    if block_index is None:
+        block_index = positional_blocks(q_positions, kv_positions, window, sinks, block, heads)
+    table = block_index.to(torch.int32).contiguous()
+    counts = (block_index >= 0).sum(-1).to(torch.int32).contiguous()
+    kv_pos = kv_head_positions(kv_positions).contiguous()
+    out = torch.empty(batch, heads, queries, v.shape[-1], device=q.device, dtype=q.dtype)
+    grid = (table.shape[2], batch * heads)
+    block_sparse_attention_kernel[grid](
+        q.contiguous(), k.contiguous(), v.contiguous(), q_positions.contiguous(), kv_pos, table, counts,
+        head_values(window, heads, q.device), head_values(sinks, heads, q.device), out,
+        queries, k.shape[2], dim, v.shape[-1], heads, k.shape[1], kv_pos.shape[1], table.shape[2], table.shape[3],
+        scale, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])), IEEE=q.dtype == torch.float32)
+    return out
