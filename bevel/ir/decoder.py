@@ -45,6 +45,39 @@ class NotACausalLMError(BevelError):
 
 
 @dataclass(frozen=True)
+class CachePolicy:
+    """How the decode loop keeps the KV cache, set by the attention and KV-cache passes (all off by
+    default: every token's keys and values, in the cache dtype).
+
+    ``window``/``sinks``: a ring buffer of ``sinks + window`` slots (``attention.window``);
+    ``bits``/``group_size``: keys and values stored as ``bevel::quantize_kv`` codes (``kv.quantize``);
+    ``budget``/``recent``: at most ``budget`` entries per sequence and KV head, the ``recent`` newest
+    always kept, the others by accumulated attention (``kv.evict``).
+    """
+
+    window: int | None = None
+    sinks: int = 0
+    bits: int | None = None
+    group_size: int | None = None
+    budget: int | None = None
+    recent: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that differ from the defaults."""
+        default = CachePolicy()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> "CachePolicy":
+        """The policy :meth:`to_json` wrote (unknown keys are refused: they would be silently dropped)."""
+        return cls(**(data or {}))
+
+
+GRAPH_POLICY = "bevel_kv_cache"  # GraphModule.meta key where passes record the cache policy they need
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     """What the runtime needs to allocate a cache and run a decode loop for a captured decoder."""
 
@@ -56,15 +89,29 @@ class DecoderSpec:
     eos_token_id: int | None = None
     pad_token_id: int = 0
     cache_dtype: str = "float32"
+    cache_policy: CachePolicy = CachePolicy()
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-serializable dict of the fields."""
-        return dataclasses.asdict(self)
+        """A JSON-serializable dict of the fields (the cache policy only when it is not the default,
+        so that artifacts without one read as before)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cache_policy"}
+        policy = self.cache_policy.to_json()
+        return {**data, "cache_policy": policy} if policy else data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "DecoderSpec":
-        """The spec :meth:`to_json` wrote."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        """The spec :meth:`to_json` wrote (artifacts written before cache policies existed have none)."""
+        fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        fields["cache_policy"] = CachePolicy.from_json(data.get("cache_policy"))
+        return cls(**fields)
+
+    def with_policy(self, module: fx.GraphModule) -> "DecoderSpec":
+        """This spec with the cache policy the passes recorded in ``module.meta`` (if any)."""
+        recorded = module.meta.get(GRAPH_POLICY)
+        if not recorded:
+            return self
+        merged = {**self.cache_policy.to_json(), **recorded}
+        return dataclasses.replace(self, cache_policy=CachePolicy(**merged))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -244,12 +291,20 @@ def name_inputs(module: fx.GraphModule, names: list[str]) -> None:
     module.recompile()
 
 
+def attention_targets() -> tuple[Any, ...]:
+    """The ops an attention site may be: SDPA as captured, or the bevel ops attention passes put there."""
+    import bevel.runtime.ops  # noqa: F401  (registers torch.ops.bevel.*)
+
+    return (torch.ops.aten.scaled_dot_product_attention.default, torch.ops.bevel.sparse_attention.default,
+            torch.ops.bevel.cache_attention.default)
+
+
 @dataclass
 class AttentionSite:
-    """One layer's attention in a step graph: the SDPA node and the cache it reads and writes."""
+    """One layer's attention in a step graph: the attention node and the cache it reads and writes."""
 
     layer: int
-    attention: fx.Node       # aten.scaled_dot_product_attention
+    attention: fx.Node       # aten.scaled_dot_product_attention (or a bevel attention op, after a pass)
     key_cache: fx.Node       # the placeholder of the incoming keys
     value_cache: fx.Node
     key_write: fx.Node       # the index_copy that writes the step's keys into it
@@ -257,11 +312,11 @@ class AttentionSite:
 
 
 def attention_sites(graph: Graph) -> list[AttentionSite]:
-    """Per layer, the attention node of a captured step graph and its cache (see the module docstring);
+    """Per layer, the attention node of a step graph and its cache (see the module docstring);
     each attention node is tagged ``meta["bevel_attention"] = {"layer": i}``. Layers a pass removed
     (their cache is passed through unwritten) have no site."""
     placeholders = {n.name: n for n in graph.inputs()}
-    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+    targets = attention_targets()
     order = {n: i for i, n in enumerate(graph.fx_graph.nodes)}
     sites = []
     layer_count = sum(1 for name in placeholders if name.startswith("past_key_"))
@@ -274,9 +329,10 @@ def attention_sites(graph: Graph) -> list[AttentionSite]:
         if [len(w) for w in writes] != [1, 1]:
             raise BevelError(f"the step graph's cache of layer {layer} is not written by one index_copy per tensor")
         key_write, value_write = writes[0][0], writes[1][0]
-        readers = [n for n in descendants(key_write) if n.target == sdpa]
+        readers = [n for n in descendants(key_write) if n.target in targets]
         if not readers:
-            raise BevelError(f"no scaled_dot_product_attention reads {key_cache.name} in the step graph")
+            raise BevelError(f"no scaled_dot_product_attention (or bevel attention op) reads {key_cache.name} in the "
+                             f"step graph")
         attention = min(readers, key=order.__getitem__)  # later layers' attention reads it too
         attention.meta["bevel_attention"] = {"layer": layer}
         sites.append(AttentionSite(layer, attention, key_cache, value_cache, key_write, value_write))

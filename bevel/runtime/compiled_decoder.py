@@ -3,7 +3,6 @@ over a preallocated KV cache (see :mod:`bevel.ir.decoder` for the step graph).""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -11,9 +10,11 @@ import torch.fx as fx
 
 from bevel.compiler.report import Report
 from bevel.errors import BevelError
-from bevel.ir.decoder import DecoderSpec, cache_names, left_pad_order, prefill_inputs
+from bevel.ir.decoder import CachePolicy, DecoderSpec, cache_names, left_pad_order
+from bevel.runtime.cache_graph import params_names, storage_graph
 from bevel.runtime.compiled_module import CompiledModule
 from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
+from bevel.runtime.kv_cache import DecodeStream
 
 
 MODEL_EOS = object()  # generate's default end-of-text token: the one the model's config names
@@ -31,16 +32,19 @@ _CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
            aten.sym_constrain_range_for_size.default)
 
 
-def runtime_graph(step: fx.GraphModule, num_layers: int) -> fx.GraphModule:
-    """A copy of the step graph for the decode loop, sharing its weights: it writes the new keys and
-    values into the cache tensors it is given instead of returning updated copies (copying every
-    layer's whole cache at each token would cost more than the token), drops torch.export's input
-    guards and tensor checks, and takes and returns flat tensors: ``(logits, present_key_0, ...)``."""
-    graph = copy.deepcopy(step.graph)
+def runtime_graph(step: fx.GraphModule, num_layers: int, policy: CachePolicy | None = None) -> fx.GraphModule:
+    """A copy of the step graph for the decode loop, sharing its weights: the cache kept as ``policy``
+    says (``bevel.runtime.cache_graph``; None: every token in float), the new keys and values written
+    into the cache tensors it is given instead of returning updated copies (copying every layer's
+    whole cache at each token would cost more than the token), without torch.export's input guards
+    and tensor checks, taking and returning flat tensors: ``(logits, present_key_0, ...)``. A graph
+    without a cache (``num_layers=0``) only loses its guards and takes flat inputs."""
+    kept = storage_graph(step, num_layers, policy or CachePolicy())
+    graph = kept.graph
     for node in list(graph.nodes):
         if node.target in _CHECKS or (node.op == "call_module" and node.target == "_guards_fn"):
             graph.erase_node(node)
-    names = set(cache_names(num_layers))
+    names = set(cache_names(num_layers)) | set(params_names(num_layers))
     for node in graph.nodes:
         readers = [u for u in node.users if u.target not in _SHAPE_READERS]  # size queries may share it
         if node.op == "placeholder" and node.name in names and len(readers) == 1:
@@ -51,14 +55,6 @@ def runtime_graph(step: fx.GraphModule, num_layers: int) -> fx.GraphModule:
     return fx.GraphModule(step, graph)
 
 
-def _keep_writes(views: list[torch.Tensor], returned: tuple[torch.Tensor, ...]) -> None:
-    """Where a step returned a new cache tensor instead of writing into the one it was given (a
-    rewrite the in-place conversion did not recognize), copy it back, so the loop stays correct."""
-    for view, value in zip(views, returned):
-        if value.data_ptr() != view.data_ptr():
-            view.copy_(value)
-
-
 class CompiledDecoder(CompiledModule):
     """A compiled decoder LM.
 
@@ -67,7 +63,8 @@ class CompiledDecoder(CompiledModule):
     captured step graph itself (prefill or decode, see :mod:`bevel.ir.decoder`). ``prefill_graph``
     and ``decode_graph`` are the two graphs generate runs (see :func:`runtime_graph`); they share
     the weights, write the cache in place and return ``(logits, present_key_0, ...)``. ``spec``
-    holds the cache geometry. After ``layer_skip.early_exit`` both run block by block
+    holds the cache geometry and how the loop keeps the cache (its ``cache_policy``, which the
+    attention and KV-cache passes set); ``stream`` runs the loop one token at a time. After ``layer_skip.early_exit`` both run block by block
     (:class:`~bevel.runtime.early_exit.EarlyExitRunner`), and ``early_exit`` counts the depth of the
     tokens they ran (``early_exit.average_depth``, ``early_exit.reset()``); otherwise it is None.
     """
@@ -77,9 +74,9 @@ class CompiledDecoder(CompiledModule):
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
                  pipeline: str, spec: DecoderSpec) -> None:
         super().__init__(graph_module, example_inputs, report, pipeline)
-        self.spec = spec
-        self.prefill_graph = runtime_graph(graph_module, spec.num_layers)
-        self.decode_graph = runtime_graph(graph_module, spec.num_layers)
+        self.spec = spec.with_policy(graph_module)
+        self.prefill_graph = runtime_graph(graph_module, self.spec.num_layers, self.spec.cache_policy)
+        self.decode_graph = runtime_graph(graph_module, self.spec.num_layers, self.spec.cache_policy)
         if has_early_exit(graph_module):
             # exited rows skip the blocks after their exit (same outputs as the graph)
             self.early_exit = early_exit_state(graph_module)
@@ -100,9 +97,11 @@ class CompiledDecoder(CompiledModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of every token of the prompts (a prefill into a fresh cache), in the input's order."""
         ids = self._check_ids(input_ids)
-        inputs = prefill_inputs(self.spec, ids, None if attention_mask is None else attention_mask.to(ids.device))
+        mask = None if attention_mask is None else attention_mask.to(ids.device)
         with torch.no_grad():
-            logits = self.prefill_graph(*inputs)[0]
+            stream = DecodeStream(self.spec, self.prefill_graph, self.decode_graph, ids, mask, max_new_tokens=0)
+            stream.prefill()
+            logits = stream.logits
         if attention_mask is None:
             return logits
         # the prefill ran on left-padded rows: put each token's logits back where it was
@@ -128,30 +127,12 @@ class CompiledDecoder(CompiledModule):
         if mask is not None and (mask.shape != ids.shape or not bool(mask.bool().any(dim=1).all())):
             raise GenerateError(f"attention_mask must have the prompts' shape {tuple(ids.shape)} and mark at least "
                                 f"one real token per row")
-        prompt_len, limit = ids.shape[1], self.spec.max_cache_len
-        cache_len = prompt_len + max_new_tokens
-        if prompt_len > limit:
-            raise GenerateError(f"the prompt ({prompt_len} tokens) does not fit the KV cache of {limit} tokens per "
-                                f"sequence; shorten it or compile with a larger max_cache_len")
-        if cache_len > limit:
-            raise GenerateError(f"the prompt plus max_new_tokens ({prompt_len} + {max_new_tokens} = {cache_len} "
-                                f"tokens) does not fit the KV cache of {limit} tokens per sequence; ask for at most "
-                                f"{limit - prompt_len} new tokens or compile with a larger max_cache_len")
         generator = None if seed is None else torch.Generator(device=ids.device).manual_seed(seed)
-        inputs = prefill_inputs(self.spec, ids, mask, cache_len=cache_len)
-        prompt, positions, slots, kv_positions = inputs[:4]
-        cache = list(inputs[4:])
-        batch = prompt.shape[0]
-        finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         new_tokens = []
         with torch.no_grad():
-            # each step sees the slots filled so far (views: the writes land in the whole cache),
-            # so attention costs what the sequence holds, not what the cache could hold
-            views = [c[:, :, :prompt_len] for c in cache]
-            out = self.prefill_graph(prompt, positions, slots, kv_positions[:, :prompt_len], *views)
-            _keep_writes(views, out[1:])
-            logits = out[0][:, -1]
-            position = positions[:, -1]
+            stream = self.stream(ids, max_new_tokens, mask)
+            logits = stream.prefill()
             for index in range(max_new_tokens):
                 token = self._pick(logits, temperature, top_k, generator)
                 token = torch.where(finished, torch.full_like(token, self.spec.pad_token_id), token)
@@ -160,15 +141,32 @@ class CompiledDecoder(CompiledModule):
                     finished |= token == eos
                 if index == max_new_tokens - 1 or bool(finished.all()):
                     break
-                slot = prompt_len + index
-                position = position + 1
-                kv_positions[:, slot] = position
-                views = [c[:, :, :slot + 1] for c in cache]
-                out = self.decode_graph(token.unsqueeze(1), position.unsqueeze(1),
-                                        torch.tensor([slot], device=ids.device), kv_positions[:, :slot + 1], *views)
-                _keep_writes(views, out[1:])
-                logits = out[0][:, -1]
-        return torch.cat([prompt, torch.stack(new_tokens, dim=1)], dim=1)
+                logits = stream.step(token)
+        return torch.cat([stream.prompt, torch.stack(new_tokens, dim=1)], dim=1)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int,
+               attention_mask: torch.Tensor | None = None) -> DecodeStream:
+        """A decode loop for up to ``max_new_tokens`` tokens after the prompts, driven by the caller:
+        ``logits = s.prefill()``, then ``logits = s.step(token)`` per token (what ``generate`` runs,
+        and what scoring a text token by token through the cache needs). The cache is allocated here,
+        as the cache policy says; the prompt must fit ``max_cache_len``, and so must prompt plus new
+        tokens unless the policy bounds the cache (a ring buffer or eviction)."""
+        ids = self._check_ids(input_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise GenerateError(f"max_new_tokens={max_new_tokens!r} must be an integer of at least 0")
+        mask = None if attention_mask is None else attention_mask.to(ids.device)
+        prompt_len, limit = ids.shape[1], self.spec.max_cache_len
+        total = prompt_len + max_new_tokens
+        policy = self.spec.cache_policy
+        bounded = policy.window is not None or policy.budget is not None
+        if prompt_len > limit:
+            raise GenerateError(f"the prompt ({prompt_len} tokens) does not fit the KV cache of {limit} tokens per "
+                                f"sequence; shorten it or compile with a larger max_cache_len")
+        if total > limit and not bounded:
+            raise GenerateError(f"the prompt plus max_new_tokens ({prompt_len} + {max_new_tokens} = {total} "
+                                f"tokens) does not fit the KV cache of {limit} tokens per sequence; ask for at most "
+                                f"{limit - prompt_len} new tokens or compile with a larger max_cache_len")
+        return DecodeStream(self.spec, self.prefill_graph, self.decode_graph, ids, mask, max_new_tokens)
 
     @staticmethod
     def _pick(logits: torch.Tensor, temperature: float, top_k: int | None,
