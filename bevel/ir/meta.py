@@ -32,6 +32,17 @@ def fake_of(graph: "Graph", value: torch.Tensor) -> Any:
     return fake_mode_of(graph).from_tensor(value, static_shapes=True)
 
 
+class _ValueProp(FakeTensorProp):
+    """FakeTensorProp that also records plain numbers as values (a ``sym_size`` of a static size is
+    an int): newer torch does so itself, torch 2.11 left such nodes without ``val``."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, (int, float, bool)):
+            n.meta["val"] = result
+        return result
+
+
 def propagate(graph: "Graph") -> None:
     """Recompute ``meta["val"]`` of every node from the inputs' (possibly symbolic) fake values."""
     mode = fake_mode_of(graph)
@@ -44,7 +55,7 @@ def propagate(graph: "Graph") -> None:
     allow = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True  # weights are real tensors read through get_attr
     try:
-        FakeTensorProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
+        _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
     finally:
         mode.allow_non_fake_inputs = allow
     _record_data_dependent_sizes(graph)
