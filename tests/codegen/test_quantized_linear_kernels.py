@@ -22,9 +22,10 @@ import pytest
 import torch
 import triton
 
-from bevel.codegen.kernels import autotune, weight_only_matmul
+from bevel.codegen.kernels import autotune, dequantize, gemv, weight_only_matmul
 from bevel.codegen.kernels.quantized_linear import (
     DECODE_MAX_ROWS,
+    DEQUANTIZE_MIN_ROWS,
     triton_int4_weight_linear,
     triton_int8_dynamic_linear,
     triton_int8_weight_linear,
@@ -185,6 +186,104 @@ def test_inputs_the_kernels_do_not_take_fall_back_to_the_reference():
     out = triton_int8_weight_linear(x.double(), qweight, scale, None)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, int8_weight_linear_reference(x.double(), qweight, scale, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_kernels_equal_the_reference_rounded_once(dtype):
+    """Both kernels do the reference's float32 arithmetic, then one rounding to ``dtype`` (which the
+    interpreter does as torch for fp16): equal bit for bit. N = 100 and K = 160 are ragged against
+    the kernels' blocks; 5 groups leave a padded zero-point nibble."""
+    weight = torch.randn(N, 160, generator=_generator(11)) * 0.1
+    qweight, scale = quantize_int8_per_channel(weight)
+    assert torch.equal(dequantize.dequantize_int8(qweight, scale, dtype),
+                       dequantize_int8_per_channel(qweight, scale).to(dtype))
+    q4, s4, z4 = quantize_int4_groups(weight, 32)
+    assert torch.equal(dequantize.dequantize_int4(q4, s4.float(), z4, 32, dtype),
+                       dequantize_int4_groups(q4, s4, z4, 32).to(dtype))
+
+
+@pytest.mark.parametrize("config", gemv.GEMV_CONFIGS, ids=lambda c: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}")
+def test_every_gemv_config_matches_the_reference(config):
+    """The interpreter's autotuner runs the first config only; each one a GPU may pick is run here
+    (int8 with K = 200 ragged against every BLOCK_K; int4 with 5 groups of 32 and 3 of 64)."""
+    x, weight, bias = _linear_inputs(1, 200, torch.float32, seed=14)
+    qweight, scale = quantize_int8_per_channel(weight)
+    out = torch.empty(N)
+    grid = (triton.cdiv(N, config.kwargs["BLOCK_N"]),)
+    gemv.gemv_kernel[grid](x, qweight, scale, scale, bias, out, N, 200, qweight.stride(0), 0, 0, False, 0, True,
+                           **config.kwargs)
+    ref = int8_weight_linear_reference(x, qweight, scale, bias)
+    assert_weight_only_close(out[None], ref, x, dequantize_int8_per_channel(qweight, scale), bias)
+    for group_size, groups in ((32, 5), (64, 3)):
+        x, weight, _ = _linear_inputs(1, group_size * groups, torch.float32, seed=15)
+        q4, s4, z4 = quantize_int4_groups(weight, group_size)
+        block_k = max(config.kwargs["BLOCK_K"], group_size)
+        gemv.gemv_kernel[grid](x, q4, s4.float(), z4, s4, out, N, group_size * groups, q4.stride(0), s4.stride(0),
+                               z4.stride(0), True, group_size, False, BLOCK_N=config.kwargs["BLOCK_N"],
+                               BLOCK_K=block_k)
+        ref = int4_weight_linear_reference(x, q4, s4, z4, group_size, None)
+        assert_weight_only_close(out[None], ref, x, dequantize_int4_groups(q4, s4, z4, group_size), None)
+
+
+def test_single_rows_take_the_gemv_kernel(monkeypatch):
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real_gemv[grid]
+
+    real_gemv = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", Recorder())
+    x, weight, bias = _linear_inputs(1, 128, torch.float16, seed=16)
+    qweight, scale = quantize_int8_per_channel(weight)
+    out8 = triton_int8_weight_linear(x, qweight, scale, bias)
+    q4, s4, z4 = quantize_int4_groups(weight, 64)
+    out4 = triton_int4_weight_linear(x, q4, s4, z4, 64, bias)
+    assert len(launched) == 2
+    assert_weight_only_close(out8, int8_weight_linear_reference(x, qweight, scale, bias), x,
+                             dequantize_int8_per_channel(qweight, scale), bias)
+    assert_weight_only_close(out4, int4_weight_linear_reference(x, q4, s4, z4, 64, bias), x,
+                             dequantize_int4_groups(q4, s4, z4, 64), bias)
+
+
+real_int8, real_int4 = dequantize.dequantize_int8, dequantize.dequantize_int4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_weight_only_prefill_through_dequantized_weight(dtype, monkeypatch):
+    """The dequantize-then-``F.linear`` path, forced at 70 rows and taken by default at
+    DEQUANTIZE_MIN_ROWS fp16 rows. Against the reference it adds one rounding of each weight to
+    ``dtype`` (2**-11 of |w| in fp16, none in fp32) to :func:`assert_weight_only_close`'s bound."""
+    calls = []
+    monkeypatch.setattr(dequantize, "dequantize_int8", lambda *a: calls.append("int8") or real_int8(*a))
+    monkeypatch.setattr(dequantize, "dequantize_int4", lambda *a: calls.append("int4") or real_int4(*a))
+    for rows, prefill in ((70, "dequantize"), (DEQUANTIZE_MIN_ROWS, "auto")):
+        x, weight, bias = _linear_inputs(rows, 128, dtype, seed=12)
+        qweight, scale = quantize_int8_per_channel(weight)
+        q4, s4, z4 = quantize_int4_groups(weight, 64)
+        outputs = [
+            (triton_int8_weight_linear(x, qweight, scale, bias, prefill=prefill),
+             int8_weight_linear_reference(x, qweight, scale, bias), dequantize_int8_per_channel(qweight, scale)),
+            (triton_int4_weight_linear(x, q4, s4, z4, 64, bias, prefill=prefill),
+             int4_weight_linear_reference(x, q4, s4, z4, 64, bias), dequantize_int4_groups(q4, s4, z4, 64)),
+        ]
+        for out, ref, dequantized in outputs:
+            assert out.dtype == ref.dtype and out.shape == ref.shape
+            magnitude = x.float().abs() @ dequantized.abs().T + bias.abs()
+            tolerance = 1e-5 * magnitude
+            if dtype == torch.float16:
+                tolerance = tolerance + 2.0**-11 * magnitude + 2.0**-10 * ref.float().abs()
+            assert torch.all((out.float() - ref.float()).abs() <= tolerance)
+    expected = ["int8", "int4"] * (2 if dtype == torch.float16 else 1)  # auto keeps the kernel for fp32
+    assert calls == expected
+
+
+def test_unknown_prefill_path_is_refused():
+    x, weight, bias = _linear_inputs(70, 64, torch.float32, seed=13)
+    qweight, scale = quantize_int8_per_channel(weight)
+    with pytest.raises(ValueError, match="prefill must be one of"):
+        triton_int8_weight_linear(x, qweight, scale, bias, prefill="cublas")
 
 
 def _config(block_m: int, block_n: int, block_k: int, stages: int) -> triton.Config:

@@ -29,7 +29,13 @@ import math
 import triton
 import triton.language as tl
 
-from bevel.codegen.kernels.autotune import TunedKernel, configs_fitting_device, matmul_config, with_block_k
+from bevel.codegen.kernels.autotune import (
+    TunedKernel,
+    cold_cache_bench,
+    configs_fitting_device,
+    matmul_config,
+    with_block_k,
+)
 
 
 @triton.jit
@@ -127,6 +133,10 @@ DECODE_CONFIGS = [
     matmul_config(16, 16, 512, 4, 3, group_m=1),
     matmul_config(16, 128, 128, 4, 4, group_m=1),
     matmul_config(16, 32, 64, 2, 5, group_m=1),
+    # more weight bytes in flight per program, for reading at the GPU's full memory bandwidth
+    matmul_config(16, 32, 512, 4, 3, group_m=1),
+    matmul_config(16, 64, 512, 8, 3, group_m=1),
+    matmul_config(16, 128, 256, 8, 3, group_m=1),
 ]
 PREFILL_CONFIGS = [
     matmul_config(64, 64, 64, 4, 4),
@@ -162,5 +172,5 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 
 
 _KEY = ["M_BUCKET", "N", "K", "INT4", "GROUP_SIZE", "HAS_BIAS"]
-decode_matmul = TunedKernel(weight_only_matmul_kernel, DECODE_CONFIGS, _KEY, _prune)
+decode_matmul = TunedKernel(weight_only_matmul_kernel, DECODE_CONFIGS, _KEY, _prune, cold_cache_bench)
 prefill_matmul = TunedKernel(weight_only_matmul_kernel, PREFILL_CONFIGS, _KEY, _prune)
