@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=16, help="tokens merged per block")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the GPU kernels of eager and of bevel's forward by total time")
     args = parser.parse_args()
     import timm
 
@@ -73,6 +75,10 @@ def main() -> None:
     images = torch.randn(args.batch, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
     compiled = bevel.compile(model, f"cleanup | tome(r={args.r})", example_inputs=(images,), device="cuda",
                              dynamic_shapes="static")
+    entry = compiled.report["tome"]
+    if entry.status != "applied":
+        print(compiled.report)
+        raise SystemExit(f"tome was not applied ({entry.status}): {entry.reason}")
     inductor = torch.compile(model)
     with torch.no_grad():
         calls = {"eager": lambda: model(images), "torch.compile": lambda: inductor(images),
@@ -91,6 +97,24 @@ def main() -> None:
         top1 = float((fidelity[name].argmax(-1) == want.argmax(-1)).float().mean())
         print(f"{name:36s} {ms:8.2f} {args.batch / ms * 1e3:9.0f} {times['eager'] / ms:8.2f}x "
               f"{times['torch.compile'] / ms:9.2f}x {float(cosine.min()):8.5f} {top1:6.3f}")
+    if args.profile:
+        for name, fn in (("eager", model), (f"bevel tome(r={args.r}), no CUDA graph", compiled)):
+            print_kernel_profile(name, fn, images)
+
+
+def print_kernel_profile(name: str, fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> None:
+    """The 20 GPU kernels taking the most time over 5 calls of ``fn``, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn(images)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn(images)
+            torch.cuda.synchronize()
+    print(f"\n{name}: GPU kernels over 5 calls")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -77,9 +77,11 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_pos_ptr, ta
 
 def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_positions: torch.Tensor,
                             kv_positions: torch.Tensor, window: list[int], sinks: list[int],
-                            block_index: torch.Tensor | None, block: int, scale: float) -> torch.Tensor:
+                            block_index: torch.Tensor | None, block: int, scale: float,
+                            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """``bevel::sparse_attention`` with the kernel above; the block size must be a power of two of at
-    least 16 (the tile of the kernel's matrix products)."""
+    least 16 (the tile of the kernel's matrix products). ``num_warps`` and ``num_stages`` are Triton's
+    launch settings (default: 8 warps for blocks of 128 or more, else 4; Triton's stages)."""
     batch, heads, queries, dim = q.shape
     if block < 16 or block & (block - 1):
         raise ValueError(f"the Triton sparse attention needs a power-of-two block of at least 16, got {block}")
@@ -95,5 +97,6 @@ def triton_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q
         head_values(window, heads, q.device), head_values(sinks, heads, q.device), out,
         queries, k.shape[2], dim, v.shape[-1], heads, k.shape[1], kv_pos.shape[1], table.shape[2], table.shape[3],
         scale, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])), IEEE=q.dtype == torch.float32)
+        BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])), IEEE=q.dtype == torch.float32,
+        num_warps=num_warps or (8 if block >= 128 else 4), **({"num_stages": num_stages} if num_stages else {}))
     return out
