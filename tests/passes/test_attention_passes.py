@@ -362,3 +362,18 @@ def test_decode_perplexity_scores_through_the_ring_buffer(windowed, ref, text):
     assert abs(ours - expected) < 1e-4 * expected
     with pytest.raises(BevelError, match="at least prompt \\+ tokens"):
         decode_perplexity(windowed, ids, prompt=8, tokens=10 * WINDOW)
+
+
+def test_window_and_kv_quantize_together_keep_a_ring_of_codes(model, ref, text):
+    cm = compile_pass(model, f"attention.window(window={WINDOW}, sinks={SINKS}, block=16) | kv.quantize(bits=8)",
+                      max_cache_len=64)
+    rounded, windowed_rule = quantized_rule(8, 32), window_rule([WINDOW], [SINKS])
+
+    def rule(layer, q, k, v):
+        mask, k, v = rounded(layer, q, k, v)
+        return mask & windowed_rule(layer, q, k, v)[0], k, v
+
+    seqs = rows(text, [30 + 3 * WINDOW], start=21000)
+    stream = check_decode(cm, ref, rule, seqs, [30], 3 * WINDOW, tol=QUANTIZED_TOL)
+    assert stream.mode == "ring" and stream.cache.kv[0].dtype == torch.int8
+    assert stream.cache.kv[0].shape[2] == WINDOW + SINKS
