@@ -95,3 +95,27 @@ def test_decode_kernel_matches_reference(bits, group_size, window, sinks, per_he
                                               True)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group_size", [(0, 32), (8, 32), (4, 16)])
+def test_decode_kernel_query_tiles_and_float16(bits, group_size):
+    """80 query rows read each KV head (8 heads of a group x 10 queries): two tiles of the kernel's
+    64 rows, both adding into the slots' mass. Then float16: keys and values are rounded to float16
+    after dequantizing, and so are the softmax weights (about 5e-4 relative each), the output once."""
+    g = seeded(40 + bits)
+    q = torch.randn(1, 8, 10, 32, generator=g)
+    k, v = (torch.randn(1, 1, 90, 32, generator=g) for _ in range(2))
+    q_pos = torch.arange(80, 90)[None]
+    kv_pos = torch.randperm(90, generator=g)[None]
+    scale = 32 ** -0.5
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        kp = vp = None
+        if bits:
+            (kd, kp), (vd, vp) = quantize_kv_reference(kd, bits, group_size), quantize_kv_reference(vd, bits, group_size)
+        out, mass = triton_cache_attention(qd, kd, vd, kp, vp, q_pos, kv_pos, [12], [3], scale, bits, group_size, True)
+        ref, ref_mass = cache_attention_reference(qd, kd, vd, kp, vp, q_pos, kv_pos, [12], [3], scale, bits,
+                                                  group_size, True)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref.float(), rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(mass, ref_mass, rtol=tolerance, atol=tolerance)
