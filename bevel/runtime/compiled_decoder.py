@@ -64,9 +64,10 @@ class CompiledDecoder(CompiledModule):
     and ``decode_graph`` are the two graphs generate runs (see :func:`runtime_graph`); they share
     the weights, write the cache in place and return ``(logits, present_key_0, ...)``. ``spec``
     holds the cache geometry and how the loop keeps the cache (its ``cache_policy``, which the
-    attention and KV-cache passes set); ``stream`` runs the loop one token at a time. After ``layer_skip.early_exit`` both run block by block
-    (:class:`~bevel.runtime.early_exit.EarlyExitRunner`), and ``early_exit`` counts the depth of the
-    tokens they ran (``early_exit.average_depth``, ``early_exit.reset()``); otherwise it is None.
+    attention and KV-cache passes set); ``stream`` runs the loop one token at a time. After
+    ``layer_skip.early_exit`` both run block by block (:class:`~bevel.runtime.early_exit.EarlyExitRunner`),
+    and ``early_exit`` counts the depth of the tokens they ran (``early_exit.average_depth``,
+    ``early_exit.reset()``); otherwise it is None.
     """
 
     _runs_early_exit_here = False  # the prefill and decode graphs below do
