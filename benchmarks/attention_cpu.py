@@ -124,7 +124,7 @@ def quality(text_bytes: int, decode_tokens: int, segments: int, only: list[str] 
         f"attention.window(window={WINDOW}, sinks=0)": f"attention.window(window={WINDOW}, sinks=0)",
     }
     # matched sparsity: streaming heads at a narrower window, enough heads full to compute the window's share
-    for narrow in (WINDOW // 4, WINDOW // 2):
+    for narrow in (WINDOW // 4, WINDOW // 2, 3 * WINDOW // 4):
         share = heads_share(CONTEXT, target, narrow)
         pipelines[f"attention.heads(window={narrow}, retrieval_share={share:.3f})"] = \
             f"attention.heads(window={narrow}, sinks={SINKS}, retrieval_share={share:.4f})"
