@@ -119,7 +119,7 @@ def triton_int4_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     if (not _kernel_takes(x, x.numel() // max(x.shape[-1], 1), qweight.shape[0])
             or not weight_only_matmul.int4_group_size_supported(group_size) or x.shape[-1] % group_size):
         return int4_weight_linear_reference(x, qweight, scale, zero, group_size, bias)
-    return _weight_only(x, qweight, scale.float(), zero, group_size, bias, prefill)
+    return _weight_only(x, qweight, scale, zero, group_size, bias, prefill)  # kernels read float16 scales
 
 
 def triton_int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
