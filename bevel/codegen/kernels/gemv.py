@@ -3,8 +3,9 @@ matrix-vector product, bound by reading the weight.
 
 With one row, reading the weight is the whole cost, so this kernel does no matrix-unit work: the
 decode kernel's ``tl.dot`` needs 16-row tiles, and its int4 tiles must lie inside one group (64
-bytes of a row per step); at M = 1 on an H200 it ran at 1.13-1.30x (int8) and 0.55-0.73x (int4) of
-bf16 ``F.linear``, this kernel at 1.52-1.64x and 1.08-1.14x (benchmarks/RESULTS.md). Each
+bytes of a row per step); at M = 1 on an H200 its best configs ran at 1.12-1.30x (int8) and
+0.60-0.77x (int4) of bf16 ``F.linear``, this kernel's at 1.47-1.64x and 1.27-1.34x
+(benchmarks/RESULTS.md). Each
 program owns BLOCK_N output rows, streams their codes in tiles of BLOCK_K columns (whole groups for
 int4: BLOCK_K a multiple of the group size) and reduces in float32 on the CUDA cores.
 
