@@ -29,30 +29,13 @@ Timing: CUDA events around one call, median of ``--repeats`` after ``--warmup``,
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-
-def median_ms(calls: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds of each call (CUDA events), samples alternating between the calls."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end))
-    return {name: statistics.median(values) for name, values in samples.items()}
+from gpu_common import median_ms
 
 
 def max_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -134,7 +134,8 @@ def main() -> None:
         for m in args.rows:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             calls = {"bf16 F.linear": lambda x=x, w=weight_bf16: F.linear(x, w)}
-            references = {}
+            references = {"int8": int8_weight_linear_reference(x, q8, s8, None),
+                          "int4": int4_weight_linear_reference(x, q4, s4, z4, group, None)}
             # the op's own choice of path, and above the decode rows both prefill paths forced
             for path in ("auto",) if m <= DECODE_MAX_ROWS else ("auto", "kernel", "dequantize"):
                 suffix = "" if path == "auto" else f" [{path}]"
@@ -143,13 +144,11 @@ def main() -> None:
                 calls[f"int4 g{group}{suffix}"] = (
                     lambda x=x, q=q4, s=s4, z=z4, p=path: triton_int4_weight_linear(x, q, s, z, group, None,
                                                                                     prefill=p))
-                references[f"int8 weight{suffix}"] = int8_weight_linear_reference(x, q8, s8, None)
-                references[f"int4 g{group}{suffix}"] = int4_weight_linear_reference(x, q4, s4, z4, group, None)
             exact = F.linear(x.float(), weight)
             times = median_times_ms(calls, args.repeats, args.warmup)
             for name, call in calls.items():
                 out = call()
-                ref_error = f"{_max_abs(out, references[name]):.3e}" if name in references else "-"
+                ref_error = "-" if name.startswith("bf16") else f"{_max_abs(out, references[name[:4]]):.3e}"
                 print(f"{m:>5} {n:>6} {k:>5}  {name:<24} {times[name]:>10.4f} "
                       f"{times['bf16 F.linear'] / times[name]:>7.2f}x {ref_error:>11} {_max_abs(out, exact):>12.3e}")
             del references, exact

@@ -13,31 +13,13 @@ classes on other random images.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import bevel
-
-
-def median_ms(calls: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds of each call, samples alternating between the calls."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    torch.cuda.synchronize()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end))
-    return {name: statistics.median(values) for name, values in times.items()}
+from gpu_common import median_ms
 
 
 def cuda_graph(fn: Callable[[torch.Tensor], torch.Tensor], static_input: torch.Tensor) -> Callable[[], torch.Tensor]:

@@ -178,9 +178,10 @@ def triton_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
     k_params = k_params.contiguous() if k_params is not None else k
     v_params = v_params.contiguous() if v_params is not None else v
     window_t, sinks_t = head_values(window, heads, q.device), head_values(sinks, heads, q.device)
-    top = torch.full((rows, splits), float("-inf"), device=q.device, dtype=torch.float32)
-    total = torch.zeros_like(top)
-    acc = torch.zeros(rows, splits, dim, device=q.device, dtype=torch.float32)
+    # every (row, chunk) belongs to exactly one program, which writes it
+    top = torch.empty(rows, splits, device=q.device, dtype=torch.float32)
+    total = torch.empty_like(top)
+    acc = torch.empty(rows, splits, dim, device=q.device, dtype=torch.float32)
     constants = dict(BITS=bits, GROUP_SIZE=group_size if bits else 1, PARAMS=params_per_group(bits) if bits else 1,
                      BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_Q=block_q,
                      IEEE=q.dtype == torch.float32)
