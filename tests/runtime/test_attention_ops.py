@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import bevel.runtime.ops  # noqa: F401  (registers torch.ops.bevel.*)
 from bevel.runtime.ops.attention_blocks import element_density
 from bevel.runtime.ops.kv_quant import quantize_kv_reference
+from bevel.runtime.ops.sparse_attention_cpu import fresh_prefill
 from tests.models_zoo import seeded
 
 ops = torch.ops.bevel
@@ -84,6 +85,21 @@ def test_sparse_attention_equals_dense_masked_attention(window, sinks, block):
     q, k, v, q_pos, kv_pos = prefill_case(2, 70, [0, 9], seed=block)
     out = ops.sparse_attention(q, k, v, q_pos, kv_pos, window, sinks, None, block, SCALE)
     torch.testing.assert_close(out, dense(q, k, v, loop_mask(q_pos, kv_pos, window, sinks)), rtol=1e-5, atol=1e-5)
+
+
+# fresh sequences of 200 tokens: several query chunks per band (chunks of 64 to 75 queries), sinks
+# before and inside the band, a window longer than the sequence, full and windowed heads together
+FRESH_PATTERNS = PATTERNS[1:] + [([150], [3]), ([300], [2]), ([20, 150, 0, 20, 150, 0], [4, 0, 0, 4, 90, 0])]
+
+
+@pytest.mark.parametrize("window,sinks", FRESH_PATTERNS)
+def test_sparse_attention_on_fresh_sequences_takes_the_banded_path_and_equals_dense(window, sinks):
+    q, k, v, q_pos, kv_pos = prefill_case(2, 200, [0, 0], seed=len(window) + window[0])
+    assert fresh_prefill(q, k, q_pos, kv_pos)  # the CPU face runs banded_attention on these
+    out = ops.sparse_attention(q, k, v, q_pos, kv_pos, window, sinks, None, 16, SCALE)
+    torch.testing.assert_close(out, dense(q, k, v, loop_mask(q_pos, kv_pos, window, sinks)), rtol=1e-5, atol=1e-5)
+    padded_q, padded_k, _, padded_q_pos, padded_kv_pos = prefill_case(2, 20, [0, 3], seed=0)
+    assert not fresh_prefill(padded_q, padded_k, padded_q_pos, padded_kv_pos)  # left padding: the reference
 
 
 @pytest.mark.parametrize("density,threshold", [(0.3, 0.0), (0.0, 0.6), (1.0, 0.0)])
