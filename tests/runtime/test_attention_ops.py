@@ -102,6 +102,19 @@ def test_sparse_attention_on_fresh_sequences_takes_the_banded_path_and_equals_de
     assert not fresh_prefill(padded_q, padded_k, padded_q_pos, padded_kv_pos)  # left padding: the reference
 
 
+@pytest.mark.parametrize("window,sinks", [([0], [0]), ([20, 150, 0, 20, 150, 0], [4, 0, 0, 4, 90, 0])])
+def test_block_table_on_fresh_sequences_takes_the_sliced_path_and_equals_dense(window, sinks):
+    q, k, v, q_pos, kv_pos = prefill_case(2, 200, [0, 0], seed=11)
+    block = 16
+    table = ops.estimate_attention_blocks(q, k, q_pos, kv_pos, block, 0.3, 0.0, 1, 1, SCALE)
+    table[0, 1, 3] = -1  # one query block of one head and row lists nothing: its queries get zeros
+    assert fresh_prefill(q, k, q_pos, kv_pos)  # the CPU face runs tabled_attention on these
+    out = ops.sparse_attention(q, k, v, q_pos, kv_pos, window, sinks, table, block, SCALE)
+    mask = loop_mask(q_pos, kv_pos, window, sinks, table, block)
+    assert not mask[0, 1, 3 * block:4 * block].any()
+    torch.testing.assert_close(out, dense(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("density,threshold", [(0.3, 0.0), (0.0, 0.6), (1.0, 0.0)])
 def test_estimated_blocks_keep_forced_blocks_and_equal_dense_with_their_mask(density, threshold):
     q, k, v, q_pos, kv_pos = prefill_case(2, 150, [0, 21], seed=3)

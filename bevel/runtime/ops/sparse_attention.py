@@ -16,8 +16,8 @@ blocks it reaches. A query that sees no key gets zeros (dense attention would gi
 Keys and values come once per KV head, ``[B, Hkv, L, D]``; query head ``h`` reads KV head
 ``h // (Hq // Hkv)`` (grouped-query attention, as HF's ``repeat_kv``). The CPU face gathers the
 listed key blocks for every query block and runs a masked softmax over them in float32, except on
-the prefill of fresh sequences without a table, where each head's band of keys goes to fused SDPA
-(``sparse_attention_cpu.py``); the CUDA face is a block-sparse flash-attention kernel (``codegen/kernels/sparse_attention.py``).
+the prefill of fresh sequences, where each head's band of keys (or the listed blocks) goes to fused
+SDPA (``sparse_attention_cpu.py``); the CUDA face is a block-sparse flash-attention kernel (``codegen/kernels/sparse_attention.py``).
 """
 
 from __future__ import annotations
@@ -228,10 +228,12 @@ def _(q, k, v, q_positions, kv_positions, window, sinks, block_index, block, sca
 
 @sparse_attention.register_kernel("cpu")
 def _(q, k, v, q_positions, kv_positions, window, sinks, block_index, block, scale):
-    from bevel.runtime.ops.sparse_attention_cpu import banded_attention, fresh_prefill
+    from bevel.runtime.ops.sparse_attention_cpu import banded_attention, fresh_prefill, tabled_attention
 
-    if block_index is None and fresh_prefill(q, k, q_positions, kv_positions):
-        return banded_attention(q, k, v, window, sinks, scale)
+    if fresh_prefill(q, k, q_positions, kv_positions):
+        if block_index is None:
+            return banded_attention(q, k, v, window, sinks, scale)
+        return tabled_attention(q, k, v, window, sinks, block_index, block, scale)
     return sparse_attention_reference(q, k, v, q_positions, kv_positions, window, sinks, block_index, block, scale)
 
 

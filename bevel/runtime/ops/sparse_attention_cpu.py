@@ -1,13 +1,15 @@
 """The CPU face of ``bevel::sparse_attention`` for its common case: the prefill of fresh sequences
-(queries and keys at positions 0, 1, ... in every row) under windows and sinks alone (no block table).
+(queries and keys at positions 0, 1, ... in every row).
 
-Each head's window is a band below the diagonal, so a chunk of queries needs only the sinks and the
-keys from ``window - 1`` before its first query to its last: those slices go to PyTorch's fused
-``scaled_dot_product_attention`` with the position rule as a boolean mask, and a head without a
-window takes the plain causal call. Heads are grouped by their (window, sinks). The reference, which
-gathers the key blocks of a block table for every query block, computes the same output but spends
-most of its time gathering (on tinylm's heads it ran 2-6x slower than dense SDPA); this path does
-about ``(chunk + window) / length`` of dense attention's work.
+Without a block table each head's window is a band below the diagonal, so a chunk of queries needs
+only the sinks and the keys from ``window - 1`` before its first query to its last: those slices go
+to PyTorch's fused ``scaled_dot_product_attention`` with the position rule as a boolean mask, and a
+head without a window takes the plain causal call; heads are grouped by their (window, sinks). With
+a table, each query block makes one call over the key blocks any head lists for it, each head masked
+to its own. The reference gathers the listed key blocks for every query block and head, which
+computes the same output but spends most of its time gathering (on tinylm's heads a window ran 2-6x
+slower than dense SDPA that way); the banded path does about ``(chunk + window) / length`` of dense
+attention's work.
 """
 
 from __future__ import annotations
@@ -71,4 +73,35 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
             parts.append(F.scaled_dot_product_attention(qh[:, :, start:stop], key, value, attn_mask=mask,
                                                         scale=scale, enable_gqa=gqa))
         out[:, target] = torch.cat(parts, dim=2)
+    return out.to(q.dtype)
+
+
+def tabled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: list[int], sinks: list[int],
+                     block_index: torch.Tensor, block: int, scale: float) -> torch.Tensor:
+    """``bevel::sparse_attention`` with a block table on a fresh prefill: per query block, one SDPA call
+    over the key blocks any row or head lists for it (sliced out once, not gathered per head), masked
+    by the position rule and each head's own list; queries that see no key get zeros."""
+    batch, heads, length, _ = q.shape
+    group = heads // k.shape[1]
+    w = head_values(window, heads, q.device)[None, :, None, None]
+    s = head_values(sinks, heads, q.device)[None, :, None, None]
+    blocks = -(-length // block)
+    # [B, H, query blocks, key blocks + 1]: the listed blocks, -1 entries landing in the dropped last column
+    listed = torch.zeros(*block_index.shape[:3], blocks + 1, dtype=torch.bool, device=q.device)
+    listed.scatter_(3, torch.where(block_index < 0, blocks, block_index), True)
+    positions = torch.arange(length, device=q.device)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    out = q.new_empty(batch, heads, length, v.shape[-1], dtype=torch.float32)
+    for qb in range(block_index.shape[2]):
+        start, stop = qb * block, min((qb + 1) * block, length)
+        used = listed[:, :, qb, :blocks].any(dim=0).any(dim=0).nonzero().flatten()
+        if used.numel() == 0:
+            out[:, :, start:stop] = 0
+            continue
+        slots = (used[:, None] * block + torch.arange(block, device=q.device)).flatten()
+        slots = slots[slots < length]
+        mask = allowed(positions[start:stop, None], slots[None, :], w, s) & listed[:, :, qb][..., slots // block][:, :, None, :]
+        part = F.scaled_dot_product_attention(qf[:, :, start:stop], kf[:, :, slots], vf[:, :, slots], attn_mask=mask,
+                                              scale=scale, enable_gqa=group > 1)
+        out[:, :, start:stop] = torch.where(mask.any(-1, keepdim=True), part, 0.0)
     return out.to(q.dtype)
