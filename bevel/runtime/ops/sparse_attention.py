@@ -17,7 +17,8 @@ Keys and values come once per KV head, ``[B, Hkv, L, D]``; query head ``h`` read
 ``h // (Hq // Hkv)`` (grouped-query attention, as HF's ``repeat_kv``). The CPU face gathers the
 listed key blocks for every query block and runs a masked softmax over them in float32, except on
 the prefill of fresh sequences, where each head's band of keys (or the listed blocks) goes to fused
-SDPA (``sparse_attention_cpu.py``); the CUDA face is a block-sparse flash-attention kernel (``codegen/kernels/sparse_attention.py``).
+SDPA (``sparse_attention_cpu.py``); the CUDA face is a block-sparse flash-attention kernel
+(``codegen/kernels/sparse_attention.py``).
 """
 
 from __future__ import annotations

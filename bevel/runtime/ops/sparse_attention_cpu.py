@@ -100,7 +100,8 @@ def tabled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
             continue
         slots = (used[:, None] * block + torch.arange(block, device=q.device)).flatten()
         slots = slots[slots < length]
-        mask = allowed(positions[start:stop, None], slots[None, :], w, s) & listed[:, :, qb][..., slots // block][:, :, None, :]
+        own = listed[:, :, qb][..., slots // block][:, :, None, :]  # each head's own list, [B, H, 1, keys]
+        mask = allowed(positions[start:stop, None], slots[None, :], w, s) & own
         part = F.scaled_dot_product_attention(qf[:, :, start:stop], kf[:, :, slots], vf[:, :, slots], attn_mask=mask,
                                               scale=scale, enable_gqa=group > 1)
         out[:, :, start:stop] = torch.where(mask.any(-1, keepdim=True), part, 0.0)
