@@ -59,10 +59,12 @@ def sweep_single_row(weight_bf16: torch.Tensor, q8: torch.Tensor, s8: torch.Tens
         zs = z.stride(0) if int4 else 0
         for c in gemv.GEMV_CONFIGS:
             bn, bk = c.kwargs["BLOCK_N"], max(c.kwargs["BLOCK_K"], g) if int4 else c.kwargs["BLOCK_K"]
-            calls[f"{fmt} gemv {bn}x{bk} w{c.num_warps} s{c.num_stages}"] = (
-                lambda q=q, s=s, z=z, g=g, int4=int4, zs=zs, bn=bn, bk=bk, c=c: gemv.gemv_kernel[(triton.cdiv(n, bn),)](
+            stages = c.kwargs["LOOP_STAGES"]
+            calls[f"{fmt} gemv {bn}x{bk} w{c.num_warps} loop stages {stages}"] = (
+                lambda q=q, s=s, z=z, g=g, int4=int4, zs=zs, bn=bn, bk=bk, c=c, stages=stages:
+                gemv.gemv_kernel[(triton.cdiv(n, bn),)](
                     x, q, s, z, s, out, n, k, q.stride(0), s.stride(0), zs, int4, g, False,
-                    BLOCK_N=bn, BLOCK_K=bk, num_warps=c.num_warps, num_stages=c.num_stages))
+                    BLOCK_N=bn, BLOCK_K=bk, LOOP_STAGES=stages, num_warps=c.num_warps, num_stages=c.num_stages))
         for c in weight_only_matmul.DECODE_CONFIGS:
             bn, bk = c.kwargs["BLOCK_N"], math.gcd(c.kwargs["BLOCK_K"], g) if int4 else c.kwargs["BLOCK_K"]
             calls[f"{fmt} decode {bn}x{bk} w{c.num_warps} s{c.num_stages}"] = (

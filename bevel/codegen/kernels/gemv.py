@@ -26,7 +26,7 @@ from bevel.codegen.kernels.autotune import TunedKernel, cold_cache_bench, with_b
 @triton.jit
 def gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_zn,
                 INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOOP_STAGES: tl.constexpr):
     """out[N] = dequant(w)[N, K] @ x[K] (+ bias); x contiguous, w with unit stride along K."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = (offs_n % N).to(tl.int64)  # rows past the edge re-read valid ones, dropped at the store
@@ -37,7 +37,7 @@ def gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, N, K, stri
         groups = K // GROUP_SIZE
         offs_g = tl.arange(0, TILE_GROUPS)
         offs_h = tl.arange(0, HALF)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
             group = k0 // GROUP_SIZE + offs_g  # [G]
             in_group = group < groups
             byte = group[:, None] * HALF + offs_h[None, :]  # [G, HALF]: byte j holds columns 2j and 2j + 1
@@ -58,7 +58,7 @@ def gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, N, K, stri
             acc += tl.sum((codes_x - zero * x_sum[None, :]) * scale, axis=1)
     else:
         offs_k = tl.arange(0, BLOCK_K)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=LOOP_STAGES):
             cols = k0 + offs_k
             in_k = cols < K
             x = tl.load(x_ptr + cols, mask=in_k, other=0.0).to(tl.float32)
@@ -70,8 +70,9 @@ def gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, N, K, stri
     tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
 
-def _config(block_n: int, block_k: int, warps: int, stages: int = 2) -> triton.Config:
-    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+def _config(block_n: int, block_k: int, warps: int, loop_stages: int = 1) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "LOOP_STAGES": loop_stages}, num_warps=warps,
+                         num_stages=2)
 
 
 # The first is what the interpreter runs: small, so test shapes span several tiles both ways.
@@ -93,6 +94,9 @@ GEMV_CONFIGS = [
     _config(8, 1024, 8),
     _config(16, 2048, 8),
     _config(32, 1024, 8),
+    # the loads of the next tiles issued while this one is reduced (see the module docstring)
+    *(_config(n, k, warps, stages) for stages in (3, 4) for n, k, warps in
+      ((2, 4096, 4), (4, 2048, 4), (8, 1024, 4), (16, 512, 4), (4, 4096, 8), (8, 2048, 8), (16, 1024, 8))),
 ]
 
 
