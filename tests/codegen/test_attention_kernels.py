@@ -97,6 +97,23 @@ def test_decode_kernel_matches_reference(bits, group_size, window, sinks, per_he
     torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits,group_size", [(8, 48), (8, 16), (4, 48), (4, 16)])
+def test_decode_kernel_head_dim_below_its_tile(bits, group_size):
+    """A head dimension of 48 in the kernel's 64-channel tile: groups of 16 are read once per group
+    (the tile's fourth group is masked), a group of 48 does not divide the tile and takes the
+    per-channel reading."""
+    g = seeded(50 + bits + group_size)
+    q = torch.randn(1, 4, 1, 48, generator=g)
+    k, v = (torch.randn(1, 2, 70, 48, generator=g) for _ in range(2))
+    q_pos, kv_pos = torch.tensor([[70]]), torch.arange(70)[None]
+    (k, kp), (v, vp) = quantize_kv_reference(k, bits, group_size), quantize_kv_reference(v, bits, group_size)
+    scale = 48 ** -0.5
+    out, mass = triton_cache_attention(q, k, v, kp, vp, q_pos, kv_pos, [0], [0], scale, bits, group_size, True)
+    ref, ref_mass = cache_attention_reference(q, k, v, kp, vp, q_pos, kv_pos, [0], [0], scale, bits, group_size, True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass, ref_mass, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("bits,group_size", [(0, 32), (8, 32), (4, 16)])
 def test_decode_kernel_query_tiles_and_float16(bits, group_size):
     """80 query rows read each KV head (8 heads of a group x 10 queries): two tiles of the kernel's

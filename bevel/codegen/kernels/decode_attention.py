@@ -31,21 +31,40 @@ TARGET_PROGRAMS = 1024
 
 @triton.jit
 def _load_cache(ptr, params_ptr, rows, offs_d, inside, D, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                PARAMS: tl.constexpr):
-    """Keys or values of the slots ``rows`` (global row numbers) as float32 [BLOCK_N, BLOCK_D]."""
+                PARAMS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Keys or values of the slots ``rows`` (global row numbers) as float32 [BLOCK_N, BLOCK_D].
+
+    Codes are read as stored, contiguous along the row (4-bit: the packed bytes, split into their low
+    and high nibbles and interleaved in registers). Where the tile holds whole groups, each group's
+    scale (and low end) is read once per row and broadcast over its channels; reading it for every
+    channel, as the fallback for other group sizes does, compiled to one scalar load per element.
+    """
     mask = inside[:, None] & (offs_d[None, :] < D)
     if BITS == 0:
         return tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     groups = D // GROUP_SIZE
-    param = params_ptr + (rows[:, None] * groups + offs_d[None, :] // GROUP_SIZE) * PARAMS
-    scale = tl.load(param, mask=mask, other=0.0)
     if BITS == 8:
         codes = tl.load(ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0).to(tl.float32)
-        return codes * scale
-    packed = tl.load(ptr + rows[:, None] * (D // 2) + offs_d[None, :] // 2, mask=mask, other=0).to(tl.int32)
-    codes = ((packed >> ((offs_d[None, :] % 2) * 4)) & 15).to(tl.float32)
-    low = tl.load(param + 1, mask=mask, other=0.0)
-    return codes * scale + low
+    else:
+        offs_h = tl.arange(0, BLOCK_D // 2)  # byte j holds channels 2j (low nibble) and 2j + 1
+        packed = tl.load(ptr + rows[:, None] * (D // 2) + offs_h[None, :],
+                         mask=inside[:, None] & (offs_h[None, :] < D // 2), other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(packed & 15, (packed >> 4) & 15), (BLOCK_N, BLOCK_D)).to(tl.float32)
+    if BLOCK_D % GROUP_SIZE == 0:
+        TILE_GROUPS: tl.constexpr = BLOCK_D // GROUP_SIZE
+        offs_g = tl.arange(0, TILE_GROUPS)
+        group_mask = inside[:, None] & (offs_g[None, :] < groups)
+        param = params_ptr + (rows[:, None] * groups + offs_g[None, :]) * PARAMS  # [BLOCK_N, TILE_GROUPS]
+        values = tl.reshape(codes, (BLOCK_N, TILE_GROUPS, GROUP_SIZE)) * tl.load(param, mask=group_mask,
+                                                                                  other=0.0)[:, :, None]
+        if BITS == 4:
+            values += tl.load(param + 1, mask=group_mask, other=0.0)[:, :, None]
+        return tl.reshape(values, (BLOCK_N, BLOCK_D))
+    param = params_ptr + (rows[:, None] * groups + offs_d[None, :] // GROUP_SIZE) * PARAMS
+    values = codes * tl.load(param, mask=mask, other=0.0)
+    if BITS == 4:
+        values += tl.load(param + 1, mask=mask, other=0.0)
+    return values
 
 
 @triton.jit
@@ -68,12 +87,12 @@ def _query_rows(q_ptr, q_pos_ptr, window_ptr, sinks_ptr, b, kv_head, q_block, T,
 
 @triton.jit
 def _scores(q, q_pos, window, sinks, k_ptr, kp_ptr, kv_pos_ptr, kv_base, pos_base, offs_n, stop, scale, D,
-            BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PARAMS: tl.constexpr, BLOCK_D: tl.constexpr,
-            IEEE: tl.constexpr):
+            BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, PARAMS: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
     """Scores [BLOCK_Q, BLOCK_N] of the rows against the slots ``offs_n`` (-inf where not seen)."""
     inside = offs_n < stop
     k = _load_cache(k_ptr, kp_ptr, kv_base + offs_n, tl.arange(0, BLOCK_D), inside, D, BITS, GROUP_SIZE,
-                    PARAMS).to(q.dtype)
+                    PARAMS, BLOCK_N, BLOCK_D).to(q.dtype)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
@@ -110,13 +129,14 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, q_pos_ptr, kv_p
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s, inside = _scores(q, q_pos, window, sinks, k_ptr, kp_ptr, kv_pos_ptr, kv_base, pos_base, offs_n, stop,
-                            scale, D, BITS, GROUP_SIZE, PARAMS, BLOCK_D, IEEE)
+                            scale, D, BITS, GROUP_SIZE, PARAMS, BLOCK_N, BLOCK_D, IEEE)
         new_top = tl.maximum(top, tl.max(s, axis=1))
         shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # nothing seen yet: nothing to rescale
         p = tl.exp(s - shift[:, None])
         alpha = tl.exp(top - shift)
         total = total * alpha + tl.sum(p, axis=1)
-        v = _load_cache(v_ptr, vp_ptr, kv_base + offs_n, offs_d, inside, D, BITS, GROUP_SIZE, PARAMS).to(q.dtype)
+        v = _load_cache(v_ptr, vp_ptr, kv_base + offs_n, offs_d, inside, D, BITS, GROUP_SIZE, PARAMS, BLOCK_N,
+                        BLOCK_D).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
         else:
@@ -150,7 +170,7 @@ def slot_mass_kernel(q_ptr, k_ptr, kp_ptr, q_pos_ptr, kv_pos_ptr, window_ptr, si
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         s, inside = _scores(q, q_pos, window, sinks, k_ptr, kp_ptr, kv_pos_ptr, kv_base, pos_base, offs_n, stop,
-                            scale, D, BITS, GROUP_SIZE, PARAMS, BLOCK_D, IEEE)
+                            scale, D, BITS, GROUP_SIZE, PARAMS, BLOCK_N, BLOCK_D, IEEE)
         p = tl.where(s == float("-inf"), 0.0, tl.exp(s - lse[:, None]))
         tl.atomic_add(mass_ptr + kv_base + offs_n, tl.sum(p, axis=0), mask=inside)
 
