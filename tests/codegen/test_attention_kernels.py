@@ -39,6 +39,9 @@ def prefill_case(batch, heads, kv_heads, tokens, dim, pads, seed):
     (6, 2, 70, 32, [0, 9], [16], [4], 16),                               # GQA, ragged, window with sinks
     (4, 4, 45, 24, [5], [0], [0], 32),                                   # full causal, head dim 24
     (6, 2, 83, 32, [0, 30], [8, 0, 16, 4, 0, 30], [2, 0, 1, 0, 0, 3], 16),  # per-head patterns
+    # windows at the edges of whole key blocks (interior blocks skip the position rule): a query
+    # block's last query sees exactly the first key of the block a window of 32 reaches, not 31's
+    (4, 2, 96, 16, [0, 0], [31, 32, 33, 48], [0, 0, 2, 0], 16),
 ])
 def test_block_sparse_kernel_matches_reference(heads, kv_heads, tokens, dim, pads, window, sinks, block):
     q, k, v, q_pos, kv_pos = prefill_case(len(pads), heads, kv_heads, tokens, dim, pads, seed=tokens)

@@ -7,6 +7,10 @@ compiled, so the compiling happens in a child process without it.
 
 - The single-row kernel (``gemv.py``): with ``LOOP_STAGES`` > 1 its K loop copies tiles
   asynchronously (``cp.async``) into shared memory, and with 1 it does not.
+- The block-sparse prefill kernel (``sparse_attention.py``) at head dim 128, blocks of 64 (4 warps)
+  and 128 (8 warps), as ``triton_sparse_attention`` launches them: it fits in shared memory and
+  its products run on the Hopper matrix units (``wgmma``) with the key and value tiles copied
+  asynchronously.
 - The decode attention kernel (``decode_attention.py``) at head dim 128: every cache format fits
   the 227 KB of shared memory one program may use on sm_90, and the quantized formats read their
   group parameters once per group (reading them per channel compiled to 411 (int8) and 771 (int4)
@@ -26,6 +30,7 @@ import pytest
 
 SM90_SHARED_BYTES = 232448  # 227 KB: what one program may use on an H100/H200
 DECODE_FORMATS = [(0, 1), (8, 128), (8, 32), (4, 32)]  # (bits, group size); 0: a bfloat16 cache
+PREFILL_TILES = [(64, 4), (128, 8)]  # (block, warps)
 
 
 def compile_for_sm90(kernel, args: dict[str, str], constants: dict, unaligned: tuple[str, ...] = (),
@@ -45,13 +50,15 @@ def compile_for_sm90(kernel, args: dict[str, str], constants: dict, unaligned: t
     ptx = compiled.asm["ptx"]
     return {"copies": len(re.findall(r"cp\.async\.c[ag]\.shared\.global", ptx)),
             "scalar_loads": len(re.findall(r"ld\.global\.b(?:8|16|32)\b", ptx)),
-            "waits": "cp.async.wait_group" in ptx, "shared": compiled.metadata.shared}
+            "waits": "cp.async.wait_group" in ptx, "shared": compiled.metadata.shared,
+            "wgmma": len(re.findall(r"wgmma\.mma_async", ptx))}
 
 
 def compile_all() -> dict[str, dict]:
     """Every configuration the tests look at, by name (run where kernels are not interpreted)."""
     from bevel.codegen.kernels.decode_attention import decode_attention_kernel
     from bevel.codegen.kernels.gemv import gemv_kernel
+    from bevel.codegen.kernels.sparse_attention import block_sparse_attention_kernel
 
     found = {}
     for int4 in (False, True):
@@ -77,6 +84,16 @@ def compile_all() -> dict[str, dict]:
         constants = dict(POS_HEADS=1, BITS=bits, GROUP_SIZE=group_size, PARAMS=2 if bits == 4 else 1, BLOCK_N=64,
                          BLOCK_D=128, BLOCK_Q=16, IEEE=False)
         found[f"decode bits {bits} group {group_size}"] = compile_for_sm90(decode_attention_kernel, args, constants)
+    for block, warps in PREFILL_TILES:
+        # bfloat16, one position table and one block table for every head (a window shared by all)
+        args = dict(zip(["q_ptr", "k_ptr", "v_ptr", "q_pos_ptr", "kv_pos_ptr", "table_ptr", "count_ptr", "window_ptr",
+                         "sinks_ptr", "out_ptr", "T", "L", "D", "DV", "HEADS", "KV_HEADS", "QUERY_BLOCKS", "WIDTH",
+                         "scale"],
+                        ["*bf16"] * 3 + ["*i64", "*i64", "*i32", "*i32", "*i64", "*i64", "*bf16"] + ["i32"] * 8
+                        + ["fp32"]))
+        constants = dict(POS_HEADS=1, TABLE_HEADS=1, BLOCK=block, BLOCK_D=128, BLOCK_DV=128, IEEE=False)
+        found[f"prefill block {block}"] = compile_for_sm90(block_sparse_attention_kernel, args, constants,
+                                                           num_warps=warps)
     return found
 
 
@@ -109,3 +126,12 @@ def test_decode_attention_fits_sm90_and_reads_group_parameters_once(compiled, bi
     assert found["shared"] <= SM90_SHARED_BYTES
     # the bfloat16 kernel's own count (48 + 3) bounds what the codes and their parameters may take
     assert found["copies"] + found["scalar_loads"] <= 64
+
+
+@pytest.mark.parametrize("block,warps", PREFILL_TILES)
+def test_block_sparse_attention_fits_sm90_on_its_matrix_units(compiled, block, warps):
+    found = compiled[f"prefill block {block}"]
+    print(f"block {block}, {warps} warps: {found['wgmma']} wgmma, {found['copies']} cp.async, "
+          f"{found['shared']} B shared")
+    assert found["shared"] <= SM90_SHARED_BYTES
+    assert found["wgmma"] > 0 and found["copies"] > 0

@@ -4,8 +4,11 @@
 One program per (query block, batch x query head) walks the key blocks its row of the block index
 table lists, with the online softmax of FlashAttention: a running maximum and sum per query, the
 accumulator rescaled when the maximum grows. Inside a listed block the position rule masks single
-keys (causality, the head's window and sinks, empty slots), so a table may list more than is seen.
-Query and key blocks have the table's ``block`` size; grouped-query attention reads each KV head
+keys (causality, the head's window and sinks, empty slots), so a table may list more than is seen;
+a key block whose positions every query of the block sees in full (an interior block of a window:
+filled slots, none after the first query, all within the window of the last) skips that rule, as
+FlexAttention's full blocks do, and scores are kept in base 2 for ``exp2`` (both not yet timed on a
+GPU against the figures in benchmarks/RESULTS.md). Query and key blocks have the table's ``block`` size; grouped-query attention reads each KV head
 where its query heads need it, without copies. When every head has the same window and sinks over
 the same slots, the table built from positions has one head for all (32x less to build at 32
 heads: building it per head cost more than the kernel at 4K tokens on an H200).
@@ -42,6 +45,12 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_pos_ptr, ta
     top = tl.full((BLOCK,), float("-inf"), tl.float32)
     total = tl.zeros((BLOCK,), tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_DV), tl.float32)
+    # scores in base 2: exp2 of scaled scores is the exp of the plain ones, one multiply fewer each
+    qk_scale = scale * 1.4426950408889634
+    # the query block's position range: a key block inside it for every query needs no mask
+    valid = offs_m < T
+    q_lo = tl.min(tl.where(valid, q_pos, 1 << 62))
+    q_hi = tl.max(tl.where(valid, q_pos, -1))
     row = (b * TABLE_HEADS + (h if TABLE_HEADS > 1 else 0)) * QUERY_BLOCKS + query_block
     count = tl.load(count_ptr + row)
     kv_base = (b * KV_HEADS + kv_head) * L
@@ -56,15 +65,20 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_pos_ptr, ta
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = s * scale
-        distance = q_pos[:, None] - kv_pos[None, :]
-        seen = (kv_pos[None, :] >= 0) & (distance >= 0) & (
-            (window <= 0) | (distance < window) | (kv_pos[None, :] < sinks))
-        s = tl.where(seen, s, float("-inf"))
+        s = s * qk_scale
+        # every slot filled, none after the block's first query, all within the window of its last:
+        # the interior blocks of a window, most of those it computes, skip the position rule
+        k_lo, k_hi = tl.min(kv_pos), tl.max(kv_pos)
+        full = (k_lo >= 0) & (k_hi <= q_lo) & ((window <= 0) | (q_hi - k_lo < window))
+        if not full:
+            distance = q_pos[:, None] - kv_pos[None, :]
+            seen = (kv_pos[None, :] >= 0) & (distance >= 0) & (
+                (window <= 0) | (distance < window) | (kv_pos[None, :] < sinks))
+            s = tl.where(seen, s, float("-inf"))
         new_top = tl.maximum(top, tl.max(s, axis=1))
         shift = tl.where(new_top == float("-inf"), 0.0, new_top)  # no key seen yet: nothing to rescale
-        p = tl.exp(s - shift[:, None])
-        alpha = tl.exp(top - shift)
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(top - shift)
         total = total * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + (kv_base + offs_n[:, None]) * DV + offs_dv[None, :],
                     mask=inside[:, None] & (offs_dv[None, :] < DV), other=0.0)
