@@ -8,10 +8,11 @@ keys (causality, the head's window and sinks, empty slots), so a table may list 
 a key block whose positions every query of the block sees in full (an interior block of a window:
 filled slots, none after the first query, all within the window of the last) skips that rule, as
 FlexAttention's full blocks do, and scores are kept in base 2 for ``exp2`` (both not yet timed on a
-GPU against the figures in benchmarks/RESULTS.md). Query and key blocks have the table's ``block`` size; grouped-query attention reads each KV head
-where its query heads need it, without copies. When every head has the same window and sinks over
-the same slots, the table built from positions has one head for all (32x less to build at 32
-heads: building it per head cost more than the kernel at 4K tokens on an H200).
+GPU against the figures in benchmarks/RESULTS.md). Query and key blocks have the table's ``block``
+size; grouped-query attention reads each KV head where its query heads need it, without copies.
+When every head has the same window and sinks over the same slots, the table built from positions
+has one head for all (32x less to build at 32 heads: building it per head cost more than the kernel
+at 4K tokens on an H200).
 """
 
 from __future__ import annotations
