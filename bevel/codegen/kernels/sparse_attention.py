@@ -38,9 +38,10 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_pos_ptr, ta
     pos_head = kv_head if POS_HEADS > 1 else 0
     offs_m = query_block * BLOCK + tl.arange(0, BLOCK)
     offs_d, offs_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    valid = offs_m < T
     q = tl.load(q_ptr + (bh * T + offs_m[:, None]) * D + offs_d[None, :],
-                mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-    q_pos = tl.load(q_pos_ptr + b * T + offs_m, mask=offs_m < T, other=0)
+                mask=valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    q_pos = tl.load(q_pos_ptr + b * T + offs_m, mask=valid, other=0)
     window = tl.load(window_ptr + h)
     sinks = tl.load(sinks_ptr + h)
     top = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -49,7 +50,6 @@ def block_sparse_attention_kernel(q_ptr, k_ptr, v_ptr, q_pos_ptr, kv_pos_ptr, ta
     # scores in base 2: exp2 of scaled scores is the exp of the plain ones, one multiply fewer each
     qk_scale = scale * 1.4426950408889634
     # the query block's position range: a key block inside it for every query needs no mask
-    valid = offs_m < T
     q_lo = tl.min(tl.where(valid, q_pos, 1 << 62))
     q_hi = tl.max(tl.where(valid, q_pos, -1))
     row = (b * TABLE_HEADS + (h if TABLE_HEADS > 1 else 0)) * QUERY_BLOCKS + query_block

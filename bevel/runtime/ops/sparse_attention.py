@@ -69,14 +69,18 @@ def dense_mask(q_positions: torch.Tensor, kv_positions: torch.Tensor, window: li
     return mask
 
 
+def listed_blocks(block_index: torch.Tensor, key_blocks: int) -> torch.Tensor:
+    """The table as a block mask [B, H, query blocks, key_blocks]: True where it lists the key block."""
+    # -1 entries land in an extra column that is dropped
+    listed = block_index.new_zeros(*block_index.shape[:3], key_blocks + 1, dtype=torch.bool)
+    listed.scatter_(3, torch.where(block_index < 0, key_blocks, block_index), True)
+    return listed[..., :key_blocks]
+
+
 def block_table_mask(block_index: torch.Tensor, queries: int, keys: int, block: int) -> torch.Tensor:
     """The table as an element mask [B, H, queries, keys]: True where the key's block is listed for
     the query's block."""
-    batch, heads, query_blocks, _ = block_index.shape
-    key_blocks = math.ceil(keys / block)
-    # -1 entries land in an extra column that is dropped
-    listed = torch.zeros(batch, heads, query_blocks, key_blocks + 1, dtype=torch.bool, device=block_index.device)
-    listed.scatter_(3, torch.where(block_index < 0, key_blocks, block_index), True)
+    listed = listed_blocks(block_index, math.ceil(keys / block))
     rows = torch.arange(queries, device=block_index.device) // block
     cols = torch.arange(keys, device=block_index.device) // block
     return listed[:, :, rows][:, :, :, cols]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bevel.runtime.ops.sparse_attention import allowed, head_values
+from bevel.runtime.ops.sparse_attention import allowed, head_values, listed_blocks
 
 
 def fresh_prefill(q: torch.Tensor, k: torch.Tensor, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> bool:
@@ -85,16 +85,13 @@ def tabled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     group = heads // k.shape[1]
     w = head_values(window, heads, q.device)[None, :, None, None]
     s = head_values(sinks, heads, q.device)[None, :, None, None]
-    blocks = -(-length // block)
-    # [B, H, query blocks, key blocks + 1]: the listed blocks, -1 entries landing in the dropped last column
-    listed = torch.zeros(*block_index.shape[:3], blocks + 1, dtype=torch.bool, device=q.device)
-    listed.scatter_(3, torch.where(block_index < 0, blocks, block_index), True)
+    listed = listed_blocks(block_index, -(-length // block))  # [B, H, query blocks, key blocks]
     positions = torch.arange(length, device=q.device)
     qf, kf, vf = q.float(), k.float(), v.float()
     out = q.new_empty(batch, heads, length, v.shape[-1], dtype=torch.float32)
     for qb in range(block_index.shape[2]):
         start, stop = qb * block, min((qb + 1) * block, length)
-        used = listed[:, :, qb, :blocks].any(dim=0).any(dim=0).nonzero().flatten()
+        used = listed[:, :, qb].any(dim=0).any(dim=0).nonzero().flatten()
         if used.numel() == 0:
             out[:, :, start:stop] = 0
             continue
