@@ -15,6 +15,10 @@ compiled, so the compiling happens in a child process without it.
   the 227 KB of shared memory one program may use on sm_90, and the quantized formats read their
   group parameters once per group (reading them per channel compiled to 411 (int8) and 771 (int4)
   4-byte copies per program and, for int4, 279 KB of shared memory: a kernel that cannot launch).
+- The token matching kernels (``token_merge.py``) for ViT-B's keys averaged over heads (64 channels,
+  bfloat16) and its hidden states (768, float32): the similarity kernel fits in shared memory (with
+  a whole row of channels per tile the 768-wide metric took 256 KB), and the plan kernel compiles
+  (a module constant it reads must be a ``tl.constexpr``, which the interpreter does not check).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import pytest
 SM90_SHARED_BYTES = 232448  # 227 KB: what one program may use on an H100/H200
 DECODE_FORMATS = [(0, 1), (8, 128), (8, 32), (4, 32)]  # (bits, group size); 0: a bfloat16 cache
 PREFILL_TILES = [(64, 4), (128, 8)]  # (block, warps)
+MATCH_METRICS = [(64, "*bf16"), (768, "*fp32")]  # (channels, dtype)
 
 
 def compile_for_sm90(kernel, args: dict[str, str], constants: dict, unaligned: tuple[str, ...] = (),
@@ -59,6 +64,7 @@ def compile_all() -> dict[str, dict]:
     from bevel.codegen.kernels.decode_attention import decode_attention_kernel
     from bevel.codegen.kernels.gemv import gemv_kernel
     from bevel.codegen.kernels.sparse_attention import block_sparse_attention_kernel
+    from bevel.codegen.kernels.token_merge import best_match_kernel, plan_kernel
 
     found = {}
     for int4 in (False, True):
@@ -94,6 +100,15 @@ def compile_all() -> dict[str, dict]:
         constants = dict(POS_HEADS=1, TABLE_HEADS=1, BLOCK=block, BLOCK_D=128, BLOCK_DV=128, IEEE=False)
         found[f"prefill block {block}"] = compile_for_sm90(block_sparse_attention_kernel, args, constants,
                                                            num_warps=warps)
+    for channels, dtype in MATCH_METRICS:
+        # as triton_bipartite_match launches it
+        args = dict(zip(["metric_ptr", "size_ptr", "best_ptr", "where_ptr", "N", "C", "protect"],
+                        [dtype, "*fp32", "*fp32", "*i64", "i32", "i32", "i32"]))
+        found[f"match channels {channels}"] = compile_for_sm90(best_match_kernel, args, dict(
+            BLOCK_I=32, BLOCK_J=32, BLOCK_C=min(64, channels)))
+    args = dict(zip(["best_ptr", "where_ptr", "size_ptr", "prefix_ptr", "dest_ptr", "N", "protect", "remove"],
+                    ["*fp32", "*i64", "*fp32", "*i64", "*i64", "i32", "i32", "i32"]))
+    found["match plan"] = compile_for_sm90(plan_kernel, args, dict(BLOCK=64))
     return found
 
 
@@ -135,3 +150,10 @@ def test_block_sparse_attention_fits_sm90_on_its_matrix_units(compiled, block, w
           f"{found['shared']} B shared")
     assert found["shared"] <= SM90_SHARED_BYTES
     assert found["wgmma"] > 0 and found["copies"] > 0
+
+
+@pytest.mark.parametrize("channels", [c for c, _ in MATCH_METRICS])
+def test_token_matching_kernels_fit_sm90(compiled, channels):
+    found, plan = compiled[f"match channels {channels}"], compiled["match plan"]
+    print(f"matching {channels} channels: {found['shared']} B shared; plan kernel {plan['shared']} B shared")
+    assert found["shared"] <= SM90_SHARED_BYTES and plan["shared"] <= SM90_SHARED_BYTES
