@@ -85,6 +85,10 @@ def tabled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     group = heads // k.shape[1]
     w = head_values(window, heads, q.device)[None, :, None, None]
     s = head_values(sinks, heads, q.device)[None, :, None, None]
+    # heads whose window reaches every earlier key (the usual case with a table): the position rule
+    # is causality alone, the same for every head, and a query sees some key exactly where its head
+    # lists a block at or before its own (its own key, or whole earlier blocks)
+    causal_only = bool(((w <= 0) | (w >= length)).all())
     listed = listed_blocks(block_index, -(-length // block))  # [B, H, query blocks, key blocks]
     positions = torch.arange(length, device=q.device)
     qf, kf, vf = q.float(), k.float(), v.float()
@@ -98,8 +102,13 @@ def tabled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
         slots = (used[:, None] * block + torch.arange(block, device=q.device)).flatten()
         slots = slots[slots < length]
         own = listed[:, :, qb][..., slots // block][:, :, None, :]  # each head's own list, [B, H, 1, keys]
-        mask = allowed(positions[start:stop, None], slots[None, :], w, s) & own
+        if causal_only:
+            mask = own & (slots[None, :] <= positions[start:stop, None])
+            sees = listed[:, :, qb, :qb + 1].any(dim=-1)[..., None, None]  # [B, H, 1, 1]
+        else:
+            mask = allowed(positions[start:stop, None], slots[None, :], w, s) & own
+            sees = mask.any(-1, keepdim=True)
         part = F.scaled_dot_product_attention(qf[:, :, start:stop], kf[:, :, slots], vf[:, :, slots], attn_mask=mask,
                                               scale=scale, enable_gqa=group > 1)
-        out[:, :, start:stop] = torch.where(mask.any(-1, keepdim=True), part, 0.0)
+        out[:, :, start:stop] = part if bool(sees.all()) else torch.where(sees, part, 0.0)
     return out.to(q.dtype)
