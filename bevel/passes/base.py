@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +157,9 @@ def _check_value(pass_name: str, key: str, value: Any, tp: Any, meta: typing.Map
     choices = meta.get("choices")
     if choices is not None and converted not in choices:
         raise ParamError(f"{where}: {value!r} is not one of {', '.join(repr(c) for c in choices)}", key=key)
+    if isinstance(converted, float) and math.isnan(converted):  # NaN fails no comparison below
+        bounds = _range_text(meta)
+        raise ParamError(f"{where}: nan is not a number" + (f"; {key} must be in {bounds}" if bounds else ""), key=key)
     if isinstance(converted, (int, float)) and not isinstance(converted, bool):
         bad = ((meta.get("ge") is not None and converted < meta["ge"])
                or (meta.get("gt") is not None and converted <= meta["gt"])

@@ -27,6 +27,15 @@ def test_params_made_directly_are_validated_and_name_the_pass():
     assert GlobalMagnitudePrune.Params(skip=["a.*"]).skip == ("a.*",)  # a list where a tuple is declared
 
 
+@pytest.mark.parametrize("spec,key", [("prune.magnitude", "sparsity"), ("quantize.int8_dynamic", "smooth"),
+                                      ("lowrank", "energy")])
+def test_nan_is_refused_where_a_number_in_range_is_expected(spec, key):
+    """NaN fails every comparison, so a range check alone would let it through."""
+    with pytest.raises(ParamError, match=rf"{spec.replace('.', '[.]')}\({key}=\.\.\.\): nan is not a number; {key} "
+                                         rf"must be in"):
+        get_pass(spec)(**{key: float("nan")})
+
+
 def test_a_subclass_reusing_params_gets_its_own_name_and_leaves_the_parents():
     with pytest.raises(ParamError, match=r"test\.base\.sub_prune\(sparsity"):
         SubPrune(sparsity=2.0)
