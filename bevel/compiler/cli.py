@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +24,7 @@ from typer.core import TyperGroup
 import bevel
 from bevel.errors import BevelError, CaptureError, PipelineError, first_line
 from bevel.passes.base import format_value
-from bevel.ir.onnx_export import DEFAULT_OPSET
+from bevel.ir.onnx_export import DEFAULT_OPSET, check_opset
 
 DEMO_PIPELINE = "cleanup | quantize.int8_dynamic"
 
@@ -210,7 +211,8 @@ def export_command(
     max_fidelity_drop: Optional[float] = typer.Option(
         None, "--max-fidelity-drop", min=0.0, max=2.0,
         help="Roll back any pass that lowers the cosine similarity to the original by more than this (e.g. 0.01)."),
-    opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=DEFAULT_OPSET, help="ONNX opset to write."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=DEFAULT_OPSET,
+                              help="ONNX opset to write: from the default up to the newest the installed onnx knows."),
     device: str = typer.Option("cpu", "--device", help="Where the compiled model runs: cpu or cuda."),
     static_shapes: bool = typer.Option(False, "--static-shapes", help=STATIC_SHAPES_HELP),
 ) -> None:
@@ -221,13 +223,18 @@ def export_command(
 
     pipeline = build_pipeline(passes)  # bad arguments fail before the model loads
     check_device(device)
+    check_opset(opset)
+    _check_output_dir(out)
     batches = resolve_calibration(calibration, model_ref)
     model, example_inputs = resolve_model(model_ref, example_inputs=batches[0] if batches else None)
     compiled = _compile_with_progress(model, pipeline, example_inputs, batches, device=device,
                                       max_fidelity_drop=max_fidelity_drop,
                                       dynamic_shapes=_dynamic_shapes(static_shapes))
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BevelError(f"--out '{out}': cannot create the directory: {error.strerror or error}") from None
     report = compiled.report
     paths = {"report": out / "report.md", "report json": out / "report.json", "artifact": out / "artifact",
              "onnx": out / "model.onnx"}
@@ -243,6 +250,18 @@ def export_command(
     typer.echo("")
     for label, path in paths.items():
         typer.echo(f"{label + ':':13} {path}")
+
+
+def _check_output_dir(out: Path) -> None:
+    """A BevelError, before any work, where ``out`` cannot be created: below a file, or below a
+    directory this user cannot write (an existing file is refused by the option itself)."""
+    if out.exists():
+        return
+    parent = next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise BevelError(f"--out '{out}': '{parent}' is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise BevelError(f"--out '{out}': cannot create the directory in '{parent}' (not writable)")
 
 
 def _dynamic_shapes(static_shapes: bool) -> str | None:

@@ -136,23 +136,35 @@ def _strip_debug_metadata(path: str) -> None:
     onnx.save(model, path)
 
 
+def check_opset(opset: int) -> None:
+    """Raise ExportError unless ``opset`` is an ONNX opset version bevel can write: from
+    :data:`DEFAULT_OPSET` to the newest the installed onnx package knows."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise ExportError(f"opset={opset!r} is not an ONNX opset version: give an integer from {DEFAULT_OPSET} to "
+                          f"{newest}")
+    if opset < DEFAULT_OPSET:
+        raise ExportError(f"opset={opset} is too old: bevel writes ONNX opset {DEFAULT_OPSET} or newer")
+    if opset > newest:
+        raise ExportError(f"opset={opset} is newer than the installed onnx package knows (up to {newest})")
+
+
 def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSET) -> str:
     """Write ``compiled`` as ONNX to ``path`` through ``torch.onnx.export(dynamo=True)``.
 
     The input dimensions that the compiled graph leaves symbolic (batch, sequence) are dynamic in
     the ONNX model (see the module docstring for their names); the weights go to ``<path>.data``
     beside it. bevel's custom ops are written with their registered onnxscript translations.
-    Raises ExportError for an opset older than :data:`DEFAULT_OPSET`, a path that cannot be written,
-    or a graph the exporter or onnx.checker refuses.
+    Raises ExportError for an opset outside what :func:`check_opset` allows, a path that cannot be
+    written, or a graph the exporter or onnx.checker refuses.
     """
     import onnx
 
     from bevel.runtime.ops import ONNX_TRANSLATIONS
 
-    if isinstance(opset, bool) or not isinstance(opset, int):
-        raise ExportError(f"opset={opset!r} is not an ONNX opset version: give an integer, {DEFAULT_OPSET} or newer")
-    if opset < DEFAULT_OPSET:
-        raise ExportError(f"opset={opset} is too old: bevel writes ONNX opset {DEFAULT_OPSET} or newer")
+    check_opset(opset)
     existed = os.path.exists(path)
     target = _check_writable(path)
     args = compiled.cpu_example_inputs()
@@ -168,6 +180,11 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
             os.remove(target)  # the empty file the writability check left
         raise ExportError(f"could not export the compiled graph to ONNX at '{path}': {_describe(error)}") from error
     _strip_debug_metadata(target)
+    written = {entry.domain: entry.version for entry in onnx.load(target, load_external_data=False).opset_import}
+    if written.get("", written.get("ai.onnx")) != opset:
+        # the exporter writes opset 18 and converts; where an op has no converter it keeps 18 and only warns
+        raise ExportError(f"could not write ONNX opset {opset} at '{path}': the exporter could not convert every op "
+                          f"from opset {DEFAULT_OPSET} (see its warning above); opset {DEFAULT_OPSET} works")
     try:
         onnx.checker.check_model(target, full_check=True)
     except Exception as error:

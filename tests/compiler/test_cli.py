@@ -252,6 +252,9 @@ def test_pipeline_errors_show_the_caret(tmp_path, pipeline, expected):
     (["export", SMALL, "--out", "unused", "--device", "tpu9"], "device='tpu9' is not a device torch knows"),
     (["export", SMALL], "Missing option '--out'"),
     (["export", SMALL, "--out", "unused", "--opset", "11"], "Invalid value for '--opset'"),
+    (["export", SMALL, "--out", "unused", "--opset", "99"], "opset=99 is newer than the installed onnx package knows"),
+    (["export", SMALL, "--out", "cli_models.py"], "dir 'cli_models.py' is a file"),
+    (["export", SMALL, "--out", "cli_models.py/sub"], "cli_models.py' is a file, not a directory"),
     (["frobnicate"], "No such command 'frobnicate'"),
 ])
 def test_user_errors_exit_2_with_one_line(args, expected):

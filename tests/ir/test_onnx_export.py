@@ -176,11 +176,29 @@ def small_compiled():
     (DEFAULT_OPSET - 1, f"opset={DEFAULT_OPSET - 1} is too old.*{DEFAULT_OPSET}"),
     (9, f"opset=9 is too old.*{DEFAULT_OPSET}"),
     (str(DEFAULT_OPSET), "not an ONNX opset version"),
+    (99, "opset=99 is newer than the installed onnx package knows"),
 ])
 def test_a_bad_opset_is_refused(small_compiled, tmp_path, opset, message):
     with pytest.raises(ExportError, match=message):
         small_compiled.export_onnx(str(tmp_path / "model.onnx"), opset=opset)
     assert not os.listdir(tmp_path)
+
+
+def test_a_newer_opset_is_written_or_refused_but_never_mislabelled(tmp_path):
+    """The exporter writes opset 18 and converts; where an op has no converter (GELU from 19 on, with
+    onnx 1.20) it kept 18 under the requested label and onnx.checker then blamed the op."""
+    newest = onnx.defs.onnx_opset_version()
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)).eval()
+    compiled = bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 4, generator=seeded(1)),))
+    for opset in (DEFAULT_OPSET + 2, newest):
+        path = str(tmp_path / f"opset{opset}.onnx")
+        try:
+            compiled.export_onnx(path, opset=opset)
+        except ExportError as error:
+            assert f"could not write ONNX opset {opset}" in str(error) and f"opset {DEFAULT_OPSET} works" in str(error)
+            continue
+        written = {entry.domain: entry.version for entry in onnx.load(path, load_external_data=False).opset_import}
+        assert written[""] == opset
 
 
 def test_the_default_opset_is_written(small_compiled, tmp_path):
