@@ -106,6 +106,9 @@ def parse_options(options: dict[str, Any] | None, mode: str | None = None) -> Ba
     if mode is not None:
         raise BevelError(f"torch.compile(mode={mode!r}) has no meaning for the bevel backend; give the "
                          f"pipeline as options={{'passes': '...'}} instead")
+    if options is not None and not isinstance(options, dict):
+        raise BevelError(f"torch.compile(options=...) for the bevel backend must be a dict such as "
+                         f"{{'passes': 'cleanup | ...'}}, got a {type(options).__name__}: {options!r}")
     options = dict(options or {})
     unknown = [key for key in options if key not in OPTIONS]
     if unknown:

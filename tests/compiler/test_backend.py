@@ -287,6 +287,13 @@ def test_unknown_option_lists_accepted_keys(mlp):
         assert key in message
 
 
+def test_a_pipeline_given_as_the_options_themselves_is_refused(mlp):
+    compiled = torch.compile(mlp, backend="bevel", options="cleanup")
+    with pytest.raises(bevel.BevelError, match=r"options=\.\.\.\) for the bevel backend must be a dict such as "
+                                               r"\{'passes': 'cleanup \| \.\.\.'\}, got a str: 'cleanup'"):
+        compiled(torch.randn(2, 16))
+
+
 def test_bad_fidelity_budget_is_refused(mlp):
     compiled = torch.compile(mlp, backend="bevel", options={"max_fidelity_drop": 5})
     with pytest.raises(bevel.ParamError, match="max_fidelity_drop"):
