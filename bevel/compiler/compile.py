@@ -31,6 +31,25 @@ def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
     raise BevelError(f"{what} must be a tuple of positional inputs (or one tensor), got {type(batch).__name__}")
 
 
+def _shapes(batch: tuple[Any, ...]) -> list:
+    """Each input's shape, or its type where it is not a tensor (for error messages)."""
+    return [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch]
+
+
+def check_seed(seed: Any) -> None:
+    """Refuse a ``seed`` that torch.manual_seed cannot take: not an int, or outside 64 bits."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
+        raise ParamError(f"seed={seed!r} must be an integer that fits in 64 bits", key="seed")
+
+
+def check_dynamic_shapes(dynamic_shapes: Any) -> None:
+    """Refuse a ``dynamic_shapes`` that is not None, "static" or a torch.export spec (dict, tuple, list)."""
+    if dynamic_shapes is not None and dynamic_shapes != "static" and not isinstance(dynamic_shapes, (dict, tuple, list)):
+        raise ParamError(f"dynamic_shapes={dynamic_shapes!r} must be None (dimensions vary where the model allows), "
+                         f"'static' (fixed to the example inputs) or a torch.export dynamic_shapes spec (a dict, "
+                         f"tuple or list)", key="dynamic_shapes")
+
+
 def check_fidelity_budget(max_fidelity_drop: Any) -> None:
     """Refuse a ``max_fidelity_drop`` that is not None or a number in [0, 2] (a drop in cosine similarity)."""
     if max_fidelity_drop is not None and (isinstance(max_fidelity_drop, bool)
@@ -59,8 +78,7 @@ def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: li
         try:
             outputs.extend(run_batches(graph, [batch]))
         except Exception as error:  # guards and shape checks raise assorted types
-            shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch]
-            raise CaptureError(f"the captured graph fails on calibration batch {index} (input shapes {shapes}): "
+            raise CaptureError(f"the captured graph fails on calibration batch {index} (input shapes {_shapes(batch)}): "
                                f"{type(error).__name__}: {first_line(error)} (a batch whose shapes differ from the "
                                f"example inputs' must fit the shapes the graph was captured with)") from error
     try:
@@ -119,6 +137,8 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"bevel.compile expects a torch.nn.Module, got {type(model).__name__}")
     check_fidelity_budget(max_fidelity_drop)
+    check_seed(seed)
+    check_dynamic_shapes(dynamic_shapes)
     check_device(device)
     batches = calibration_batches(calibration)
     if example_inputs is None:
@@ -140,11 +160,14 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
                       seed=seed, max_fidelity_drop=max_fidelity_drop)
 
     original = copy_model(model)
-    try:
-        reference = run_batches(original, ctx.calibration)
-    except Exception as error:
-        raise CaptureError(f"{type(model).__name__} fails on its own inputs before capture: "
-                           f"{type(error).__name__}: {error}") from error
+    reference = []
+    for index, batch in enumerate(ctx.calibration):
+        try:
+            reference.extend(run_batches(original, [batch]))
+        except Exception as error:
+            which = f"calibration batch {index} (input shapes {_shapes(batch)})" if batches else "its example inputs"
+            raise CaptureError(f"{type(model).__name__} fails on {which} before capture: "
+                               f"{type(error).__name__}: {first_line(error)}") from error
     start = time.perf_counter()
     graph = capture(original, example_inputs, dynamic_shapes)
     capture_seconds = time.perf_counter() - start

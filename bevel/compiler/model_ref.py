@@ -132,8 +132,8 @@ def _model_and_inputs(ref: str, result: Any,
     if isinstance(result, torch.nn.Module):
         if fallback_inputs is None:
             raise ModelLoadError(f"MODEL '{ref}' gave a {type(result).__name__} but no example inputs: the callable "
-                                 f"must return (model, example_inputs), or pass --calibration so the first batch "
-                                 f"serves as example inputs")
+                                 f"must return (model, example_inputs) (with `bevel export`, --calibration can give "
+                                 f"them instead: its first batch serves as example inputs)")
         return result, tuple(fallback_inputs)
     if isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
         model, inputs = result

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -52,10 +54,29 @@ def test_other_bad_arguments():
         bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),), max_fidelity_drop=-1)
     with pytest.raises(BevelError, match="device"):
         bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),), device="tpu9")
-    with pytest.raises(CaptureError, match="fails on its own inputs"):
+    with pytest.raises(CaptureError, match="MLP fails on its example inputs before capture"):
         bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 7),))
+    with pytest.raises(CaptureError, match=r"MLP fails on calibration batch 1 \(input shapes \[\(4, 5\)\]\) before capture"):
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),),
+                      calibration=[(torch.randn(3, 16),), (torch.randn(4, 5),)])
     with pytest.raises(CaptureError, match="nn.Module"):
         bevel.compile(lambda x: x, "cleanup", example_inputs=(torch.randn(2, 16),))
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("seed", "x", "seed='x' must be an integer that fits in 64 bits"),
+    ("seed", 2**70, "must be an integer that fits in 64 bits"),
+    ("seed", 1.5, "seed=1.5 must be an integer"),
+    ("dynamic_shapes", "foo", "dynamic_shapes='foo' must be None"),
+    ("dynamic_shapes", 3, "dynamic_shapes=3 must be None"),
+])
+def test_bad_seed_and_dynamic_shapes_are_refused_by_name_before_capture(key, value, fragment):
+    model = MLP()
+    before = snapshot(model)
+    with pytest.raises(ParamError, match=re.escape(fragment)) as caught:
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),), **{key: value})
+    assert caught.value.key == key
+    assert_untouched(model, before, training=True)
 
 
 def test_compiled_module_is_an_nn_module_called_like_the_model():
