@@ -19,7 +19,7 @@ from bevel.compiler.fidelity import run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, measure_figures
 from bevel.compiler.report import Report
 from bevel.errors import BevelError, CaptureError
-from bevel.ir.decoder import DecoderStep, capture_decoder, decoder_spec, prefill_inputs
+from bevel.ir.decoder import DecoderSpec, DecoderStep, capture_decoder, decoder_spec, prefill_inputs
 from bevel.passes.base import Pass, PassContext
 from bevel.runtime.compiled_decoder import CompiledDecoder
 
@@ -45,6 +45,7 @@ def compile_decoder(model: torch.nn.Module, pipeline: list[Pass], example_inputs
                     on_pass_end: ProgressHook | None) -> CompiledDecoder:
     """The decoder branch of ``bevel.compile`` (``model`` is already a copy in eval mode)."""
     spec = decoder_spec(model, max_cache_len)
+    quality = _perplexity_probe(eval_text, spec)
     example_ids, example_mask = prompt_batch(example_inputs, "example_inputs")
     prompts = ([prompt_batch(b, f"calibration batch {i}") for i, b in enumerate(batches)]
                or [(example_ids, example_mask)])
@@ -61,7 +62,6 @@ def compile_decoder(model: torch.nn.Module, pipeline: list[Pass], example_inputs
     except Exception as error:
         raise CaptureError(f"{type(model).__name__} fails on its own prompts with a KV cache before capture: "
                            f"{type(error).__name__}: {error}") from error
-    quality = _perplexity_probe(eval_text)
     start = time.perf_counter()
     graph = capture_decoder(model, spec, example_ids)
     capture_seconds = time.perf_counter() - start
@@ -80,16 +80,27 @@ def compile_decoder(model: torch.nn.Module, pipeline: list[Pass], example_inputs
     return CompiledDecoder(lower(graph, device), example, report, report.pipeline, spec)
 
 
-def _perplexity_probe(eval_text: Any):
-    """A function model -> held-out perplexity of ``eval_text`` (None when no text is given)."""
+def _perplexity_probe(eval_text: Any, spec: DecoderSpec):
+    """A function model -> held-out perplexity of ``eval_text`` (None when no text is given); the
+    text is checked here, before capture, and its ids against the model's vocabulary."""
     if eval_text is None:
         return None
     from bevel.eval.perplexity import perplexity, token_ids
 
+    is_ids = isinstance(eval_text, torch.Tensor) and not eval_text.is_floating_point()
+    if not (isinstance(eval_text, str) or is_ids):
+        kind = type(eval_text).__name__ + (f" {eval_text.dtype}" if isinstance(eval_text, torch.Tensor) else "")
+        raise BevelError(f"eval_text must be a str (scored as UTF-8 bytes) or an integer tensor of token ids, "
+                         f"got {kind}")
     ids = token_ids(eval_text, None)
     if ids.numel() < 2:
         raise BevelError("eval_text must hold at least two tokens")
-    return lambda model: perplexity(model, ids, context=min(512, ids.numel()), stride=256)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= spec.vocab_size:
+        raise BevelError(f"eval_text holds token id {low if low < 0 else high}, outside the model's vocabulary of "
+                         f"{spec.vocab_size} tokens (ids 0 to {spec.vocab_size - 1})")
+    context = min(512, ids.numel())
+    return lambda model: perplexity(model, ids, context=context, stride=min(256, context))
 
 
 def _graph_quality(quality, spec):
