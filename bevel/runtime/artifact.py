@@ -203,31 +203,59 @@ def _bevel_version() -> str:
 
 
 def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
-    """Refuse a manifest whose fields have the wrong types, with the field named."""
-    def bad(field: str, expected: str) -> ArtifactError:
-        return ArtifactError(f"{MANIFEST} in '{path}' is invalid: \"{field}\" must be {expected}, "
-                             f"got {manifest.get(field)!r:.80}")
+    """Refuse a manifest whose fields, or the values inside them, have the wrong types, with the field named."""
+    def bad(field: str, expected: str, got: Any) -> ArtifactError:
+        return ArtifactError(f"{MANIFEST} in '{path}' is invalid: \"{field}\" must be {expected}, got {got!r:.80}")
 
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
-        raise bad("files", "an object mapping file names to sha256 digests")
+        raise bad("files", "an object mapping file names to sha256 digests", files)
     for name in files:
         if not _FILE_NAME.match(name) or name in (".", ".."):
             raise ArtifactError(f"{MANIFEST} in '{path}' is invalid: it lists '{name}', which is not a plain "
                                 f"file name inside the artifact")
-    if not isinstance(manifest.get("inputs", []), list):
-        raise bad("inputs", "a list of input specs")
+    inputs = manifest.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(spec, dict) for spec in inputs):
+        raise bad("inputs", "a list of input specs (objects)", inputs)
     if not isinstance(manifest.get("pipeline", ""), str):
-        raise bad("pipeline", "a string")
-    for field in ("aliases", "non_tensor_inputs"):
-        if not isinstance(manifest.get(field, {}), dict):
-            raise bad(field, "an object")
-    if not isinstance(manifest.get("frozen", []), list):
-        raise bad("frozen", "a list of parameter names")
+        raise bad("pipeline", "a string", manifest.get("pipeline"))
+    aliases = manifest.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise bad("aliases", "an object mapping weight names to the names they are stored under", aliases)
+    frozen = manifest.get("frozen", [])
+    if not isinstance(frozen, list) or not all(isinstance(name, str) for name in frozen):
+        raise bad("frozen", "a list of parameter names", frozen)
+    non_tensor = manifest.get("non_tensor_inputs", {})
+    if not isinstance(non_tensor, dict) or not all(isinstance(v, (bool, int, float, str, type(None)))
+                                                   for v in non_tensor.values()):
+        raise bad("non_tensor_inputs", "an object mapping input positions to numbers, strings, booleans "
+                                       "or null", non_tensor)
     types = manifest.get("container_types", [])
     if not isinstance(types, list) or not all(isinstance(t, dict) and isinstance(t.get("type"), str)
                                               and isinstance(t.get("module"), str) for t in types):
-        raise bad("container_types", "a list of {\"type\", \"module\"} objects")
+        raise bad("container_types", "a list of {\"type\", \"module\"} objects", types)
+    decoder = manifest.get("decoder", {})
+    if not isinstance(decoder, dict):
+        raise bad("decoder", "an object (a decoder spec)", decoder)
+    # DecoderSpec.from_json checks no types: a wrong one would fail only later, inside generate
+    for key in _DECODER_INTEGERS:
+        if key in decoder and not _is_int(decoder[key]):
+            raise bad(f"decoder.{key}", "an integer", decoder[key])
+    if decoder.get("eos_token_id") is not None and not _is_int(decoder["eos_token_id"]):
+        raise bad("decoder.eos_token_id", "an integer or null", decoder["eos_token_id"])
+    dtype = decoder.get("cache_dtype", "float32")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise bad("decoder.cache_dtype", "the name of a torch dtype, such as \"float32\"", dtype)
+    policy = decoder.get("cache_policy", {})
+    if not isinstance(policy, dict) or not all(v is None or _is_int(v) for v in policy.values()):
+        raise bad("decoder.cache_policy", "an object of integers or nulls", policy)
+
+
+_DECODER_INTEGERS = ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_cache_len", "pad_token_id")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def verify_artifact(path: str) -> dict[str, Any]:

@@ -185,6 +185,34 @@ def test_a_manifest_with_wrong_fields_is_refused(small_artifact, field, value, m
         bevel.load(small_artifact)
 
 
+DECODER = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "vocab_size": 50, "max_cache_len": 64}
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("aliases", {"a": ["x"]}, "aliases"),
+    ("aliases", {"a": 1}, "aliases"),
+    ("frozen", [[1]], "frozen"),
+    ("frozen", [1], "frozen"),
+    ("inputs", ["x"], "inputs"),
+    ("non_tensor_inputs", {"1": [1, 2]}, "non_tensor_inputs"),
+    ("decoder", "x", "decoder"),
+    ("decoder", [], "decoder"),
+    ("decoder", None, "decoder"),
+    ("decoder", {**DECODER, "num_layers": "2"}, "decoder.num_layers"),
+    ("decoder", {**DECODER, "max_cache_len": True}, "decoder.max_cache_len"),
+    ("decoder", {**DECODER, "eos_token_id": [1, 2]}, "decoder.eos_token_id"),
+    ("decoder", {**DECODER, "cache_dtype": "nonsense"}, "decoder.cache_dtype"),
+    ("decoder", {**DECODER, "cache_policy": "x"}, "decoder.cache_policy"),
+    ("decoder", {**DECODER, "cache_policy": {"window": "8"}}, "decoder.cache_policy"),
+])
+def test_a_manifest_with_malformed_field_contents_is_refused(small_artifact, field, value, named):
+    rewrite_manifest(small_artifact, lambda manifest: manifest.update({field: value}))
+    with pytest.raises(ArtifactError) as error:
+        bevel.load(small_artifact)
+    message = str(error.value)
+    assert f'"{named}" must be' in message and MANIFEST in message and small_artifact in message, message
+
+
 def test_a_manifest_that_drops_a_file_is_refused(small_artifact):
     rewrite_manifest(small_artifact, lambda manifest: manifest["files"].pop(WEIGHTS))
     with pytest.raises(ArtifactError, match=f"does not list {WEIGHTS}"):
