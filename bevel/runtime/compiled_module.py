@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from bevel.compiler.report import Report
+from bevel.errors import BevelError
 
 
 def input_specs(module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list[dict[str, Any]]:
@@ -23,6 +24,26 @@ def input_specs(module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list
         else:
             specs.append({"name": node.name, "dtype": type(val).__name__, "shape": None})
     return specs
+
+
+def input_mismatch(specs: list[dict[str, Any]], args: tuple[Any, ...]) -> str | None:
+    """What in ``args`` does not fit the graph's input ``specs`` (see :func:`input_specs`), or None."""
+    if len(args) != len(specs):
+        names = ", ".join(spec["name"] for spec in specs)
+        return f"it takes {len(specs)} positional input{'s' if len(specs) != 1 else ''} ({names}), got {len(args)}"
+    for i, (spec, arg) in enumerate(zip(specs, args)):
+        if spec["shape"] is None:
+            continue
+        where = f"input {i} ({spec['name']})"
+        expected = "[" + ", ".join(str(d) for d in spec["shape"]) + "]"
+        if not isinstance(arg, torch.Tensor):
+            return f"{where} should be a {spec['dtype']} tensor of shape {expected}, got a {type(arg).__name__}"
+        if str(arg.dtype).replace("torch.", "") != spec["dtype"]:
+            return f"{where} should be {spec['dtype']}, got {str(arg.dtype).replace('torch.', '')}"
+        shape = spec["shape"]
+        if arg.dim() != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, arg.shape)):
+            return f"{where} should have shape {expected} (named sizes may vary), got {list(arg.shape)}"
+    return None
 
 
 class CompiledModule(torch.nn.Module):
@@ -57,11 +78,21 @@ class CompiledModule(torch.nn.Module):
                 self._exit_runner = EarlyExitRunner(runtime_graph(graph_module, 0), self.early_exit, decode=False)
 
     def forward(self, *args: Any) -> Any:
-        with torch.no_grad():
-            if self._exit_runner is not None:
-                codegen = self.graph_module.graph._codegen  # the model's input and output structure
-                return codegen.process_outputs(self._exit_runner(*codegen.process_inputs(*args)))
-            return self.graph_module(*args)
+        """Run the compiled graph on ``args`` (the original model's positional inputs), without
+        gradients. Inputs it cannot take (their number, a tensor's rank, dtype or a fixed size) are a
+        BevelError naming the input and what the graph expects."""
+        try:
+            with torch.no_grad():
+                if self._exit_runner is not None:
+                    codegen = self.graph_module.graph._codegen  # the model's input and output structure
+                    return codegen.process_outputs(self._exit_runner(*codegen.process_inputs(*args)))
+                return self.graph_module(*args)
+        except (AssertionError, AttributeError, RuntimeError, TypeError, ValueError) as error:
+            # explained only after a failure, so that a good call pays nothing for the check
+            problem = input_mismatch(self.input_specs, args)
+            if problem is None:
+                raise
+            raise BevelError(f"the compiled {self.report.model} cannot take these inputs: {problem}") from error
 
     def cpu_graph_module(self) -> fx.GraphModule:
         """The graph with its weights and tensor-creating ops on the CPU, where saving and ONNX export

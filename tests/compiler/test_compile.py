@@ -116,3 +116,20 @@ def test_capture_fidelity_is_exact_and_reported():
     assert cm.report.capture_fidelity.max_abs_error == 0.0
     rows = [line for line in str(cm.report).splitlines() if "(captured)" in line]
     assert len(rows) == 1 and "1.00000" in rows[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    ((torch.randn(3, 7),), "input 0 (x) should have shape [s0, 16] (named sizes may vary), got [3, 7]"),
+    ((torch.randn(3, 2, 16),), "input 0 (x) should have shape [s0, 16]"),
+    ((torch.randn(3, 16, dtype=torch.float64),), "input 0 (x) should be float32, got float64"),
+    ((torch.randn(3, 16), torch.randn(1)), "it takes 1 positional input (x), got 2"),
+    ((3,), "input 0 (x) should be a float32 tensor of shape [s0, 16], got a int"),
+])
+def test_a_compiled_module_called_with_inputs_it_cannot_take_says_which(args, fragment):
+    cm = bevel.compile(MLP().eval(), "cleanup", example_inputs=(torch.randn(2, 16),))
+    with pytest.raises(BevelError) as caught:
+        cm(*args)
+    message = str(caught.value)
+    assert message.startswith("the compiled MLP cannot take these inputs: ")
+    assert re.sub(r"\bs\d+\b", "s0", fragment) in re.sub(r"\bs\d+\b", "s0", message)  # symbol names vary
+    assert cm(torch.randn(5, 16)).shape == (5, 8)  # a good call after a bad one
