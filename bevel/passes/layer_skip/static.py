@@ -41,7 +41,8 @@ class StaticLayerSkip(Pass):
     @dataclass
     class Params(PassParams):
         n: int | None = param(1, "blocks to remove (with max_drop: at most this many; none: no limit)", ge=0)
-        layers: list[int] | None = param(None, "remove exactly these blocks (0-based) instead of the most redundant")
+        layers: list[int] | None = param(None, "remove exactly these blocks (0-based) instead of the most redundant "
+                                                 "(then without n or max_drop)")
         max_drop: float | None = param(None, "remove blocks in ranking order while the outputs' cosine to the "
                                              "unskipped graph drops by at most this much", ge=0.0, le=2.0)
         score: str = param("cosine", "redundancy ranking: 'cosine' (input-output cosine, highest first) or 'l2' "
@@ -50,6 +51,20 @@ class StaticLayerSkip(Pass):
                                         "calibration data")
         probe: bool = param(True, "measure the fidelity of removing each block alone (one calibration run per "
                                   "block) and report it")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.layers is None:
+                return
+            if not self.layers or any(i < 0 for i in self.layers):
+                raise ParamError(f"layer_skip.static(layers={self.layers}): give one or more block indices, "
+                                 f"0-based", key="layers")
+            # layers chooses the blocks itself: a count or a fidelity budget would be silently ignored
+            if self.max_drop is not None or self.n != 1:
+                given = "max_drop" if self.max_drop is not None else "n"
+                raise ParamError(f"layer_skip.static takes layers=... (exactly these blocks) or n=... / max_drop=... "
+                                 f"(the most redundant ones), not both; got layers={self.layers} and "
+                                 f"{given}={getattr(self, given)}", key=given)
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Score the blocks, choose the ones to remove, and route the residual stream around them."""
