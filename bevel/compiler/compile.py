@@ -125,9 +125,10 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
         eval_text: causal LMs only: held-out text (a str of UTF-8 bytes for byte-level models, or a
             tensor of token ids) whose perplexity the report gives for the original model and after
             each applied pass.
-        decoder: None (a causal LM becomes a CompiledDecoder), or False to capture a causal LM's plain
-            forward instead (tokens -> logits, no cache): structured pruning of attention heads
-            needs that graph, since a decoder's cache inputs fix its KV head count.
+        decoder: None or True (a causal LM becomes a CompiledDecoder; True refuses other models), or
+            False to capture a causal LM's plain forward instead (tokens -> logits, no cache):
+            structured pruning of attention heads needs that graph, since a decoder's cache inputs
+            fix its KV head count.
 
     A causal LM (an HF ``...ForCausalLM`` or ``...LMHeadModel``) is captured as a step graph with an
     explicit KV cache and comes back as a CompiledDecoder with ``generate()``; its example inputs
@@ -139,6 +140,9 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     check_fidelity_budget(max_fidelity_drop)
     check_seed(seed)
     check_dynamic_shapes(dynamic_shapes)
+    if decoder is not None and not isinstance(decoder, bool):
+        raise ParamError(f"decoder={decoder!r} must be None or True (a causal LM becomes a decoder with generate()) "
+                         f"or False (capture its plain forward)", key="decoder")
     check_device(device)
     batches = calibration_batches(calibration)
     if example_inputs is None:
@@ -147,7 +151,10 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
         example_inputs = batches[0]
     example_inputs = as_input_tuple(example_inputs, "example_inputs")
     check_order(pipeline, has_calibration=bool(batches))
-    if decoder is None and is_causal_lm(model):
+    if decoder and not is_causal_lm(model):
+        raise BevelError(f"decoder=True: {type(model).__name__} is not a causal LM (an HF ...ForCausalLM or "
+                         f"...LMHeadModel)")
+    if decoder is not False and is_causal_lm(model):
         if dynamic_shapes is not None:
             raise BevelError("dynamic_shapes does not apply to a causal LM: its step graph keeps the batch, the "
                              "tokens per step and the cache length symbolic")

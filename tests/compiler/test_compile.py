@@ -61,6 +61,8 @@ def test_other_bad_arguments():
                       calibration=[(torch.randn(3, 16),), (torch.randn(4, 5),)])
     with pytest.raises(CaptureError, match="nn.Module"):
         bevel.compile(lambda x: x, "cleanup", example_inputs=(torch.randn(2, 16),))
+    with pytest.raises(BevelError, match="decoder=True: MLP is not a causal LM"):
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),), decoder=True)
 
 
 @pytest.mark.parametrize("key, value, fragment", [
@@ -69,8 +71,9 @@ def test_other_bad_arguments():
     ("seed", 1.5, "seed=1.5 must be an integer"),
     ("dynamic_shapes", "foo", "dynamic_shapes='foo' must be None"),
     ("dynamic_shapes", 3, "dynamic_shapes=3 must be None"),
+    ("decoder", "yes", "decoder='yes' must be None"),
 ])
-def test_bad_seed_and_dynamic_shapes_are_refused_by_name_before_capture(key, value, fragment):
+def test_bad_seed_dynamic_shapes_and_decoder_are_refused_by_name_before_capture(key, value, fragment):
     model = MLP()
     before = snapshot(model)
     with pytest.raises(ParamError, match=re.escape(fragment)) as caught:
