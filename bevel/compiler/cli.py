@@ -29,8 +29,7 @@ from bevel.ir.onnx_export import DEFAULT_OPSET, check_opset
 DEMO_PIPELINE = "cleanup | quantize.int8_dynamic"
 
 STATIC_SHAPES_HELP = ("Fix every input dimension to the example inputs' sizes when capturing (dynamic_shapes="
-                      "\"static\"), for a model whose capture fails with dynamic sizes; the result then accepts "
-                      "only inputs of exactly those sizes.")
+                      "\"static\"), for a model whose capture fails with dynamic sizes.")
 
 
 def _click_exception_class(name: str) -> type[Exception]:
@@ -81,8 +80,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
                                        help="Print bevel's version and exit.")) -> None:
     """bevel: capture a PyTorch model with torch.export, rewrite its graph with passes, and export the result.
 
-    MODEL is a built-in name (minilm, tinylm) or package.module:callable, where the callable returns
-    (model, example_inputs); modules in the current directory are found.
+    MODEL is a built-in name (minilm, tinylm) or package.module:callable.
+
+    The callable returns (model, example_inputs); modules in the current directory are found.
     """
 
 
@@ -214,7 +214,8 @@ def export_command(
     opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=DEFAULT_OPSET,
                               help="ONNX opset to write: from the default up to the newest the installed onnx knows."),
     device: str = typer.Option("cpu", "--device", help="Where the compiled model runs: cpu or cuda."),
-    static_shapes: bool = typer.Option(False, "--static-shapes", help=STATIC_SHAPES_HELP),
+    static_shapes: bool = typer.Option(False, "--static-shapes", help=STATIC_SHAPES_HELP + " The result then "
+                                       "accepts only inputs of exactly those sizes."),
 ) -> None:
     """Compile MODEL with a pipeline and write DIR/model.onnx, DIR/artifact/, DIR/report.md and DIR/report.json."""
     from bevel.codegen.lower import check_device
