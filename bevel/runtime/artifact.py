@@ -247,8 +247,9 @@ def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
     if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise bad("decoder.cache_dtype", "the name of a torch dtype, such as \"float32\"", dtype)
     policy = decoder.get("cache_policy", {})
-    if not isinstance(policy, dict) or not all(v is None or _is_int(v) for v in policy.values()):
-        raise bad("decoder.cache_policy", "an object of integers or nulls", policy)
+    # kv.evict records its budget and recent share as fractions of the cache where given so
+    if not isinstance(policy, dict) or not all(v is None or _is_number(v) for v in policy.values()):
+        raise bad("decoder.cache_policy", "an object of numbers or nulls", policy)
 
 
 _DECODER_INTEGERS = ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_cache_len", "pad_token_id")
@@ -256,6 +257,10 @@ _DECODER_INTEGERS = ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "ma
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def verify_artifact(path: str) -> dict[str, Any]:
