@@ -44,7 +44,8 @@ def check_seed(seed: Any) -> None:
 
 def check_dynamic_shapes(dynamic_shapes: Any) -> None:
     """Refuse a ``dynamic_shapes`` that is not None, "static" or a torch.export spec (dict, tuple, list)."""
-    if dynamic_shapes is not None and dynamic_shapes != "static" and not isinstance(dynamic_shapes, (dict, tuple, list)):
+    if dynamic_shapes is not None and dynamic_shapes != "static" and not isinstance(dynamic_shapes,
+                                                                                     (dict, tuple, list)):
         raise ParamError(f"dynamic_shapes={dynamic_shapes!r} must be None (dimensions vary where the model allows), "
                          f"'static' (fixed to the example inputs) or a torch.export dynamic_shapes spec (a dict, "
                          f"tuple or list)", key="dynamic_shapes")
@@ -78,7 +79,8 @@ def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: li
         try:
             outputs.extend(run_batches(graph, [batch]))
         except Exception as error:  # guards and shape checks raise assorted types
-            raise CaptureError(f"the captured graph fails on calibration batch {index} (input shapes {_shapes(batch)}): "
+            raise CaptureError(f"the captured graph fails on calibration batch {index} "
+                               f"(input shapes {_shapes(batch)}): "
                                f"{type(error).__name__}: {first_line(error)} (a batch whose shapes differ from the "
                                f"example inputs' must fit the shapes the graph was captured with)") from error
     try:

@@ -56,7 +56,8 @@ def test_other_bad_arguments():
         bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),), device="tpu9")
     with pytest.raises(CaptureError, match="MLP fails on its example inputs before capture"):
         bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 7),))
-    with pytest.raises(CaptureError, match=r"MLP fails on calibration batch 1 \(input shapes \[\(4, 5\)\]\) before capture"):
+    with pytest.raises(CaptureError,
+                       match=r"MLP fails on calibration batch 1 \(input shapes \[\(4, 5\)\]\) before capture"):
         bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16),),
                       calibration=[(torch.randn(3, 16),), (torch.randn(4, 5),)])
     with pytest.raises(CaptureError, match="nn.Module"):

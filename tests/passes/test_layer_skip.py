@@ -163,7 +163,8 @@ def test_counts_the_graph_cannot_take_fail_the_pass_with_a_reason(pipeline, mess
                                            ("layer_skip.static(max_drop=3)", "max_drop must be in"),
                                            ("layer_skip.static(layers=[])", "give one or more block indices"),
                                            ("layer_skip.static(layers=[-1])", "give one or more block indices"),
-                                           ("layer_skip.static(layers=[1], n=2)", "not both; got layers=\\[1\\] and n=2"),
+                                           ("layer_skip.static(layers=[1], n=2)",
+                                            "not both; got layers=\\[1\\] and n=2"),
                                            ("layer_skip.static(layers=[1], max_drop=0.1)",
                                             "not both; got layers=\\[1\\] and max_drop=0.1")])
 def test_bad_params_are_refused_before_any_work(text, message):

@@ -1,7 +1,8 @@
 """The ONNX translation of ``scaled_dot_product_attention`` (``runtime/ops/sdpa_onnx.py``) against
 PyTorch in onnxruntime: no mask, a boolean mask with a query that sees no key (PyTorch gives it
-zeros), an additive float mask with a query whose biases are all -inf (zeros too), and a causal call, left to the exporter's own translation. The compile leaves every input dimension
-dynamic, the head dimension too, so the default scale is computed at run time.
+zeros), an additive float mask with a query whose biases are all -inf (zeros too), and a causal
+call, left to the exporter's own translation. The compile leaves every input dimension dynamic, the
+head dimension too, so the default scale is computed at run time.
 
 Both sides compute in float32 and differ only in the order of the sums of two matrix products and a
 softmax over at most 12 keys of O(1) scores: a few ulps. 1e-5 leaves room without hiding a wrong op.
