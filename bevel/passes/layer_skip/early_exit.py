@@ -148,8 +148,10 @@ def insert_exits(graph: Graph, blocks: list[Block], head: list[fx.Node], first: 
     # the exits read the head's weights before the head does: where an earlier pass (quantize, lowrank)
     # left those reads just before the head, they move to the top (a weight read depends on nothing)
     anchor = next(n for n in fx_graph.nodes if n.op != "placeholder")
-    for source in {s for node in head for s in node.all_input_nodes if s.op == "get_attr"} - {anchor}:
-        anchor.prepend(source)
+    reads = dict.fromkeys(s for node in head for s in node.all_input_nodes if s.op == "get_attr")  # in order
+    for source in reads:
+        if source is not anchor:
+            anchor.prepend(source)
     stream = depth = None
     for block in blocks[first - 1:]:
         out = block.hidden_out
