@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -29,6 +29,19 @@ def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
     if isinstance(batch, (tuple, list)):
         return tuple(batch)
     raise BevelError(f"{what} must be a tuple of positional inputs (or one tensor), got {type(batch).__name__}")
+
+
+def _run_each(module: Any, batches: list[tuple[Any, ...]],
+              failure: Callable[[int, tuple[Any, ...], str], str]) -> list:
+    """The outputs of ``module`` on every batch; the first batch it cannot take is a CaptureError whose
+    message ``failure(index, batch, "ErrorType: first line")`` writes."""
+    outputs = []
+    for index, batch in enumerate(batches):
+        try:
+            outputs.extend(run_batches(module, [batch]))
+        except Exception as error:  # guards and shape checks raise assorted types
+            raise CaptureError(failure(index, batch, f"{type(error).__name__}: {first_line(error)}")) from error
+    return outputs
 
 
 def _shapes(batch: tuple[Any, ...]) -> list:
@@ -74,15 +87,9 @@ def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: li
     """Run the captured graph on every calibration batch before any pass; its fidelity to the eager
     model should be exact. A batch it cannot take (shapes fixed by ``dynamic_shapes="static"`` or by
     the model) is a user error, named here rather than blamed on every pass."""
-    outputs = []
-    for index, batch in enumerate(batches):
-        try:
-            outputs.extend(run_batches(graph, [batch]))
-        except Exception as error:  # guards and shape checks raise assorted types
-            raise CaptureError(f"the captured graph fails on calibration batch {index} "
-                               f"(input shapes {_shapes(batch)}): "
-                               f"{type(error).__name__}: {first_line(error)} (a batch whose shapes differ from the "
-                               f"example inputs' must fit the shapes the graph was captured with)") from error
+    outputs = _run_each(graph, batches, lambda index, batch, error: (
+        f"the captured graph fails on calibration batch {index} (input shapes {_shapes(batch)}): {error} (a batch "
+        f"whose shapes differ from the example inputs' must fit the shapes the graph was captured with)"))
     try:
         return compare(reference, outputs)
     except ValueError as error:  # the captured graph returns other outputs than the model
@@ -169,14 +176,10 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
                       seed=seed, max_fidelity_drop=max_fidelity_drop)
 
     original = copy_model(model)
-    reference = []
-    for index, batch in enumerate(ctx.calibration):
-        try:
-            reference.extend(run_batches(original, [batch]))
-        except Exception as error:
-            which = f"calibration batch {index} (input shapes {_shapes(batch)})" if batches else "its example inputs"
-            raise CaptureError(f"{type(model).__name__} fails on {which} before capture: "
-                               f"{type(error).__name__}: {first_line(error)}") from error
+    reference = _run_each(original, ctx.calibration, lambda index, batch, error: (
+        f"{type(model).__name__} fails on "
+        + (f"calibration batch {index} (input shapes {_shapes(batch)})" if batches else "its example inputs")
+        + f" before capture: {error}"))
     start = time.perf_counter()
     graph = capture(original, example_inputs, dynamic_shapes)
     capture_seconds = time.perf_counter() - start

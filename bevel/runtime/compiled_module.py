@@ -12,6 +12,10 @@ from bevel.compiler.report import Report
 from bevel.errors import BevelError
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def input_specs(module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list[dict[str, Any]]:
     """Name, dtype and shape of each graph input; symbolic dimensions are given by their symbol name."""
     specs = []
@@ -20,7 +24,7 @@ def input_specs(module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list
         val = node.meta.get("val", example)
         if isinstance(val, torch.Tensor):
             shape = [int(d) if is_concrete_int(d) else str(d) for d in val.shape]
-            specs.append({"name": node.name, "dtype": str(val.dtype).replace("torch.", ""), "shape": shape})
+            specs.append({"name": node.name, "dtype": _dtype_name(val.dtype), "shape": shape})
         else:
             specs.append({"name": node.name, "dtype": type(val).__name__, "shape": None})
     return specs
@@ -38,8 +42,8 @@ def input_mismatch(specs: list[dict[str, Any]], args: tuple[Any, ...]) -> str | 
         expected = "[" + ", ".join(str(d) for d in spec["shape"]) + "]"
         if not isinstance(arg, torch.Tensor):
             return f"{where} should be a {spec['dtype']} tensor of shape {expected}, got a {type(arg).__name__}"
-        if str(arg.dtype).replace("torch.", "") != spec["dtype"]:
-            return f"{where} should be {spec['dtype']}, got {str(arg.dtype).replace('torch.', '')}"
+        if _dtype_name(arg.dtype) != spec["dtype"]:
+            return f"{where} should be {spec['dtype']}, got {_dtype_name(arg.dtype)}"
         shape = spec["shape"]
         if arg.dim() != len(shape) or any(isinstance(d, int) and d != n for d, n in zip(shape, arg.shape)):
             return f"{where} should have shape {expected} (named sizes may vary), got {list(arg.shape)}"

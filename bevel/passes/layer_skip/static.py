@@ -60,7 +60,7 @@ class StaticLayerSkip(Pass):
                 raise ParamError(f"layer_skip.static(layers={self.layers}): give one or more block indices, "
                                  f"0-based", key="layers")
             # layers chooses the blocks itself: a count or a fidelity budget would be silently ignored
-            if self.max_drop is not None or self.n != 1:
+            if self.max_drop is not None or self.n != type(self).__dataclass_fields__["n"].default:
                 given = "max_drop" if self.max_drop is not None else "n"
                 raise ParamError(f"layer_skip.static takes layers=... (exactly these blocks) or n=... / max_drop=... "
                                  f"(the most redundant ones), not both; got layers={self.layers} and "
