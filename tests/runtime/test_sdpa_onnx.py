@@ -1,6 +1,7 @@
 """The ONNX translation of ``scaled_dot_product_attention`` (``runtime/ops/sdpa_onnx.py``) against
 PyTorch in onnxruntime: no mask, a boolean mask with a query that sees no key (PyTorch gives it
-zeros), an additive float mask with a query whose biases are all -inf (zeros too), and a causal
+zeros, here by a factor taken from the mask, with no NaN test), an additive float mask with a query
+whose biases are all -inf (zeros too, its NaN zeroed in the output), and a causal
 call, left to the exporter's own translation. The compile leaves every input dimension dynamic, the
 head dimension too, so the default scale is computed at run time.
 
@@ -64,5 +65,23 @@ def test_attention_exports_and_matches_pytorch_in_onnxruntime(mask, tmp_path):
     ops = [node.op_type for node in onnx.load(path, load_external_data=False).graph.node]
     if mask in ("bool", "float"):
         assert not np.isnan(got).any() and (got[0, :, 2] == 0).all()  # the query that sees nothing
-        # the NaN of such a query are zeroed once, in the output, not in the [B, H, T, L] weights
+    if mask == "bool":  # a finite bias: no NaN to look for, the output times whether a query sees any key
+        assert "IsNaN" not in ops and ops[-1] == "Mul"
+    if mask == "float":  # the NaN of such a query are zeroed once, in the output, not in the [B, H, T, L] weights
         assert ops.count("IsNaN") == 1 and ops.index("IsNaN") > ops.index("Softmax")
+
+
+def test_logits_far_below_their_row_maximum_keep_their_weights_below_float32_resolution(tmp_path):
+    """Logits spread over ~+-300 (queries and keys scaled up), with a mask: the translation raises
+    logits more than 80 below their row's maximum to that floor (onnxruntime's softmax is slow on
+    denormal exponentials), which must leave the output as PyTorch computes it."""
+    model = Attention("bool").eval()
+    q, k, v, weight = inputs(2, seed=3)
+    compiled = bevel.compile(model, "cleanup", example_inputs=(q, k, v, weight))
+    session = ort.InferenceSession(compiled.export_onnx(str(tmp_path / "attention.onnx")),
+                                   providers=["CPUExecutionProvider"])
+    q, k = q * 12, k * 12  # scale 0.3: logits of O(300)
+    (got,) = session.run(None, {spec.name: x.numpy() for spec, x in zip(session.get_inputs(), (q, k, v, weight))})
+    with torch.no_grad():
+        expected = model(q, k, v, weight).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
