@@ -17,7 +17,7 @@ from bevel.runtime.ops import semi_structured_linear  # noqa: E402,F401
 from bevel.runtime.ops import token_merge  # noqa: E402,F401
 from bevel.runtime.ops import token_merge_onnx  # noqa: E402,F401
 from bevel.runtime.ops import attention_blocks, cache_attention, kv_quant, sparse_attention  # noqa: E402,F401
-from bevel.runtime.ops import attention_onnx, sdpa_onnx  # noqa: E402,F401
+from bevel.runtime.ops import attention_onnx, gelu_onnx, sdpa_onnx  # noqa: E402,F401
 
 for _linear in (int8_weight_linear.int8_weight_linear, int4_weight_linear.int4_weight_linear,
                 int8_dynamic_linear.int8_dynamic_linear):
