@@ -238,3 +238,17 @@ def test_the_torch_compile_backend_merges_like_bevel_compile():
         got, want, original = backend(x), direct(x), model(x)
     assert torch.equal(got, want)
     assert (got - original).abs().max() > 1e-4  # tokens were merged: not the original model
+
+
+def test_a_merging_compiled_module_runs_through_inductor():
+    """``torch.compile`` (Inductor) of the CompiledModule, as the GPU benchmark times it: Inductor
+    generates code for the ops around bevel's matching and merging ops and calls those as they are
+    (their fake implementations give it the merged lengths). The same outputs, up to the order of
+    float32 sums in Inductor's fused kernels (1e-5)."""
+    model, make_inputs = vit()
+    (x,) = make_inputs(seeded(0))
+    compiled = bevel.compile(model, "cleanup | tome(r=3)", example_inputs=(x,), dynamic_shapes="static")
+    inductor = torch.compile(compiled, fullgraph=True)  # one graph: no part left to eager PyTorch
+    (fresh,) = make_inputs(seeded(1))
+    with torch.no_grad():
+        assert (inductor(fresh) - compiled(fresh)).abs().max() <= 1e-5
