@@ -4,8 +4,9 @@ Throughput (images/s) of the eager model, ``torch.compile`` of it, and bevel's `
 replayed as a CUDA graph (the token counts of a ViT are fixed at compile time, so the whole forward,
 Triton matching and merge kernels included, is one graph replay with no launch overhead), and the
 same with bevel's compiled module passed through ``torch.compile`` first (Inductor fuses the layer
-norms, activations and adds around bevel's ops, which it keeps as they are), all
-measured in this run on the same input: CUDA events around each call, median of ``--repeats`` after
+norms, activations and adds around bevel's ops, which it keeps as they are), and bevel's replay
+with attention kept off cuDNN (with tome's log-size mask PyTorch chose cuDNN's attention, which took
+longer on fewer tokens than eager's unmasked attention), all measured in this run on the same input: CUDA events around each call, median of ``--repeats`` after
 ``--warmup``. Beside each: the cosine of the logits to eager's and the share of unchanged top-1
 classes on other random images.
 
@@ -43,6 +44,17 @@ def cuda_graph(fn: Callable[[torch.Tensor], torch.Tensor], static_input: torch.T
     return replay
 
 
+def without_cudnn_attention(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` with scaled_dot_product_attention limited to the flash, memory-efficient and math kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return fn(x)
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
@@ -69,6 +81,8 @@ def main() -> None:
     with torch.no_grad():
         calls = {"eager": lambda: model(images), "torch.compile": lambda: inductor(images),
                  f"bevel tome(r={args.r}), CUDA graph": cuda_graph(compiled, images)}
+        no_cudnn = without_cudnn_attention(compiled)
+        calls[f"bevel tome(r={args.r}), CUDA graph, no cuDNN attn"] = cuda_graph(no_cudnn, images)
         bevel_inductor = None if args.no_inductor else torch.compile(compiled)
         if bevel_inductor is not None:
             calls[f"bevel tome(r={args.r}) + compile, CUDA graph"] = cuda_graph(bevel_inductor, images)
@@ -76,7 +90,8 @@ def main() -> None:
         fresh = torch.randn_like(images)
         want = model(fresh).float()
         fidelity = {"eager": want, "torch.compile": inductor(fresh).float(),
-                    f"bevel tome(r={args.r}), CUDA graph": compiled(fresh).float()}
+                    f"bevel tome(r={args.r}), CUDA graph": compiled(fresh).float(),
+                    f"bevel tome(r={args.r}), CUDA graph, no cuDNN attn": no_cudnn(fresh).float()}
         if bevel_inductor is not None:
             fidelity[f"bevel tome(r={args.r}) + compile, CUDA graph"] = bevel_inductor(fresh).float()
     tokens = compiled.report["tome"].stats["tokens"]
