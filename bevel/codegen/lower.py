@@ -4,6 +4,8 @@ bevel's custom ops carry one implementation per device (a Triton kernel for CUDA
 reference for CPU) registered through ``torch.library``, so the dispatcher picks the kernel from
 where the weights and inputs live. Lowering therefore places the weights on the device and points
 every op that creates a tensor on a fixed device (``arange(..., device=cpu)`` as captured) to it.
+For CUDA it also rewrites the convolutions cuDNN runs slowly and a matrix product runs fast
+(:mod:`bevel.codegen.patch_conv`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.fx as fx
 
 from bevel.errors import BevelError
 from bevel.ir.arguments import find_argument, set_argument
+from bevel.codegen.patch_conv import patch_convs_as_matmuls
 from bevel.ir.graph import Graph
 
 
@@ -73,5 +76,8 @@ def place(module: fx.GraphModule, device: str | torch.device, copy_first: bool =
 
 
 def lower(graph: Graph, device: str | torch.device) -> fx.GraphModule:
-    """The graph's module on ``device``, its code regenerated."""
+    """The graph's module on ``device``, its code regenerated. For CUDA, patch convolutions first
+    become matrix products (:mod:`bevel.codegen.patch_conv`)."""
+    if check_device(device).type == "cuda" and patch_convs_as_matmuls(graph):
+        graph.refresh()
     return place(graph.module, device)
