@@ -16,9 +16,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from bevel.codegen.patch_conv import patch_convs_as_matmuls
 from bevel.errors import BevelError
 from bevel.ir.arguments import find_argument, set_argument
-from bevel.codegen.patch_conv import patch_convs_as_matmuls
 from bevel.ir.graph import Graph
 
 
