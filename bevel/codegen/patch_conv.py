@@ -24,9 +24,14 @@ def _pair(value) -> tuple[int, int]:
 
 
 def _patch_size(graph: Graph, node: fx.Node) -> tuple[int, int] | None:
-    """The kernel size of a patch convolution ``node`` (aten.conv2d), or None if it is not one."""
-    args = list(node.args) + [None] * (7 - len(node.args))
-    x, weight, _, stride, padding, dilation, groups = args
+    """The kernel size of a patch convolution ``node`` (aten.conv2d or aten.convolution), or None if
+    it is not one."""
+    args = list(node.args) + [None] * (9 - len(node.args))
+    if node.target == aten.convolution.default:  # (x, w, b, stride, padding, dilation, transposed, _, groups)
+        if args[6] or node.kwargs.get("transposed"):
+            return None
+        args = args[:6] + [args[8]]
+    x, weight, _, stride, padding, dilation, groups = args[:7]
     stride = node.kwargs.get("stride", stride if stride is not None else 1)
     padding = node.kwargs.get("padding", padding if padding is not None else 0)
     dilation = node.kwargs.get("dilation", dilation if dilation is not None else 1)
@@ -46,7 +51,7 @@ def patch_convs_as_matmuls(graph: Graph) -> int:
     """Rewrite every patch convolution of ``graph`` (see the module docstring) as reshape, permute and
     ``linear``; returns how many. The caller refreshes the graph."""
     count = 0
-    for node in graph.nodes(op="call_function", target=aten.conv2d.default):
+    for node in graph.nodes(op="call_function", target=(aten.conv2d.default, aten.convolution.default)):
         kernel = _patch_size(graph, node)
         if kernel is None:
             continue

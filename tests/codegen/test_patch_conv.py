@@ -19,8 +19,9 @@ aten = torch.ops.aten
 
 
 class Convolutions(nn.Module):
-    """Three patch convolutions (square, rectangular without bias, one leaving a remainder of the
-    image) and three that are not (padded, overlapping, grouped)."""
+    """Four patch convolutions (square, rectangular without bias, one leaving a remainder of the
+    image, one written as aten.convolution, as other exports give it) and three that are not
+    (padded, overlapping, grouped)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -32,7 +33,9 @@ class Convolutions(nn.Module):
         self.grouped = nn.Conv2d(4, 8, 4, stride=4, groups=2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.square(x), self.rectangular(x), self.remainder(x), self.padded(x), self.overlapping(x),
+        general = aten.convolution.default(x, self.square.weight, self.square.bias, [4, 4], [0, 0], [1, 1], False,
+                                           [0, 0], 1)
+        return (self.square(x), self.rectangular(x), self.remainder(x), general, self.padded(x), self.overlapping(x),
                 self.grouped(torch.cat([x, x[:, :1]], dim=1)))
 
 
@@ -42,10 +45,11 @@ def test_patch_convolutions_become_matrix_products_with_the_same_outputs():
     example = (torch.randn(2, 3, 30, 30, generator=seeded(0)),)
     assert patch_convs_as_matmuls(capture(model, example)) == 0  # a symbolic image size is left alone
     graph = capture(model, example, dynamic_shapes=({0: torch.export.Dim("batch")},))  # the image size fixed
-    assert patch_convs_as_matmuls(graph) == 3
+    assert patch_convs_as_matmuls(graph) == 4
     graph.refresh()
     assert len(list(graph.nodes(op="call_function", target=aten.conv2d.default))) == 3  # the other three
-    assert len(list(graph.nodes(op="call_function", target=aten.linear.default))) == 3
+    assert not list(graph.nodes(op="call_function", target=aten.convolution.default))
+    assert len(list(graph.nodes(op="call_function", target=aten.linear.default))) == 4
     fresh = torch.randn(5, 3, 30, 30, generator=seeded(1))  # another batch size: the batch stays dynamic
     with torch.no_grad():
         for got, want in zip(graph(fresh), model(fresh)):
