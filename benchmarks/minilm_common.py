@@ -22,8 +22,8 @@ def onnxruntime_callable(path: str, threads: int) -> Callable[[torch.Tensor, tor
     options.intra_op_num_threads = threads
     # each session has its own thread pool, whose workers keep spinning after a call; where several
     # models are timed in turns on few cores, that spinning takes cores from the next model's call
-    # (prune_cpu on 2 cores: 1.26x with spinning when torch's models ran in between, 1.32x without
-    # them; 1.35-1.36x either way without spinning, and every call faster)
+    # (prune_cpu's pair on 2 cores: 1.26x with spinning when torch's model ran in between, 1.32-1.36x
+    # when only the two ran; 1.35-1.36x either way without spinning, and every call faster)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]

@@ -2,13 +2,13 @@
 
 Throughput (images/s) of the eager model, ``torch.compile`` of it, and bevel's ``tome(r=16)``
 replayed as a CUDA graph (the token counts of a ViT are fixed at compile time, so the whole forward,
-Triton matching and merge kernels included, is one graph replay with no launch overhead), and the
-same with bevel's compiled module passed through ``torch.compile`` first (Inductor fuses the layer
-norms, activations and adds around bevel's ops, which it keeps as they are), and bevel's replay
-with attention kept off cuDNN (with tome's log-size mask PyTorch chose cuDNN's attention, which took
-longer on fewer tokens than eager's unmasked attention), all measured in this run on the same input: CUDA events around each call, median of ``--repeats`` after
-``--warmup``. Beside each: the cosine of the logits to eager's and the share of unchanged top-1
-classes on other random images.
+Triton matching and merge kernels included, is one graph replay with no launch overhead), the same
+with bevel's compiled module passed through ``torch.compile`` first (Inductor fuses the layer norms,
+activations and adds around bevel's ops, which it keeps as they are), and bevel's replay with
+attention kept off cuDNN (with tome's log-size mask PyTorch chose cuDNN's attention, which took
+longer on fewer tokens than eager's unmasked attention), all measured in this run on the same
+input: CUDA events around each call, median of ``--repeats`` after ``--warmup``. Beside each: the
+cosine of the logits to eager's and the share of unchanged top-1 classes on other random images.
 
     python benchmarks/tome_gpu.py --batch 64 --r 16
 """
