@@ -12,7 +12,7 @@ shift
 mkdir -p "$logdir"
 root=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-[ $# -gt 0 ] || set -- quantize:200 attention:200 tome:200 prune_nm:200
+[ $# -gt 0 ] || set -- quantize:200 attention:200 tome:300 prune_nm:200
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
