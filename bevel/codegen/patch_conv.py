@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from bevel.ir.arguments import argument
 from bevel.ir.graph import Graph
 
 aten = torch.ops.aten
@@ -26,23 +27,17 @@ def _pair(value) -> tuple[int, int]:
 def _patch_size(graph: Graph, node: fx.Node) -> tuple[int, int] | None:
     """The kernel size of a patch convolution ``node`` (aten.conv2d or aten.convolution), or None if
     it is not one."""
-    args = list(node.args) + [None] * (9 - len(node.args))
-    if node.target == aten.convolution.default:  # (x, w, b, stride, padding, dilation, transposed, _, groups)
-        if args[6] or node.kwargs.get("transposed"):
-            return None
-        args = args[:6] + [args[8]]
-    x, weight, _, stride, padding, dilation, groups = args[:7]
-    stride = node.kwargs.get("stride", stride if stride is not None else 1)
-    padding = node.kwargs.get("padding", padding if padding is not None else 0)
-    dilation = node.kwargs.get("dilation", dilation if dilation is not None else 1)
-    groups = node.kwargs.get("groups", groups if groups is not None else 1)
-    if not graph.is_tensor_attr(weight) or isinstance(padding, str) or groups != 1:
+    x, weight = node.args[0], node.args[1]
+    padding = argument(node, "padding", 0)
+    if (argument(node, "transposed", False) or argument(node, "groups", 1) != 1 or isinstance(padding, str)
+            or not graph.is_tensor_attr(weight)):
         return None
     shape = graph.shape(x)
     if shape is None or len(shape) != 4 or not all(is_concrete_int(d) for d in shape[1:]):
         return None
     kernel = tuple(graph.param(weight.target).shape[2:])
-    if _pair(stride) != kernel or _pair(padding) != (0, 0) or _pair(dilation) != (1, 1):
+    if (_pair(argument(node, "stride", 1)) != kernel or _pair(padding) != (0, 0)
+            or _pair(argument(node, "dilation", 1)) != (1, 1)):
         return None
     return kernel
 
@@ -55,8 +50,7 @@ def patch_convs_as_matmuls(graph: Graph) -> int:
         kernel = _patch_size(graph, node)
         if kernel is None:
             continue
-        x, weight = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        x, weight, bias = node.args[0], node.args[1], argument(node, "bias", None)
         _, channels, height, width = (int(d) if i else d for i, d in enumerate(graph.shape(x)))
         rows, cols = height // kernel[0], width // kernel[1]
         kernel_weight = graph.param(weight.target)

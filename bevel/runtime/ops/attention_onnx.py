@@ -99,12 +99,16 @@ def _block_mask(block_index: ir.Value, q: ir.Value, k: ir.Value, block: int) -> 
     return op.Gather(op.Gather(listed, rows, axis=2), cols, axis=3)
 
 
+# How far below its row's maximum a logit is raised before exp: onnxruntime's Exp and Softmax run
+# about 12x slower where results are denormal or zero (below ~-87: every masked key, at -inf), and
+# e^-80 = 1.8e-35 of the row's largest weight stays far below float32's resolution of it
+EXP_FLOOR = 80.0
+
+
 def _exp_above_floor(x: ir.Value) -> ir.Value:
-    """exp(x) for x <= 0, with x raised to at least -80 first. onnxruntime's Exp runs about 14x slower
-    where its results are denormal or zero (below ~-87: every masked score, at -inf); the callers zero
-    masked entries themselves, and e^-80 = 1.8e-35 is far below float32's resolution of the row's
-    largest weight, 1."""
-    return op.Exp(op.Max(x, _float(-80.0)))
+    """exp(x) for x <= 0, with x raised to at least -EXP_FLOOR first; the callers zero masked entries
+    themselves."""
+    return op.Exp(op.Max(x, _float(-EXP_FLOOR)))
 
 
 def _masked_attention(q: ir.Value, k: ir.Value, v: ir.Value, mask: ir.Value, scale: float) -> ir.Value:

@@ -24,6 +24,7 @@ from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_at
 from onnxscript.onnx_types import TensorType
 
 from bevel.runtime.ops import ONNX_TRANSLATIONS
+from bevel.runtime.ops.attention_onnx import EXP_FLOOR
 
 Tensor = TensorType  # the translation's annotations: any tensor type; at export it receives ir.Values
 
@@ -49,14 +50,11 @@ def _lowest(query) -> float:
 
 
 def _masked_softmax(logits):
-    """Softmax over the last axis with every logit raised to at least the row's maximum minus 80.
-
-    onnxruntime's softmax runs about 12x slower on a row whose logits lie more than ~87 below its
-    maximum (exp gives denormals: 12 ms instead of 1 for [32, 12, 128, 128] with most keys masked),
-    which is every masked key. e^-80 is 1.8e-35 of the row's largest weight, so the raised logits'
-    weights stay 28 orders of magnitude below float32's resolution of it."""
+    """Softmax over the last axis with every logit raised to at least the row's maximum minus
+    ``EXP_FLOOR`` (see there; for [32, 12, 128, 128] with most keys masked onnxruntime's softmax took
+    12 ms instead of 1)."""
     floor = op.Sub(op.ReduceMax(logits, op.Constant(value_ints=[-1]), keepdims=1),
-                   op.CastLike(op.Constant(value_float=80.0), logits))
+                   op.CastLike(op.Constant(value_float=EXP_FLOOR), logits))
     return op.Softmax(op.Max(logits, floor), axis=-1)
 
 
