@@ -78,22 +78,18 @@ def main() -> None:
         print(compiled.report)
         raise SystemExit(f"tome was not applied ({entry.status}): {entry.reason}")
     inductor = torch.compile(model)
+    bevel_runs = {f"bevel tome(r={args.r}), CUDA graph": compiled,  # each replayed as a CUDA graph
+                  f"bevel tome(r={args.r}), CUDA graph, no cuDNN attn": without_cudnn_attention(compiled)}
+    if not args.no_inductor:
+        bevel_runs[f"bevel tome(r={args.r}) + compile, CUDA graph"] = torch.compile(compiled)
     with torch.no_grad():
-        calls = {"eager": lambda: model(images), "torch.compile": lambda: inductor(images),
-                 f"bevel tome(r={args.r}), CUDA graph": cuda_graph(compiled, images)}
-        no_cudnn = without_cudnn_attention(compiled)
-        calls[f"bevel tome(r={args.r}), CUDA graph, no cuDNN attn"] = cuda_graph(no_cudnn, images)
-        bevel_inductor = None if args.no_inductor else torch.compile(compiled)
-        if bevel_inductor is not None:
-            calls[f"bevel tome(r={args.r}) + compile, CUDA graph"] = cuda_graph(bevel_inductor, images)
+        calls = {"eager": lambda: model(images), "torch.compile": lambda: inductor(images)}
+        calls.update({name: cuda_graph(fn, images) for name, fn in bevel_runs.items()})
         times = median_ms(calls, args.repeats, args.warmup)
         fresh = torch.randn_like(images)
         want = model(fresh).float()
-        fidelity = {"eager": want, "torch.compile": inductor(fresh).float(),
-                    f"bevel tome(r={args.r}), CUDA graph": compiled(fresh).float(),
-                    f"bevel tome(r={args.r}), CUDA graph, no cuDNN attn": no_cudnn(fresh).float()}
-        if bevel_inductor is not None:
-            fidelity[f"bevel tome(r={args.r}) + compile, CUDA graph"] = bevel_inductor(fresh).float()
+        fidelity = {"eager": want, "torch.compile": inductor(fresh).float()}
+        fidelity.update({name: fn(fresh).float() for name, fn in bevel_runs.items()})
     tokens = compiled.report["tome"].stats["tokens"]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; vit_base_patch16_224 bf16, batch {args.batch}; "
           f"tokens {tokens[0]} -> {tokens[-1]}; median of {args.repeats} after {args.warmup} warm-up")
