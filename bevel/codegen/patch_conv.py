@@ -4,8 +4,9 @@ A 2-D convolution whose kernel equals its stride, without padding, dilation or g
 patch embedding, a ConvNeXt stem), reads every input pixel once: it is the image cut into patches
 and one matrix product with the flattened kernel. On an H200, cuDNN took 0.7 ms for ViT-B/16's
 patch embedding at batch 64 in bfloat16 (the largest single op after the matrix products of a
-token-merged ViT), where the same product, [12544, 768] by [768, 768], is 15 GFLOP: tens of
-microseconds on that GPU. Only convolutions over a static image size are rewritten.
+token-merged ViT), where the same product, [12544, 768] by [768, 768], is 15 GFLOP, which that
+GPU's peak rate would do in tens of microseconds (an estimate: the rewrite is not yet timed there).
+Only convolutions over a static image size are rewritten.
 """
 
 from __future__ import annotations
