@@ -5,7 +5,7 @@ All measured in this one process on the same batch (real sentences padded to ``-
 calls alternating between the models, median of ``--repeats`` runs after ``--warmup`` untimed
 ones. Beside each time: the fidelity of the sentence embeddings (mean-pooled last hidden states)
 to the original over ``--sentences`` held-out sentences (none used for calibration): the minimum
-and the mean cosine.
+and the mean cosine; and the page faults of one call (see ``minilm_common.page_faults_per_call``).
 
     python benchmarks/prune_cpu.py --batch 32 --seq 128 --repeats 10
 """
@@ -22,7 +22,7 @@ import bevel
 from bevel.data import sentences
 from bevel.models import minilm
 from bevel.runtime.timing import median_latencies_ms
-from minilm_common import embedding_fidelity, onnxruntime_callable
+from minilm_common import embedding_fidelity, onnxruntime_callable, page_faults_per_call
 
 
 def onnxruntime_session(compiled, path: str, threads: int):
@@ -60,17 +60,19 @@ def main() -> None:
         reference = minilm.sentence_embeddings(model, held_out)
         fidelity = embedding_fidelity(models, held_out, reference)
         latency = median_latencies_ms(models, timed, runs=args.repeats, warmup=args.warmup)
+        faults = page_faults_per_call(models, timed)
 
     entry = pruned.report["prune.structured"]
     print(f"MiniLM, batch {tuple(timed[0].shape)}, torch {torch.__version__}, {threads} threads, "
           f"median of {args.repeats} runs after {args.warmup} warm-up; fidelity over {len(reference)} held-out "
           f"sentences; pipeline: {args.passes}; params {entry.before.params} -> {entry.after.params}, "
           f"GFLOPs {entry.before.flops / 1e9:.2f} -> {entry.after.flops / 1e9:.2f} at the example inputs")
-    print(f"{'model':30s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s}")
+    print(f"{'model':30s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s} {'faults':>8s}")
     for name in models:
         base = latency["onnxruntime original" if name.startswith("onnxruntime") else "torch eager original"]
         low, mean = fidelity[name]
-        print(f"{name:30s} {latency[name]:8.1f} {base / latency[name]:8.2f}x {low:9.5f} {mean:9.5f}")
+        print(f"{name:30s} {latency[name]:8.1f} {base / latency[name]:8.2f}x {low:9.5f} {mean:9.5f} "
+              f"{faults[name]:8d}")
 
 
 if __name__ == "__main__":

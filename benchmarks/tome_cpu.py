@@ -11,7 +11,9 @@ Three measurements, each in this one process, calls alternating between the mode
 - ``vit``: timm ``vit_base_patch16_224`` with random weights, batch 8, ``tome(r=16)``. Fidelity:
   the cosine of the logits and the share of unchanged top-1 classes on other random images.
 
-Fidelity is the minimum (and mean) cosine to the original model's output.
+Fidelity is the minimum (and mean) cosine to the original model's output. Beside each MiniLM time:
+the page faults of one call (see ``minilm_common.page_faults_per_call``), which tell a run whose
+times a model's fresh allocations distorted.
 
     python benchmarks/tome_cpu.py                      # all three
     python benchmarks/tome_cpu.py padded --repeats 10
@@ -28,7 +30,7 @@ import bevel
 from bevel.data import passages, sentences
 from bevel.models import minilm
 from bevel.runtime.timing import median_latencies_ms
-from minilm_common import embedding_fidelity
+from minilm_common import embedding_fidelity, page_faults_per_call
 
 # MiniLM's sentence embeddings suffer most from merges in its first blocks, hence schedules that
 # start late; r=8 everywhere for contrast
@@ -45,13 +47,15 @@ def minilm_rows(name: str, models: dict, timed: tuple, batches: list, repeats: i
     reference = minilm.sentence_embeddings(model, batches)
     fidelity = embedding_fidelity(models, batches, reference)
     latency = median_latencies_ms(models, timed, runs=repeats, warmup=warmup)
+    faults = page_faults_per_call(models, timed)
     base = next(iter(latency.values()))
     print(f"\n{name}: batch {tuple(timed[0].shape)}, real tokens {int(timed[1].sum())} of {timed[1].numel()}; "
           f"fidelity over {len(reference)} texts")
-    print(f"{'model':66s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s}")
+    print(f"{'model':66s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s} {'faults':>8s}")
     for label in models:
         low, mean = fidelity[label]
-        print(f"{label:66s} {latency[label]:8.1f} {base / latency[label]:8.2f}x {low:9.5f} {mean:9.5f}")
+        print(f"{label:66s} {latency[label]:8.1f} {base / latency[label]:8.2f}x {low:9.5f} {mean:9.5f} "
+              f"{faults[label]:8d}")
 
 
 def padded(args: argparse.Namespace) -> None:
