@@ -11,8 +11,8 @@ Three measurements, each in this one process, calls alternating between the mode
 - ``vit``: timm ``vit_base_patch16_224`` with random weights, batch 8, ``tome(r=16)``. Fidelity:
   the cosine of the logits and the share of unchanged top-1 classes on other random images.
 
-Fidelity is the minimum (and mean) cosine to the original model's output. Beside each MiniLM time:
-the page faults of one call (see ``minilm_common.page_faults_per_call``), which tell a run whose
+Fidelity is the minimum (and mean) cosine to the original model's output. Beside each time: the
+page faults of one call (see ``minilm_common.page_faults_per_call``), which tell a run whose
 times a model's fresh allocations distorted.
 
     python benchmarks/tome_cpu.py                      # all three
@@ -96,12 +96,13 @@ def vit(args: argparse.Namespace) -> None:
         want, got = model(fresh), compiled(fresh)
     cosine = F.cosine_similarity(got, want)
     top1 = float((got.argmax(-1) == want.argmax(-1)).float().mean())
-    latency = median_latencies_ms({"eager": model, "tome": compiled}, (images,), runs=args.repeats,
-                                  warmup=args.warmup)
+    models = {"eager": model, "tome": compiled}
+    latency = median_latencies_ms(models, (images,), runs=args.repeats, warmup=args.warmup)
+    faults = page_faults_per_call(models, (images,))
     tokens = compiled.report["tome"].stats["tokens"]
     print(f"\ntimm vit_base_patch16_224 (random weights), batch 8, tome(r=16): tokens {tokens[0]} -> {tokens[-1]}")
-    print(f"eager {latency['eager']:.0f} ms, tome {latency['tome']:.0f} ms: {latency['eager'] / latency['tome']:.2f}x; "
-          f"logits min cosine {float(cosine.min()):.5f} (mean {float(cosine.mean()):.5f}), top-1 unchanged {top1:.3f}")
+    print(f"eager {latency['eager']:.0f} ms ({faults['eager']} page faults), tome {latency['tome']:.0f} ms "
+          f"({faults['tome']}): {latency['eager'] / latency['tome']:.2f}x; logits min cosine {float(cosine.min()):.5f} (mean {float(cosine.mean()):.5f}), top-1 unchanged {top1:.3f}")
 
 
 def main() -> None:
