@@ -139,17 +139,17 @@ def decode(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768], help="prefill tokens")
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--sinks", type=int, default=64)
+    parser.add_argument("--window", type=int, default=1024, help="tokens of the sliding window")
+    parser.add_argument("--sinks", type=int, default=64, help="attention-sink tokens kept at the start")
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 128], help="block sizes of the sparse kernel")
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8], help="num_warps values swept")
     parser.add_argument("--context", type=int, default=32768, help="decode cache slots")
     parser.add_argument("--batch", type=int, default=8, help="decode batch")
     parser.add_argument("--splits", type=int, nargs="*", default=[8, 16, 32], help="decode chunk counts swept")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--skip-prefill", action="store_true")
-    parser.add_argument("--skip-decode", action="store_true")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each kernel before timing")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls of each kernel (the median is reported)")
+    parser.add_argument("--skip-prefill", action="store_true", help="skip the prefill timings")
+    parser.add_argument("--skip-decode", action="store_true", help="skip the decode timings")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/attention_gpu.py times Triton attention kernels on an NVIDIA GPU, and this machine "

@@ -21,11 +21,11 @@ from bevel.runtime.timing import median_latencies_ms
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--passes", default="cleanup | prune.magnitude(sparsity=0.3)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--passes", default="cleanup | prune.magnitude(sparsity=0.3)", help="the bevel pipeline timed")
+    parser.add_argument("--batch", type=int, default=32, help="sentences in the timed batch")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence at most")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each model before timing")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each model (the median is reported)")
     args = parser.parse_args()
 
     model = minilm.load_minilm()

@@ -38,8 +38,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="sentences in the timed batch")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sentence in the timed batch (padded)")
     parser.add_argument("--sentences", type=int, default=256, help="held-out sentences for the fidelity figures")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each model before timing")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each model (the median is reported)")
     args = parser.parse_args()
 
     threads = torch.get_num_threads()

@@ -53,11 +53,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[32, 4096, 16384], help="values of M")
     parser.add_argument("--layers", type=int, default=2, help="MLP blocks in the stack")
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hidden", type=int, default=4096, help="the model width K (the layer's input features)")
+    parser.add_argument("--intermediate", type=int, default=11008, help="the FFN width N (the layer's output features)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each kernel before timing")
+    parser.add_argument("--repeats", type=int, default=20, help="timed calls of each kernel (the median is reported)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/prune_nm_gpu.py times cuSPARSELt against dense GEMMs on an NVIDIA GPU, and this "

@@ -92,10 +92,10 @@ def main() -> None:
     parser.add_argument("--shapes", type=_shape, nargs="+", default=[(4096, 4096), (11008, 4096)],
                         help="weight shapes NxK")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4096], help="values of M")
-    parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size along K")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls of each kernel before timing")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls of each kernel (the median is reported)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     parser.add_argument("--sweep", action="store_true",
                         help="also time every config of the single-row kernels (matrix-vector and decode) at M=1")
     args = parser.parse_args()

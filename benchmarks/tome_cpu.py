@@ -102,15 +102,16 @@ def vit(args: argparse.Namespace) -> None:
     tokens = compiled.report["tome"].stats["tokens"]
     print(f"\ntimm vit_base_patch16_224 (random weights), batch 8, tome(r=16): tokens {tokens[0]} -> {tokens[-1]}")
     print(f"eager {latency['eager']:.0f} ms ({faults['eager']} page faults), tome {latency['tome']:.0f} ms "
-          f"({faults['tome']}): {latency['eager'] / latency['tome']:.2f}x; logits min cosine {float(cosine.min()):.5f} (mean {float(cosine.mean()):.5f}), top-1 unchanged {top1:.3f}")
+          f"({faults['tome']}): {latency['eager'] / latency['tome']:.2f}x; logits min cosine "
+          f"{float(cosine.min()):.5f} (mean {float(cosine.mean()):.5f}), top-1 unchanged {top1:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help="what to measure: padded, passages, vit (default: all)")
     parser.add_argument("--batch", type=int, default=32, help="sentences or passages per MiniLM batch")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each model before timing")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls of each model (the median is reported)")
     args = parser.parse_args()
     sections = {"padded": padded, "passages": full_passages, "vit": vit}
     for section in args.sections:

@@ -57,10 +57,10 @@ def without_cudnn_attention(fn: Callable[[torch.Tensor], torch.Tensor]) -> Calla
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=64, help="images per batch")
     parser.add_argument("--r", type=int, default=16, help="tokens merged per block")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed calls of each model before timing")
+    parser.add_argument("--repeats", type=int, default=50, help="timed calls of each model (the median is reported)")
     parser.add_argument("--no-inductor", action="store_true",
                         help="skip the row of bevel's module through torch.compile (saves its compile time)")
     parser.add_argument("--profile", action="store_true",
