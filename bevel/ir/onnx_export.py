@@ -151,24 +151,35 @@ def check_opset(opset: int) -> None:
         raise ExportError(f"opset={opset} is newer than the installed onnx package knows (up to {newest})")
 
 
+def _check_translations(module: torch.fx.GraphModule, translations: dict[Any, Any]) -> None:
+    """Raise ExportError naming the first bevel op of ``module`` that has no ONNX translation (what
+    a pass made for the torch runtime only, such as ``unpad``'s packing), before the exporter runs."""
+    for node in module.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and getattr(target, "namespace", None) == "bevel" and target not in translations:
+            raise ExportError(f"cannot export to ONNX: node '{node.name}' is {target.name()}, which has no ONNX form; "
+                              f"compile without the pass that put it there to export this model")
+
+
 def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSET) -> str:
     """Write ``compiled`` as ONNX to ``path`` through ``torch.onnx.export(dynamo=True)``.
 
     The input dimensions that the compiled graph leaves symbolic (batch, sequence) are dynamic in
     the ONNX model (see the module docstring for their names); the weights go to ``<path>.data``
     beside it. bevel's custom ops are written with their registered onnxscript translations.
-    Raises ExportError for an opset outside what :func:`check_opset` allows, a path that cannot be
-    written, or a graph the exporter or onnx.checker refuses.
+    Raises ExportError for an opset outside what :func:`check_opset` allows, a bevel op without an
+    ONNX translation, a path that cannot be written, or a graph the exporter or onnx.checker refuses.
     """
     import onnx
 
     from bevel.runtime.ops import ONNX_TRANSLATIONS
 
     check_opset(opset)
+    module = compiled.cpu_graph_module()
+    _check_translations(module, ONNX_TRANSLATIONS)
     existed = os.path.exists(path)
     target = _check_writable(path)
     args = compiled.cpu_example_inputs()
-    module = compiled.cpu_graph_module()
     try:
         torch.onnx.export(module, args, target, dynamo=True,
                           dynamic_shapes=_export_dynamic_shapes(dynamic_axes(compiled)),

@@ -4,3 +4,4 @@ token pruning (``token_prune``), sharing the block recognition and the graph rew
 from bevel.passes.tome import merge  # noqa: F401
 from bevel.passes.tome import pitome  # noqa: F401
 from bevel.passes.tome import token_prune  # noqa: F401
+from bevel.passes.tome import unpad  # noqa: F401
