@@ -6,6 +6,10 @@ Figures, each over every calibration batch and every floating-point output tenso
 - ``top1_agreement``: for logits (outputs named ``logits``, or a bare 2-D output with more than one
   column), the fraction of rows whose argmax is unchanged; None when no output is a logit.
 
+Where a pass declared the graph input that is the padding mask (``padding_input``: token merging
+and packing do not keep outputs at padded positions), the per-token outputs [B, N, ...] of a batch
+are compared at its real positions only.
+
 An output may change shape only where a pass declared it would (``reshaped``: token merging without
 unmerging leaves per-token outputs with fewer tokens); such an output is not compared, and
 ``not_compared`` names it, as it names the outputs a pass declared ``unused`` (the cache of a
@@ -70,16 +74,28 @@ def _is_logits(leaf: _Leaf, single_output: bool) -> bool:
     return bare and leaf.value.dim() == 2 and leaf.value.shape[-1] > 1
 
 
+def _real_positions_only(value: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """``value`` with its padded positions zeroed when it is a per-token output of ``padding``'s
+    [B, N] shape; as it is otherwise."""
+    if padding is None or value.dim() < 2 or tuple(value.shape[:2]) != tuple(padding.shape):
+        return value
+    real = padding.to(value.device).bool().reshape(*padding.shape, *([1] * (value.dim() - 2)))
+    return value.masked_fill(~real, 0.0)
+
+
 def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]],
-            reshaped: frozenset[int] = frozenset(), unused: frozenset[int] = frozenset()) -> Fidelity:
+            reshaped: frozenset[int] = frozenset(), unused: frozenset[int] = frozenset(),
+            padding: list[torch.Tensor | None] | None = None) -> Fidelity:
     """Fidelity of ``candidate`` outputs against ``reference`` outputs, batch by batch; the flat
     outputs at the positions ``reshaped`` may have changed shape (then they are not compared), those
     at the positions ``unused`` are never compared (a pass made them meaningless on purpose: the
-    cache of a removed decoder layer)."""
+    cache of a removed decoder layer). ``padding`` holds each batch's padding mask [B, N] (or None):
+    per-token outputs are compared at its real positions only."""
     cosine, max_err, agree, rows = 1.0, 0.0, 0, 0
     per_output: dict[str, float] = {}
     not_compared: list[str] = []
-    for ref_batch, new_batch in zip(reference, candidate, strict=True):
+    for batch, (ref_batch, new_batch) in enumerate(zip(reference, candidate, strict=True)):
+        mask = padding[batch] if padding is not None else None
         if len(ref_batch) != len(new_batch):
             raise ValueError(f"the rewritten graph returns {len(new_batch)} float outputs, "
                              f"the original {len(ref_batch)}")
@@ -91,8 +107,9 @@ def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]],
             if ref.value.shape != new.value.shape:
                 raise ValueError(f"output {ref.path or '[0]'} changed shape from {tuple(ref.value.shape)} "
                                  f"to {tuple(new.value.shape)}")
-            a = ref.value.reshape(ref.value.shape[0], -1) if ref.value.dim() > 1 else ref.value.reshape(1, -1)
-            b = new.value.reshape(a.shape)
+            ref_value, new_value = _real_positions_only(ref.value, mask), _real_positions_only(new.value, mask)
+            a = ref_value.reshape(ref_value.shape[0], -1) if ref_value.dim() > 1 else ref_value.reshape(1, -1)
+            b = new_value.reshape(a.shape)
             finite = _finite_parts(a, b)
             if finite is None:
                 return Fidelity(cosine=-1.0, max_abs_error=float("inf"), top1_agreement=None)

@@ -13,6 +13,7 @@ import traceback
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from bevel.compiler.fidelity import Fidelity, compare, run_batches
 from bevel.compiler.report import GraphFigures, PassReport
@@ -61,6 +62,7 @@ class PassManager:
         self.reference = reference_outputs
         self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
         self.unused: frozenset[int] = frozenset()  # flat outputs an applied pass made meaningless
+        self.padding: int | None = None  # the flat input that is the padding mask, once a pass declared it
         self.on_start = on_start
         self.on_end = on_end
 
@@ -97,7 +99,8 @@ class PassManager:
             problems = graph.lint()
             reshaped = self.reshaped | frozenset(result.stats.get("reshaped_outputs", ()))
             unused = self.unused | frozenset(result.stats.get("unused_outputs", ()))
-            fidelity = None if problems else self.fidelity(graph, reshaped, unused)
+            padding = result.stats.get("padding_input", self.padding)
+            fidelity = None if problems else self.fidelity(graph, reshaped, unused, padding)
         except Exception as error:  # the rewritten graph does not run on the calibration batches
             return snapshot, PassReport(name, "rolled back", seconds, before, before,
                                         check_seconds=time.perf_counter() - start, stats=result.stats,
@@ -117,7 +120,7 @@ class PassManager:
                                         check_seconds=check_seconds, reason=reason, stats=result.stats,
                                         notes=result.notes)
         status = "applied" if result.changed else "no change"
-        self.reshaped, self.unused = reshaped, unused
+        self.reshaped, self.unused, self.padding = reshaped, unused, padding
         return graph, PassReport(name, status, seconds, before, after, fidelity=fidelity,
                                  check_seconds=check_seconds, stats=result.stats, notes=result.notes)
 
@@ -128,9 +131,13 @@ class PassManager:
         return PassReport(name, "failed", seconds, before, before, reason=detail)
 
     def fidelity(self, graph: Graph, reshaped: frozenset[int] = frozenset(),
-                 unused: frozenset[int] = frozenset()) -> Fidelity:
-        """The graph's outputs on the calibration batches against the original model's."""
-        return compare(self.reference, run_batches(graph, self.ctx.calibration), reshaped, unused)
+                 unused: frozenset[int] = frozenset(), padding: int | None = None) -> Fidelity:
+        """The graph's outputs on the calibration batches against the original model's; with
+        ``padding`` (a flat input position), per-token outputs at real positions only."""
+        masks = None
+        if padding is not None:
+            masks = [tree_flatten(batch)[0][padding] for batch in self.ctx.calibration]
+        return compare(self.reference, run_batches(graph, self.ctx.calibration), reshaped, unused, masks)
 
 
 def _exception_text(error: BaseException) -> str:

@@ -53,3 +53,19 @@ def test_per_output_cosines_are_kept_by_name():
     assert result.per_output["first"] == pytest.approx(1.0)
     assert result.per_output["second"] == pytest.approx(-1.0)
     assert result.cosine == pytest.approx(-1.0)
+
+
+def test_with_a_padding_mask_per_token_outputs_are_compared_at_real_positions_only():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    hidden, pooled = torch.randn(2, 3, 4), torch.randn(2, 4)
+    garbage = hidden.clone()
+    garbage[mask == 0] = torch.randn(3, 4)  # what a pass leaves at padded positions
+    ref, new = {"hidden": hidden, "pooled": pooled}, {"hidden": garbage, "pooled": pooled}
+    assert compare([flatten_outputs(ref)], [flatten_outputs(new)]).cosine < 0.99  # without the mask: a loss
+    masked = compare([flatten_outputs(ref)], [flatten_outputs(new)], padding=[mask])
+    assert masked.cosine == pytest.approx(1.0) and masked.max_abs_error == 0.0
+    wrong = garbage.clone()
+    wrong[0, 1] += 1.0  # a real position changed still counts
+    result = compare([flatten_outputs(ref)], [flatten_outputs({"hidden": wrong, "pooled": pooled})], padding=[mask])
+    assert result.max_abs_error == pytest.approx(1.0) and result.per_output["hidden"] < 1.0
+    assert result.per_output["pooled"] == pytest.approx(1.0)  # not [B, N]-shaped: compared whole

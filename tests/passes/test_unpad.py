@@ -124,3 +124,13 @@ def test_a_packed_model_saves_and_loads(tmp_path):
     ids, mask = padded_ids(4, 10, [10, 2, 3, 4], seed=5)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, mask)[0], compiled(ids, mask)[0], rtol=0, atol=0)
+
+
+def test_the_fidelity_check_compares_real_positions_so_a_budget_keeps_the_pass():
+    bert = small_bert()
+    batches = [padded_ids(5, 9, [9, 3, 4, 2, 6], seed=2), bert.example]
+    compiled = bevel.compile(bert.model, "unpad", example_inputs=bert.example, calibration=batches,
+                             max_fidelity_drop=1e-5)
+    entry = compiled.report["unpad"]
+    assert entry.status == "applied", entry.reason
+    assert entry.fidelity.cosine > 1 - 1e-6 and entry.fidelity.max_abs_error < 1e-5

@@ -80,7 +80,8 @@ class Unpad(Pass):
         if not (isinstance(batch, torch.SymInt) and isinstance(tokens, torch.SymInt)):
             return unchanged("the batch and token counts are fixed in this graph (captured with static shapes), and "
                              "packing changes both: nothing changed")
-        counts = {"sequences": concrete(batch), "tokens": concrete(tokens)}
+        counts = {"sequences": concrete(batch), "tokens": concrete(tokens),
+                  "padding_input": graph.inputs().index(first.padding)}  # for the fidelity check
         packed, original = self._pack(graph, first, end, batch, tokens, channels)
         graph.refresh()
         rows, width = (concrete(s) for s in graph.shape(packed)[:2])
