@@ -7,8 +7,8 @@ Figures, each over every calibration batch and every floating-point output tenso
   column), the fraction of rows whose argmax is unchanged; None when no output is a logit.
 
 Where a pass declared the graph input that is the padding mask (``padding_input``: token merging
-and packing do not keep outputs at padded positions), the per-token outputs [B, N, ...] of a batch
-are compared at its real positions only.
+and packing do not keep outputs at padded positions), the per-token outputs [B, N, C, ...] of a
+batch are compared at its real positions only.
 
 An output may change shape only where a pass declared it would (``reshaped``: token merging without
 unmerging leaves per-token outputs with fewer tokens); such an output is not compared, and
@@ -75,9 +75,10 @@ def _is_logits(leaf: _Leaf, single_output: bool) -> bool:
 
 
 def _real_positions_only(value: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-    """``value`` with its padded positions zeroed when it is a per-token output of ``padding``'s
-    [B, N] shape; as it is otherwise."""
-    if padding is None or value.dim() < 2 or tuple(value.shape[:2]) != tuple(padding.shape):
+    """``value`` with its padded positions zeroed when it is a per-token output [B, N, ...] of
+    ``padding``'s [B, N]; as it is otherwise (a 2-D output is a per-sample one: a pooled [B, C]
+    whose C happens to equal N is not masked)."""
+    if padding is None or value.dim() < 3 or tuple(value.shape[:2]) != tuple(padding.shape):
         return value
     real = padding.to(value.device).bool().reshape(*padding.shape, *([1] * (value.dim() - 2)))
     return value.masked_fill(~real, 0.0)

@@ -57,7 +57,7 @@ def test_per_output_cosines_are_kept_by_name():
 
 def test_with_a_padding_mask_per_token_outputs_are_compared_at_real_positions_only():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    hidden, pooled = torch.randn(2, 3, 4), torch.randn(2, 4)
+    hidden, pooled = torch.randn(2, 3, 4), torch.randn(2, 3)  # pooled: [B, C] with C equal to N by chance
     garbage = hidden.clone()
     garbage[mask == 0] = torch.randn(3, 4)  # what a pass leaves at padded positions
     ref, new = {"hidden": hidden, "pooled": pooled}, {"hidden": garbage, "pooled": pooled}
@@ -68,4 +68,8 @@ def test_with_a_padding_mask_per_token_outputs_are_compared_at_real_positions_on
     wrong[0, 1] += 1.0  # a real position changed still counts
     result = compare([flatten_outputs(ref)], [flatten_outputs({"hidden": wrong, "pooled": pooled})], padding=[mask])
     assert result.max_abs_error == pytest.approx(1.0) and result.per_output["hidden"] < 1.0
-    assert result.per_output["pooled"] == pytest.approx(1.0)  # not [B, N]-shaped: compared whole
+    assert result.per_output["pooled"] == pytest.approx(1.0)
+    moved = pooled.clone()
+    moved[1, 2] += 1.0  # a per-sample output is compared whole, whatever its shape
+    result = compare([flatten_outputs(ref)], [flatten_outputs({"hidden": garbage, "pooled": moved})], padding=[mask])
+    assert result.per_output["pooled"] < 1.0
