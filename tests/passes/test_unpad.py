@@ -88,7 +88,7 @@ def test_unpad_keeps_minilm_embeddings_on_real_sentences():
                                                    minilm.sentence_embeddings(model, padded))
     print(f"unpad on MiniLM, {len(cosine)} sentences: min cosine {float(cosine.min()):.7f}")
     assert float(cosine.min()) > 0.99999
-    assert compiled.report["unpad"].stats["rows"] <= compiled.report["unpad"].stats["sequences"]
+    assert compiled.report["unpad"].status == "applied"  # the model was packed, not left as it was
 
 
 def test_a_model_without_padding_mask_or_attention_is_left_unchanged():

@@ -58,7 +58,7 @@ class Inserter:
         return node
 
 
-def _replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, made_sizes: set[fx.Node]) -> None:
+def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, made_sizes: set[fx.Node]) -> None:
     """In ``users``, read the token count from ``new`` wherever they read it from ``old``.
 
     A symbolic count is a node: users that read it, or a size computed from it (``batch * tokens``
@@ -98,7 +98,12 @@ def _replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, ma
                     node.replace_input_with(size, rebase(size))
 
 
-def _copy_before_reshaping(graph: Graph, node: fx.Node) -> None:
+def padding_sizes(at: Inserter, padding: fx.Node) -> fx.Node:
+    """Inserted with ``at``: what each token of a padding mask stands for, 1.0 (real) or 0.0 (padding)."""
+    return at(aten._to_copy.default, at(aten.ne.Scalar, padding, 0), dtype=torch.float32)
+
+
+def copy_before_reshaping(graph: Graph, node: fx.Node) -> None:
     """Make ``node``, if it reshapes a transposed tensor, read a contiguous copy of it.
 
     An attention that gains a mask may return another memory layout (the exporter's decomposition
@@ -117,7 +122,7 @@ def _copy_before_reshaping(graph: Graph, node: fx.Node) -> None:
         node.target = aten.reshape.default
 
 
-def _count_nodes(graph: Graph, tokens: Any) -> list[fx.Node]:
+def count_nodes(graph: Graph, tokens: Any) -> list[fx.Node]:
     """The nodes holding a symbolic token count (``sym_size`` of any input with that size)."""
     return [n for n in graph.nodes(op="call_function") if isinstance(n.meta.get("val"), torch.SymInt)
             and same_size(n.meta["val"], tokens)]
@@ -137,11 +142,11 @@ class TokenReduction:
     def _start(self, at: Inserter, block: AttentionBlock, tokens_of: fx.Node) -> None:
         """The first sizes: 1 per real token, 0 for padding; and where the graph reads the count from."""
         if block.padding is not None:
-            self.size = at(aten._to_copy.default, at(aten.ne.Scalar, block.padding, 0), dtype=torch.float32)
+            self.size = padding_sizes(at, block.padding)
         else:
             self.size = at(aten.ones_like.default, at(aten.select.int, tokens_of, 2, 0), dtype=torch.float32)
         tokens = self.graph.shape(tokens_of)[1]
-        self.count = _count_nodes(self.graph, tokens) if isinstance(tokens, torch.SymInt) else [int(tokens)]
+        self.count = count_nodes(self.graph, tokens) if isinstance(tokens, torch.SymInt) else [int(tokens)]
 
     def drop_padding(self, block: AttentionBlock) -> None:
         """Before ``block`` (the first one), move real tokens to the front and cut the batch to its
@@ -176,9 +181,9 @@ class TokenReduction:
         old.replace_all_uses_with(x, delete_user_cb=lambda user: user not in made)
         later = descendants(x)
         for node in later:
-            _copy_before_reshaping(graph, node)
+            copy_before_reshaping(graph, node)
         for old_count in self.count:
-            _replace_count(graph, later, old_count, count, self.made_sizes)
+            replace_count(graph, later, old_count, count, self.made_sizes)
         mask = None
         for node in sorted((n for n in later if n.target in ATTENTION_OPS), key=_order(graph)):
             if mask is None:

@@ -29,7 +29,7 @@ from bevel.ir.meta import concrete
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult
 from bevel.passes.registry import register_pass
 from bevel.passes.tome.blocks import ATTENTION_OPS, LAYER_NORMS, AttentionBlock, ancestors, find_blocks
-from bevel.passes.tome.rewrite import Inserter, _copy_before_reshaping, _count_nodes, _replace_count
+from bevel.passes.tome.rewrite import Inserter, copy_before_reshaping, count_nodes, padding_sizes, replace_count
 
 aten = torch.ops.aten
 
@@ -72,11 +72,10 @@ class Unpad(Pass):
         if first.padding is None:
             return unchanged("the attention has no padding mask: nothing to unpad")
         end = block_output(graph, last)
-        shape = graph.shape(first.input)
         if end is None or graph.shape(end) is None or len(graph.shape(end)) != 3:
             return unchanged(f"the end of the last block (after attention '{last.attention.name}') was not found: "
                              f"nothing changed")
-        batch, tokens, channels = shape
+        batch, tokens, channels = graph.shape(first.input)
         if not (isinstance(batch, torch.SymInt) and isinstance(tokens, torch.SymInt)):
             return unchanged("the batch and token counts are fixed in this graph (captured with static shapes), and "
                              "packing changes both: nothing changed")
@@ -97,8 +96,7 @@ class Unpad(Pass):
         stream node and the name of the node unpacked."""
         at = Inserter(graph, first.input)
         sizes = [at(aten.sym_size.int, first.input, dim) for dim in (0, 1)]  # the original counts, for unpacking
-        real = at(aten._to_copy.default, at(aten.ne.Scalar, first.padding, 0), dtype=torch.float32)
-        packed = at(torch.ops.bevel.pack_sequences.default, first.input, real)
+        packed = at(torch.ops.bevel.pack_sequences.default, first.input, padding_sizes(at, first.padding))
         x, segment, source = (at(operator.getitem, packed, i) for i in range(3))
         rows, width = at(aten.sym_size.int, x, 0), at(aten.sym_size.int, x, 1)
         same = at(aten.eq.Tensor, at(aten.unsqueeze.default, segment, 2), at(aten.unsqueeze.default, segment, 1))
@@ -108,11 +106,11 @@ class Unpad(Pass):
         # the packed region: from the packing to the end of the last block
         region = (descendants(x) & (ancestors(end) | {end})) - made
         for node in region:
-            _copy_before_reshaping(graph, node)
+            copy_before_reshaping(graph, node)
         made_sizes = {rows, width}
         for old, new in ((batch, rows), (tokens, width)):
-            for count in _count_nodes(graph, old):
-                _replace_count(graph, region, count, new, made_sizes)
+            for count in count_nodes(graph, old):
+                replace_count(graph, region, count, new, made_sizes)
         for node in region:
             if node.target in ATTENTION_OPS:
                 found = find_argument(node, "attn_mask")
@@ -121,5 +119,6 @@ class Unpad(Pass):
         flat = back(aten.reshape.default, end, [-1, channels])
         picked = back(aten.index_select.default, flat, 0, back(aten.reshape.default, source, [-1]))
         unpacked = back(aten.reshape.default, picked, [sizes[0], sizes[1], channels])
-        end.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user not in set(back.made))
+        unpacking = set(back.made)
+        end.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user not in unpacking)
         return x, end.name
