@@ -5,7 +5,9 @@ user's inputs, the model's weights (lifted as inputs, or held as attributes of t
 (``s0``, or ``x.size()[0]``) that dynamo passes separately. :class:`WrappedGraph` sorts them:
 weights move into a :class:`DynamoGraph` under the model's own dotted names (``fc1.weight``, so
 pipeline ``skip`` patterns and reports name them as the user does), sizes are read back from the
-user's tensors, and only the user's inputs remain as the module's inputs.
+user's tensors, and only the user's inputs remain as the module's inputs. With ``dynamic=True``
+dynamo also passes the model's plain numbers (a LayerNorm's eps) as 0-dim tensors: those are baked
+into the graph as numbers, read once as the weights are.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class WrappedGraph:
                              f"{len(placeholders)} inputs; the bevel backend cannot match them")
         self.compile_id = str(getattr(gm, "meta", {}).get("dynamo_compile_id", "")) or None
         graph_module, lifted = lift_attributes(gm)
+        copies = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         self.module = DynamoGraph(graph_module, [])
         self.user_positions: list[int] = []
         self.user_examples: list[Any] = []
@@ -81,6 +84,8 @@ class WrappedGraph:
         sizes = []
         for position, (node, value) in enumerate(zip(placeholders, example_inputs)):
             source = _source_name(node)
+            if is_model_number(value, source) and bake_number(copies[position], value.item()):
+                continue  # no longer an input of the graph
             if is_weight(node, value, source):
                 name = self._attach(weight_name(source, node.name), value, source)
                 self.module.slots.append(Slot("weight", name=name))
@@ -95,12 +100,23 @@ class WrappedGraph:
             self.module.slots[slot_index] = located or self._add_user(position, node, value, source)
         for fqn, value in lifted:
             self.module.slots.append(Slot("weight", name=self._attach(fqn, value, None)))
+        graph_module.recompile()
 
     def dynamic_shapes(self) -> Any:
         """torch.export dynamic_shapes for the user inputs: the dimensions dynamo made symbolic stay
-        symbolic (``Dim.AUTO``), the others are fixed; "static" when dynamo made none symbolic."""
-        spec = [{d: torch.export.Dim.AUTO for d, size in enumerate(getattr(fake, "shape", ()))
-                 if isinstance(size, torch.SymInt)} or None for fake in self.user_fakes]
+        symbolic, the others are fixed; "static" when dynamo made none symbolic. Dimensions dynamo
+        gave one symbol (the length of ``input_ids`` and of ``attention_mask``) share one named
+        ``Dim``, so the captured graph knows them equal as dynamo did; the others are ``Dim.AUTO``."""
+        symbolic = [[(d, size) for d, size in enumerate(getattr(fake, "shape", ())) if isinstance(size, torch.SymInt)]
+                    for fake in self.user_fakes]
+        uses: dict[Any, list[torch.SymInt]] = {}
+        for dims in symbolic:
+            for _, size in dims:
+                uses.setdefault(size.node.expr, []).append(size)
+        named = {expr: _named_dim(f"size_{i}", sizes[0])
+                 for i, (expr, sizes) in enumerate(uses.items()) if len(sizes) > 1}
+        symbolic = [[(d, size.node.expr) for d, size in dims] for dims in symbolic]
+        spec = [{d: named.get(expr, torch.export.Dim.AUTO) for d, expr in dims} or None for dims in symbolic]
         # DynamoGraph.forward takes *inputs, which torch.export sees as one tuple argument.
         return (tuple(spec),) if any(spec) else "static"
 
@@ -214,6 +230,47 @@ def is_weight(node: fx.Node, value: Any, source: str | None) -> bool:
     if source is not None:
         return "._parameters[" in source or "._buffers[" in source
     return isinstance(value, torch.Tensor) and ("_parameters_" in node.name or "_buffers_" in node.name)
+
+
+def _named_dim(name: str, size: torch.SymInt) -> Any:
+    """A torch.export ``Dim`` over the range dynamo found for ``size`` (a named Dim must cover only
+    values the graph accepts, such as BERT's lengths up to its 512 positions)."""
+    bounds = size.node.shape_env.var_to_range.get(size.node.expr)
+    low, high = (None, None) if bounds is None else (_finite(bounds.lower), _finite(bounds.upper))
+    return torch.export.Dim(name, min=low, max=high)
+
+
+def _finite(bound: Any) -> int | None:
+    """A sympy range bound as an int, None when it is infinite."""
+    try:
+        return int(bound)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        return None
+
+
+def is_model_number(value: Any, source: str | None) -> bool:
+    """Whether a graph input is a number the model holds as a plain attribute (a LayerNorm's eps, a
+    dropout's p, an attention's scaling): with dynamic shapes dynamo passes those as 0-dim tensors
+    that the graph reads with ``.item()``, which torch.export cannot trace (a data-dependent value)."""
+    return (isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.dim() == 0
+            and source is not None and source.startswith("L['self']") and "._parameters[" not in source
+            and "._buffers[" not in source)
+
+
+def bake_number(placeholder: fx.Node, number: float | int) -> bool:
+    """Put ``number`` where the graph reads ``placeholder.item()`` and remove the input; False (and
+    nothing changed) when the graph uses the input otherwise. Like the weights, the number is read
+    once, at compile time."""
+    users = list(placeholder.users)
+    if not users or not all(u.op == "call_method" and u.target == "item" for u in users):
+        return False
+    for item in users:
+        for user in list(item.users):
+            user.args = fx.node.map_arg(user.args, lambda n: number if n is item else n)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda n: number if n is item else n)
+        placeholder.graph.erase_node(item)
+    placeholder.graph.erase_node(placeholder)
+    return True
 
 
 def _source_name(node: fx.Node) -> str | None:

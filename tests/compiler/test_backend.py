@@ -257,6 +257,26 @@ def test_minilm_matches_bevel_compile(minilm, minilm_inputs, fresh_sentences):
     assert_state_unchanged(minilm, before)
 
 
+def test_dynamic_true_captures_a_bert_and_packs_its_sequences():
+    """With ``dynamic=True`` dynamo passes a BERT's eps, dropout p and attention scaling as 0-dim
+    tensors read with ``.item()`` (baked in as numbers), and gives ``input_ids`` and
+    ``attention_mask`` one length symbol (kept as one named Dim, so the passes see the mask as a
+    padding mask of the same tokens). Both compile paths pack alike; exact, since the graphs agree."""
+    from tests.passes.token_reduction import padded_ids, small_bert
+
+    bert = small_bert()
+    before = state_copy(bert.model)
+    passes = "cleanup | tome(r=2, pack=true)"
+    compiled = torch.compile(bert.model, dynamic=True, backend="bevel", options={"passes": passes})
+    reference = bevel.compile(bert.model, passes, example_inputs=bert.example)
+    for inputs in (bert.example, padded_ids(5, 9, [9, 3, 4, 2, 6], seed=2)):
+        with torch.no_grad():
+            out, expected = compiled(*inputs), reference(*inputs)
+        torch.testing.assert_close(out.last_hidden_state, expected["last_hidden_state"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.pooler_output, expected["pooler_output"], atol=1e-6, rtol=0)
+    assert_state_unchanged(bert.model, before)
+
+
 # -- (f) errors -------------------------------------------------------------------------------------
 
 def test_bad_pipeline_is_a_pipeline_error(mlp):
