@@ -107,7 +107,7 @@ def concrete(dim: Any) -> int:
         if hint is None and _unbacked(dim):
             env = dim.node.shape_env
             # the input sizes' example values: named backed_var_to_val in newer torch, var_to_val before
-            backed = getattr(env, "backed_var_to_val", None) or getattr(env, "var_to_val", {})
+            backed = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else getattr(env, "var_to_val", {})
             expr = dim.node.expr.xreplace(_EXAMPLE_SIZES.get(env, {})).xreplace(backed)
             hint = None if expr.free_symbols else expr
         if hint is None:
