@@ -5,9 +5,10 @@ Three measurements, each in this one process, calls alternating between the mode
 
 - ``padded``: MiniLM on a batch of real sentences padded to 128 tokens (as a server pads a batch
   to a fixed length). bevel's ``tome`` drops the padding no sentence needs and merges padding
-  before real tokens; ``unpad`` instead packs the sentences into as few rows as the longest one
-  allows (exact, no merging), for comparison. Fidelity: mean-pooled embeddings of 256 held-out
-  sentences, batched the same way.
+  before real tokens; with ``pack=true`` it packs the sentences into as few rows as the longest
+  one allows and merges within each sentence; ``unpad`` packs without merging (exact), to show
+  what the merges add. Fidelity: mean-pooled embeddings of 256 held-out sentences, batched the
+  same way.
 - ``passages``: MiniLM on passages of real text that fill all 128 tokens (no padding: the gain is
   merging alone), for several r. Fidelity over every such passage the bundled text gives.
 - ``vit``: timm ``vit_base_patch16_224`` with random weights, batch 8, ``tome(r=16)``. Fidelity:
@@ -35,11 +36,13 @@ from bevel.runtime.timing import median_latencies_ms
 from minilm_common import embedding_fidelity, page_faults_per_call
 
 # MiniLM's sentence embeddings suffer most from merges in its first blocks, hence schedules that
-# start late; r=8 everywhere for contrast
+# start late; r=8 everywhere for contrast. Packed, every merge is of real tokens (r per packed row)
 PADDED_PIPELINES = ['cleanup | tome(r=[0, 0, 0, 10, 10, 10])',
                     'cleanup | tome(r=[0, 0, 0, 10, 10, 10], metric="hidden")',
                     'cleanup | tome(r=[0, 0, 8, 10, 12, 12], metric="hidden")',
                     'cleanup | tome(r=8, metric="hidden")',
+                    'cleanup | tome(r=[0, 0, 0, 4, 4, 4], metric="hidden", pack=true)',
+                    'cleanup | tome(r=[0, 0, 0, 8, 8, 8], metric="hidden", pack=true)',
                     'cleanup | unpad']
 PASSAGE_R = ["2", "4", "8", "12", "16", "[0, 12, 16, 20, 24, 0]", "[0, 12, 16, 20, 24, 27]"]
 

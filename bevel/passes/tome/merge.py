@@ -21,7 +21,9 @@ from bevel.ir.meta import concrete
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
 from bevel.passes.tome.blocks import AttentionBlock, find_blocks
+from bevel.passes.tome.packed import merge_packed
 from bevel.passes.tome.rewrite import Inserter, TokenReduction
+from bevel.passes.tome.unpad import packing_obstacle
 
 SCHEDULES = ("constant", "decreasing")
 
@@ -77,15 +79,22 @@ class TokenMerging(Pass):
         prop_attn: bool = param(True, "proportional attention: a merged token weighs as the tokens it stands for")
         metric: str = param("keys", "what similarity is measured on: the attention keys averaged over heads "
                             "(ToMe), or the hidden states being merged", choices=("keys", "hidden"))
+        pack: bool = param(False, "with a padding mask: pack the batch's sequences into as few rows as the longest "
+                           "allows (as unpad) and merge within each sequence, r per packed row and the first "
+                           "`protect` tokens of each sequence kept; the stream is unpacked after the last block, so "
+                           "outputs keep their shape (unmerge and drop_padding do not apply). Fastest on padded "
+                           "batches; the graph no longer exports to ONNX")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         p = self.params
-        return run_planned(self.name, graph, p, bipartite_planner(p.protect), p.prop_attn, p.metric)
+        return run_planned(self.name, graph, p, bipartite_planner(p.protect), p.prop_attn, p.metric, p.pack)
 
 
-def run_planned(pass_name: str, graph: Graph, params, planner, prop_attn: bool, metric: str) -> PassResult:
+def run_planned(pass_name: str, graph: Graph, params, planner, prop_attn: bool, metric: str,
+                pack: bool = False) -> PassResult:
     """Find the blocks, check the schedule of ``params.r`` and reduce the tokens of every block with
-    ``planner`` (see :func:`bevel.passes.tome.merge.reduce_tokens`)."""
+    ``planner`` (see :func:`bevel.passes.tome.merge.reduce_tokens`), or with ``pack`` merge packed
+    sequences where the graph allows it (see :mod:`bevel.passes.tome.packed`)."""
     blocks, skipped = find_blocks(graph)
     notes = [f"left alone: attention '{name}': {why}" for name, why in skipped]
     if not blocks:
@@ -98,6 +107,11 @@ def run_planned(pass_name: str, graph: Graph, params, planner, prop_attn: bool, 
     if not any(schedule):
         return PassResult(changed=False, stats={"blocks": len(blocks), "r": schedule},
                           notes=notes + ["r is 0 in every block: nothing changed"])
+    if pack:
+        obstacle = packing_obstacle(graph, blocks)
+        if obstacle is None:
+            return merge_packed(graph, blocks, schedule, params.protect, prop_attn, metric, notes)
+        notes.append(f"pack: {obstacle}; merged without packing")
     reduction = TokenReduction(graph, prop_attn, metric)
     return reduce_tokens(reduction, blocks, schedule, params.protect, params.unmerge, params.drop_padding, notes,
                          planner)

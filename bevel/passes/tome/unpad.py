@@ -50,6 +50,76 @@ def block_output(graph: Graph, block: AttentionBlock) -> fx.Node | None:
     return None
 
 
+@dataclass
+class PackedStream:
+    """The packed stream of a graph, as :func:`pack_before` leaves it."""
+
+    x: fx.Node          # the packed tokens [R, W, C]
+    segment: fx.Node    # each packed position's sequence [R, W] (-1: padding)
+    source: fx.Node     # each original token's packed position, flattened [B, N]
+    sizes: list[fx.Node]  # the original batch and token counts, read before packing
+    width: fx.Node      # the packed token count W, which the packed region reads
+    made_sizes: set[fx.Node]  # the count nodes made (no recorded value until the graph is refreshed)
+
+
+def pack_before(graph: Graph, first: AttentionBlock, end: fx.Node, batch, tokens) -> PackedStream:
+    """Pack the stream before ``first`` and make every node up to ``end`` (the end of the last
+    block) work on the packed rows: their counts, and every attention's mask block-diagonal (a
+    token sees its own sequence; padding sees padding, so no row of the softmax is empty)."""
+    at = Inserter(graph, first.input)
+    sizes = [at(aten.sym_size.int, first.input, dim) for dim in (0, 1)]  # the original counts, for unpacking
+    packed = at(torch.ops.bevel.pack_sequences.default, first.input, padding_sizes(at, first.padding))
+    x, segment, source = (at(operator.getitem, packed, i) for i in range(3))
+    rows, width = at(aten.sym_size.int, x, 0), at(aten.sym_size.int, x, 1)
+    same = at(aten.eq.Tensor, at(aten.unsqueeze.default, segment, 2), at(aten.unsqueeze.default, segment, 1))
+    mask = at(aten.unsqueeze.default, same, 1)  # [R, 1, W, W]
+    made = set(at.made)
+    first.input.replace_all_uses_with(x, delete_user_cb=lambda user: user not in made)
+    # the packed region: from the packing to the end of the last block
+    region = (descendants(x) & (ancestors(end) | {end})) - made
+    for node in region:
+        copy_before_reshaping(graph, node)
+    made_sizes = {rows, width}
+    for old, new in ((batch, rows), (tokens, width)):
+        for count in count_nodes(graph, old):
+            replace_count(graph, region, count, new, made_sizes)
+    for node in region:
+        if node.target in ATTENTION_OPS:
+            found = find_argument(node, "attn_mask")
+            set_argument(node, found[0] if found is not None else "attn_mask", mask)
+    return PackedStream(x, segment, source, sizes, width, made_sizes)
+
+
+def unpack_after(graph: Graph, end: fx.Node, packed: PackedStream, channels: int,
+                 merged_source: fx.Node | None = None) -> None:
+    """Make everything after ``end`` read the stream unpacked to the original [B, N, C]; with
+    ``merged_source`` (each packed position's slot after token merging, [R, W]), first spread the
+    merged tokens back to the packed positions."""
+    back = Inserter(graph, end)
+    value = end if merged_source is None else back(torch.ops.bevel.unmerge_tokens.default, end, merged_source)
+    flat = back(aten.reshape.default, value, [-1, channels])
+    picked = back(aten.index_select.default, flat, 0, back(aten.reshape.default, packed.source, [-1]))
+    unpacked = back(aten.reshape.default, picked, [packed.sizes[0], packed.sizes[1], channels])
+    unpacking = set(back.made)
+    end.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user not in unpacking)
+
+
+def packing_obstacle(graph: Graph, blocks: list[AttentionBlock]) -> str | None:
+    """Why the stream of ``blocks`` cannot be packed, or None: packing needs a padding mask, the end
+    of the last block, and symbolic batch and token counts (packing changes both)."""
+    first, last = blocks[0], blocks[-1]
+    if first.padding is None:
+        return "the attention has no padding mask"
+    end = block_output(graph, last)
+    if end is None or graph.shape(end) is None or len(graph.shape(end)) != 3:
+        return f"the end of the last block (after attention '{last.attention.name}') was not found"
+    batch, tokens, _ = graph.shape(first.input)
+    if not (isinstance(batch, torch.SymInt) and isinstance(tokens, torch.SymInt)):
+        return "the batch and token counts are fixed in this graph (captured with static shapes), and packing " \
+               "changes both"
+    return None
+
+
 @register_pass("unpad")
 class Unpad(Pass):
     """Pack the sequences of a padded batch into as few rows as the longest allows (exact)."""
@@ -61,64 +131,23 @@ class Unpad(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         blocks, skipped = find_blocks(graph)
         notes = [f"left alone: attention '{name}': {why}" for name, why in skipped]
-
-        def unchanged(why: str) -> PassResult:
-            return PassResult(changed=False, stats={"blocks": len(blocks)}, notes=notes + [why])
-
         if not blocks:
-            return unchanged("no transformer block (scaled_dot_product_attention, then a residual add) found: "
-                             "nothing changed")
-        first, last = blocks[0], blocks[-1]
-        if first.padding is None:
-            return unchanged("the attention has no padding mask: nothing to unpad")
-        end = block_output(graph, last)
-        if end is None or graph.shape(end) is None or len(graph.shape(end)) != 3:
-            return unchanged(f"the end of the last block (after attention '{last.attention.name}') was not found: "
-                             f"nothing changed")
+            return PassResult(changed=False, stats={"blocks": 0}, notes=notes + [
+                "no transformer block (scaled_dot_product_attention, then a residual add) found: nothing changed"])
+        obstacle = packing_obstacle(graph, blocks)
+        if obstacle is not None:
+            return PassResult(changed=False, stats={"blocks": len(blocks)},
+                              notes=notes + [f"{obstacle}: nothing changed"])
+        first, end = blocks[0], block_output(graph, blocks[-1])
         batch, tokens, channels = graph.shape(first.input)
-        if not (isinstance(batch, torch.SymInt) and isinstance(tokens, torch.SymInt)):
-            return unchanged("the batch and token counts are fixed in this graph (captured with static shapes), and "
-                             "packing changes both: nothing changed")
         counts = {"sequences": concrete(batch), "tokens": concrete(tokens),
                   "padding_input": graph.inputs().index(first.padding)}  # for the fidelity check
-        packed, original = self._pack(graph, first, end, batch, tokens, channels)
+        packed = pack_before(graph, first, end, batch, tokens)
+        unpack_after(graph, end, packed, channels)
         graph.refresh()
-        rows, width = (concrete(s) for s in graph.shape(packed)[:2])
+        rows, width = (concrete(s) for s in graph.shape(packed.x)[:2])
         counts.update(rows=rows, width=width)
         notes.append(f"{counts['sequences']} sequences of {counts['tokens']} tokens packed into {rows} rows of "
                      f"{width} at the example inputs; every attention of the {len(blocks)} blocks masked to its own "
-                     f"sequence, the stream unpacked after '{original}'; outputs at padded positions are not kept")
+                     f"sequence, the stream unpacked after '{end.name}'; outputs at padded positions are not kept")
         return PassResult(changed=True, stats={"blocks": len(blocks), **counts}, notes=notes)
-
-    @staticmethod
-    def _pack(graph: Graph, first: AttentionBlock, end: fx.Node, batch, tokens, channels: int) -> tuple[fx.Node, str]:
-        """Insert the packing before ``first`` and the unpacking after ``end``; returns the packed
-        stream node and the name of the node unpacked."""
-        at = Inserter(graph, first.input)
-        sizes = [at(aten.sym_size.int, first.input, dim) for dim in (0, 1)]  # the original counts, for unpacking
-        packed = at(torch.ops.bevel.pack_sequences.default, first.input, padding_sizes(at, first.padding))
-        x, segment, source = (at(operator.getitem, packed, i) for i in range(3))
-        rows, width = at(aten.sym_size.int, x, 0), at(aten.sym_size.int, x, 1)
-        same = at(aten.eq.Tensor, at(aten.unsqueeze.default, segment, 2), at(aten.unsqueeze.default, segment, 1))
-        mask = at(aten.unsqueeze.default, same, 1)  # [R, 1, W, W]: padding sees padding, so no row is empty
-        made = set(at.made)
-        first.input.replace_all_uses_with(x, delete_user_cb=lambda user: user not in made)
-        # the packed region: from the packing to the end of the last block
-        region = (descendants(x) & (ancestors(end) | {end})) - made
-        for node in region:
-            copy_before_reshaping(graph, node)
-        made_sizes = {rows, width}
-        for old, new in ((batch, rows), (tokens, width)):
-            for count in count_nodes(graph, old):
-                replace_count(graph, region, count, new, made_sizes)
-        for node in region:
-            if node.target in ATTENTION_OPS:
-                found = find_argument(node, "attn_mask")
-                set_argument(node, found[0] if found is not None else "attn_mask", mask)
-        back = Inserter(graph, end)
-        flat = back(aten.reshape.default, end, [-1, channels])
-        picked = back(aten.index_select.default, flat, 0, back(aten.reshape.default, source, [-1]))
-        unpacked = back(aten.reshape.default, picked, [sizes[0], sizes[1], channels])
-        unpacking = set(back.made)
-        end.replace_all_uses_with(unpacked, delete_user_cb=lambda user: user not in unpacking)
-        return x, end.name

@@ -14,7 +14,7 @@ from bevel.runtime.ops import int4_embedding, int4_weight_linear, int8_dynamic_l
 from bevel.runtime.ops import int8_weight_linear  # noqa: E402,F401
 from bevel.runtime.ops import quant_onnx  # noqa: E402,F401
 from bevel.runtime.ops import semi_structured_linear  # noqa: E402,F401
-from bevel.runtime.ops import sequence_pack, token_merge  # noqa: E402,F401
+from bevel.runtime.ops import packed_token_merge, sequence_pack, token_merge  # noqa: E402,F401
 from bevel.runtime.ops import token_merge_onnx  # noqa: E402,F401
 from bevel.runtime.ops import attention_blocks, cache_attention, kv_quant, sparse_attention  # noqa: E402,F401
 from bevel.runtime.ops import attention_onnx, gelu_onnx, sdpa_onnx  # noqa: E402,F401
