@@ -22,7 +22,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 import bevel
-from bevel.errors import BevelError, CaptureError, PipelineError, first_line
+from bevel.errors import BevelError, CaptureError, ExportError, PipelineError, first_line
 from bevel.passes.base import format_value
 from bevel.ir.onnx_export import DEFAULT_OPSET, check_opset
 
@@ -245,7 +245,11 @@ def export_command(
     with err.status("saving the artifact"):
         compiled.save(str(paths["artifact"]))
     with err.status(f"exporting ONNX (opset {opset})"):
-        compiled.export_onnx(str(paths["onnx"]), opset=opset)
+        try:
+            compiled.export_onnx(str(paths["onnx"]), opset=opset)
+        except ExportError as error:  # the artifact and reports are written and usable: say so
+            raise ExportError(f"{first_line(str(error))} (written: {paths['artifact']}, {paths['report']}, "
+                              f"{paths['report json']})") from error
 
     typer.echo(str(report))
     typer.echo("")

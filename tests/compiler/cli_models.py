@@ -55,3 +55,14 @@ def wrong_type() -> str:
 
 
 NOT_CALLABLE = 42
+
+
+def small_bert() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A random HF BERT (1 layer, hidden 32) on a padded batch: what the token passes rewrite."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ids = torch.randint(1, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    return BertModel(config).eval(), (ids * mask, mask)

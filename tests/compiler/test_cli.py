@@ -203,6 +203,16 @@ def test_export_small_model_writes_every_output(tmp_path):
     torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_export_of_a_pass_without_onnx_form_fails_naming_it_and_keeps_the_artifact(tmp_path):
+    out = tmp_path / "out"
+    result = bevel("export", "cli_models:small_bert", "--passes", "unpad", "--out", str(out))
+    assert result.exit_code == 2, result.output
+    line = error_line(result)
+    assert "bevel::pack_sequences, which has no ONNX form" in line and str(out / "artifact") in line, line
+    assert (out / "artifact" / "manifest.json").is_file() and (out / "report.json").is_file()
+    assert not (out / "model.onnx").exists()
+
+
 def test_export_static_shapes_writes_fixed_sizes(tmp_path):
     import onnx
 
