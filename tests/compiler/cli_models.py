@@ -57,7 +57,7 @@ def wrong_type() -> str:
 NOT_CALLABLE = 42
 
 
-def small_bert() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+def padded_bert() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """A random HF BERT (1 layer, hidden 32) on a padded batch: what the token passes rewrite."""
     from transformers import BertConfig, BertModel
 

@@ -205,7 +205,7 @@ def test_export_small_model_writes_every_output(tmp_path):
 
 def test_export_of_a_pass_without_onnx_form_fails_naming_it_and_keeps_the_artifact(tmp_path):
     out = tmp_path / "out"
-    result = bevel("export", "cli_models:small_bert", "--passes", "unpad", "--out", str(out))
+    result = bevel("export", "cli_models:padded_bert", "--passes", "unpad", "--out", str(out))
     assert result.exit_code == 2, result.output
     line = error_line(result)
     assert "bevel::pack_sequences, which has no ONNX form" in line and str(out / "artifact") in line, line
