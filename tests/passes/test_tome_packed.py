@@ -60,6 +60,12 @@ def test_r_zero_changes_nothing_and_packing_needs_a_padding_mask():
     assert any("pack: the attention has no padding mask; merged without packing" in n for n in result.notes)
 
 
+def test_r_above_half_a_packed_row_is_clamped_and_reported():
+    _, result = apply_pass(small_bert(), "tome", r=[8, 2], pack=True)
+    assert result.stats["tokens"] == [12, 12, 7, 5]  # (12 - 1) // 2 = 5 removed in the first block
+    assert "merge 1: r=8 clamped to 5 (half of the unprotected tokens at the example size)" in result.notes
+
+
 def test_a_capture_with_static_shapes_merges_without_packing():
     bert = small_bert()
     bert.graph = capture(bert.model, bert.example, dynamic_shapes="static")

@@ -22,7 +22,7 @@ from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
 from bevel.passes.tome.blocks import AttentionBlock, find_blocks
 from bevel.passes.tome.packed import merge_packed
-from bevel.passes.tome.rewrite import Inserter, TokenReduction
+from bevel.passes.tome.rewrite import Inserter, TokenReduction, clamping_notes
 from bevel.passes.tome.unpad import packing_obstacle
 
 SCHEDULES = ("constant", "decreasing")
@@ -141,12 +141,7 @@ def reduce_tokens(reduction: TokenReduction, blocks: list[AttentionBlock], sched
     spread = reduction.unmerge_outputs(tokens) if unmerge else []
     graph.refresh()
     counts = [concrete(tokens)] + [concrete(graph.shape(x)[1]) for x, _ in reduction.steps]
-    merges = [r for r in schedule if r]
-    for i, r in enumerate(merges):
-        removed = counts[-len(merges) - 1 + i] - counts[-len(merges) + i]
-        if removed < r:
-            notes.append(f"merge {i + 1}: r={r} clamped to {removed} (half of the unprotected tokens at the "
-                         f"example size)")
+    notes += clamping_notes(counts, schedule)
     if padding is not None:
         dropped = "dropped before the first block where no row needs it, and " if drop_padding else ""
         notes.append(f"padding (input '{padding.name}') is {dropped}removed before real tokens merge; outputs at "

@@ -23,7 +23,7 @@ from bevel.ir.graph import Graph
 from bevel.ir.meta import concrete
 from bevel.passes.base import PassResult
 from bevel.passes.tome.blocks import AttentionBlock
-from bevel.passes.tome.rewrite import Inserter, TokenReduction
+from bevel.passes.tome.rewrite import Inserter, TokenReduction, clamping_notes
 from bevel.passes.tome.unpad import PackedStream, block_output, pack_before, unpack_after
 
 aten = torch.ops.aten
@@ -51,9 +51,9 @@ class PackedTokenReduction(TokenReduction):
         merged = at(bevel_ops.merge_tokens.default, stream, self.size, dest, r, protect)
         x, size = at(operator.getitem, merged, 0), at(operator.getitem, merged, 1)
         # a slot's sequence: that of the real tokens merged into it (all of one sequence), else -1
-        real_segment = at(aten.where.ScalarOther, at(aten.gt.Scalar, self.size, 0), self.segment, -1)
+        # (padding's segment, which only padding-only slots keep)
         empty = at(aten.full_like.default, size, -1, dtype=torch.int64)
-        self.segment = at(aten.scatter_reduce.two, empty, 1, dest, real_segment, "amax")
+        self.segment = at(aten.scatter_reduce.two, empty, 1, dest, self.segment, "amax")
         self._follow(at, stream, x, size, dest)
 
     def _mask(self, at: Inserter, size: fx.Node, attention: fx.Node) -> fx.Node:
@@ -94,6 +94,7 @@ def merge_packed(graph: Graph, blocks: list[AttentionBlock], schedule: list[int]
     rows, width = (concrete(s) for s in graph.shape(packed.x)[:2])
     counts = [concrete(tokens), width] + [concrete(graph.shape(x)[1]) for x, _ in reduction.steps]
     stats.update(rows=rows, width=width, tokens=counts, unmerged_outputs=[], reshaped_outputs=[])
+    notes += clamping_notes(counts[1:], schedule)
     notes.append(f"{stats['sequences']} sequences of {counts[0]} tokens packed into {rows} rows of {width} at the "
                  f"example inputs, merged within each sequence down to {counts[-1]} tokens per row (the first "
                  f"{protect} of each sequence protected), and unpacked after '{end.name}'; outputs at padded "

@@ -103,6 +103,19 @@ def padding_sizes(at: Inserter, padding: fx.Node) -> fx.Node:
     return at(aten._to_copy.default, at(aten.ne.Scalar, padding, 0), dtype=torch.float32)
 
 
+def clamping_notes(counts: list[int], schedule: list[int]) -> list[str]:
+    """A note for each merge that removed fewer tokens than its r: ``counts`` ends with the token
+    count before the first merge and after each one (at the example size)."""
+    merges = [r for r in schedule if r]
+    notes = []
+    for i, r in enumerate(merges):
+        removed = counts[-len(merges) - 1 + i] - counts[-len(merges) + i]
+        if removed < r:
+            notes.append(f"merge {i + 1}: r={r} clamped to {removed} (half of the unprotected tokens at the "
+                         f"example size)")
+    return notes
+
+
 def copy_before_reshaping(graph: Graph, node: fx.Node) -> None:
     """Make ``node``, if it reshapes a transposed tensor, read a contiguous copy of it.
 
