@@ -19,6 +19,7 @@ from bevel.ir.capture import capture
 from bevel.ir.decoder import is_causal_lm
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext
+from bevel.passes.tome.blocks import padding_mask_input
 from bevel.runtime.compiled_module import CompiledModule
 
 
@@ -187,6 +188,8 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
                     original=measure_figures(graph), capture_seconds=capture_seconds,
                     calibration_batches=len(ctx.calibration), max_fidelity_drop=max_fidelity_drop,
                     capture_fidelity=check_graph_runs(graph, ctx.calibration, reference))
-    manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end)
+    # outputs at an encoder's padded positions mean nothing: every pass's fidelity check skips them
+    manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end,
+                          padding=padding_mask_input(graph))
     graph, report.passes = manager.run(graph)
     return CompiledModule(lower(graph, device), example_inputs, report, report.pipeline)

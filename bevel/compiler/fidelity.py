@@ -6,9 +6,12 @@ Figures, each over every calibration batch and every floating-point output tenso
 - ``top1_agreement``: for logits (outputs named ``logits``, or a bare 2-D output with more than one
   column), the fraction of rows whose argmax is unchanged; None when no output is a logit.
 
-Where a pass declared the graph input that is the padding mask (``padding_input``: token merging
-and packing do not keep outputs at padded positions), the per-token outputs [B, N, C, ...] of a
-batch are compared at its real positions only.
+Where the model has a padding mask, the per-token outputs [B, N, C, ...] of a batch are compared
+at its real positions only: what an encoder computes at padded positions is not meant to be used
+(a pooling or a head masks it out), and a rewrite may change it at no cost (quantization) or not
+keep it at all (token merging, packing). The mask is the input the attention of the model's
+transformer blocks reads it from (found when compiling), or one a pass declared
+(``padding_input``).
 
 An output may change shape only where a pass declared it would (``reshaped``: token merging without
 unmerging leaves per-token outputs with fewer tokens); such an output is not compared, and

@@ -55,14 +55,15 @@ class PassManager:
 
     def __init__(self, passes: list[Pass], ctx: PassContext, reference_outputs: list,
                  on_start: ProgressHook | None = None, on_end: ProgressHook | None = None,
-                 evaluate: Callable[[Graph], dict[str, float]] | None = None) -> None:
+                 evaluate: Callable[[Graph], dict[str, float]] | None = None, padding: int | None = None) -> None:
         self.passes = passes
         self.evaluate = evaluate  # task measures (held-out perplexity) after each applied pass
         self.ctx = ctx
         self.reference = reference_outputs
         self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
         self.unused: frozenset[int] = frozenset()  # flat outputs an applied pass made meaningless
-        self.padding: int | None = None  # the flat input that is the padding mask, once a pass declared it
+        # the flat input that is the padding mask: the model's (found at capture) or one a pass declared
+        self.padding = padding
         self.on_start = on_start
         self.on_end = on_end
 

@@ -73,3 +73,30 @@ def test_with_a_padding_mask_per_token_outputs_are_compared_at_real_positions_on
     moved[1, 2] += 1.0  # a per-sample output is compared whole, whatever its shape
     result = compare([flatten_outputs(ref)], [flatten_outputs({"hidden": garbage, "pooled": moved})], padding=[mask])
     assert result.per_output["pooled"] < 1.0
+
+
+def _min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double()).min())
+
+
+def test_an_encoders_padded_positions_are_left_out_of_every_pass_fidelity(minilm, minilm_inputs,
+                                                                          minilm_calibration):
+    """The padding mask is found from the model's attention when compiling, so a pass that does not
+    touch tokens (W8A8 quantization, which moves MiniLM's padded positions far more than its real
+    ones) is also judged at real positions only."""
+    import bevel
+
+    compiled = bevel.compile(minilm, "quantize.int8_dynamic", example_inputs=minilm_inputs,
+                             calibration=minilm_calibration)
+    got = compiled.report["quantize.int8_dynamic"].fidelity.per_output["last_hidden_state"]
+    masked, whole = [], []
+    with torch.no_grad():
+        for ids, mask in minilm_calibration:
+            want, new = minilm(ids, mask).last_hidden_state, compiled(ids, mask)["last_hidden_state"]
+            real = mask.bool()[..., None]
+            masked.append(_min_cosine(want * real, new * real))
+            whole.append(_min_cosine(want, new))
+    print(f"int8_dynamic on MiniLM, last_hidden_state min cosine: {min(masked):.5f} at real positions, "
+          f"{min(whole):.5f} with the padded ones")
+    assert got == pytest.approx(min(masked), abs=1e-6)
+    assert min(whole) < min(masked) - 0.01  # what the padded positions would have cost

@@ -152,3 +152,13 @@ def find_blocks(graph: Graph) -> tuple[list[AttentionBlock], list[tuple[str, str
                                            f"here would change the tokens it reads") for b in blocks]
             blocks = []
     return blocks, skipped
+
+
+def padding_mask_input(graph: Graph) -> int | None:
+    """The flat position of the graph input that is an encoder's padding mask: the [batch, tokens]
+    input the attention masks of its transformer blocks are built from; None for a model without
+    one (no recognized block, no mask, a causal decoder)."""
+    blocks, _ = find_blocks(graph)
+    if not blocks or blocks[0].padding is None:
+        return None
+    return graph.inputs().index(blocks[0].padding)
