@@ -11,7 +11,9 @@ It needs what the token merging passes need (see :mod:`bevel.passes.tome.blocks`
 read a padding mask of one [batch, tokens] input, and positions added before the first block (as
 BERT's embeddings), not inside attention. The batch and token counts must be symbolic (the
 default capture): packing changes both. The packing is decided by the data at run time, which
-ONNX cannot express: a graph with it does not export.
+ONNX cannot express: a graph with it does not export. The packing and unpacking
+(:func:`pack_before`, :func:`unpack_after`) also serve ``tome(pack=true)``, which merges tokens
+within the packed sequences (:mod:`bevel.passes.tome.packed`).
 """
 
 from __future__ import annotations
