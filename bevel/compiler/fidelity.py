@@ -10,8 +10,7 @@ Where the model has a padding mask, the per-token outputs [B, N, C, ...] of a ba
 at its real positions only: what an encoder computes at padded positions is not meant to be used
 (a pooling or a head masks it out), and a rewrite may change it at no cost (quantization) or not
 keep it at all (token merging, packing). The mask is the input the attention of the model's
-transformer blocks reads it from (found when compiling), or one a pass declared
-(``padding_input``).
+transformer blocks reads it from, found when compiling.
 
 An output may change shape only where a pass declared it would (``reshaped``: token merging without
 unmerging leaves per-token outputs with fewer tokens); such an output is not compared, and

@@ -62,8 +62,8 @@ class PassManager:
         self.reference = reference_outputs
         self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
         self.unused: frozenset[int] = frozenset()  # flat outputs an applied pass made meaningless
-        # the flat input that is the padding mask: the model's (found at capture) or one a pass declared
-        self.padding = padding
+        # each calibration batch's padding mask (the flat input ``padding``, found at capture), if the model has one
+        self.masks = None if padding is None else [tree_flatten(batch)[0][padding] for batch in ctx.calibration]
         self.on_start = on_start
         self.on_end = on_end
 
@@ -100,8 +100,7 @@ class PassManager:
             problems = graph.lint()
             reshaped = self.reshaped | frozenset(result.stats.get("reshaped_outputs", ()))
             unused = self.unused | frozenset(result.stats.get("unused_outputs", ()))
-            padding = result.stats.get("padding_input", self.padding)
-            fidelity = None if problems else self.fidelity(graph, reshaped, unused, padding)
+            fidelity = None if problems else self.fidelity(graph, reshaped, unused)
         except Exception as error:  # the rewritten graph does not run on the calibration batches
             return snapshot, PassReport(name, "rolled back", seconds, before, before,
                                         check_seconds=time.perf_counter() - start, stats=result.stats,
@@ -121,7 +120,7 @@ class PassManager:
                                         check_seconds=check_seconds, reason=reason, stats=result.stats,
                                         notes=result.notes)
         status = "applied" if result.changed else "no change"
-        self.reshaped, self.unused, self.padding = reshaped, unused, padding
+        self.reshaped, self.unused = reshaped, unused
         return graph, PassReport(name, status, seconds, before, after, fidelity=fidelity,
                                  check_seconds=check_seconds, stats=result.stats, notes=result.notes)
 
@@ -132,13 +131,10 @@ class PassManager:
         return PassReport(name, "failed", seconds, before, before, reason=detail)
 
     def fidelity(self, graph: Graph, reshaped: frozenset[int] = frozenset(),
-                 unused: frozenset[int] = frozenset(), padding: int | None = None) -> Fidelity:
-        """The graph's outputs on the calibration batches against the original model's; with
-        ``padding`` (a flat input position), per-token outputs at real positions only."""
-        masks = None
-        if padding is not None:
-            masks = [tree_flatten(batch)[0][padding] for batch in self.ctx.calibration]
-        return compare(self.reference, run_batches(graph, self.ctx.calibration), reshaped, unused, masks)
+                 unused: frozenset[int] = frozenset()) -> Fidelity:
+        """The graph's outputs on the calibration batches against the original model's (per-token
+        outputs at real positions only, where the model has a padding mask)."""
+        return compare(self.reference, run_batches(graph, self.ctx.calibration), reshaped, unused, self.masks)
 
 
 def _exception_text(error: BaseException) -> str:

@@ -19,7 +19,7 @@ import bevel
 from bevel.errors import ExportError
 from bevel.ir import capture
 from bevel.models import minilm
-from tests.passes.token_reduction import apply_pass, padded_ids, small_bert, small_vit
+from tests.passes.token_reduction import apply_pass, assert_loads_identical, padded_ids, small_bert, small_vit
 
 
 def test_rows_of_one_full_sequence_merge_as_tome_without_packing():
@@ -81,11 +81,7 @@ def test_onnx_export_is_refused_by_name_and_save_load_keeps_outputs(tmp_path):
     with pytest.raises(ExportError, match="which has no ONNX form"):
         compiled.export_onnx(str(path))
     assert not path.exists()
-    compiled.save(str(tmp_path / "artifact"))
-    loaded = bevel.load(str(tmp_path / "artifact"))
-    ids, mask = padded_ids(4, 10, [10, 2, 3, 4], seed=5)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, mask)[0], compiled(ids, mask)[0], rtol=0, atol=0)
+    assert_loads_identical(compiled, tmp_path)
 
 
 def test_packed_merging_keeps_minilm_embeddings_on_real_sentences():

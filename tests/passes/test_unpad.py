@@ -19,7 +19,7 @@ from bevel.runtime.ops.sequence_pack import pack_sequences_reference, row_placem
 
 from bevel.passes import PassContext, get_pass
 from tests.models_zoo import MLP
-from tests.passes.token_reduction import apply_pass, padded_ids, small_bert, small_vit
+from tests.passes.token_reduction import apply_pass, assert_loads_identical, padded_ids, small_bert, small_vit
 
 
 def python_packing(x: torch.Tensor, size: torch.Tensor):
@@ -119,11 +119,7 @@ def test_onnx_export_of_a_packed_model_is_refused_by_name(tmp_path):
 def test_a_packed_model_saves_and_loads(tmp_path):
     bert = small_bert()
     compiled = bevel.compile(bert.model, "unpad", example_inputs=bert.example)
-    compiled.save(str(tmp_path / "artifact"))
-    loaded = bevel.load(str(tmp_path / "artifact"))
-    ids, mask = padded_ids(4, 10, [10, 2, 3, 4], seed=5)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids, mask)[0], compiled(ids, mask)[0], rtol=0, atol=0)
+    assert_loads_identical(compiled, tmp_path)
 
 
 def test_the_fidelity_check_compares_real_positions_so_a_budget_keeps_the_pass():

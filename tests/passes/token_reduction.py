@@ -70,6 +70,18 @@ def apply_pass(model: SimpleNamespace, name: str, **params):
     return graph, get_pass(name)(**params).run(graph, ctx)
 
 
+def assert_loads_identical(compiled, tmp_path) -> None:
+    """``compiled`` (a BERT taking ids and a padding mask) saved and loaded gives identical outputs
+    on a padded batch of another shape."""
+    import bevel
+
+    compiled.save(str(tmp_path / "artifact"))
+    loaded = bevel.load(str(tmp_path / "artifact"))
+    ids, mask = padded_ids(4, 10, [10, 2, 3, 4], seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask)[0], compiled(ids, mask)[0], rtol=0, atol=0)
+
+
 def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """The smallest cosine between matching rows."""
     return float(torch.nn.functional.cosine_similarity(a, b, dim=-1).min())

@@ -153,6 +153,4 @@ def reduce_tokens(reduction: TokenReduction, blocks: list[AttentionBlock], sched
                      f"{', '.join(node.name for _, node, _ in reshaped)}")
     stats = {"blocks": len(blocks), "r": schedule, "tokens": counts, "unmerged_outputs": spread,
              "reshaped_outputs": [i for i, _, _ in reshaped]}
-    if padding is not None:  # outputs at padded positions are not kept: the fidelity check skips them
-        stats["padding_input"] = graph.inputs().index(padding)
     return PassResult(changed=True, stats=stats, notes=notes)

@@ -82,8 +82,7 @@ def merge_packed(graph: Graph, blocks: list[AttentionBlock], schedule: list[int]
     possible (:func:`bevel.passes.tome.unpad.packing_obstacle`)."""
     first, end = blocks[0], block_output(graph, blocks[-1])
     batch, tokens, channels = graph.shape(first.input)
-    stats = {"blocks": len(blocks), "r": schedule, "sequences": concrete(batch),
-             "padding_input": graph.inputs().index(first.padding)}  # for the fidelity check
+    stats = {"blocks": len(blocks), "r": schedule, "sequences": concrete(batch)}
     packed = pack_before(graph, first, end, batch, tokens)
     reduction = PackedTokenReduction(graph, prop_attn, metric, packed)
     for block, r in zip(blocks, schedule):

@@ -142,8 +142,7 @@ class Unpad(Pass):
                               notes=notes + [f"{obstacle}: nothing changed"])
         first, end = blocks[0], block_output(graph, blocks[-1])
         batch, tokens, channels = graph.shape(first.input)
-        counts = {"sequences": concrete(batch), "tokens": concrete(tokens),
-                  "padding_input": graph.inputs().index(first.padding)}  # for the fidelity check
+        counts = {"sequences": concrete(batch), "tokens": concrete(tokens)}
         packed = pack_before(graph, first, end, batch, tokens)
         unpack_after(graph, end, packed, channels)
         graph.refresh()
