@@ -150,20 +150,27 @@ def inspect_command(
     graph: bool = typer.Option(False, "--graph", help="Also print the whole graph, one line per node."),
     top: int = typer.Option(10, "--top", min=0, help="How many of the costliest nodes to list."),
     static_shapes: bool = typer.Option(False, "--static-shapes", help=STATIC_SHAPES_HELP),
+    explain: Optional[str] = typer.Option(
+        None, "--explain", metavar="RULE",
+        help="Also say, for every node calling the last op of this pattern rule, whether it matched and if not "
+             "which part of the pattern failed on which node (rules: linear, linear.addmm, embedding: the layers "
+             "the quantize, prune and lowrank passes act on)."),
 ) -> None:
     """Capture MODEL with torch.export and print its op histogram, size, FLOPs and costliest nodes."""
     from bevel.compiler.compile import copy_model
     from bevel.compiler.model_ref import resolve_model
     from bevel.ir import analysis
-    from bevel.ir.capture import capture
     from bevel.ir.printer import target_text, type_text
 
+    rule = _rule(explain) if explain is not None else None  # a wrong name fails before the model loads
     model, example_inputs = resolve_model(model_ref)
-    captured = capture(copy_model(model), example_inputs, dynamic_shapes=_dynamic_shapes(static_shapes))
+    captured, graph_kind = _capture_for_inspection(copy_model(model), example_inputs, static_shapes)
     console = Console(highlight=False)
 
     inputs = ", ".join(f"{n.name}: {type_text(n.meta.get('val'))}" for n in captured.inputs())
     console.print(f"[bold]{escape(type(model).__name__)}[/bold] ({escape(model_ref)})  inputs: {escape(inputs)}")
+    if graph_kind:
+        console.print(graph_kind)
     flops, weight_bytes = analysis.total_flops(captured), analysis.param_bytes(captured)
     console.print(f"parameters:      {analysis.param_count(captured):,}")
     console.print(f"weight bytes:    {weight_bytes:,} ({weight_bytes / 2**20:.2f} MB)")
@@ -190,8 +197,65 @@ def inspect_command(
                            f"{count:,}",
                            f"{count / flops:.1%}")
         console.print(costly)
+    if rule is not None:
+        _print_explanations(console, rule, captured)
     if graph:
         typer.echo(str(captured))
+
+
+def _capture_for_inspection(model: Any, example_inputs: tuple, static_shapes: bool) -> tuple[Any, str]:
+    """The graph passes would rewrite: a causal LM's step graph (as ``bevel.compile`` captures it, with
+    a note saying so), any other model's forward."""
+    from bevel.compiler.compile_decoder import prompt_batch
+    from bevel.ir.capture import capture
+    from bevel.ir.decoder import capture_decoder, decoder_spec, is_causal_lm
+
+    if not is_causal_lm(model):
+        return capture(model, example_inputs, dynamic_shapes=_dynamic_shapes(static_shapes)), ""
+    if static_shapes:
+        raise BevelError("--static-shapes does not apply to a causal LM: its step graph keeps the batch, the tokens "
+                         "per step and the cache length symbolic")
+    spec = decoder_spec(model)
+    ids, _ = prompt_batch(example_inputs, "the example inputs")
+    return capture_decoder(model, spec, ids), ("a causal LM: its step graph (prefill and decode steps, with the KV "
+                                                f"cache of {spec.num_layers} layers as inputs), as bevel.compile "
+                                                "captures it")
+
+
+def _rule(name: str) -> Any:
+    """The registered pattern rule called ``name``; a usage error naming the known ones otherwise."""
+    import difflib
+
+    import bevel.passes  # noqa: F401  (registers the passes and the rules they match with)
+    from bevel.ir.rewrite_rule import RULES
+
+    if name not in RULES:
+        near = difflib.get_close_matches(name, list(RULES), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise typer.BadParameter(f"unknown rule '{name}'{hint}; known rules: {', '.join(sorted(RULES))}",
+                                 param_hint="'--explain'")
+    return RULES[name]
+
+
+def _print_explanations(console: Console, rule_class: Any, captured: Any) -> None:
+    """One line per node calling the rule's last op: matched, or why not."""
+    from bevel.ir.printer import target_text
+
+    rule = rule_class.for_graph(captured)
+    explanations = rule.explain(captured)
+    op = target_text(rule.target)
+    if not explanations:
+        console.print(f"rule {escape(rule.name)}: no node calls {escape(op)}, so nothing can match")
+        return
+    matched = sum(e.matched for e in explanations)
+    # the summary on its own line: as a table title it would wrap to the width of the narrow table
+    console.print(f"rule {escape(rule.name)}: {matched} of {len(explanations)} nodes calling {escape(op)} matched")
+    table = Table()
+    table.add_column("node", no_wrap=True)
+    table.add_column("result")
+    for e in explanations:
+        table.add_row(escape(e.node), escape(e.reason))
+    console.print(table)
 
 
 # --- bevel export ----------------------------------------------------------------------------------

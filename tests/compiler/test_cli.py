@@ -174,6 +174,34 @@ def test_inspect_static_shapes_fixes_the_input_sizes():
     assert "inputs: x: f32[4, 16]" in result.stdout
 
 
+def test_inspect_explain_says_which_nodes_a_rule_matches_and_why_not():
+    result = bevel("inspect", SMALL, "--explain", "linear")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "rule linear: 2 of 2 nodes calling aten.linear matched" in out
+    explained = out.split("rule linear:")[1]
+    assert [line.split()[1:4:2] for line in explained.splitlines() if line.startswith("│ ")] == [
+        ["linear", "matched"], ["linear_1", "matched"]]
+    none = bevel("inspect", SMALL, "--explain", "linear.addmm")
+    assert none.exit_code == 0 and "rule linear.addmm: no node calls aten.addmm, so nothing can match" in none.stdout
+    wrong = bevel("inspect", SMALL, "--explain", "lineer")
+    assert wrong.exit_code == 2
+    assert ("unknown rule 'lineer' (did you mean 'linear'?); known rules: embedding, linear, linear.addmm"
+            in wrong.stderr)
+
+
+def test_inspect_a_causal_lm_shows_its_step_graph_and_the_tied_output_layer():
+    result = bevel("inspect", "tinylm", "--top", "0", "--explain", "linear")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.stdout.split())  # rich wraps long lines at the terminal width
+    assert "a causal LM: its step graph" in out and "past_key_11: f32[" in out
+    # 12 layers of q, k, v, o, gate, up and down; the output layer reads the embedding table
+    assert "rule linear: 84 of 85 nodes calling aten.linear matched" in out
+    assert "linear_84 │ check refused: its weight is read by more than one op" in out  # wrapped in its cell
+    static = bevel("inspect", "tinylm", "--static-shapes")
+    assert static.exit_code == 2 and "--static-shapes does not apply to a causal LM" in error_line(static)
+
+
 # --- bevel export ----------------------------------------------------------------------------------
 
 def test_export_small_model_writes_every_output(tmp_path):

@@ -2,8 +2,10 @@
 swap one for a bevel op.
 
 A Linear is ``aten.linear(x, W, b)`` or ``aten.addmm(b, x, W)`` with ``W`` stored [K, N] (GPT-2's
-Conv1D); both become a bevel op on a [N, K] weight. Weights that something else reads too (a
-tied embedding and output layer) are left alone, so quantizing one use never changes the other.
+Conv1D); both become a bevel op on a [N, K] weight. They are found by pattern rules (see
+:mod:`bevel.ir.rewrite_rule`; ``bevel inspect MODEL --explain linear`` says why a layer was not).
+Weights that something else reads too (a tied embedding and output layer) are left alone, so
+quantizing one use never changes the other.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch.fx as fx
 
 from bevel.ir.analysis import read_counts
 from bevel.ir.graph import Graph
+from bevel.ir.rewrite_rule import Match, RewriteRule, describe, register_rule
 
 aten = torch.ops.aten
 
@@ -47,35 +50,103 @@ class EmbeddingSite:
     indices: fx.Node
 
 
-def _float_weight(graph: Graph, node: Any) -> torch.Tensor | None:
-    if not graph.is_parameter(node):
-        return None
-    weight = graph.param(node.target)
-    return weight if weight.dim() == 2 and weight.is_floating_point() else None
+# a weight other ops read too (a tied embedding and output layer): rewriting one use would change the other
+TIED = "its weight is read by more than one op (a tied weight)"
 
 
-def _linear_site(graph: Graph, node: fx.Node) -> LinearSite | None:
-    if node.target == aten.linear.default and len(node.args) >= 2 and not node.kwargs:
-        weight = _float_weight(graph, node.args[1])
-        bias = node.args[2] if len(node.args) > 2 else None
-        if weight is not None and isinstance(node.args[0], fx.Node):
-            return LinearSite(node, node.args[1].target, weight.detach(), bias)
-    if node.target == aten.addmm.default and len(node.args) == 3 and not node.kwargs:
-        bias, x, stored = node.args
-        weight = _float_weight(graph, stored)
-        if weight is not None and isinstance(x, fx.Node) and isinstance(bias, fx.Node) \
-                and graph.shape(bias) is not None and len(graph.shape(bias)) == 1:
-            return LinearSite(node, stored.target, weight.detach().t(), bias)
-    return None
+class _StoredWeightRule(RewriteRule):
+    """Guards shared by the layer rules: the weight a 2-D float parameter, not skipped, not tied."""
+
+    def __init__(self, skip: tuple[str, ...] = (), readers: dict[str, int] | None = None) -> None:
+        self.skip = skip
+        self.readers = readers or {}  # how often each stored tensor is read (see read_counts)
+
+    @classmethod
+    def for_graph(cls, graph: Graph) -> "_StoredWeightRule":
+        return cls(readers=read_counts(graph))
+
+    def check_weight(self, m: Match, name: str, float32: bool = False) -> bool:
+        if not m.is_param(name):
+            return m.reject(f"{name} is {describe(m.node(name))}, not a stored weight")
+        weight = m[name]
+        if weight.dim() != 2 or not weight.is_floating_point() or (float32 and weight.dtype != torch.float32):
+            return m.reject(f"{name} is a {weight.dim()}-D {weight.dtype} tensor, not a 2-D "
+                            f"{'float32' if float32 else 'float'} matrix")
+        target = m.node(name).target
+        if skipped(target, self.skip):
+            return m.reject(f"{target} matches a skip pattern")
+        if self.readers.get(target, 0) > 1:
+            return m.reject(TIED)
+        return True
 
 
-def _embedding_site(graph: Graph, node: fx.Node) -> EmbeddingSite | None:
-    if node.target != aten.embedding.default:
-        return None
-    weight = _float_weight(graph, node.args[0])
-    if weight is None or weight.dtype != torch.float32 or not isinstance(node.args[1], fx.Node):
-        return None  # the int8 table op returns float32, the dtype of fp32 models' tables
-    return EmbeddingSite(node, node.args[0].target, weight.detach(), node.args[1])
+@register_rule
+class LinearLayer(_StoredWeightRule):
+    """A Linear layer: ``aten.linear(x, W, b)`` with a stored weight [N, K] and an optional bias."""
+
+    name = "linear"
+
+    def pattern(self, x, w, b):
+        return aten.linear.default(x, w, b)
+
+    def check(self, m: Match) -> bool:
+        if not isinstance(m.node("x"), fx.Node):
+            return m.reject(f"its input is {describe(m.node('x'))}, not a tensor of the graph")
+        return self.check_weight(m, "w")
+
+    def site(self, m: Match) -> LinearSite:
+        """The matched layer as a site of the passes."""
+        return LinearSite(m.anchor, m.node("w").target, m["w"].detach(), m.node("b"))
+
+
+@register_rule
+class AddmmLinearLayer(_StoredWeightRule):
+    """A Linear written as ``aten.addmm(b, x, W)`` with ``W`` stored [K, N] (GPT-2's Conv1D) and a 1-D bias."""
+
+    name = "linear.addmm"
+
+    def pattern(self, b, x, w):
+        return aten.addmm.default(b, x, w)
+
+    def check(self, m: Match) -> bool:
+        if not isinstance(m.node("x"), fx.Node):
+            return m.reject(f"its input is {describe(m.node('x'))}, not a tensor of the graph")
+        bias = m.node("b")
+        shape = m.graph.shape(bias) if isinstance(bias, fx.Node) else None
+        if shape is None or len(shape) != 1:
+            return m.reject(f"b is {describe(bias)}, not a 1-D bias")
+        return self.check_weight(m, "w")
+
+    def site(self, m: Match) -> LinearSite:
+        """The matched layer as a site of the passes, its weight transposed to [N, K]."""
+        return LinearSite(m.anchor, m.node("w").target, m["w"].detach().t(), m.node("b"))
+
+
+@register_rule
+class EmbeddingTable(_StoredWeightRule):
+    """An embedding lookup ``aten.embedding(W, indices)`` in a stored float32 table (the int8 table op
+    returns float32, the dtype of fp32 models' tables)."""
+
+    name = "embedding"
+
+    def pattern(self, w, indices, padding_idx, scale_grad_by_freq, sparse):
+        return aten.embedding.default(w, indices, padding_idx, scale_grad_by_freq, sparse)
+
+    def check(self, m: Match) -> bool:
+        if not isinstance(m.node("indices"), fx.Node):
+            return m.reject(f"its indices are {describe(m.node('indices'))}, not a tensor of the graph")
+        return self.check_weight(m, "w", float32=True)
+
+    def site(self, m: Match) -> EmbeddingSite:
+        """The matched lookup as a site of the passes."""
+        return EmbeddingSite(m.anchor, m.node("w").target, m["w"].detach(), m.node("indices"))
+
+
+def layer_rules(graph: Graph, skip: tuple[str, ...] = (), embeddings: bool = True) -> list[_StoredWeightRule]:
+    """The rules that find the layers weight passes act on, guarded by the user's ``skip`` patterns."""
+    readers = read_counts(graph)
+    rules = [LinearLayer(skip, readers), AddmmLinearLayer(skip, readers)]
+    return rules + [EmbeddingTable(skip, readers)] if embeddings else rules
 
 
 def skipped(name: str, patterns: tuple[str, ...]) -> bool:
@@ -84,16 +155,18 @@ def skipped(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool) -> tuple[list[Any], list[str]]:
-    """The Linear (and, with ``embeddings``, embedding) sites to quantize, and notes on those left alone."""
-    readers = read_counts(graph)
+    """The Linear (and, with ``embeddings``, embedding) sites to act on, in graph order, and notes on
+    tied weights left alone."""
+    rules = {rule.target: rule for rule in layer_rules(graph, skip, embeddings)}
     sites: list[Any] = []
     notes = []
-    for node in graph.nodes(op="call_function"):
-        site = _linear_site(graph, node) or (_embedding_site(graph, node) if embeddings else None)
-        if site is None or skipped(site.weight_name, skip):
+    for node in graph.nodes(op="call_function", target=tuple(rules)):
+        rule = rules[node.target]
+        m = rule.match_at(graph, node)
+        if not isinstance(m, Match):
             continue
-        if readers.get(site.weight_name, 0) > 1:
-            notes.append(f"{site.weight_name} left in float: it is read by more than one op (a tied weight)")
-            continue
-        sites.append(site)
+        if rule.check(m):
+            sites.append(rule.site(m))
+        elif m.reason == TIED:
+            notes.append(f"{m.node('w').target} left in float: {TIED}")
     return sites, notes
