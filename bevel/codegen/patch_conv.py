@@ -66,9 +66,12 @@ def patch_convs_as_matmuls(graph: Graph) -> int:
                                                    (x, [-1, channels, rows, kernel[0], cols, kernel[1]]))
             # [B, rows, cols, C, kh, kw]: each patch flattened in the kernel's (C, kh, kw) order
             patches = graph.fx_graph.call_function(aten.permute.default, (patches, [0, 2, 4, 1, 3, 5]))
+            # one row per patch: a 2-D product (torch 2.11's linear cannot take a 4-D input of symbolic batch
+            # through fake tensors: its folding asks for a concrete element count)
             patches = graph.fx_graph.call_function(aten.reshape.default,
-                                                   (patches, [-1, rows, cols, channels * kernel[0] * kernel[1]]))
+                                                   (patches, [-1, channels * kernel[0] * kernel[1]]))
             out = graph.fx_graph.call_function(aten.linear.default, (patches, matrix, bias))
+            out = graph.fx_graph.call_function(aten.reshape.default, (out, [-1, rows, cols, kernel_weight.shape[0]]))
             out = graph.fx_graph.call_function(aten.permute.default, (out, [0, 3, 1, 2]))
         graph.replace_node(node, out)
         count += 1

@@ -41,11 +41,17 @@ def auto_dynamic_shapes(example_inputs: tuple[Any, ...], model: torch.nn.Module 
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
-            dynamic_shapes: Any = None) -> Graph:
+            dynamic_shapes: Any = None, defer_guards: bool = False) -> Graph:
     """Capture ``model`` called on ``example_inputs`` as a Graph.
 
     ``dynamic_shapes`` is None (every input dimension may vary where the model allows it),
     ``"static"`` (shapes fixed to the example inputs), or a torch.export ``dynamic_shapes`` spec.
+    With ``defer_guards``, when a condition on the dynamic sizes cannot be proven for their whole
+    range, the capture is made again with such conditions as checks in the graph, run with each
+    call, instead of failing: for captures whose sizes are known to vary (a decoder's cache length),
+    where older torch versions fail to prove conditions that hold for every size (torch 2.11 on
+    transformers' ``repeat_kv`` of grouped-query attention: ``min(16 L, 32 L) == 16 L``). Captures
+    that succeed the first time are unchanged.
     Raises CaptureError quoting the first failing line of the model's code when torch.export fails.
     The model is not modified, but the Graph shares its weight tensors: passes replace weights
     (``Graph.set_param``) rather than write into them, and ``bevel.compile`` captures a copy.
@@ -61,7 +67,13 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     printed = io.StringIO()
     try:
         with _quiet_torch_logs(), contextlib.redirect_stderr(printed):
-            program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            try:
+                program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            except Exception as error:
+                if not (defer_guards and "Constraints violated" in str(error)):
+                    raise
+                program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False,
+                                              prefer_deferred_runtime_asserts_over_guards=True)
     except Exception as error:  # torch.export fails with many exception types; all become one clear error
         # what torch printed on the way (partial graphs) is dropped: the CaptureError says what failed
         raise CaptureError(describe_capture_failure(model, error)) from error

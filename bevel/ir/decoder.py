@@ -271,7 +271,7 @@ def capture_decoder(model: torch.nn.Module, spec: DecoderSpec, input_ids: torch.
     cache_shape = {0: batch, 2: slots}
     dynamic = ({0: batch, 1: tokens}, {0: batch, 1: tokens}, {0: tokens}, {0: batch, 1: slots},
                tuple(cache_shape for _ in range(2 * spec.num_layers)))
-    graph = capture(DecoderStep(model, spec), args, dynamic_shapes=dynamic)
+    graph = capture(DecoderStep(model, spec), args, dynamic_shapes=dynamic, defer_guards=True)
     name_inputs(graph.module, list(STEP_INPUTS) + cache_names(spec.num_layers))
     return graph
 

@@ -58,3 +58,26 @@ def test_conv_model_captures_with_dynamic_image_size():
     graph = capture(model, (torch.randn(2, 3, 12, 12),))
     x = torch.randn(3, 3, 10, 10)
     torch.testing.assert_close(graph(x), model(x), rtol=0, atol=0)
+
+
+class Pairs(torch.nn.Module):
+    """Sums neighbouring pairs: only an even length works, a condition on the length's symbol."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1, 2).sum(-1)
+
+
+def test_defer_guards_turns_an_unproven_size_condition_into_a_check_in_the_graph():
+    # the retry the decoder capture relies on: torch 2.11 cannot prove min(16 L, 32 L) == 16 L in
+    # transformers' repeat_kv; here the condition (an even length) is a real one, so the check shows
+    dynamic = ({0: torch.export.Dim("batch"), 1: torch.export.Dim("length", min=2, max=64)},)
+    x = torch.randn(3, 8)
+    with pytest.raises(CaptureError, match="Constraints violated"):
+        capture(Pairs(), (x,), dynamic_shapes=dynamic)
+    graph = capture(Pairs(), (x,), dynamic_shapes=dynamic, defer_guards=True)
+    other = torch.randn(2, 10)
+    torch.testing.assert_close(graph(other), Pairs()(other), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Runtime assertion failed"):
+        graph(torch.randn(2, 9))
+    plain = capture(MLP().eval(), (torch.randn(3, 16),), defer_guards=True)  # captured the first time: no checks
+    assert not [n for n in plain.nodes(op="call_function") if "assert_scalar" in str(n.target)]
