@@ -167,8 +167,11 @@ class RewriteRule:
     def apply(self, graph: Graph) -> int:
         """Rewrite every match; returns how many. Call ``graph.refresh()`` after the last rule."""
         count = 0
-        for m in self.matches(graph):
-            if m.anchor.graph is graph.fx_graph:  # an earlier rewrite may have removed it
+        # matched one node at a time, each after the replacements before it: a match binding an earlier
+        # match's anchor (chained patterns) binds its replacement. The nodes a rewrite adds are not visited.
+        for node in graph.nodes(op="call_function", target=self.target):
+            m = self.match_at(graph, node)
+            if isinstance(m, Match) and self.check(m):
                 self.replace(m)
                 count += 1
         return count

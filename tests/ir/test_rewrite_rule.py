@@ -120,6 +120,23 @@ def test_rewrite_records_the_replacement_in_the_matched_node_place(graph):
     assert not graph.lint()
 
 
+def test_chained_matches_are_rewritten_one_after_another():
+    class TimesTwoAsAdd(TimesTwo):
+        def rewrite(self, m, x):
+            return aten.add.Tensor(x, x)
+
+    class Quadruple(nn.Module):
+        def forward(self, x):
+            return (x * 2.0) * 2.0
+
+    graph = capture(Quadruple(), (torch.randn(3, 4),))
+    assert TimesTwoAsAdd().apply(graph) == 2  # the second binds the first one's replacement
+    graph.refresh()
+    assert [n.target for n in graph.nodes(op="call_function")] == [aten.add.Tensor, aten.add.Tensor]
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(graph(x), x * 4, rtol=0, atol=0)
+
+
 def test_a_rule_without_rewrite_says_so(graph):
     with pytest.raises(NotImplementedError, match="defines no rewrite"):
         LinearRelu().apply(graph)
