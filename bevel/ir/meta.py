@@ -9,7 +9,7 @@ import sympy
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 if TYPE_CHECKING:
@@ -32,15 +32,46 @@ def fake_of(graph: "Graph", value: torch.Tensor) -> Any:
     return fake_mode_of(graph).from_tensor(value, static_shapes=True)
 
 
+# Two fake kernels of torch 2.11 that re-propagation after a rewrite cannot always use: linear on
+# symbolic sizes folds the leading dimensions by their example values ([B, T, C] comes out as
+# [2, B*T // 2, N]; a 4-D input fails on a concrete element count), so its value is made from the
+# inputs' shapes; and scaled_dot_product_attention asks whether a size made by an op at run time (a
+# packed batch's row count) is 1, and where that fails its value is made from the inputs' shapes too.
+_OLD_FAKE_KERNELS = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 12)
+
+
+def linear_value(x: torch.Tensor, weight: torch.Tensor, *_: Any) -> torch.Tensor:
+    """The value of ``aten.linear(x, weight, bias)`` as far as metadata goes: ``x``'s leading sizes
+    and the weight's output size, in ``x``'s dtype and device."""
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def attention_value(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any) -> torch.Tensor:
+    """The value of ``aten.scaled_dot_product_attention(query, key, value, ...)`` as far as metadata
+    goes: the query's sizes with the value's head size, in the query's dtype and device."""
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
 class _ValueProp(FakeTensorProp):
     """FakeTensorProp that also records plain numbers as values (a ``sym_size`` of a static size is
-    an int): newer torch does so itself, torch 2.11 left such nodes without ``val``."""
+    an int): newer torch does so itself, torch 2.11 left such nodes without ``val``. On torch 2.11,
+    the values of linear and attention are made from their inputs' shapes (see ``_OLD_FAKE_KERNELS``)."""
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, (int, float, bool)):
             n.meta["val"] = result
         return result
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if _OLD_FAKE_KERNELS and target is torch.ops.aten.linear.default:
+            return linear_value(*args)
+        try:
+            return super().call_function(target, args, kwargs)
+        except GuardOnDataDependentSymNode:
+            if not (_OLD_FAKE_KERNELS and target is torch.ops.aten.scaled_dot_product_attention.default):
+                raise
+            return attention_value(*args)
 
 
 def propagate(graph: "Graph") -> None:

@@ -77,3 +77,18 @@ def test_new_weights_never_replace_a_submodule():
     node = graph.add_param("layers", torch.ones(3), before=first)  # "layers" is a submodule
     assert node.target == "layers_1"
     assert isinstance(graph.module.layers, torch.nn.Module) and "layers.0.weight" in graph.tensors()
+
+
+def test_linear_and_attention_values_match_the_fake_kernels_on_symbolic_sizes():
+    # used on torch 2.11 where its fake kernels fold a [B, T, C] linear input by its example sizes and
+    # ask whether a run-time size of attention is 1
+    from bevel.ir.meta import attention_value, linear_value
+
+    graph = capture(SDPABlock().eval(), (torch.randn(2, 6, 16),))
+    made = {aten.linear.default: linear_value, aten.scaled_dot_product_attention.default: attention_value}
+    nodes = list(graph.nodes(op="call_function", target=tuple(made)))
+    assert {n.target for n in nodes} == set(made)
+    for node in nodes:
+        value = made[node.target](*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args))
+        assert value.shape == node.meta["val"].shape and value.dtype == node.meta["val"].dtype
+        assert isinstance(value.shape[0], torch.SymInt)  # the batch stays symbolic
