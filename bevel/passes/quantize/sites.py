@@ -63,9 +63,11 @@ class _StoredWeightRule(RewriteRule):
 
     @classmethod
     def for_graph(cls, graph: Graph) -> "_StoredWeightRule":
+        """The rule without skip patterns, knowing which of ``graph``'s weights are tied."""
         return cls(readers=read_counts(graph))
 
     def check_weight(self, m: Match, name: str, float32: bool = False) -> bool:
+        """Whether ``name`` bound to a weight the passes may rewrite; refuses the match saying why not."""
         if not m.is_param(name):
             return m.reject(f"{name} is {describe(m.node(name))}, not a stored weight")
         weight = m[name]
