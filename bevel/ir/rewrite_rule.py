@@ -124,27 +124,27 @@ class RewriteRule:
             return failure
         return Match(graph, node, {name: bound.get(name) for name in self._arguments()})
 
+    def checked_at(self, graph: Graph, node: fx.Node) -> Match | str:
+        """The match rooted at ``node`` if it passes ``check``, else why not: which part of the pattern
+        failed where, or ``check refused: <its reason>``."""
+        m = self.match_at(graph, node)
+        if isinstance(m, str) or self.check(m):
+            return m
+        return f"check refused: {m.reason or 'no reason given'}"
+
     def matches(self, graph: Graph) -> list[Match]:
         """Every match in graph order that passes ``check``."""
-        found = []
-        for node in graph.nodes(op="call_function", target=self.target):
-            m = self.match_at(graph, node)
-            if isinstance(m, Match) and self.check(m):
-                found.append(m)
-        return found
+        found = (self.checked_at(graph, node) for node in graph.nodes(op="call_function", target=self.target))
+        return [m for m in found if isinstance(m, Match)]
 
     def explain(self, graph: Graph) -> list[Explanation]:
         """For each node calling the pattern's last op: matched, or why not (the pattern part, the node,
         or the reason ``check`` gave)."""
         found = []
         for node in graph.nodes(op="call_function", target=self.target):
-            m = self.match_at(graph, node)
-            if isinstance(m, str):
-                found.append(Explanation(node.name, False, m))
-            elif self.check(m):
-                found.append(Explanation(node.name, True, "matched"))
-            else:
-                found.append(Explanation(node.name, False, f"check refused: {m.reason or 'no reason given'}"))
+            m = self.checked_at(graph, node)
+            found.append(Explanation(node.name, True, "matched") if isinstance(m, Match)
+                         else Explanation(node.name, False, m))
         return found
 
     # -- rewriting -------------------------------------------------------------------------------
@@ -170,8 +170,8 @@ class RewriteRule:
         # matched one node at a time, each after the replacements before it: a match binding an earlier
         # match's anchor (chained patterns) binds its replacement. The nodes a rewrite adds are not visited.
         for node in graph.nodes(op="call_function", target=self.target):
-            m = self.match_at(graph, node)
-            if isinstance(m, Match) and self.check(m):
+            m = self.checked_at(graph, node)
+            if isinstance(m, Match):
                 self.replace(m)
                 count += 1
         return count
