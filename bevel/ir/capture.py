@@ -1,4 +1,5 @@
-"""``capture``: turn an nn.Module into a :class:`Graph` through torch.export (non-strict)."""
+"""``capture``: turn an nn.Module into a :class:`Graph` through torch.export (non-strict); and
+``export_compiled``, the same export of a compiled graph again, as saving an artifact needs it."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import traceback
 from typing import Any
 
 import torch
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bevel.errors import CaptureError
 from bevel.ir.attributes import set_inference_flags
 from bevel.ir.graph import Graph
+from bevel.ir.meta import OLD_FAKE_KERNELS
 
 
 def auto_dynamic_shapes(example_inputs: tuple[Any, ...], model: torch.nn.Module | None = None) -> tuple[Any, ...]:
@@ -81,6 +85,24 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     module = program.module()
     set_inference_flags(module)  # eval() is refused on exported modules; the flag still matters to exporters
     return Graph(module, example_inputs)
+
+
+def export_compiled(module: torch.nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any) -> Any:
+    """``torch.export`` (non-strict) of a compiled graph module, as saving an artifact does it.
+
+    On torch 2.11 the CPU attention kernel is chosen by asking whether the query's batch is 1, which
+    a size made at run time (a packed batch's row count) cannot answer, so that export fails; it is
+    then made again under the math kernel, which asks nothing and traces to the same
+    ``scaled_dot_product_attention`` node. Not first: the math kernel's output is contiguous where the
+    others follow the query's layout, which a graph that views the output without a copy (PyTorch's
+    MultiheadAttention) relies on."""
+    try:
+        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+    except GuardOnDataDependentSymNode:
+        if not OLD_FAKE_KERNELS:
+            raise
+    with sdpa_kernel([SDPBackend.MATH]):
+        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
 @contextlib.contextmanager

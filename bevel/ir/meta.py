@@ -32,12 +32,14 @@ def fake_of(graph: "Graph", value: torch.Tensor) -> Any:
     return fake_mode_of(graph).from_tensor(value, static_shapes=True)
 
 
-# Two fake kernels of torch 2.11 that re-propagation after a rewrite cannot always use: linear on
-# symbolic sizes folds the leading dimensions by their example values ([B, T, C] comes out as
-# [2, B*T // 2, N]; a 4-D input fails on a concrete element count), so its value is made from the
-# inputs' shapes; and scaled_dot_product_attention asks whether a size made by an op at run time (a
-# packed batch's row count) is 1, and where that fails its value is made from the inputs' shapes too.
-_OLD_FAKE_KERNELS = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 12)
+# Fake kernels of torch 2.11 that re-propagation after a rewrite cannot use, so the values of their
+# ops are made from the inputs' shapes: linear on symbolic sizes folds the leading dimensions by
+# their example values ([B, T, C] comes out as [2, B*T // 2, N]; a 4-D input fails on a concrete
+# element count); scaled_dot_product_attention with a mask of a symbolic batch [B, 1, 1, N] fixes the
+# batch to its example value (a token merge's proportional attention), and it asks whether a size
+# made by an op at run time (a packed batch's row count) is 1; matmul reads such a size as an int
+# (the keys of a pruned token count), so it is made from the shapes where it fails.
+OLD_FAKE_KERNELS = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 12)
 
 
 def linear_value(x: torch.Tensor, weight: torch.Tensor, *_: Any) -> torch.Tensor:
@@ -48,14 +50,32 @@ def linear_value(x: torch.Tensor, weight: torch.Tensor, *_: Any) -> torch.Tensor
 
 def attention_value(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *_: Any) -> torch.Tensor:
     """The value of ``aten.scaled_dot_product_attention(query, key, value, ...)`` as far as metadata
-    goes: the query's sizes with the value's head size, in the query's dtype and device."""
+    goes: the query's sizes with the value's head size, in the query's dtype and device, laid out as
+    the query where the head sizes agree (as the CPU and CUDA kernels return it)."""
+    if value.shape[-1] == query.shape[-1]:
+        return torch.empty_like(query)
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def matmul_value(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The value of ``aten.matmul(a, b)`` for operands of two or more dimensions as far as metadata
+    goes: the broadcast batch sizes, ``a``'s rows and ``b``'s columns."""
+    if a.dim() < 2 or b.dim() < 2:
+        raise NotImplementedError("matmul_value takes operands of two or more dimensions")
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    return a.new_empty((*batch, a.shape[-2], b.shape[-1]))
+
+
+# on torch 2.11, what the value of an op is made of always, and where its fake kernel fails
+_SHAPE_ONLY_VALUES = {torch.ops.aten.linear.default: linear_value,
+                      torch.ops.aten.scaled_dot_product_attention.default: attention_value}
+_SHAPE_ONLY_ON_GUARD = {torch.ops.aten.matmul.default: matmul_value}
 
 
 class _ValueProp(FakeTensorProp):
     """FakeTensorProp that also records plain numbers as values (a ``sym_size`` of a static size is
     an int): newer torch does so itself, torch 2.11 left such nodes without ``val``. On torch 2.11,
-    the values of linear and attention are made from their inputs' shapes (see ``_OLD_FAKE_KERNELS``)."""
+    the values of linear, attention and matmul are made from their inputs' shapes (see ``OLD_FAKE_KERNELS``)."""
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -64,14 +84,14 @@ class _ValueProp(FakeTensorProp):
         return result
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if _OLD_FAKE_KERNELS and target is torch.ops.aten.linear.default:
-            return linear_value(*args)
+        if OLD_FAKE_KERNELS and target in _SHAPE_ONLY_VALUES:
+            return _SHAPE_ONLY_VALUES[target](*args)
         try:
             return super().call_function(target, args, kwargs)
         except GuardOnDataDependentSymNode:
-            if not (_OLD_FAKE_KERNELS and target is torch.ops.aten.scaled_dot_product_attention.default):
+            if not (OLD_FAKE_KERNELS and target in _SHAPE_ONLY_ON_GUARD):
                 raise
-            return attention_value(*args)
+            return _SHAPE_ONLY_ON_GUARD[target](*args)
 
 
 def propagate(graph: "Graph") -> None:

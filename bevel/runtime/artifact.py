@@ -31,7 +31,7 @@ from bevel.compiler.report import Report
 from bevel.errors import ArtifactError, first_line
 from bevel.ir.attributes import owner_of, set_inference_flags, set_tensor
 from bevel.ir.analysis import storage_key
-from bevel.ir.capture import auto_dynamic_shapes
+from bevel.ir.capture import auto_dynamic_shapes, export_compiled
 from bevel.runtime.compiled_module import CompiledModule
 
 FORMAT = "bevel-artifact"
@@ -117,8 +117,7 @@ def save_artifact(compiled: CompiledModule, path: str) -> str:
             raise ArtifactError(f"cannot save example input {i} ({type(x).__name__}): an artifact stores tensor "
                                 f"inputs and plain numbers, strings or None")
     try:
-        program = torch.export.export(module, example_inputs, dynamic_shapes=auto_dynamic_shapes(example_inputs),
-                                      strict=False)
+        program = export_compiled(module, example_inputs, auto_dynamic_shapes(example_inputs))
     except Exception as error:  # torch.export fails with many exception types; each becomes one clear error
         raise ArtifactError(f"cannot save the artifact '{path}': re-exporting the compiled graph with "
                             f"torch.export failed: {type(error).__name__}: {first_line(error)[:300]}") from error

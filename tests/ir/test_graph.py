@@ -79,16 +79,31 @@ def test_new_weights_never_replace_a_submodule():
     assert isinstance(graph.module.layers, torch.nn.Module) and "layers.0.weight" in graph.tensors()
 
 
-def test_linear_and_attention_values_match_the_fake_kernels_on_symbolic_sizes():
-    # used on torch 2.11 where its fake kernels fold a [B, T, C] linear input by its example sizes and
-    # ask whether a run-time size of attention is 1
-    from bevel.ir.meta import attention_value, linear_value
+class MaskedAttentionScores(torch.nn.Module):
+    """Attention scores written with matmul, then attention with a per-key mask [B, 1, 1, N] on heads
+    laid out as [B, N, H, D] (attention's output follows the query's layout)."""
 
-    graph = capture(SDPABlock().eval(), (torch.randn(2, 6, 16),))
-    made = {aten.linear.default: linear_value, aten.scaled_dot_product_attention.default: attention_value}
-    nodes = list(graph.nodes(op="call_function", target=tuple(made)))
+    def forward(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        scores = q @ k.transpose(-1, -2)
+        mask = bias[:, None, None, :]
+        return scores.sum(-1, keepdim=True) + torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+
+
+def test_linear_attention_and_matmul_values_match_the_fake_kernels_on_symbolic_sizes():
+    # used on torch 2.11, where its fake kernels fold a [B, T, C] linear input by its example sizes, fix the
+    # batch of an attention with a [B, 1, 1, N] mask and read a run-time size of attention and matmul as a number
+    from bevel.ir.meta import attention_value, linear_value, matmul_value
+
+    made = {aten.linear.default: linear_value, aten.scaled_dot_product_attention.default: attention_value,
+            aten.matmul.default: matmul_value}
+    graphs = [capture(SDPABlock().eval(), (torch.randn(2, 6, 16),)),
+              capture(MaskedAttentionScores().eval(), (torch.randn(2, 6, 4, 8), torch.randn(2, 6, 4, 8),
+                                                       torch.randn(2, 6)))]
+    nodes = [n for graph in graphs for n in graph.nodes(op="call_function", target=tuple(made))]
     assert {n.target for n in nodes} == set(made)
     for node in nodes:
         value = made[node.target](*(a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args))
-        assert value.shape == node.meta["val"].shape and value.dtype == node.meta["val"].dtype
+        expected = node.meta["val"]
+        assert (value.shape, value.stride(), value.dtype) == (expected.shape, expected.stride(), expected.dtype)
         assert isinstance(value.shape[0], torch.SymInt)  # the batch stays symbolic
