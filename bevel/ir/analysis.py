@@ -177,13 +177,20 @@ def layer_weights(graph: "Graph") -> dict[str, torch.Tensor]:
     return weights
 
 
+def reads_of(user: fx.Node, node: fx.Node) -> int:
+    """How many times ``user`` reads ``node`` among its arguments, inside lists and tuples too."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((user.args, user.kwargs), found.append)
+    return sum(1 for n in found if n is node)
+
+
 def read_counts(graph: "Graph") -> dict[str, int]:
-    """How many times each stored tensor is read anywhere in the graph (a tied weight reads more than once)."""
+    """How many times each stored tensor is read anywhere in the graph (a tied weight reads more than once,
+    and so does one that an op reads inside a list, as ``cat([w, ...])`` does)."""
     counts: dict[str, int] = {}
     for node in graph.nodes(op="get_attr"):
         for user in node.users:
-            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
-            counts[node.target] = counts.get(node.target, 0) + reads
+            counts[node.target] = counts.get(node.target, 0) + reads_of(user, node)
     return counts
 
 
@@ -192,8 +199,7 @@ def weights_read_outside_layers(graph: "Graph") -> set[str]:
     shared = set()
     for node in graph.nodes(op="get_attr"):
         for user in node.users:
-            reads = list(user.args).count(node) + list(user.kwargs.values()).count(node)
-            if layer_weight(graph, user) is not node or reads > 1:
+            if layer_weight(graph, user) is not node or reads_of(user, node) > 1:
                 shared.add(node.target)
     return shared
 

@@ -5,10 +5,12 @@ which part of the pattern failed where a rule did not match.
 The pattern is written with the graph's own ops (``torch.ops.aten.linear.default(x, w, b)``) and
 traced once by torch.fx. It matches a graph node when the node calls the pattern's last op and,
 argument by argument, every op of the pattern lines up with the graph; each argument of the pattern
-function binds to whatever stands in its place (a node, a number, or None where the graph leaves an
-optional trailing argument out, as a Linear without bias does), and an argument used twice must bind
-the same thing twice. A match that passes ``check`` can be replaced: ``rewrite`` is called with
-proxies of the bound nodes, so the ops it calls are recorded into the graph in the matched node's place.
+function binds to whatever stands in its place (a node, a number, or the op's default where the graph
+leaves an optional trailing argument out: None for a Linear without bias), an argument used twice
+must bind the same thing twice (the same node, or equal literals), and an op the pattern uses twice
+must be one node of the graph. A match that passes ``check`` can be replaced: ``rewrite`` is called
+with proxies of the bound nodes, so the ops it calls are recorded into the graph in the matched
+node's place.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class RewriteRule:
     def match_at(self, graph: Graph, node: fx.Node) -> Match | str:
         """The match rooted at ``node``, or a sentence on which part of the pattern failed where."""
         bound: dict[str, Any] = {}
-        failure = _match(self._anchor(), node, bound)
+        failure = _match(self._anchor(), node, bound, {})
         if failure is not None:
             return failure
         return Match(graph, node, {name: bound.get(name) for name in self._arguments()})
@@ -153,14 +155,20 @@ class RewriteRule:
         """Record ``rewrite`` in the anchor's place and send the anchor's users to its result."""
         m.tracer = fx.proxy.GraphAppendingTracer(m.graph.fx_graph)
         args = [fx.Proxy(v, m.tracer) if isinstance(v, fx.Node) else v for v in m.bound.values()]
+        before = m.anchor.prev  # the rewrite's nodes go between it and the anchor
         try:
             with m.graph.fx_graph.inserting_before(m.anchor):
                 result = self.rewrite(m, *args)
         finally:
             m.tracer = None
         new = result.node if isinstance(result, fx.Proxy) else result
-        if isinstance(new, fx.Node):
-            new.meta.update({k: v for k, v in m.anchor.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        # the nodes the rewrite made stand where the anchor stood (the block analyses read that); a node it
+        # returned unchanged (an input of the pattern) keeps its own place
+        made = before.next
+        while made is not m.anchor:
+            if made.op == "call_function":
+                made.meta.update({k: v for k, v in m.anchor.meta.items() if k in ("nn_module_stack", "stack_trace")})
+            made = made.next
         m.graph.replace_node(m.anchor, new)
         return new
 
@@ -195,17 +203,39 @@ def describe(value: Any) -> str:
     return repr(value)
 
 
-def _match(pattern: Any, value: Any, bound: dict[str, Any]) -> str | None:
+def _same(a: Any, b: Any) -> bool:
+    """Whether two bound values are the same: one node, or equal literals of one type."""
+    if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+        return a is b
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _default(target: Any, index: int) -> Any:
+    """The default of positional argument ``index`` of an op (None where its schema gives none)."""
+    arguments = getattr(getattr(target, "_schema", None), "arguments", ())
+    if index < len(arguments) and arguments[index].has_default_value():
+        return arguments[index].default_value
+    return None
+
+
+def _match(pattern: Any, value: Any, bound: dict[str, Any], seen: dict[fx.Node, fx.Node]) -> str | None:
     """Match the pattern node or literal ``pattern`` against the graph's ``value``; None if they match,
-    else the reason. ``bound`` collects what the pattern's arguments stand for."""
+    else the reason. ``bound`` collects what the pattern's arguments stand for, ``seen`` the graph node
+    each op of the pattern matched."""
     if isinstance(pattern, fx.Node) and pattern.op == "placeholder":
-        if pattern.target in bound and bound[pattern.target] is not value:
+        if pattern.target in bound and not _same(bound[pattern.target], value):
             return (f"argument {pattern.target} is {describe(bound[pattern.target])} in one place and "
                     f"{describe(value)} in another")
         bound[pattern.target] = value
         return None
     if isinstance(pattern, fx.Node):  # an op of the pattern
         wanted = target_text(pattern.target)
+        if pattern in seen:  # an op the pattern uses twice is one node
+            if seen[pattern] is value:
+                return None
+            return f"the pattern's {wanted} is {describe(seen[pattern])} in one place and {describe(value)} in another"
         if not (isinstance(value, fx.Node) and value.op == "call_function" and value.target == pattern.target):
             return f"{wanted} expected, found {describe(value)}"
         if set(value.kwargs) != set(pattern.kwargs):
@@ -215,23 +245,26 @@ def _match(pattern: Any, value: Any, bound: dict[str, Any]) -> str | None:
             return f"{describe(value)} has {len(value.args)} arguments, the pattern's {wanted} {len(pattern.args)}"
         for i, part in enumerate(pattern.args):
             if i >= len(value.args):
-                if isinstance(part, fx.Node) and part.op == "placeholder" and part.target not in bound:
-                    bound[part.target] = None  # an optional trailing argument the graph leaves out
-                    continue
+                if isinstance(part, fx.Node) and part.op == "placeholder":
+                    # an optional trailing argument the graph leaves out stands for the op's default
+                    failure = _match(part, _default(value.target, i), bound, seen)
+                    if failure is None:
+                        continue
                 return f"{describe(value)} has {len(value.args)} arguments, the pattern's {wanted} {len(pattern.args)}"
-            failure = _match(part, value.args[i], bound)
+            failure = _match(part, value.args[i], bound, seen)
             if failure is not None:
                 return failure if isinstance(part, fx.Node) else f"argument {i} of {describe(value)}: {failure}"
         for key, part in pattern.kwargs.items():
-            failure = _match(part, value.kwargs[key], bound)
+            failure = _match(part, value.kwargs[key], bound, seen)
             if failure is not None:
                 return failure
+        seen[pattern] = value
         return None
     if isinstance(pattern, (list, tuple)):
         if not isinstance(value, (list, tuple)) or len(value) != len(pattern):
             return f"{pattern!r} expected, found {describe(value)}"
         for p, v in zip(pattern, value):
-            failure = _match(p, v, bound)
+            failure = _match(p, v, bound, seen)
             if failure is not None:
                 return failure
         return None

@@ -69,13 +69,32 @@ def test_a_two_op_pattern_matches_where_both_ops_line_up_and_binds_its_arguments
     assert failed.reason == "aten.linear expected, found 'add' (aten.add.Tensor)"
 
 
-def test_an_optional_trailing_argument_left_out_binds_none(graph):
+def test_an_optional_trailing_argument_left_out_binds_the_ops_default(graph):
     class AnyLinear(RewriteRule):
         def pattern(self, x, w, b):
             return aten.linear.default(x, w, b)
 
     bound = {m.node("w").target: m.node("b") for m in AnyLinear().matches(graph)}
     assert bound["b.weight"] is None and bound["a.weight"].target == "a.bias"
+
+    class Lookup(RewriteRule):
+        def pattern(self, w, ids, padding_idx):
+            return aten.embedding.default(w, ids, padding_idx)
+
+    table = capture(nn.Embedding(10, 4).eval(), (torch.randint(0, 10, (2, 3)),))
+    (m,) = Lookup().matches(table)
+    assert m.node("padding_idx") == -1  # the schema's default: the value the op runs with
+
+
+def test_an_optional_argument_left_out_in_two_places_binds_the_same_default():
+    class SharedBias(RewriteRule):
+        def pattern(self, x, w1, w2, b):
+            return aten.linear.default(aten.linear.default(x, w1, b), w2, b)
+
+    graph = capture(nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)).eval(),
+                    (torch.randn(3, 4),))
+    (m,) = SharedBias().matches(graph)
+    assert m.node("b") is None and m.node("w2").target == "1.weight"
 
 
 def test_an_argument_used_twice_must_bind_the_same_node_twice(graph):
@@ -89,6 +108,47 @@ def test_literals_must_be_equal(graph):
     explained = TimesTwo().explain(graph)
     assert [e.matched for e in explained] == [True, False]
     assert explained[1].reason == "argument 1 of 'mul_1' (aten.mul.Tensor): 2.0 expected, found 3.0"
+
+
+class ClampToOne(RewriteRule):
+    """clamp(x, v, v): an argument used twice that binds literals."""
+
+    def pattern(self, x, v):
+        return aten.clamp.default(x, v, v)
+
+
+class Clamps(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, 0.5, 0.5) + torch.clamp(x, 1000, 1000) + torch.clamp(x, 0.5, 2.0)
+
+
+def test_an_argument_used_twice_binds_equal_literals():
+    graph = capture(Clamps(), (torch.randn(3, 4),))
+    explained = ClampToOne().explain(graph)
+    assert [e.matched for e in explained] == [True, True, False]
+    assert explained[2].reason == "argument v is 0.5 in one place and 2.0 in another"
+
+
+class SquareOfSin(RewriteRule):
+    """sin(x) * sin(x) with one sin: an op the pattern uses twice."""
+
+    def pattern(self, x):
+        s = aten.sin.default(x)
+        return aten.mul.Tensor(s, s)
+
+
+class Sines(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sin(x)
+        return s * s + torch.sin(x) * torch.sin(x)
+
+
+def test_an_op_the_pattern_uses_twice_must_be_one_node_of_the_graph():
+    graph = capture(Sines(), (torch.randn(3, 4),))
+    explained = SquareOfSin().explain(graph)
+    assert [e.matched for e in explained] == [True, False]
+    assert explained[1].reason == ("the pattern's aten.sin is 'sin_1' (aten.sin) in one place and 'sin_2' (aten.sin) "
+                                   "in another")
 
 
 def test_check_refusals_are_explained_and_not_matched(graph):
@@ -118,6 +178,34 @@ def test_rewrite_records_the_replacement_in_the_matched_node_place(graph):
     again = HalfWeightTwiceInput().matches(graph)  # the replacement has the pattern's form, on new nodes
     assert [(m.node("x").target, m.node("w").target) for m in again] == [(aten.mul.Tensor, "half_weight")]
     assert not graph.lint()
+
+
+class TimesOne(RewriteRule):
+    """x * 1.0 -> x: a rewrite that returns an input of the pattern."""
+
+    def pattern(self, x):
+        return aten.mul.Tensor(x, 1.0)
+
+    def rewrite(self, m: Match, x):
+        return x
+
+
+class Scaled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * 1.0
+
+
+def test_a_node_the_rewrite_returns_unchanged_keeps_its_own_place_in_the_modules():
+    graph = capture(Scaled().eval(), (torch.randn(3, 4),))
+    linear = next(graph.nodes(target=aten.linear.default))
+    stack = dict(linear.meta["nn_module_stack"])
+    assert TimesOne().apply(graph) == 1
+    assert linear.meta["nn_module_stack"] == stack and any("inner" in key for key in stack)
+    assert graph.fx_graph.output_node().args[0] in (linear, (linear,))
 
 
 def test_chained_matches_are_rewritten_one_after_another():
@@ -182,3 +270,21 @@ def test_layer_rules_refuse_tied_skipped_and_stored_buffer_weights():
     sites, notes = find_sites(graph, skip=(), embeddings=True)
     assert [s.weight_name for s in sites] == ["proj.weight"]
     assert notes == [f"embed.weight left in float: {TIED}"] * 2  # both reads of the tied table say so
+
+
+class ReadInAList(nn.Module):
+    """q's weight is read by its Linear and, inside a list, by a cat that feeds another matmul."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+        self.k = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q(x), nn.functional.linear(x, torch.cat([self.q.weight, self.k.weight]))
+
+
+def test_a_weight_also_read_inside_a_list_is_tied():
+    graph = capture(ReadInAList().eval(), (torch.randn(3, 4),))
+    sites, notes = find_sites(graph, skip=(), embeddings=False)
+    assert sites == [] and notes == [f"q.weight left in float: {TIED}"]
