@@ -18,6 +18,14 @@ def find_argument(node: fx.Node, name: str) -> tuple[str | int, Any] | None:
     return None
 
 
+def positional_default(target: Any, index: int) -> Any:
+    """The schema default of positional argument ``index`` of an op (None where it gives none)."""
+    arguments = getattr(getattr(target, "_schema", None), "arguments", ())
+    if index < len(arguments) and arguments[index].has_default_value():
+        return arguments[index].default_value
+    return None
+
+
 def argument(node: fx.Node, name: str, default: Any) -> Any:
     """The value the call passes for ``name``, or ``default`` when it passes none."""
     found = find_argument(node, name)

@@ -57,11 +57,11 @@ def attention_value(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-def matmul_value(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The value of ``aten.matmul(a, b)`` for operands of two or more dimensions as far as metadata
-    goes: the broadcast batch sizes, ``a``'s rows and ``b``'s columns."""
+def matmul_value(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """The value of ``aten.matmul(a, b)`` as far as metadata goes: the broadcast batch sizes, ``a``'s
+    rows and ``b``'s columns; None for a vector operand (not needed so far)."""
     if a.dim() < 2 or b.dim() < 2:
-        raise NotImplementedError("matmul_value takes operands of two or more dimensions")
+        return None
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return a.new_empty((*batch, a.shape[-2], b.shape[-1]))
 
@@ -89,9 +89,11 @@ class _ValueProp(FakeTensorProp):
         try:
             return super().call_function(target, args, kwargs)
         except GuardOnDataDependentSymNode:
-            if not (OLD_FAKE_KERNELS and target in _SHAPE_ONLY_ON_GUARD):
+            shape_only = _SHAPE_ONLY_ON_GUARD.get(target) if OLD_FAKE_KERNELS else None
+            value = shape_only(*args) if shape_only is not None else None
+            if value is None:
                 raise
-            return _SHAPE_ONLY_ON_GUARD[target](*args)
+            return value
 
 
 def propagate(graph: "Graph") -> None:

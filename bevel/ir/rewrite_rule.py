@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from bevel.ir.arguments import positional_default
 from bevel.ir.graph import Graph
 from bevel.ir.printer import target_text
 
@@ -164,10 +165,11 @@ class RewriteRule:
         new = result.node if isinstance(result, fx.Proxy) else result
         # the nodes the rewrite made stand where the anchor stood (the block analyses read that); a node it
         # returned unchanged (an input of the pattern) keeps its own place
+        place = {k: v for k, v in m.anchor.meta.items() if k in ("nn_module_stack", "stack_trace")}
         made = before.next
         while made is not m.anchor:
             if made.op == "call_function":
-                made.meta.update({k: v for k, v in m.anchor.meta.items() if k in ("nn_module_stack", "stack_trace")})
+                made.meta.update(place)
             made = made.next
         m.graph.replace_node(m.anchor, new)
         return new
@@ -212,14 +214,6 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def _default(target: Any, index: int) -> Any:
-    """The default of positional argument ``index`` of an op (None where its schema gives none)."""
-    arguments = getattr(getattr(target, "_schema", None), "arguments", ())
-    if index < len(arguments) and arguments[index].has_default_value():
-        return arguments[index].default_value
-    return None
-
-
 def _match(pattern: Any, value: Any, bound: dict[str, Any], seen: dict[fx.Node, fx.Node]) -> str | None:
     """Match the pattern node or literal ``pattern`` against the graph's ``value``; None if they match,
     else the reason. ``bound`` collects what the pattern's arguments stand for, ``seen`` the graph node
@@ -247,7 +241,7 @@ def _match(pattern: Any, value: Any, bound: dict[str, Any], seen: dict[fx.Node, 
             if i >= len(value.args):
                 if isinstance(part, fx.Node) and part.op == "placeholder":
                     # an optional trailing argument the graph leaves out stands for the op's default
-                    failure = _match(part, _default(value.target, i), bound, seen)
+                    failure = _match(part, positional_default(value.target, i), bound, seen)
                     if failure is None:
                         continue
                 return f"{describe(value)} has {len(value.args)} arguments, the pattern's {wanted} {len(pattern.args)}"
