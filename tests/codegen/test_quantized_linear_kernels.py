@@ -131,23 +131,28 @@ def test_int8_dynamic_linear_matches_reference(rows, dtype, smoothed):
     assert_dynamic_close(out, ref)
 
 
-@pytest.mark.parametrize("rows", [2, 40])
+@pytest.mark.parametrize("rows", [3, 40])
 def test_int8_dynamic_linear_rounds_ties_to_even_and_zero_rows(rows):
-    """Rows whose largest value is 127 have scale exactly 1, so their x / s are the values: .5 ties
-    must round to even like torch.round. An all-zero row gets the smallest scale and codes 0."""
+    """A row ranging over [-128, 127] has scale exactly 1 and zero point 0, so its x / s + zero are
+    the values: .5 ties must round to even like torch.round. One ranging over [-55, 200] has scale 1
+    and zero point -73, so its ties fall on x - 73 (0.5 -> -72.5 -> -72, standing for 1). An
+    all-zero row gets the smallest scale, codes equal to its zero point, and exactly the bias."""
     k = 136
     x = (torch.randn(rows, k, generator=_generator(6)) * 20).clamp(-100, 100)
-    x[:, 0] = 127.0
-    x[:, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5])
+    x[0, 0], x[0, 9] = 127.0, -128.0
+    x[0, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5])
+    x[1].clamp_(-55, 200)
+    x[1, 0], x[1, 9] = 200.0, -55.0
+    x[1, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -50.5])
     x[-1] = 0.0
-    qweight = torch.eye(k, dtype=torch.int8)[:N] * 127  # output n is code n times 127 * scale
+    qweight = torch.eye(k, dtype=torch.int8)[:N] * 127  # output n is (code n - zero) times 127 * scale
     scale = torch.full((N,), 1.0 / 127)
     bias = torch.randn(N, generator=_generator(7))
     out = triton_int8_dynamic_linear(x, qweight, scale, bias, None)
     ref = int8_dynamic_linear_reference(x, qweight, scale, bias, None)
     assert_dynamic_close(out, ref)
-    codes = torch.round(out[0, 1:9] - bias[1:9])
-    assert codes.tolist() == [0.0, 2.0, 2.0, 0.0, -2.0, -2.0, 126.0, -126.0]
+    assert torch.round(out[0, 1:9] - bias[1:9]).tolist() == [0.0, 2.0, 2.0, 0.0, -2.0, -2.0, 126.0, -126.0]
+    assert torch.round(out[1, 1:9] - bias[1:9]).tolist() == [1.0, 1.0, 3.0, -1.0, -1.0, -3.0, 127.0, -51.0]
     torch.testing.assert_close(out[-1], bias, rtol=0, atol=0)
 
 

@@ -78,12 +78,16 @@ def test_int4_rtn_equals_the_model_with_dequantized_weights(reference_kernels, g
 
 
 def per_token_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """W8A8 written out independently of bevel's code: per-token and per-channel symmetric int8."""
-    xs = x.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 127
+    """W8A8 written out independently of bevel's code: per-token asymmetric int8 (each token's range,
+    widened to hold 0, over 255 steps; the zero point is the code of 0) and per-channel symmetric
+    int8 weights."""
+    low, high = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    xs = (high - low).clamp(min=1e-10) / 255
+    zero_point = torch.round(-low / xs) - 128
+    xq = torch.clamp(torch.round(x / xs + zero_point), -128, 127)
     ws = layer.weight.abs().amax(-1, keepdim=True) / 127
-    xq = torch.clamp(torch.round(x / xs), -127, 127)
     wq = torch.clamp(torch.round(layer.weight / ws), -127, 127)
-    return (xq.double() @ wq.double().T).float() * xs * ws.T + layer.bias
+    return ((xq - zero_point).double() @ wq.double().T).float() * xs * ws.T + layer.bias
 
 
 def test_int8_dynamic_without_smoothing_equals_an_independent_per_token_model(reference_kernels):

@@ -288,8 +288,9 @@ def test_int8_dynamic_linear_is_matmul_integer_and_matches(tmp_path):
     model = load(path)
     ops = [node.op_type for node in model.graph.node]
     assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
-    assert all(ops.count(op) == 2 for op in ("ReduceMax", "Round", "Clip"))
-    assert ops.count("Mul") == 5  # the smoothing, then two rescales per linear
+    assert all(ops.count(op) == 2 for op in ("ReduceMax", "ReduceMin", "Clip", "ReduceSum"))
+    assert ops.count("Round") == 4  # the zero point and the codes, per linear
+    assert ops.count("Mul") == 7  # the smoothing, then the zero points' share and two rescales per linear
     for node in nodes(model, "MatMulInteger"):
         weight = initializers(model)[node.input[1]]
         assert weight.data_type == onnx.TensorProto.INT8 and list(weight.dims) == [K, N]  # the transpose folded
@@ -304,10 +305,10 @@ def test_int8_dynamic_linear_is_matmul_integer_and_matches(tmp_path):
         # torch.round, Div is IEEE) and the integer sums are exact, so they agree to a few roundoffs of
         # the output; measured: bit-identical. Should a runtime's division ever round a code the other
         # way on a .5 tie, that output moves by one code step, token_scale * |qweight[n, k]| * scale[n]
-        # <= token_scale * 127 * scale[n] (max|x_row| / 127 times the row's largest weight, ~0.5% of a
-        # typical output here): the bound allows one such step, where a wrong op misses by many.
+        # <= token_scale * 127 * scale[n] (the row's range / 255 times the row's largest weight, ~0.5% of
+        # a typical output here): the bound allows one such step, where a wrong op misses by many.
         smoothed = x if variant.input_scale is None else x * variant.input_scale
-        _, token_scale = quantize_per_token(smoothed)
+        _, token_scale, _ = quantize_per_token(smoothed)
         code_step = (token_scale.double() * (INT8_MAX * variant.scale.double())).numpy()
         bound = code_step + 8 * ROUNDOFF * np.abs(expected)
         error = np.abs(got - expected)

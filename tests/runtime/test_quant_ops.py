@@ -70,12 +70,19 @@ def test_clipping_search_never_does_worse_than_the_full_range():
     assert per_group(searched).sum() < per_group(plain).sum()
 
 
-def test_per_token_codes_use_the_full_range_of_each_row():
+def test_per_token_codes_span_each_rows_own_range():
+    """Asymmetric codes: a row's range [min(x, 0), max(x, 0)] is spread over all 256 codes, so its
+    smallest value gets -128 and its largest 127; 0.0 is exactly the zero point; every value is
+    within half a step of what its code stands for."""
     x = torch.randn(5, 33, generator=seeded(4))
     x[2] = 0.0
-    codes, scale = quantize_per_token(x)
-    assert torch.equal(codes.abs().amax(dim=1)[[0, 1, 3, 4]], torch.full((4,), 127.0))
-    assert (codes[2] == 0).all() and (scale > 0).all()
+    x[3] = x[3].abs() + 0.1  # positive only: the range is [0, max], its step max / 255
+    codes, scale, zero = quantize_per_token(x)
+    assert torch.equal(codes.amax(dim=1)[[0, 1, 3, 4]], torch.full((4,), 127.0))
+    assert torch.equal(codes.amin(dim=1)[[0, 1, 4]], torch.full((3,), -128.0))
+    assert zero[3] == -128 and torch.allclose(scale[3], x[3].max() / 255)
+    assert (codes[2] == zero[2]).all() and (scale > 0).all()
+    assert ((scale * (codes - zero) - x).abs() <= scale * 0.5001).all()
 
 
 @pytest.fixture(params=cpu_integer_linear.usable_backends())

@@ -1,9 +1,11 @@
 """The W8A8 kernels of ``bevel::int8_dynamic_linear``: per-token int8 codes, then an int8 x int8 GEMM.
 
-Codes follow ``quant_format.quantize_per_token`` bit for bit: ``x' = x * input_scale`` and the
-divisions in float32 with IEEE rounding (``div_rn``: Triton's ``/`` is approximate on NVIDIA GPUs,
-and a code one off near a .5 boundary would change the result by a whole weight step), rounding
-half to even. The int32 sums of the GEMM are exact; the epilogue scales them like the reference,
+Codes follow ``quant_format.quantize_per_token`` bit for bit: ``x' = x * input_scale``, the token's
+scale and zero point from its min and max, and the divisions in float32 with IEEE rounding
+(``div_rn``: Triton's ``/`` is approximate on NVIDIA GPUs, and a code one off near a .5 boundary
+would change the result by a whole weight step), rounding half to even. The int32 sums of the GEMM
+are exact, and so is the zero point's share taken off them (``zero * row sum of w``, the row sums
+accumulated from the weight tiles the GEMM loads anyway); the epilogue scales them like the reference,
 ``sums * token_scale * weight_scale + bias``, so results agree up to FMA contraction in that last step.
 
 Prefill (M > 16) quantizes in its own kernel, so the GEMM reads one byte per activation. Decode
@@ -38,49 +40,68 @@ def _smoothed_tile(x_ptrs, input_scale_ptr, offs_k, in_k, HAS_INPUT_SCALE: tl.co
 
 
 @triton.jit
-def _token_scale(amax):
-    return tl.math.div_rn(tl.maximum(amax, _TOKEN_SCALE_EPS), 127.0)
+def _round(v):
+    """float32 v rounded half to even, for |v| < 2**22."""
+    return (v + _ROUNDING_MAGIC) - _ROUNDING_MAGIC
 
 
 @triton.jit
-def _codes(v, token_scale):
-    """clamp(round_half_even(v / token_scale), -127, 127) as int8; token_scale broadcasts over v."""
+def _token_scale_and_zero(high, low):
+    """A token's scale and zero point (float32 integer) from max(x, 0) and min(x, 0)."""
+    token_scale = tl.math.div_rn(tl.maximum(high - low, _TOKEN_SCALE_EPS), 255.0)
+    return token_scale, _round(tl.math.div_rn(-low, token_scale)) - 128.0
+
+
+@triton.jit
+def _codes(v, token_scale, zero):
+    """clamp(round_half_even(v / token_scale + zero), -128, 127) as int8; token_scale and zero
+    broadcast over v."""
     v, token_scale = tl.broadcast(v, token_scale)
-    q = tl.minimum(tl.maximum(tl.math.div_rn(v, token_scale), -127.0), 127.0)
-    q = (q + _ROUNDING_MAGIC) - _ROUNDING_MAGIC
-    return q.to(tl.int8)
+    q = tl.math.div_rn(v, token_scale) + zero
+    return _round(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int8)
 
 
 @triton.jit
-def quantize_per_token_kernel(x_ptr, input_scale_ptr, codes_ptr, token_scale_ptr, K, stride_xm,
+def _range_of_rows(x_ptrs, input_scale_ptr, offs_k, K, HAS_INPUT_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+                   ROWS: tl.constexpr):
+    """max(x', 0) and min(x', 0) of each of ROWS rows, in one pass over K."""
+    high = tl.zeros((ROWS,), dtype=tl.float32)
+    low = tl.zeros((ROWS,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        in_k = offs_k < K - k0
+        v = _smoothed_tile(x_ptrs + k0, input_scale_ptr + k0, offs_k, in_k, HAS_INPUT_SCALE)
+        high = tl.maximum(high, tl.max(v, axis=1))  # past K the tile reads 0, inside the range anyway
+        low = tl.minimum(low, tl.min(v, axis=1))
+    return high, low
+
+
+@triton.jit
+def quantize_per_token_kernel(x_ptr, input_scale_ptr, codes_ptr, token_scale_ptr, zero_ptr, K, stride_xm,
                               HAS_INPUT_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per row: its scale in a first pass over K, its int8 codes in a second."""
+    """One program per row: its scale and zero point in a first pass over K, its int8 codes in a second."""
     row = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    x_row = x_ptr + row * stride_xm
-    amax = tl.zeros((1,), dtype=tl.float32)
+    x_row = x_ptr + row * stride_xm + offs_k[None, :]
+    high, low = _range_of_rows(x_row, input_scale_ptr, offs_k, K, HAS_INPUT_SCALE, BLOCK_K, 1)
+    token_scale, zero = _token_scale_and_zero(high, low)
     for k0 in range(0, K, BLOCK_K):
         in_k = offs_k + k0 < K
-        v = _smoothed_tile(x_row + k0 + offs_k[None, :], input_scale_ptr + k0, offs_k, in_k, HAS_INPUT_SCALE)
-        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-    token_scale = _token_scale(amax)
-    for k0 in range(0, K, BLOCK_K):
-        in_k = offs_k + k0 < K
-        v = _smoothed_tile(x_row + k0 + offs_k[None, :], input_scale_ptr + k0, offs_k, in_k, HAS_INPUT_SCALE)
-        codes = _codes(v, token_scale[:, None])
+        v = _smoothed_tile(x_row + k0, input_scale_ptr + k0, offs_k, in_k, HAS_INPUT_SCALE)
+        codes = _codes(v, token_scale[:, None], zero[:, None])
         tl.store(codes_ptr + row * K + k0 + offs_k[None, :], codes, mask=in_k[None, :])
     tl.store(token_scale_ptr + row + tl.arange(0, 1), token_scale)
+    tl.store(zero_ptr + row + tl.arange(0, 1), zero)
 
 
 @triton.jit
 def int8_matmul_kernel(
-        x_ptr, input_scale_ptr, token_scale_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
+        x_ptr, input_scale_ptr, token_scale_ptr, zero_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
         M, N, K, M_BUCKET, stride_xm, stride_wn, stride_om,
         QUANTIZE_X: tl.constexpr, HAS_INPUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """out = (codes @ w.T) * token_scale * scale (+ bias). With QUANTIZE_X, x_ptr is the float input
-    and the program makes its rows' codes itself; else x_ptr holds the int8 codes and
-    token_scale_ptr their scales. x and w have unit stride along K."""
+    """out = (codes @ w.T - zero * w.sum(1)) * token_scale * scale (+ bias). With QUANTIZE_X, x_ptr is
+    the float input and the program makes its rows' codes itself; else x_ptr holds the int8 codes,
+    token_scale_ptr and zero_ptr their scales and zero points. x and w have unit stride along K."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -99,28 +120,29 @@ def int8_matmul_kernel(
     w_ptrs = w_ptr + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None]
 
     if QUANTIZE_X:
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            in_k = offs_k < K - k0
-            v = _smoothed_tile(x_ptrs + k0, input_scale_ptr + k0, offs_k, in_k, HAS_INPUT_SCALE)
-            amax = tl.maximum(amax, tl.max(tl.abs(v), axis=1))
-        token_scale = _token_scale(amax)
+        high, low = _range_of_rows(x_ptrs, input_scale_ptr, offs_k, K, HAS_INPUT_SCALE, BLOCK_K, BLOCK_M)
+        token_scale, zero = _token_scale_and_zero(high, low)
     else:
         token_scale = tl.load(token_scale_ptr + rows)
+        zero = tl.load(zero_ptr + rows)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    row_sums = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         in_k = offs_k < K - k0
         if QUANTIZE_X:
             v = _smoothed_tile(x_ptrs, input_scale_ptr + k0, offs_k, in_k, HAS_INPUT_SCALE)
-            xq = _codes(v, token_scale[:, None])
+            # codes past K multiply weights masked to 0
+            xq = _codes(v, token_scale[:, None], zero[:, None])
         else:
             xq = tl.load(x_ptrs, mask=in_k[None, :], other=0)
         w = tl.load(w_ptrs, mask=in_k[:, None], other=0)
         acc = tl.dot(xq, w, acc, out_dtype=tl.int32)  # Triton 3.6 checks acc against out_dtype
+        row_sums += tl.sum(w.to(tl.int32), axis=0)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
+    acc -= zero.to(tl.int32)[:, None] * row_sums[None, :]
     out = acc.to(tl.float32) * token_scale[:, None] * tl.load(scale_ptr + cols).to(tl.float32)[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + cols).to(tl.float32)[None, :]

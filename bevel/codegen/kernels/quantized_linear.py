@@ -140,18 +140,19 @@ def triton_int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: to
     smooth = input_scale.contiguous() if input_scale is not None else scale
     if rows <= DECODE_MAX_ROWS:
         int8_matmul.decode_int8_matmul[_grid(rows, cols)](
-            x2, smooth, scale, qweight, scale, bias_arg, out,
+            x2, smooth, scale, scale, qweight, scale, bias_arg, out,
             rows, cols, k, _m_bucket(rows), x2.stride(0), qweight.stride(0), out.stride(0),
             True, input_scale is not None, bias is not None)
     else:
         codes = torch.empty((rows, k), dtype=torch.int8, device=x.device)
         token_scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
+        zero = torch.empty((rows,), dtype=torch.float32, device=x.device)
         block_k = min(triton.next_power_of_2(k), 2048)
         int8_matmul.quantize_per_token_kernel[(rows,)](
-            x2, smooth, codes, token_scale, k, x2.stride(0), input_scale is not None, block_k,
+            x2, smooth, codes, token_scale, zero, k, x2.stride(0), input_scale is not None, block_k,
             num_warps=8 if block_k >= 2048 else 4)
         int8_matmul.prefill_int8_matmul[_grid(rows, cols)](
-            codes, scale, token_scale, qweight, scale, bias_arg, out,
+            codes, scale, token_scale, zero, qweight, scale, bias_arg, out,
             rows, cols, k, _m_bucket(rows), codes.stride(0), qweight.stride(0), out.stride(0),
             False, False, bias is not None)
     return out.reshape(*x.shape[:-1], cols)

@@ -1,9 +1,11 @@
 """``bevel::int8_dynamic_linear``: W8A8, activations quantized per token at run time, weights per channel.
 
 ``x' = x * input_scale`` (SmoothQuant's per-input-channel migration, when given), then per token
-``s = max|x'_row| / 127`` and ``xq = round(x' / s)``; ``y = (xq @ qweight.T) * s * scale + bias`` in
-``x``'s dtype. CPU: an int8 GEMM (fbgemm or oneDNN) on the codes (``cpu_integer_linear``), exact integer sums;
-CUDA: a Triton kernel; ONNX: per-token quantization written out, then ``MatMulInteger``.
+asymmetric codes ``xq`` with scale ``s`` and zero point ``zero`` (``quant_format.quantize_per_token``);
+``y = ((xq - zero) @ qweight.T) * s * scale + bias`` in ``x``'s dtype, the sums computed as
+``xq @ qweight.T - zero * qweight.sum(1)``. CPU: an int8 GEMM (fbgemm or oneDNN) on the codes
+(``cpu_integer_linear``), exact integer sums; CUDA: a Triton kernel; ONNX: per-token quantization written
+out, then ``MatMulInteger``.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ def int8_dynamic_linear_reference(x: torch.Tensor, qweight: torch.Tensor, scale:
                                   bias: torch.Tensor | None, input_scale: torch.Tensor | None) -> torch.Tensor:
     """The op's meaning in plain torch: per-token codes times int8 weights, summed exactly
     (float64 holds every int32 sum), scaled back to float."""
-    codes, token_scale = quantize_per_token(_smoothed(x, input_scale))
-    sums = (codes.double() @ qweight.double().T).float()
+    codes, token_scale, zero = quantize_per_token(_smoothed(x, input_scale))
+    weight = qweight.double()
+    sums = (codes.double() @ weight.T - zero.double() * weight.sum(dim=1)).float()
     out = sums * token_scale * scale.float()
     if bias is not None:
         out = out + bias.float()
@@ -36,7 +39,8 @@ def int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Ten
     """x [..., K] quantized per token, times an int8 weight [N, K] with float32 scales [N]; optional
     bias [N] and per-input-channel smoothing factors ``input_scale`` [K]."""
     if x.device.type == "cpu" and cpu_integer_linear.available():
-        packed = cpu_integer_linear.packed_weight(qweight, (scale,), lambda: (qweight, scale))
+        packed = cpu_integer_linear.packed_weight(
+            qweight, (scale,), lambda: (cpu_integer_linear.with_zero_point_columns(qweight), scale), "per_token")
         return cpu_integer_linear.per_token_linear(x, input_scale, packed, bias).to(x.dtype)
     return int8_dynamic_linear_reference(x, qweight, scale, bias, input_scale)
 

@@ -11,8 +11,12 @@ tests and the ONNX translations:
   [N, K // group_size] (as GPTQ and AWQ checkpoints store them: float32 scales would add an eighth
   to the bytes of the codes at groups of 64); ``zero`` uint8 [N, ceil(groups / 2)], the 4-bit zero
   points packed the same way; ``w = (q - zero_of_group) * float(scale_of_group)``.
-- per-token activations: ``s = max(|x_row|, eps) / 127``, ``xq = clamp(round(x / s), -127, 127)``,
-  rounding half to even.
+- per-token activations, asymmetric: with ``hi = max(x_row, 0)`` and ``lo = min(x_row, 0)``,
+  ``s = max(hi - lo, eps) / 255``, ``zero = round(-lo / s) - 128`` (the code of 0.0) and
+  ``xq = clamp(round(x / s + zero), -128, 127)``, each step in float32 and rounding half to even;
+  ``x ~ s * (xq - zero)``. Asymmetric because a token's values are rarely centred on zero (a GELU's
+  output is at least -0.17): the whole range of 256 codes covers the token's own [lo, hi], where a
+  symmetric code spends half of its 255 on values the token does not have.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import torch
 
 INT8_MAX = 127
+# the codes a token's range [lo, hi] is spread over (int8's 256, minus one so that both ends are codes)
+TOKEN_STEPS = 255
 INT4_MAX = 15
 # the smallest int4 group scale: float16's smallest normal number (groups narrower than 15 of these,
 # about 1e-3, get steps a little coarser than they could)
@@ -135,8 +141,13 @@ def dequantize_int4_groups(qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     return ((q - z[..., None]) * scale.float()[..., None]).reshape(n, k)
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 of each row (token) of ``x``: (codes as float32 integers, scale float32 [..., 1])."""
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int8 of each row (token) of ``x``, as the module docstring says: (codes float32
+    integers in [-128, 127], scale float32 [..., 1], zero float32 integers [..., 1]), with
+    ``x ~ scale * (codes - zero)``."""
     x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=TOKEN_SCALE_EPS) / INT8_MAX
-    return torch.clamp(torch.round(x / scale), -INT8_MAX, INT8_MAX), scale
+    high = x.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    low = x.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    scale = (high - low).clamp(min=TOKEN_SCALE_EPS) / TOKEN_STEPS
+    zero = torch.round(-low / scale) - 128
+    return torch.clamp(torch.round(x / scale + zero), -128, 127), scale, zero

@@ -23,7 +23,7 @@ from onnxscript import values
 from onnxscript.onnx_types import TensorType
 
 from bevel.runtime.ops import ONNX_TRANSLATIONS
-from bevel.runtime.ops.quant_format import INT8_MAX, TOKEN_SCALE_EPS
+from bevel.runtime.ops.quant_format import TOKEN_SCALE_EPS, TOKEN_STEPS
 
 FLOAT = ir.DataType.FLOAT
 # What the translations' signatures say their tensors are: torch.onnx reads these annotations to
@@ -155,19 +155,27 @@ def int8_dynamic_linear_onnx(x: Tensor, qweight: Tensor, scale: Tensor, bias: Te
     """quant_format.quantize_per_token written out, then ``MatMulInteger`` on int8 x int8 codes.
 
     Same float32 operations in the same order as the reference (ONNX ``Round`` is half to even, like
-    torch.round; ``Div`` is IEEE), so the codes match; the int32 sums are exact and are scaled as
-    ``sums * token_scale * scale`` like the reference. The weight's transpose folds into a [K, N]
-    int8 initializer.
+    torch.round; ``Div`` is IEEE), so the codes match. The zero points' share, ``zero * row sum of
+    qweight``, is taken off the int32 sums in int32 (exact; the row sums are a constant the runtime
+    folds at load), then the sums are scaled as ``sums * token_scale * scale`` like the reference.
+    MatMulInteger's own zero point for A is one per tensor in ONNX Runtime, not per token. The
+    weight's transpose folds into a [K, N] int8 initializer.
     """
     xs = _as_float(x)
     if input_scale is not None:
         xs = op.Mul(xs, _as_float(input_scale))
-    largest = op.ReduceMax(op.Abs(xs), _last_axis(), keepdims=1)
-    token_scale = op.Div(op.Max(largest, op.Constant(value_float=TOKEN_SCALE_EPS)),
-                         op.Constant(value_float=float(INT8_MAX)))
-    codes = op.Clip(op.Round(op.Div(xs, token_scale)), op.Constant(value_float=-float(INT8_MAX)),
-                    op.Constant(value_float=float(INT8_MAX)))
-    sums = op.MatMulInteger(op.Cast(codes, to=ir.DataType.INT8), op.Transpose(qweight, perm=[1, 0]))
+    origin = op.Constant(value_float=0.0)
+    high = op.Max(op.ReduceMax(xs, _last_axis(), keepdims=1), origin)
+    low = op.Min(op.ReduceMin(xs, _last_axis(), keepdims=1), origin)
+    token_scale = op.Div(op.Max(op.Sub(high, low), op.Constant(value_float=TOKEN_SCALE_EPS)),
+                         op.Constant(value_float=float(TOKEN_STEPS)))
+    zero = op.Sub(op.Round(op.Div(op.Neg(low), token_scale)), op.Constant(value_float=128.0))
+    codes = op.Clip(op.Round(op.Add(op.Div(xs, token_scale), zero)), op.Constant(value_float=-128.0),
+                    op.Constant(value_float=127.0))
+    weight = op.Transpose(qweight, perm=[1, 0])  # read only through its transpose, which then folds
+    sums = op.MatMulInteger(op.Cast(codes, to=ir.DataType.INT8), weight)
+    row_sums = op.ReduceSum(op.Cast(weight, to=ir.DataType.INT32), op.Constant(value_ints=[0]), keepdims=0)
+    sums = op.Sub(sums, op.Mul(op.Cast(zero, to=ir.DataType.INT32), row_sums))
     out = op.Mul(op.Mul(op.Cast(sums, to=FLOAT), token_scale), _as_float(scale))
     return _like(_plus_bias(out, bias), x)
 
