@@ -160,16 +160,16 @@ def _unsigned_codes(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _workspace(rows: int, columns: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A scratch tensor of this shape and dtype, reused across calls by this thread: fresh allocations of
-    activation-sized tensors cost more than the arithmetic done in them (page faults), and the GEMMs
-    are done with the codes they are given when they return, so the buffer is free again then."""
+    """A scratch [rows, columns] tensor of this dtype, reused across calls by this thread: fresh
+    allocations of activation-sized tensors cost more than the arithmetic done in them (page faults),
+    and the GEMMs are done with the codes they are given when they return, so the buffer is free again
+    then. One buffer per dtype, as large as the largest call so far, viewed in each call's shape (the
+    codes of W8A8 have a width per layer, K plus its zero-point columns)."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((rows, columns, dtype))
-    if buffer is None:
-        if len(buffers) >= 8:  # a handful of shapes per model; forget the oldest beyond that
-            buffers.pop(next(iter(buffers)))
-        buffer = buffers[(rows, columns, dtype)] = torch.empty(rows, columns, dtype=dtype)
-    return buffer
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < rows * columns:
+        buffer = buffers[dtype] = torch.empty(rows * columns, dtype=dtype)
+    return buffer[:rows * columns].view(rows, columns)
 
 
 def _token_peak(x: torch.Tensor) -> torch.Tensor:
