@@ -5,9 +5,10 @@ Smoothing is kept for a layer only where it lowers the layer's measured error on
 batches by at least ``SMOOTHING_GAIN``: it costs a multiply over the input on every call, and on
 some layers it does harm (on MiniLM, with symmetric activation codes, it cut the error of
 query/key/value and the first FFN layer by 35-65% but raised the second FFN layer's by up to 77%,
-where the GELU output has no outlier channels to move). Layers that read the same input (query, key and value) share one factor, computed from
-their weights together, and one decision, taken on their summed errors, as SmoothQuant does for
-them: their input is then quantized once, in one fused op (see ``siblings``).
+where the GELU output has no outlier channels to move). Layers that read the same input (query,
+key and value) share one factor, computed from their weights together, and one decision, taken on
+their summed errors, as SmoothQuant does for them: their input is then quantized once, in one fused
+op (see ``siblings``).
 """
 
 from __future__ import annotations

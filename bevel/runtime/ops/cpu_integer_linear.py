@@ -17,9 +17,10 @@ points of W8A8 are folded into the same GEMM: the weight carries J more columns 
 its row's sum, and each token J more codes equal to its zero point, so the GEMM returns
 ``xq @ w.T - zero * w.sum(1)`` itself (J = ceil(max |row sum| / 127), 8-56 columns on MiniLM's
 K of 384 and 1536: at 4096 rows, on a 2-core AVX-512 CPU, 1-14% more time per GEMM, where
-subtracting the rank-one term from the output afterwards took 9-90%). Their results are exact integer sums, checked in the tests
-against the reference, also on codes at the ends of the range. oneDNN is used only where the CPU has VNNI instructions, which sum uint8 x int8 products
-in int32 (without them a pair of products is summed in int16 first, which can saturate).
+subtracting the rank-one term from the output afterwards took 9-90%). Their results are exact
+integer sums, checked in the tests against the reference, also on codes at the ends of the range.
+oneDNN is used only where the CPU has VNNI instructions, which sum uint8 x int8 products in int32
+(without them a pair of products is summed in int16 first, which can saturate).
 
 Weight-only ops keep their activations in float; to run them on integer GEMMs each token is split
 into two int8 digits (``x ~ s * (256 * hi + lo)``, 15 bits per token), so the activation error
