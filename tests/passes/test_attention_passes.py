@@ -242,13 +242,13 @@ def ref64(model64):
 @pytest.mark.parametrize("bits, group", [(8, 32), (4, 16)])
 def test_kv_quantize_prefill_and_decode_equal_attention_over_rounded_keys_and_values(model64, ref64, text, bits,
                                                                                         group):
-    cm, ref = compile_pass(model64, f"kv.quantize(bits={bits}, group_size={group})"), ref64  # see QUANTIZED_TOL
+    cm = compile_pass(model64, f"kv.quantize(bits={bits}, group_size={group})")  # float64: see QUANTIZED_TOL
     rule = quantized_rule(bits, group)
     seqs = rows(text, [40, 33], start=11000)
-    check_prefill(cm, ref, rule, seqs, tol=QUANTIZED_TOL)
-    stream = check_decode(cm, ref, rule, seqs, [20, 9], 12, tol=QUANTIZED_TOL)
+    check_prefill(cm, ref64, rule, seqs, tol=QUANTIZED_TOL)
+    stream = check_decode(cm, ref64, rule, seqs, [20, 9], 12, tol=QUANTIZED_TOL)
     # rounding is visible at that tolerance: the test tells quantized from float attention apart
-    full = masked_logits(ref, seqs[0], window_rule([0], [0]))
+    full = masked_logits(ref64, seqs[0], window_rule([0], [0]))
     assert (cm(seqs[0]) - full).abs().max() > 10 * QUANTIZED_TOL
     # the decode loop's cache holds the codes themselves
     assert stream.cache.kv[0].dtype == (torch.int8 if bits == 8 else torch.uint8)
@@ -383,9 +383,8 @@ def test_decode_perplexity_scores_through_the_ring_buffer(windowed, ref, text):
 
 
 def test_window_and_kv_quantize_together_keep_a_ring_of_codes(model64, ref64, text):
-    ref = ref64  # in float64: see QUANTIZED_TOL
     cm = compile_pass(model64, f"attention.window(window={WINDOW}, sinks={SINKS}, block=16) | kv.quantize(bits=8)",
-                      max_cache_len=64)
+                      max_cache_len=64)  # float64: see QUANTIZED_TOL
     rounded, windowed_rule = quantized_rule(8, 32), window_rule([WINDOW], [SINKS])
 
     def rule(layer, q, k, v):
@@ -393,6 +392,6 @@ def test_window_and_kv_quantize_together_keep_a_ring_of_codes(model64, ref64, te
         return mask & windowed_rule(layer, q, k, v)[0], k, v
 
     seqs = rows(text, [30 + 3 * WINDOW], start=21000)
-    stream = check_decode(cm, ref, rule, seqs, [30], 3 * WINDOW, tol=QUANTIZED_TOL)
+    stream = check_decode(cm, ref64, rule, seqs, [30], 3 * WINDOW, tol=QUANTIZED_TOL)
     assert stream.mode == "ring" and stream.cache.kv[0].dtype == torch.int8
     assert stream.cache.kv[0].shape[2] == WINDOW + SINKS

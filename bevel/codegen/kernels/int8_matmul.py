@@ -24,6 +24,7 @@ from bevel.runtime.ops import quant_format
 
 # kernels may read only constexpr globals
 _TOKEN_SCALE_EPS = tl.constexpr(quant_format.TOKEN_SCALE_EPS)
+_TOKEN_STEPS = tl.constexpr(float(quant_format.TOKEN_STEPS))
 # 1.5 * 2**23: adding then subtracting it leaves a float32 rounded half to even to an integer when
 # |v| < 2**22. Written out rather than libdevice's rint, whose module moved between Triton versions,
 # so the interpreter runs the very arithmetic a GPU does.
@@ -48,7 +49,7 @@ def _round(v):
 @triton.jit
 def _token_scale_and_zero(high, low):
     """A token's scale and zero point (float32 integer) from max(x, 0) and min(x, 0)."""
-    token_scale = tl.math.div_rn(tl.maximum(high - low, _TOKEN_SCALE_EPS), 255.0)
+    token_scale = tl.math.div_rn(tl.maximum(high - low, _TOKEN_SCALE_EPS), _TOKEN_STEPS)
     return token_scale, _round(tl.math.div_rn(-low, token_scale)) - 128.0
 
 

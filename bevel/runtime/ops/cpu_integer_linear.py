@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from bevel.runtime.ops.quant_format import INT8_MAX, TOKEN_SCALE_EPS, TOKEN_STEPS
+from bevel.runtime.ops.quant_format import INT8_MAX, TOKEN_SCALE_EPS, per_token_scale_and_zero
 
 _ZERO_POINT = 128
 # calls of fewer rows stay on fbgemm even where oneDNN runs on AMX (decode-sized GEMMs, see above)
@@ -213,10 +213,7 @@ def per_token_linear(x: torch.Tensor, input_scale: torch.Tensor | None, packed: 
     if input_scale is not None:
         torch.mul(x, input_scale.float(), out=body)
         x = body
-    high = x.amax(dim=-1, keepdim=True).clamp_(min=0.0)
-    low = x.amin(dim=-1, keepdim=True).clamp_(max=0.0)
-    token_scale = high.sub_(low).clamp_(min=TOKEN_SCALE_EPS).div_(TOKEN_STEPS)
-    zero = low.neg_().div_(token_scale).round_().sub_(128)
+    token_scale, zero = per_token_scale_and_zero(x)
     torch.div(x, token_scale, out=body).add_(zero)
     codes[:, k:] = zero
     out = _scale_rows(integer_matmul(codes, packed), token_scale, bias)

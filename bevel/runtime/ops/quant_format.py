@@ -146,8 +146,13 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     integers in [-128, 127], scale float32 [..., 1], zero float32 integers [..., 1]), with
     ``x ~ scale * (codes - zero)``."""
     x = x.float()
+    scale, zero = per_token_scale_and_zero(x)
+    return torch.clamp(torch.round(x / scale + zero), -128, 127), scale, zero
+
+
+def per_token_scale_and_zero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's scale and zero point (float32 [..., 1]) of a float32 ``x``, as the module docstring says."""
     high = x.amax(dim=-1, keepdim=True).clamp(min=0.0)
     low = x.amin(dim=-1, keepdim=True).clamp(max=0.0)
     scale = (high - low).clamp(min=TOKEN_SCALE_EPS) / TOKEN_STEPS
-    zero = torch.round(-low / scale) - 128
-    return torch.clamp(torch.round(x / scale + zero), -128, 127), scale, zero
+    return scale, torch.round(-low / scale) - 128
