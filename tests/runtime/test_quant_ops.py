@@ -14,6 +14,11 @@ Tolerances:
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -165,6 +170,62 @@ def test_codes_half_way_between_integers_round_to_even_in_every_gemm(gemm):
     codes = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -127.5]]).repeat(200, 1)  # oneDNN's row count
     expected = torch.round(codes)
     assert torch.equal(cpu_integer_linear.integer_matmul(codes, packed), expected)
+
+
+def _pair_overflowing_gemm(rows: int, columns: int, outputs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 weights and codes at the ends of their ranges, plus random ones: many pairs of products
+    beyond int16 (255 * 127 twice), and the exact float32 result ``fl(sums * scale)``."""
+    g = seeded(30)
+    weight = torch.randint(-127, 128, (outputs, columns), generator=g, dtype=torch.int8)
+    weight[: outputs // 2] = torch.where(torch.arange(columns) % 3 == 0, -127, 127).to(torch.int8)
+    codes = torch.randint(-128, 128, (rows, columns), generator=g).float()
+    codes[: rows // 2] = torch.where(torch.arange(columns) % 3 == 0, -128.0, 127.0)
+    scale = torch.rand(outputs, generator=g) + 0.5
+    exact = (codes.double() @ weight.double().T).float() * scale  # the sums are below 2^24: exact in float32
+    return codes, cpu_integer_linear.PackedWeight(weight, scale), exact
+
+
+def test_the_saturation_probe_agrees_with_a_gemm_whose_pairs_overflow_int16():
+    """fbgemm_saturates() says whether the whole-weight GEMM is exact here; checked on other data."""
+    codes, packed, exact = _pair_overflowing_gemm(9, 40, 24)
+    whole = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+        codes, 1.0, 128, cpu_integer_linear._fbgemm_packed(packed.qweight, packed.scale))
+    assert torch.equal(whole, exact) == (not cpu_integer_linear.fbgemm_saturates())
+
+
+def test_split_weights_give_the_whole_weights_result_bit_for_bit(monkeypatch):
+    """Where fbgemm saturates, the weight is packed as halves in [-64, 63] and {0, 1}: the same
+    float32 result as an exact GEMM, fl(sums * scale), forced here on any CPU."""
+    monkeypatch.setattr(cpu_integer_linear, "GEMM", "fbgemm")
+    monkeypatch.setattr(cpu_integer_linear, "fbgemm_saturates", lambda: True)
+    codes, packed, exact = _pair_overflowing_gemm(9, 40, 24)
+    assert packed.get("fbgemm") is not None and torch.equal(cpu_integer_linear.integer_matmul(codes, packed), exact)
+
+
+def test_the_quantized_linears_stay_exact_where_fbgemm_saturates():
+    """fbgemm restricted to its AVX2 kernels (as on CPUs without VNNI, whatever this one has), in a
+    process of its own: the probe finds the saturation and the ops match their references."""
+    check = textwrap.dedent("""
+        import torch, bevel
+        from bevel.runtime.ops import cpu_integer_linear
+        from bevel.runtime.ops.int8_dynamic_linear import int8_dynamic_linear_reference
+        from bevel.runtime.ops.int8_weight_linear import int8_weight_linear_reference
+        from bevel.runtime.ops.quant_format import quantize_int8_per_channel
+        assert cpu_integer_linear.fbgemm_saturates()
+        g = torch.Generator().manual_seed(0)
+        q, s = quantize_int8_per_channel(torch.randn(48, 96, generator=g))
+        q[0] = 127
+        x = torch.randn(3, 7, 96, generator=g)
+        x[1, 2] = torch.where(torch.arange(96) % 2 == 0, 5.0, -5.0)
+        ref = int8_dynamic_linear_reference(x, q, s, None, None)
+        assert (torch.ops.bevel.int8_dynamic_linear(x, q, s, None, None) - ref).abs().max() <= 1e-5 * ref.abs().max()
+        ref = int8_weight_linear_reference(x, q, s, None)
+        assert (torch.ops.bevel.int8_weight_linear(x, q, s, None) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        print("exact")
+    """)
+    env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "exact", run.stderr[-3000:]
 
 
 def test_automatic_choice_takes_onednn_for_large_calls_on_amx_cpus_only(monkeypatch):
