@@ -309,6 +309,18 @@ def test_layers_with_different_input_scales_are_not_fused():
     assert compiled.report.passes[0].stats["quantized"] == 3 and compiled.report.passes[0].stats["fused"] == []
 
 
+@pytest.mark.parametrize("saturates", [True, False])
+def test_the_report_says_when_the_cpus_integer_gemms_run_split(saturates, monkeypatch):
+    """On a CPU without VNNI the exact integer GEMMs cost about twice as much: the user is told."""
+    from bevel.runtime.ops import cpu_integer_linear
+
+    monkeypatch.setattr(cpu_integer_linear, "fbgemm_saturates", lambda: saturates)
+    cm = bevel.compile(nn.Sequential(nn.Linear(16, 8)).eval(), "quantize.int8_dynamic(smooth=0)",
+                       example_inputs=(torch.randn(2, 16),))
+    notes = cm.report.passes[0].notes
+    assert any("no VNNI" in note for note in notes) == saturates
+
+
 def test_a_model_without_linear_layers_is_reported_unchanged():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     cm = bevel.compile(model, "quantize.int8_dynamic", example_inputs=(torch.randn(1, 3, 8, 8),))

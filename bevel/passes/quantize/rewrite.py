@@ -21,6 +21,7 @@ from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.quantize.calibration import InputStats, collect_input_stats, quantization_stages
 from bevel.passes.quantize.siblings import fuse_siblings
 from bevel.passes.quantize.sites import EmbeddingSite, LinearSite, find_sites
+from bevel.runtime.ops import cpu_integer_linear
 from bevel.runtime.ops.quant_format import dequantize_int8_per_channel, quantize_int8_per_channel
 
 
@@ -130,6 +131,10 @@ class QuantizePass(Pass):
                          f"{self.params.max_layer_error}: "
                          + ", ".join(f"{k} ({v:.4f})" for k, v in self.kept_float.items()))
         quantized = len(self.errors) - len(self.kept_float)
+        integer_cpu = ctx.device == "cpu" and cpu_integer_linear.available()
+        if quantized and integer_cpu and cpu_integer_linear.fbgemm_saturates():
+            notes.append("this CPU sums int8 products in int16 pairs (no VNNI), which can saturate: its integer "
+                         "GEMMs run exactly on weights split in two halves, at about twice their time")
         fused = fuse_siblings(graph, list(self.rewritten)) if self.params.fuse else []
         if quantized:
             graph.refresh()
