@@ -156,6 +156,28 @@ def test_int8_dynamic_linear_rounds_ties_to_even_and_zero_rows(rows):
     torch.testing.assert_close(out[-1], bias, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rows", [DECODE_MAX_ROWS, 70])
+def test_int8_dynamic_linear_with_7_bit_codes_matches_reference(rows):
+    """7-bit codes: a row ranging over [-64, 63] has scale exactly 1 and zero point 0, so its ties
+    round to even as in torch.round; the other rows are random, smoothed, with a bias."""
+    k = 136
+    x = torch.randn(rows, k, generator=_generator(10)) * 3
+    x[0, 0], x[0, 9] = 63.0, -64.0
+    x[0, 1:9] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 62.5, -62.5])
+    x[0, 10:].clamp_(-64, 63)
+    qweight = torch.eye(k, dtype=torch.int8)[:N] * 127  # output n is (code n - zero) times 127 * scale
+    scale = torch.full((N,), 1.0 / 127)
+    bias = torch.randn(N, generator=_generator(11))
+    out = triton_int8_dynamic_linear(x, qweight, scale, bias, None, 7)
+    assert_dynamic_close(out, int8_dynamic_linear_reference(x, qweight, scale, bias, None, 7))
+    assert torch.round(out[0, 1:9] - bias[1:9]).tolist() == [0.0, 2.0, 2.0, 0.0, -2.0, -2.0, 62.0, -62.0]
+    _, weight, _ = _linear_inputs(rows, k, torch.float32, seed=12)
+    qweight, scale = quantize_int8_per_channel(weight)
+    input_scale = torch.rand(k, generator=_generator(13)) + 0.5
+    out = triton_int8_dynamic_linear(x, qweight, scale, bias, input_scale, 7)
+    assert_dynamic_close(out, int8_dynamic_linear_reference(x, qweight, scale, bias, input_scale, 7))
+
+
 @pytest.mark.parametrize("rows_shape", [(3, 4), (2, 35)])  # 12 rows: decode; 70: prefill
 def test_leading_dims_and_non_contiguous_inputs(rows_shape):
     k = 128

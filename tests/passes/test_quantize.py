@@ -247,6 +247,7 @@ def test_a_group_size_that_does_not_divide_a_layer_leaves_that_layer_in_float_an
                                            ('quantize.int4_weight(group_size="big")', "group_size"),
                                            ('quantize.int4_weight(method="awq2")', "method"),
                                            ("quantize.int8_dynamic(smooth=1.5)", "smooth"),
+                                           ("quantize.int8_dynamic(activation_bits=6)", "activation_bits"),
                                            ("quantize.int8_weight(max_layer_error=0)", "max_layer_error")])
 def test_bad_parameters_are_refused_naming_the_parameter(pipeline, key):
     model = mlp()
@@ -309,16 +310,38 @@ def test_layers_with_different_input_scales_are_not_fused():
     assert compiled.report.passes[0].stats["quantized"] == 3 and compiled.report.passes[0].stats["fused"] == []
 
 
+@pytest.mark.parametrize("bits", [8, 7])
 @pytest.mark.parametrize("saturates", [True, False])
-def test_the_report_says_when_the_cpus_integer_gemms_run_split(saturates, monkeypatch):
-    """On a CPU without VNNI the exact integer GEMMs cost about twice as much: the user is told."""
+def test_the_report_says_when_the_cpus_integer_gemms_run_split(saturates, bits, monkeypatch):
+    """On a CPU without VNNI the exact integer GEMMs cost about twice as much: the user is told, and
+    told of 7-bit activation codes, which run unsplit there."""
     from bevel.runtime.ops import cpu_integer_linear
 
     monkeypatch.setattr(cpu_integer_linear, "fbgemm_saturates", lambda: saturates)
-    cm = bevel.compile(nn.Sequential(nn.Linear(16, 8)).eval(), "quantize.int8_dynamic(smooth=0)",
-                       example_inputs=(torch.randn(2, 16),))
-    notes = cm.report.passes[0].notes
-    assert any("no VNNI" in note for note in notes) == saturates
+    cm = bevel.compile(nn.Sequential(nn.Linear(16, 8)).eval(),
+                       f"quantize.int8_dynamic(smooth=0, activation_bits={bits})", example_inputs=(torch.randn(2, 16),))
+    notes = [note for note in cm.report.passes[0].notes if "no VNNI" in note]
+    assert len(notes) == (saturates and bits == 8)
+    assert all("quantize.int8_dynamic(activation_bits=7)" in note for note in notes)
+
+
+def test_7_bit_activation_codes_reach_the_ops_and_stay_close_to_the_float_model():
+    """The ops carry the width; 7-bit codes have twice the step of 8-bit ones, so their error is
+    larger but of the same order (both printed), and the outputs still follow the float model."""
+    torch.manual_seed(0)
+    model = mlp()
+    x = torch.randn(16, 64, generator=seeded(40))
+    errors = {}
+    for bits in (8, 7):
+        cm = bevel.compile(model, f"quantize.int8_dynamic(activation_bits={bits})", example_inputs=batches()[0],
+                           calibration=batches())
+        ops = [n for n in cm.graph_module.graph.nodes if n.target == torch.ops.bevel.int8_dynamic_linear.default]
+        assert ops and all(n.args[5] == bits for n in ops)
+        with torch.no_grad():
+            want, got = model(x), cm(x)
+        errors[bits] = float((got - want).norm() / want.norm())
+    print(f"relative error of W8A8 on the MLP: 8-bit codes {errors[8]:.5f}, 7-bit codes {errors[7]:.5f}")
+    assert errors[8] < errors[7] < 0.05
 
 
 def test_a_model_without_linear_layers_is_reported_unchanged():

@@ -78,16 +78,17 @@ class Int4WeightLinear(nn.Module):
 
 
 class Int8DynamicLinear(Int8WeightLinear):
-    def __init__(self, bias: bool, smooth: bool, seed: int = 30) -> None:
+    def __init__(self, bias: bool, smooth: bool, seed: int = 30, bits: int = 8) -> None:
         super().__init__(bias, seed)
         smoothing = torch.rand(K, generator=seeded(seed + 2)) + 0.5
         self.register_buffer("input_scale", smoothing if smooth else None)
+        self.bits = bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.bevel.int8_dynamic_linear(x, self.qweight, self.scale, self.bias, self.input_scale)
+        return torch.ops.bevel.int8_dynamic_linear(x, self.qweight, self.scale, self.bias, self.input_scale, self.bits)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_dynamic_linear_reference(x, self.qweight, self.scale, self.bias, self.input_scale)
+        return int8_dynamic_linear_reference(x, self.qweight, self.scale, self.bias, self.input_scale, self.bits)
 
 
 class Int8Embedding(nn.Module):
@@ -280,9 +281,10 @@ def test_int4_group_sizes_matmul_nbits_refuses_are_dequantized_in_the_graph(tmp_
 # -- int8 dynamic (W8A8) -----------------------------------------------------------------------------
 
 
-def test_int8_dynamic_linear_is_matmul_integer_and_matches(tmp_path):
-    variants = [Int8DynamicLinear(bias=True, smooth=True, seed=30),
-                Int8DynamicLinear(bias=False, smooth=False, seed=33)]
+@pytest.mark.parametrize("bits", [8, 7])
+def test_int8_dynamic_linear_is_matmul_integer_and_matches(tmp_path, bits):
+    variants = [Int8DynamicLinear(bias=True, smooth=True, seed=30, bits=bits),
+                Int8DynamicLinear(bias=False, smooth=False, seed=33, bits=bits)]
     path = export(SideBySide(*variants), EXAMPLE, str(tmp_path / "w8a8.onnx"))
 
     model = load(path)
@@ -308,7 +310,7 @@ def test_int8_dynamic_linear_is_matmul_integer_and_matches(tmp_path):
         # <= token_scale * 127 * scale[n] (the row's range / 255 times the row's largest weight, ~0.5% of
         # a typical output here): the bound allows one such step, where a wrong op misses by many.
         smoothed = x if variant.input_scale is None else x * variant.input_scale
-        _, token_scale, _ = quantize_per_token(smoothed)
+        _, token_scale, _ = quantize_per_token(smoothed, bits)
         code_step = (token_scale.double() * (INT8_MAX * variant.scale.double())).numpy()
         bound = code_step + 8 * ROUNDOFF * np.abs(expected)
         error = np.abs(got - expected)

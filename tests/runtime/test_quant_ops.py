@@ -90,6 +90,18 @@ def test_per_token_codes_span_each_rows_own_range():
     assert ((scale * (codes - zero) - x).abs() <= scale * 0.5001).all()
 
 
+def test_7_bit_per_token_codes_span_each_rows_own_range_over_128_codes():
+    x = torch.randn(5, 33, generator=seeded(4))
+    x[3] = x[3].abs() + 0.1
+    codes, scale, zero = quantize_per_token(x, bits=7)
+    assert torch.equal(codes.amax(dim=1)[[0, 1, 3, 4]], torch.full((4,), 63.0))
+    assert torch.equal(codes.amin(dim=1)[[0, 1, 4]], torch.full((3,), -64.0))
+    assert zero[3] == -64 and torch.allclose(scale[3], x[3].max() / 127)
+    assert ((scale * (codes - zero) - x).abs() <= scale * 0.5001).all()
+    with pytest.raises(ValueError, match="8 or 7 bits, not 6"):
+        quantize_per_token(x, bits=6)
+
+
 @pytest.fixture(params=cpu_integer_linear.usable_backends())
 def gemm(request, monkeypatch):
     """Each integer GEMM this machine runs exactly (fbgemm everywhere on x86, oneDNN with VNNI), forced."""
@@ -113,17 +125,27 @@ def test_int8_weight_linear_cpu_path_matches_the_reference(with_bias, gemm):
     assert (out - reference).abs().max() <= 1e-4 * reference.abs().max()
 
 
+@pytest.mark.parametrize("bits", [8, 7])
 @pytest.mark.parametrize("with_smoothing", [True, False])
-def test_int8_dynamic_linear_cpu_path_sums_exactly_what_the_reference_sums(with_smoothing, gemm):
+def test_int8_dynamic_linear_cpu_path_sums_exactly_what_the_reference_sums(with_smoothing, bits, gemm):
     w, b, x = _random_linear(seed=6)
     x[0, 0] = 0.0  # a token of zeros
-    x[1, 2, :] = torch.where(torch.arange(96) % 2 == 0, 5.0, -5.0)  # codes at +-127 everywhere
+    x[1, 2, :] = torch.where(torch.arange(96) % 2 == 0, 5.0, -5.0)  # codes at both ends everywhere
     q, s = quantize_int8_per_channel(w)
     q[0] = 127  # weights at the end of the range too: no int16 saturation may happen
     smoothing = torch.rand(96, generator=seeded(7)) + 0.5 if with_smoothing else None
-    reference = int8_dynamic_linear_reference(x, q, s, b, smoothing)
-    out = ops.int8_dynamic_linear(x, q, s, b, smoothing)
+    reference = int8_dynamic_linear_reference(x, q, s, b, smoothing, bits)
+    out = ops.int8_dynamic_linear(x, q, s, b, smoothing, bits)
     assert (out - reference).abs().max() <= 1e-5 * reference.abs().max()
+    if bits == 7:  # the coarser codes are a different result, not the same one
+        assert (out - ops.int8_dynamic_linear(x, q, s, b, smoothing)).abs().max() > 1e-3 * reference.abs().max()
+
+
+def test_int8_dynamic_linear_refuses_codes_of_other_widths():
+    w, b, x = _random_linear(seed=6)
+    q, s = quantize_int8_per_channel(w)
+    with pytest.raises(ValueError, match="8 or 7 bits, not 4"):
+        ops.int8_dynamic_linear(x, q, s, b, None, 4)
 
 
 def test_int4_weight_linear_cpu_path_stays_within_the_int8_regrid_of_the_reference(gemm):
@@ -204,7 +226,8 @@ def test_split_weights_give_the_whole_weights_result_bit_for_bit(monkeypatch):
 
 def test_the_quantized_linears_stay_exact_where_fbgemm_saturates():
     """fbgemm restricted to its AVX2 kernels (as on CPUs without VNNI, whatever this one has), in a
-    process of its own: the probe finds the saturation and the ops match their references."""
+    process of its own: the probe finds the saturation and the ops match their references, 7-bit
+    W8A8 codes on whole weights."""
     check = textwrap.dedent("""
         import torch, bevel
         from bevel.runtime.ops import cpu_integer_linear
@@ -221,6 +244,11 @@ def test_the_quantized_linears_stay_exact_where_fbgemm_saturates():
         assert (torch.ops.bevel.int8_dynamic_linear(x, q, s, None, None) - ref).abs().max() <= 1e-5 * ref.abs().max()
         ref = int8_weight_linear_reference(x, q, s, None)
         assert (torch.ops.bevel.int8_weight_linear(x, q, s, None) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        q7 = q.clone()  # 7-bit codes (read as [0, 127]) take the whole weight, unsplit
+        ref = int8_dynamic_linear_reference(x, q7, s, None, None, 7)
+        out = torch.ops.bevel.int8_dynamic_linear(x, q7, s, None, None, 7)
+        assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+        assert set(cpu_integer_linear._packed_cache[id(q7)][2].packed) == {"fbgemm whole"}
         print("exact")
     """)
     env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}

@@ -24,7 +24,6 @@ from bevel.runtime.ops import quant_format
 
 # kernels may read only constexpr globals
 _TOKEN_SCALE_EPS = tl.constexpr(quant_format.TOKEN_SCALE_EPS)
-_TOKEN_STEPS = tl.constexpr(float(quant_format.TOKEN_STEPS))
 # 1.5 * 2**23: adding then subtracting it leaves a float32 rounded half to even to an integer when
 # |v| < 2**22. Written out rather than libdevice's rint, whose module moved between Triton versions,
 # so the interpreter runs the very arithmetic a GPU does.
@@ -47,19 +46,20 @@ def _round(v):
 
 
 @triton.jit
-def _token_scale_and_zero(high, low):
-    """A token's scale and zero point (float32 integer) from max(x, 0) and min(x, 0)."""
-    token_scale = tl.math.div_rn(tl.maximum(high - low, _TOKEN_SCALE_EPS), _TOKEN_STEPS)
-    return token_scale, _round(tl.math.div_rn(-low, token_scale)) - 128.0
+def _token_scale_and_zero(high, low, HALF: tl.constexpr):
+    """A token's scale and zero point (float32 integer) from max(x, 0) and min(x, 0), for codes in
+    [-HALF, HALF - 1] (HALF = 2 ** (bits - 1))."""
+    token_scale = tl.math.div_rn(tl.maximum(high - low, _TOKEN_SCALE_EPS), 2.0 * HALF - 1.0)
+    return token_scale, _round(tl.math.div_rn(-low, token_scale)) - HALF
 
 
 @triton.jit
-def _codes(v, token_scale, zero):
-    """clamp(round_half_even(v / token_scale + zero), -128, 127) as int8; token_scale and zero
+def _codes(v, token_scale, zero, HALF: tl.constexpr):
+    """clamp(round_half_even(v / token_scale + zero), -HALF, HALF - 1) as int8; token_scale and zero
     broadcast over v."""
     v, token_scale = tl.broadcast(v, token_scale)
     q = tl.math.div_rn(v, token_scale) + zero
-    return _round(tl.minimum(tl.maximum(q, -128.0), 127.0)).to(tl.int8)
+    return _round(tl.minimum(tl.maximum(q, -1.0 * HALF), HALF - 1.0)).to(tl.int8)
 
 
 @triton.jit
@@ -78,17 +78,17 @@ def _range_of_rows(x_ptrs, input_scale_ptr, offs_k, K, HAS_INPUT_SCALE: tl.const
 
 @triton.jit
 def quantize_per_token_kernel(x_ptr, input_scale_ptr, codes_ptr, token_scale_ptr, zero_ptr, K, stride_xm,
-                              HAS_INPUT_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+                              HAS_INPUT_SCALE: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per row: its scale and zero point in a first pass over K, its int8 codes in a second."""
     row = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     x_row = x_ptr + row * stride_xm + offs_k[None, :]
     high, low = _range_of_rows(x_row, input_scale_ptr, offs_k, K, HAS_INPUT_SCALE, BLOCK_K, 1)
-    token_scale, zero = _token_scale_and_zero(high, low)
+    token_scale, zero = _token_scale_and_zero(high, low, HALF)
     for k0 in range(0, K, BLOCK_K):
         in_k = offs_k + k0 < K
         v = _smoothed_tile(x_row + k0, input_scale_ptr + k0, offs_k, in_k, HAS_INPUT_SCALE)
-        codes = _codes(v, token_scale[:, None], zero[:, None])
+        codes = _codes(v, token_scale[:, None], zero[:, None], HALF)
         tl.store(codes_ptr + row * K + k0 + offs_k[None, :], codes, mask=in_k[None, :])
     tl.store(token_scale_ptr + row + tl.arange(0, 1), token_scale)
     tl.store(zero_ptr + row + tl.arange(0, 1), zero)
@@ -98,7 +98,7 @@ def quantize_per_token_kernel(x_ptr, input_scale_ptr, codes_ptr, token_scale_ptr
 def int8_matmul_kernel(
         x_ptr, input_scale_ptr, token_scale_ptr, zero_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
         M, N, K, M_BUCKET, stride_xm, stride_wn, stride_om,
-        QUANTIZE_X: tl.constexpr, HAS_INPUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+        QUANTIZE_X: tl.constexpr, HAS_INPUT_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out = (codes @ w.T - zero * w.sum(1)) * token_scale * scale (+ bias). With QUANTIZE_X, x_ptr is
     the float input and the program makes its rows' codes itself; else x_ptr holds the int8 codes,
@@ -122,7 +122,7 @@ def int8_matmul_kernel(
 
     if QUANTIZE_X:
         high, low = _range_of_rows(x_ptrs, input_scale_ptr, offs_k, K, HAS_INPUT_SCALE, BLOCK_K, BLOCK_M)
-        token_scale, zero = _token_scale_and_zero(high, low)
+        token_scale, zero = _token_scale_and_zero(high, low, HALF)
     else:
         token_scale = tl.load(token_scale_ptr + rows)
         zero = tl.load(zero_ptr + rows)
@@ -134,7 +134,7 @@ def int8_matmul_kernel(
         if QUANTIZE_X:
             v = _smoothed_tile(x_ptrs, input_scale_ptr + k0, offs_k, in_k, HAS_INPUT_SCALE)
             # codes past K multiply weights masked to 0
-            xq = _codes(v, token_scale[:, None], zero[:, None])
+            xq = _codes(v, token_scale[:, None], zero[:, None], HALF)
         else:
             xq = tl.load(x_ptrs, mask=in_k[None, :], other=0)
         w = tl.load(w_ptrs, mask=in_k[:, None], other=0)

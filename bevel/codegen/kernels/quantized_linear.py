@@ -123,9 +123,10 @@ def triton_int4_weight_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
 
 
 def triton_int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                               bias: torch.Tensor | None, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """W8A8: x [..., K] quantized per token (after ``input_scale`` [K] if given) times int8 qweight [N, K]
-    with float32 scales [N], plus bias [N]; integer sums, result in x's dtype."""
+                               bias: torch.Tensor | None, input_scale: torch.Tensor | None,
+                               bits: int = 8) -> torch.Tensor:
+    """W8A8: x [..., K] quantized per token to ``bits``-bit codes (after ``input_scale`` [K] if given)
+    times int8 qweight [N, K] with float32 scales [N], plus bias [N]; integer sums, result in x's dtype."""
     from bevel.runtime.ops.int8_dynamic_linear import int8_dynamic_linear_reference
 
     _check_weight("int8_dynamic_linear", x, qweight, x.shape[-1])
@@ -133,7 +134,8 @@ def triton_int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: to
     rows, k = x2.shape
     cols = qweight.shape[0]
     if not _kernel_takes(x, rows, cols):
-        return int8_dynamic_linear_reference(x, qweight, scale, bias, input_scale)
+        return int8_dynamic_linear_reference(x, qweight, scale, bias, input_scale, bits)
+    half = 2 ** (bits - 1)
     qweight, scale = qweight.contiguous(), scale.contiguous()
     out = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
     bias_arg = bias.contiguous() if bias is not None else scale  # stand-ins are never read
@@ -142,17 +144,17 @@ def triton_int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: to
         int8_matmul.decode_int8_matmul[_grid(rows, cols)](
             x2, smooth, scale, scale, qweight, scale, bias_arg, out,
             rows, cols, k, _m_bucket(rows), x2.stride(0), qweight.stride(0), out.stride(0),
-            True, input_scale is not None, bias is not None)
+            True, input_scale is not None, bias is not None, half)
     else:
         codes = torch.empty((rows, k), dtype=torch.int8, device=x.device)
         token_scale = torch.empty((rows,), dtype=torch.float32, device=x.device)
         zero = torch.empty((rows,), dtype=torch.float32, device=x.device)
         block_k = min(triton.next_power_of_2(k), 2048)
         int8_matmul.quantize_per_token_kernel[(rows,)](
-            x2, smooth, codes, token_scale, zero, k, x2.stride(0), input_scale is not None, block_k,
+            x2, smooth, codes, token_scale, zero, k, x2.stride(0), input_scale is not None, half, block_k,
             num_warps=8 if block_k >= 2048 else 4)
         int8_matmul.prefill_int8_matmul[_grid(rows, cols)](
             codes, scale, token_scale, zero, qweight, scale, bias_arg, out,
             rows, cols, k, _m_bucket(rows), codes.stride(0), qweight.stride(0), out.stride(0),
-            False, False, bias is not None)
+            False, False, bias is not None, half)
     return out.reshape(*x.shape[:-1], cols)

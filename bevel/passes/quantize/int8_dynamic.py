@@ -1,5 +1,7 @@
 """``quantize.int8_dynamic``: W8A8, weights int8 per channel, activations quantized per token at run
-time; ``smooth`` (SmoothQuant's alpha) first moves activation outliers into the weights.
+time; ``smooth`` (SmoothQuant's alpha) first moves activation outliers into the weights;
+``activation_bits`` 7 narrows the activation codes so that CPUs without VNNI multiply them in one
+pass (see ``cpu_integer_linear``), at about twice the activation error.
 
 Smoothing is kept for a layer only where it lowers the layer's measured error on the calibration
 batches by at least ``SMOOTHING_GAIN``: it costs a multiply over the input on every call, and on
@@ -24,7 +26,7 @@ from bevel.passes.quantize.rewrite import BIAS, INPUT, QuantizeParams, QuantizeP
 from bevel.passes.quantize.sites import LinearSite
 from bevel.passes.quantize.smoothquant import smoothing_factors
 from bevel.passes.registry import register_pass
-from bevel.runtime.ops.quant_format import quantize_int8_per_channel
+from bevel.runtime.ops.quant_format import TOKEN_BITS, quantize_int8_per_channel
 
 
 # smoothing must cut a layer's error by this fraction to be kept
@@ -39,6 +41,9 @@ class Int8Dynamic(QuantizePass):
     class Params(QuantizeParams):
         smooth: float = param(0.5, "SmoothQuant migration strength alpha, from calibration statistics "
                                    "(0 disables smoothing)", ge=0.0, le=1.0)
+        activation_bits: int = param(8, "bits of the per-token activation codes: 8, or 7, which CPUs without "
+                                        "VNNI multiply in one pass instead of two, at about twice the "
+                                        "activation error", choices=TOKEN_BITS)
 
     def prepare(self, ctx: PassContext) -> list[str]:
         self.smoothed: list[str] = []
@@ -70,11 +75,16 @@ class Int8Dynamic(QuantizePass):
         chosen = factors if smoothed <= (1 - SMOOTHING_GAIN) * plain else None
         self.smoothing.update({s.weight_name: chosen for s in group})
 
-    @staticmethod
-    def _plan(weight: torch.Tensor, input_scale: Stored | None) -> Quantized:
+    def _plan(self, weight: torch.Tensor, input_scale: Stored | None) -> Quantized:
         qweight, scale = quantize_int8_per_channel(weight)
         return Quantized(torch.ops.bevel.int8_dynamic_linear.default,
-                         (INPUT, Stored("qweight", qweight), Stored("scale", scale), BIAS, input_scale))
+                         (INPUT, Stored("qweight", qweight), Stored("scale", scale), BIAS, input_scale,
+                          self.params.activation_bits))
+
+    def split_gemm_note(self) -> str | None:
+        if self.params.activation_bits == 7:
+            return None  # 7-bit codes never saturate: the whole weights run
+        return super().split_gemm_note() + "; quantize.int8_dynamic(activation_bits=7) runs in one pass there"
 
     def extra_stats(self) -> dict[str, Any]:
         return {"smoothed": self.smoothed}

@@ -102,6 +102,12 @@ class QuantizePass(Pass):
         taken before any layer is quantized."""
         return False
 
+    def split_gemm_note(self) -> str | None:
+        """The report's note on a CPU whose integer GEMMs run split (no VNNI, see ``cpu_integer_linear``),
+        or None where this pass's layers do not."""
+        return ("this CPU sums int8 products in int16 pairs (no VNNI), which can saturate: its integer GEMMs "
+                "run exactly on weights split in two halves, at about twice their time")
+
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         sites, notes = find_sites(graph, self.params.skip, self.params.embeddings)
         if not any(isinstance(s, LinearSite) for s in sites):
@@ -132,9 +138,8 @@ class QuantizePass(Pass):
                          + ", ".join(f"{k} ({v:.4f})" for k, v in self.kept_float.items()))
         quantized = len(self.errors) - len(self.kept_float)
         integer_cpu = ctx.device == "cpu" and cpu_integer_linear.available()
-        if quantized and integer_cpu and cpu_integer_linear.fbgemm_saturates():
-            notes.append("this CPU sums int8 products in int16 pairs (no VNNI), which can saturate: its integer "
-                         "GEMMs run exactly on weights split in two halves, at about twice their time")
+        if quantized and integer_cpu and cpu_integer_linear.fbgemm_saturates() and self.split_gemm_note():
+            notes.append(self.split_gemm_note())
         fused = fuse_siblings(graph, list(self.rewritten)) if self.params.fuse else []
         if quantized:
             graph.refresh()

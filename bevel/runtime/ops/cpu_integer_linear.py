@@ -104,8 +104,15 @@ class PackedWeight:
         self.packed: dict[str, Any] = {}
 
     def get(self, backend: str) -> Any:
+        """The packed form for "fbgemm" (split where it saturates), "fbgemm whole" (never split: for
+        codes that cannot saturate) or "onednn"."""
         if backend not in self.packed:
-            self.packed[backend] = self._fbgemm() if backend == "fbgemm" else self._onednn()
+            if backend == "fbgemm whole" and not fbgemm_saturates():
+                self.packed[backend] = self.get("fbgemm")
+            elif backend == "fbgemm whole":
+                self.packed[backend] = _fbgemm_packed(self.qweight, self.scale)
+            else:
+                self.packed[backend] = self._fbgemm() if backend == "fbgemm" else self._onednn()
         return self.packed[backend]
 
     def _fbgemm(self) -> Any:
@@ -168,11 +175,14 @@ def packed_weight(key: torch.Tensor, companions: tuple[torch.Tensor, ...], make:
     return packed
 
 
-def integer_matmul(codes: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
-    """``codes @ qweight.T * scale`` for float32 codes [M, K] in [-128, 127], rounded half to even
-    as they are read (the GEMMs quantize their input with scale 1 and zero point 128). The codes may
-    be overwritten (oneDNN rounds them in place)."""
+def integer_matmul(codes: torch.Tensor, packed: PackedWeight, bits: int = 8) -> torch.Tensor:
+    """``codes @ qweight.T * scale`` for float32 codes [M, K] in [-128, 127] (``bits=7``: in [-64, 63]),
+    rounded half to even as they are read (the GEMMs quantize their input with scale 1 and zero point
+    128). The codes may be overwritten (oneDNN rounds them in place)."""
     if _backend(codes.shape[0]) == "fbgemm":
+        if bits == 7:  # with zero point 64 they are read as [0, 127]: no pair of products leaves int16
+            return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                codes, 1.0, _ZERO_POINT // 2, packed.get("fbgemm whole"))
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             codes, 1.0, _ZERO_POINT, packed.get("fbgemm"))
         rows = packed.qweight.shape[0]
@@ -233,9 +243,9 @@ def with_zero_point_columns(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_linear(x: torch.Tensor, input_scale: torch.Tensor | None, packed: PackedWeight,
-                     bias: torch.Tensor | None) -> torch.Tensor:
+                     bias: torch.Tensor | None, bits: int = 8) -> torch.Tensor:
     """W8A8 of a float [..., K] input (times ``input_scale`` [K] first, if given): per-token asymmetric
-    int8 codes (``quant_format``'s rule) times a weight packed from :func:`with_zero_point_columns`,
+    codes of ``bits`` bits (``quant_format``'s rule) times a weight packed from :func:`with_zero_point_columns`,
     float32 result. Each token's zero point fills its codes' extra columns, so the GEMM subtracts
     ``zero * row sum`` exactly. The GEMMs round the codes (half to even, as ``torch.round``) while
     they read them, so they are handed over unrounded."""
@@ -247,10 +257,12 @@ def per_token_linear(x: torch.Tensor, input_scale: torch.Tensor | None, packed: 
     if input_scale is not None:
         torch.mul(x, input_scale.float(), out=body)
         x = body
-    token_scale, zero = per_token_scale_and_zero(x)
+    token_scale, zero = per_token_scale_and_zero(x, bits)
     torch.div(x, token_scale, out=body).add_(zero)
+    if bits == 7:  # a code may round up to 64, which the GEMM, clamping at 191 then, would keep
+        body.clamp_(max=2 ** (bits - 1) - 1)
     codes[:, k:] = zero
-    out = _scale_rows(integer_matmul(codes, packed), token_scale, bias)
+    out = _scale_rows(integer_matmul(codes, packed, bits), token_scale, bias)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 

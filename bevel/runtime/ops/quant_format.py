@@ -16,7 +16,9 @@ tests and the ONNX translations:
   ``xq = clamp(round(x / s + zero), -128, 127)``, each step in float32 and rounding half to even;
   ``x ~ s * (xq - zero)``. Asymmetric because a token's values are rarely centred on zero (a GELU's
   output is at least -0.17): the whole range of 256 codes covers the token's own [lo, hi], where a
-  symmetric code spends half of its 255 on values the token does not have.
+  symmetric code spends half of its 255 on values the token does not have. With ``bits=7`` the same
+  over 128 codes: ``s = max(hi - lo, eps) / 127``, ``zero = round(-lo / s) - 64``, codes in
+  [-64, 63] (CPUs without VNNI multiply those with int8 weights without int16 saturation).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from __future__ import annotations
 import torch
 
 INT8_MAX = 127
-# the codes a token's range [lo, hi] is spread over (int8's 256, minus one so that both ends are codes)
-TOKEN_STEPS = 255
+# the widths per-token codes may have: all of int8, or 7 bits (a token's range [lo, hi] is spread
+# over 2 ** bits - 1 steps, so that both ends are codes; see the module docstring)
+TOKEN_BITS = (8, 7)
 INT4_MAX = 15
 # the smallest int4 group scale: float16's smallest normal number (groups narrower than 15 of these,
 # about 1e-3, get steps a little coarser than they could)
@@ -141,18 +144,26 @@ def dequantize_int4_groups(qweight: torch.Tensor, scale: torch.Tensor, zero: tor
     return ((q - z[..., None]) * scale.float()[..., None]).reshape(n, k)
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def check_token_bits(bits: int) -> None:
+    """A ValueError unless ``bits`` is a per-token code width this format has (7 or 8)."""
+    if bits not in TOKEN_BITS:
+        raise ValueError(f"per-token activation codes have {' or '.join(map(str, TOKEN_BITS))} bits, not {bits}")
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric int8 of each row (token) of ``x``, as the module docstring says: (codes float32
-    integers in [-128, 127], scale float32 [..., 1], zero float32 integers [..., 1]), with
-    ``x ~ scale * (codes - zero)``."""
+    integers in [-128, 127] (with ``bits=7``: [-64, 63]), scale float32 [..., 1], zero float32
+    integers [..., 1]), with ``x ~ scale * (codes - zero)``."""
     x = x.float()
-    scale, zero = per_token_scale_and_zero(x)
-    return torch.clamp(torch.round(x / scale + zero), -128, 127), scale, zero
+    scale, zero = per_token_scale_and_zero(x, bits)
+    half = 2 ** (bits - 1)
+    return torch.clamp(torch.round(x / scale + zero), -half, half - 1), scale, zero
 
 
-def per_token_scale_and_zero(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_token_scale_and_zero(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's scale and zero point (float32 [..., 1]) of a float32 ``x``, as the module docstring says."""
+    check_token_bits(bits)
     high = x.amax(dim=-1, keepdim=True).clamp(min=0.0)
     low = x.amin(dim=-1, keepdim=True).clamp(max=0.0)
-    scale = (high - low).clamp(min=TOKEN_SCALE_EPS) / TOKEN_STEPS
-    return scale, torch.round(-low / scale) - 128
+    scale = (high - low).clamp(min=TOKEN_SCALE_EPS) / (2 ** bits - 1)
+    return scale, torch.round(-low / scale) - 2 ** (bits - 1)

@@ -23,7 +23,7 @@ from onnxscript import values
 from onnxscript.onnx_types import TensorType
 
 from bevel.runtime.ops import ONNX_TRANSLATIONS
-from bevel.runtime.ops.quant_format import TOKEN_SCALE_EPS, TOKEN_STEPS
+from bevel.runtime.ops.quant_format import TOKEN_SCALE_EPS
 
 FLOAT = ir.DataType.FLOAT
 # What the translations' signatures say their tensors are: torch.onnx reads these annotations to
@@ -151,7 +151,7 @@ def int4_weight_linear_onnx(x: Tensor, qweight: Tensor, scale: Tensor, zero: Ten
 
 
 def int8_dynamic_linear_onnx(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
-                             input_scale: Tensor | None) -> Tensor:
+                             input_scale: Tensor | None, bits: int = 8) -> Tensor:
     """quant_format.quantize_per_token written out, then ``MatMulInteger`` on int8 x int8 codes.
 
     Same float32 operations in the same order as the reference (ONNX ``Round`` is half to even, like
@@ -167,11 +167,12 @@ def int8_dynamic_linear_onnx(x: Tensor, qweight: Tensor, scale: Tensor, bias: Te
     origin = op.Constant(value_float=0.0)
     high = op.Max(op.ReduceMax(xs, _last_axis(), keepdims=1), origin)
     low = op.Min(op.ReduceMin(xs, _last_axis(), keepdims=1), origin)
+    half = 2 ** (bits - 1)
     token_scale = op.Div(op.Max(op.Sub(high, low), op.Constant(value_float=TOKEN_SCALE_EPS)),
-                         op.Constant(value_float=float(TOKEN_STEPS)))
-    zero = op.Sub(op.Round(op.Div(op.Neg(low), token_scale)), op.Constant(value_float=128.0))
-    codes = op.Clip(op.Round(op.Add(op.Div(xs, token_scale), zero)), op.Constant(value_float=-128.0),
-                    op.Constant(value_float=127.0))
+                         op.Constant(value_float=float(2 * half - 1)))
+    zero = op.Sub(op.Round(op.Div(op.Neg(low), token_scale)), op.Constant(value_float=float(half)))
+    codes = op.Clip(op.Round(op.Add(op.Div(xs, token_scale), zero)), op.Constant(value_float=float(-half)),
+                    op.Constant(value_float=float(half - 1)))
     weight = op.Transpose(qweight, perm=[1, 0])  # read only through its transpose, which then folds
     sums = op.MatMulInteger(op.Cast(codes, to=ir.DataType.INT8), weight)
     row_sums = op.ReduceSum(op.Cast(weight, to=ir.DataType.INT32), op.Constant(value_ints=[0]), keepdims=0)
