@@ -325,6 +325,16 @@ def test_the_report_says_when_the_cpus_integer_gemms_run_split(saturates, bits, 
     assert all("quantize.int8_dynamic(activation_bits=7)" in note for note in notes)
 
 
+def test_weight_only_passes_add_no_split_note_where_the_gemms_saturate(monkeypatch):
+    """Weight-only layers carry tokens as base-128 digits there, on the whole weights: no note."""
+    from bevel.runtime.ops import cpu_integer_linear
+
+    monkeypatch.setattr(cpu_integer_linear, "fbgemm_saturates", lambda: True)
+    cm = bevel.compile(nn.Sequential(nn.Linear(16, 8)).eval(), "quantize.int8_weight", example_inputs=(torch.randn(2, 16),))
+    assert cm.report.passes[0].stats["quantized"] == 1
+    assert not any("no VNNI" in note for note in cm.report.passes[0].notes)
+
+
 def test_7_bit_activation_codes_reach_the_ops_and_stay_close_to_the_float_model():
     """The ops carry the width; 7-bit codes have twice the step of 8-bit ones, so their error is
     larger but of the same order (both printed), and the outputs still follow the float model."""

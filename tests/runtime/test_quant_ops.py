@@ -8,6 +8,8 @@ Tolerances:
   the float reference is at most half a step of 1/32512 of the token's largest |x| per input,
   summed over K inputs times |w|; we bound it by 1e-4 of the output's largest value, which that
   gives with margin for these sizes (K <= 96).
+  Where fbgemm saturates (CPUs without VNNI) the digits are base 128 (14 bits), bounded by the
+  worst case explicitly.
 - int4_weight_linear on the CPU also re-rounds the weight onto an int8 grid per row (half an int8
   step of the row's largest |w|), bounded against the reference with that step explicitly.
 """
@@ -224,26 +226,49 @@ def test_split_weights_give_the_whole_weights_result_bit_for_bit(monkeypatch):
     assert packed.get("fbgemm") is not None and torch.equal(cpu_integer_linear.integer_matmul(codes, packed), exact)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int8_weight_linear_with_base_128_digits_matches_the_reference(with_bias, monkeypatch):
+    """Where fbgemm saturates, tokens are carried as base-128 digits (14 bits instead of 15), forced
+    here: each input is off by at most half a step, 1/8064 of its token's largest |x|, so each output
+    by at most that times the sum of its row's |w| (plus float32 rounding)."""
+    monkeypatch.setattr(cpu_integer_linear, "GEMM", "fbgemm")
+    monkeypatch.setattr(cpu_integer_linear, "fbgemm_saturates", lambda: True)
+    w, b, x = _random_linear(seed=11)
+    b = b if with_bias else None
+    q, s = quantize_int8_per_channel(w)
+    reference = int8_weight_linear_reference(x, q, s, b)
+    out = ops.int8_weight_linear(x, q, s, b)
+    half_step = x.abs().amax(dim=-1, keepdim=True) / (63 * 128) / 2
+    bound = half_step * dequantize_int8_per_channel(q, s).abs().sum(dim=1) + 1e-5 * reference.abs().max()
+    assert ((out - reference).abs() <= bound).all()
+    assert (out - reference).abs().max() > 1e-7  # the digits' rounding shows: this is not the float path
+
+
 def test_the_quantized_linears_stay_exact_where_fbgemm_saturates():
     """fbgemm restricted to its AVX2 kernels (as on CPUs without VNNI, whatever this one has), in a
-    process of its own: the probe finds the saturation and the ops match their references, 7-bit
-    W8A8 codes on whole weights."""
+    process of its own: the probe finds the saturation and the ops match their references: 8-bit W8A8
+    codes on split weights, weight-only digits and 7-bit W8A8 codes on whole ones."""
     check = textwrap.dedent("""
         import torch, bevel
         from bevel.runtime.ops import cpu_integer_linear
         from bevel.runtime.ops.int8_dynamic_linear import int8_dynamic_linear_reference
         from bevel.runtime.ops.int8_weight_linear import int8_weight_linear_reference
-        from bevel.runtime.ops.quant_format import quantize_int8_per_channel
+        from bevel.runtime.ops.quant_format import dequantize_int8_per_channel, quantize_int8_per_channel
         assert cpu_integer_linear.fbgemm_saturates()
         g = torch.Generator().manual_seed(0)
         q, s = quantize_int8_per_channel(torch.randn(48, 96, generator=g))
         q[0] = 127
         x = torch.randn(3, 7, 96, generator=g)
         x[1, 2] = torch.where(torch.arange(96) % 2 == 0, 5.0, -5.0)
+        packings = lambda: set(cpu_integer_linear._packed_cache[id(q)][2].packed)  # noqa: E731
         ref = int8_dynamic_linear_reference(x, q, s, None, None)
         assert (torch.ops.bevel.int8_dynamic_linear(x, q, s, None, None) - ref).abs().max() <= 1e-5 * ref.abs().max()
+        assert packings() == {"fbgemm"}  # split
         ref = int8_weight_linear_reference(x, q, s, None)
-        assert (torch.ops.bevel.int8_weight_linear(x, q, s, None) - ref).abs().max() <= 1e-4 * ref.abs().max()
+        half_step = x.abs().amax(dim=-1, keepdim=True) / (63 * 128) / 2  # base-128 digits, read as <= 128
+        bound = half_step * dequantize_int8_per_channel(q, s).abs().sum(dim=1) + 1e-5 * ref.abs().max()
+        assert ((torch.ops.bevel.int8_weight_linear(x, q, s, None) - ref).abs() <= bound).all()
+        assert packings() == {"fbgemm whole"}
         q7 = q.clone()  # 7-bit codes (read as [0, 127]) take the whole weight, unsplit
         ref = int8_dynamic_linear_reference(x, q7, s, None, None, 7)
         out = torch.ops.bevel.int8_dynamic_linear(x, q7, s, None, None, 7)

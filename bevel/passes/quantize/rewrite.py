@@ -103,10 +103,9 @@ class QuantizePass(Pass):
         return False
 
     def split_gemm_note(self) -> str | None:
-        """The report's note on a CPU whose integer GEMMs run split (no VNNI, see ``cpu_integer_linear``),
-        or None where this pass's layers do not."""
-        return ("this CPU sums int8 products in int16 pairs (no VNNI), which can saturate: its integer GEMMs "
-                "run exactly on weights split in two halves, at about twice their time")
+        """The report's note on a CPU whose integer GEMMs saturate (no VNNI, see ``cpu_integer_linear``)
+        where this pass's layers then run split, else None (weight-only layers never do)."""
+        return None
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         sites, notes = find_sites(graph, self.params.skip, self.params.embeddings)

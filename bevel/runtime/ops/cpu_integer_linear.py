@@ -26,10 +26,13 @@ saturates its weights are packed split in two, ``w = 2 * floor(w / 2) + (w mod 2
 [-64, 63] and {0, 1}, whose pairs stay within int16, stacked as one GEMM of twice the outputs
 whose integer sums are combined afterwards (exact again while each half's sum stays below 2^24,
 which (K + J) * 128 * 64 does up to 2048 inputs; at about twice the GEMM time). On MiniLM the
-saturating GEMMs had taken W8A8's minimum embedding cosine from 0.998 to 0.974.
+saturating GEMMs had taken W8A8's minimum embedding cosine from 0.998 to 0.974. 7-bit W8A8 codes
+(``bits=7``) are read with zero point 64, as [0, 127], and need no split.
 
 Weight-only ops keep their activations in float; to run them on integer GEMMs each token is split
-into two int8 digits (``x ~ s * (256 * hi + lo)``, 15 bits per token), so the activation error
+into two int8 digits (``x ~ s * (256 * hi + lo)``, |x| / s <= 127 * 256: 15 bits per token; where
+fbgemm saturates, base 128 with |x| / s <= 63 * 128: 14 bits, each digit read as at most 128, which
+needs no split), so the activation error
 (about 3e-5 of the token's largest value) stays far below the weight's quantization error.
 
 The packed weights are made once per quantized weight and backend, and cached beside it (weakly,
@@ -56,8 +59,6 @@ ONEDNN_MIN_ROWS = 128
 # which integer GEMM runs: "auto" (oneDNN with AMX for calls of ONEDNN_MIN_ROWS rows or more,
 # else fbgemm), "fbgemm" or "onednn"
 GEMM = "auto"
-# |x| / s <= 127 * 256 keeps the high digit in [-127, 127] and the low one in [-128, 127]
-_TWO_DIGIT_RANGE = 127 * 256
 
 # id(stored weight) -> (its version, the other tensors it was packed with, the packed weight); an
 # entry is dropped when its weight is freed (a WeakKeyDictionary would compare tensors with ==)
@@ -176,11 +177,11 @@ def packed_weight(key: torch.Tensor, companions: tuple[torch.Tensor, ...], make:
 
 
 def integer_matmul(codes: torch.Tensor, packed: PackedWeight, bits: int = 8) -> torch.Tensor:
-    """``codes @ qweight.T * scale`` for float32 codes [M, K] in [-128, 127] (``bits=7``: in [-64, 63]),
+    """``codes @ qweight.T * scale`` for float32 codes [M, K] in [-128, 127] (``bits=7``: in [-64, 64]),
     rounded half to even as they are read (the GEMMs quantize their input with scale 1 and zero point
-    128). The codes may be overwritten (oneDNN rounds them in place)."""
+    128, or 64 for 7-bit codes). The codes may be overwritten (oneDNN rounds them in place)."""
     if _backend(codes.shape[0]) == "fbgemm":
-        if bits == 7:  # with zero point 64 they are read as [0, 127]: no pair of products leaves int16
+        if bits == 7:  # with zero point 64 they are read as [0, 128]: no pair of products leaves int16
             return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 codes, 1.0, _ZERO_POINT // 2, packed.get("fbgemm whole"))
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
@@ -271,13 +272,17 @@ def float_activation_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.T
     int8 digits (see the module docstring); float32 result."""
     shape = x.shape
     x = x.reshape(-1, shape[-1]).float()
-    scale = _token_peak(x) / _TWO_DIGIT_RANGE
+    # where fbgemm saturates, base-128 digits (|high| <= 63, |low| <= 64: read with zero point 64 as
+    # at most 128, whose pairs of products stay within int16) run on the whole weight, not split
+    narrow = _backend(x.shape[0]) == "fbgemm" and fbgemm_saturates()
+    base, bits = (128, 7) if narrow else (256, 8)
+    scale = _token_peak(x) / ((base // 2 - 1) * base)
     whole = x / scale
-    high = torch.round(whole / 256)
-    # the GEMM rounds the low digit; where it comes out at 128 it is clipped to 127, an error of one
-    # unit in 32512 of the token's largest value
-    low = whole.add_(high, alpha=-256)
+    high = torch.round(whole / base)
+    # the GEMM rounds the low digit; with base 256, where it comes out at 128 it is clipped to 127, an
+    # error of one unit in 32512 of the token's largest value
+    low = whole.add_(high, alpha=-base)
     # two GEMMs: one on twice the rows took 4x as long as one on the rows in fbgemm
-    sums = integer_matmul(low, packed).add_(integer_matmul(high, packed), alpha=256)
+    sums = integer_matmul(low, packed, bits).add_(integer_matmul(high, packed, bits), alpha=base)
     out = _scale_rows(sums, scale, bias)
     return out.reshape(*shape[:-1], out.shape[-1])
