@@ -223,7 +223,8 @@ def test_split_weights_give_the_whole_weights_result_bit_for_bit(monkeypatch):
     monkeypatch.setattr(cpu_integer_linear, "GEMM", "fbgemm")
     monkeypatch.setattr(cpu_integer_linear, "fbgemm_saturates", lambda: True)
     codes, packed, exact = _pair_overflowing_gemm(9, 40, 24)
-    assert packed.get("fbgemm") is not None and torch.equal(cpu_integer_linear.integer_matmul(codes, packed), exact)
+    assert torch.equal(cpu_integer_linear.integer_matmul(codes, packed), exact)
+    assert set(packed.packed) == {"fbgemm split"}
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -263,17 +264,17 @@ def test_the_quantized_linears_stay_exact_where_fbgemm_saturates():
         packings = lambda: set(cpu_integer_linear._packed_cache[id(q)][2].packed)  # noqa: E731
         ref = int8_dynamic_linear_reference(x, q, s, None, None)
         assert (torch.ops.bevel.int8_dynamic_linear(x, q, s, None, None) - ref).abs().max() <= 1e-5 * ref.abs().max()
-        assert packings() == {"fbgemm"}  # split
+        assert packings() == {"fbgemm split"}
         ref = int8_weight_linear_reference(x, q, s, None)
         half_step = x.abs().amax(dim=-1, keepdim=True) / (63 * 128) / 2  # base-128 digits, read as <= 128
         bound = half_step * dequantize_int8_per_channel(q, s).abs().sum(dim=1) + 1e-5 * ref.abs().max()
         assert ((torch.ops.bevel.int8_weight_linear(x, q, s, None) - ref).abs() <= bound).all()
-        assert packings() == {"fbgemm whole"}
+        assert packings() == {"fbgemm"}  # whole
         q7 = q.clone()  # 7-bit codes (read as [0, 127]) take the whole weight, unsplit
         ref = int8_dynamic_linear_reference(x, q7, s, None, None, 7)
         out = torch.ops.bevel.int8_dynamic_linear(x, q7, s, None, None, 7)
         assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
-        assert set(cpu_integer_linear._packed_cache[id(q7)][2].packed) == {"fbgemm whole"}
+        assert set(cpu_integer_linear._packed_cache[id(q7)][2].packed) == {"fbgemm"}  # whole
         print("exact")
     """)
     env = {**os.environ, "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}

@@ -26,6 +26,7 @@ from bevel.passes.quantize.rewrite import BIAS, INPUT, QuantizeParams, QuantizeP
 from bevel.passes.quantize.sites import LinearSite
 from bevel.passes.quantize.smoothquant import smoothing_factors
 from bevel.passes.registry import register_pass
+from bevel.runtime.ops import cpu_integer_linear
 from bevel.runtime.ops.quant_format import TOKEN_BITS, quantize_int8_per_channel
 
 
@@ -48,9 +49,15 @@ class Int8Dynamic(QuantizePass):
     def prepare(self, ctx: PassContext) -> list[str]:
         self.smoothed: list[str] = []
         self.smoothing: dict[str, torch.Tensor | None] = {}  # weight name -> the factors its group chose
+        notes = []
         if self.params.smooth > 0 and not ctx.calibrated:
-            return ["smoothing statistics come from the example inputs: no calibration batches were given"]
-        return []
+            notes.append("smoothing statistics come from the example inputs: no calibration batches were given")
+        if (self.params.activation_bits == 8 and ctx.device == "cpu" and cpu_integer_linear.available()
+                and cpu_integer_linear.fbgemm_saturates()):  # 7-bit codes never saturate
+            notes.append("this CPU sums int8 products in int16 pairs (no VNNI), which can saturate: its integer "
+                         "GEMMs run exactly on weights split in two halves, at about twice their time; "
+                         "quantize.int8_dynamic(activation_bits=7) runs in one pass there")
+        return notes
 
     def quantize_linear(self, site: LinearSite, stats: InputStats) -> Quantized | str:
         if self.params.smooth == 0:
@@ -80,13 +87,6 @@ class Int8Dynamic(QuantizePass):
         return Quantized(torch.ops.bevel.int8_dynamic_linear.default,
                          (INPUT, Stored("qweight", qweight), Stored("scale", scale), BIAS, input_scale,
                           self.params.activation_bits))
-
-    def split_gemm_note(self) -> str | None:
-        if self.params.activation_bits == 7:
-            return None  # 7-bit codes never saturate: the whole weights run
-        return ("this CPU sums int8 products in int16 pairs (no VNNI), which can saturate: its integer GEMMs "
-                "run exactly on weights split in two halves, at about twice their time; "
-                "quantize.int8_dynamic(activation_bits=7) runs in one pass there")
 
     def extra_stats(self) -> dict[str, Any]:
         return {"smoothed": self.smoothed}

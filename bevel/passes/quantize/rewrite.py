@@ -21,7 +21,6 @@ from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.quantize.calibration import InputStats, collect_input_stats, quantization_stages
 from bevel.passes.quantize.siblings import fuse_siblings
 from bevel.passes.quantize.sites import EmbeddingSite, LinearSite, find_sites
-from bevel.runtime.ops import cpu_integer_linear
 from bevel.runtime.ops.quant_format import dequantize_int8_per_channel, quantize_int8_per_channel
 
 
@@ -102,11 +101,6 @@ class QuantizePass(Pass):
         taken before any layer is quantized."""
         return False
 
-    def split_gemm_note(self) -> str | None:
-        """The report's note on a CPU whose integer GEMMs saturate (no VNNI, see ``cpu_integer_linear``)
-        where this pass's layers then run split, else None (weight-only layers never do)."""
-        return None
-
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         sites, notes = find_sites(graph, self.params.skip, self.params.embeddings)
         if not any(isinstance(s, LinearSite) for s in sites):
@@ -136,9 +130,6 @@ class QuantizePass(Pass):
                          f"{self.params.max_layer_error}: "
                          + ", ".join(f"{k} ({v:.4f})" for k, v in self.kept_float.items()))
         quantized = len(self.errors) - len(self.kept_float)
-        integer_cpu = ctx.device == "cpu" and cpu_integer_linear.available()
-        if quantized and integer_cpu and cpu_integer_linear.fbgemm_saturates() and self.split_gemm_note():
-            notes.append(self.split_gemm_note())
         fused = fuse_siblings(graph, list(self.rewritten)) if self.params.fuse else []
         if quantized:
             graph.refresh()

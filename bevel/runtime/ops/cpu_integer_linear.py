@@ -32,8 +32,8 @@ saturating GEMMs had taken W8A8's minimum embedding cosine from 0.998 to 0.974. 
 Weight-only ops keep their activations in float; to run them on integer GEMMs each token is split
 into two int8 digits (``x ~ s * (256 * hi + lo)``, |x| / s <= 127 * 256: 15 bits per token; where
 fbgemm saturates, base 128 with |x| / s <= 63 * 128: 14 bits, each digit read as at most 128, which
-needs no split), so the activation error
-(about 3e-5 of the token's largest value) stays far below the weight's quantization error.
+needs no split), so the activation error (a step of 1/32512 of the token's largest value, 1/8064
+in base 128) stays far below the weight's quantization error.
 
 The packed weights are made once per quantized weight and backend, and cached beside it (weakly,
 so they go when the weight goes). fbgemm's are packed for the ``x86`` engine, PyTorch's default on
@@ -105,25 +105,19 @@ class PackedWeight:
         self.packed: dict[str, Any] = {}
 
     def get(self, backend: str) -> Any:
-        """The packed form for "fbgemm" (split where it saturates), "fbgemm whole" (never split: for
-        codes that cannot saturate) or "onednn"."""
+        """The packed form for "fbgemm", "fbgemm split" (halves of the rows, for where fbgemm
+        saturates: see the module docstring) or "onednn"."""
         if backend not in self.packed:
-            if backend == "fbgemm whole" and not fbgemm_saturates():
-                self.packed[backend] = self.get("fbgemm")
-            elif backend == "fbgemm whole":
-                self.packed[backend] = _fbgemm_packed(self.qweight, self.scale)
-            else:
-                self.packed[backend] = self._fbgemm() if backend == "fbgemm" else self._onednn()
+            make = {"fbgemm": lambda: _fbgemm_packed(self.qweight, self.scale),
+                    "fbgemm split": self._fbgemm_split, "onednn": self._onednn}[backend]
+            self.packed[backend] = make()
         return self.packed[backend]
 
-    def _fbgemm(self) -> Any:
-        """The x86 engine's packed form (no bias: callers add it), split in two halves of the rows
-        where fbgemm saturates (see the module docstring; :func:`integer_matmul` adds them)."""
-        if not fbgemm_saturates():
-            return _fbgemm_packed(self.qweight, self.scale)
-        # scales of 1: the halves come back as exact integer sums, so that 2 * high + low then rounds
-        # once, as fbgemm's own scaling does (how a row's sum splits depends on the weight's other rows
-        # through its zero-point columns; scaled halves would round differently in a fused layer)
+    def _fbgemm_split(self) -> Any:
+        """The rows split in two halves, [-64, 63] above {0, 1}, packed for fbgemm (no bias: callers
+        add it). Scales of 1: the halves come back as exact integer sums, so that 2 * high + low then
+        rounds once, as fbgemm's own scaling does (how a row's sum splits depends on the weight's other
+        rows through its zero-point columns; scaled halves would round differently in a fused layer)."""
         high = torch.div(self.qweight.short(), 2, rounding_mode="floor")
         halves = torch.cat([high, self.qweight.short() - 2 * high]).to(torch.int8)
         return _fbgemm_packed(halves, torch.ones(halves.shape[0]))
@@ -181,15 +175,15 @@ def integer_matmul(codes: torch.Tensor, packed: PackedWeight, bits: int = 8) -> 
     rounded half to even as they are read (the GEMMs quantize their input with scale 1 and zero point
     128, or 64 for 7-bit codes). The codes may be overwritten (oneDNN rounds them in place)."""
     if _backend(codes.shape[0]) == "fbgemm":
-        if bits == 7:  # with zero point 64 they are read as [0, 128]: no pair of products leaves int16
-            return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-                codes, 1.0, _ZERO_POINT // 2, packed.get("fbgemm whole"))
+        # 7-bit codes, read with zero point 64 as [0, 128], keep every pair of products within int16
+        zero_point = _ZERO_POINT if bits == 8 else _ZERO_POINT // 2
+        split = bits == 8 and fbgemm_saturates()
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            codes, 1.0, _ZERO_POINT, packed.get("fbgemm"))
-        rows = packed.qweight.shape[0]
-        if out.shape[1] == rows:
+            codes, 1.0, zero_point, packed.get("fbgemm split" if split else "fbgemm"))
+        if not split:
             return out
-        return torch.add(out[:, rows:], out[:, :rows], alpha=2).mul_(packed.scale)  # the split halves
+        rows = packed.qweight.shape[0]
+        return torch.add(out[:, rows:], out[:, :rows], alpha=2).mul_(packed.scale)
     weight, scale, zero_points = packed.get("onednn")
     return torch.ops.onednn.qlinear_pointwise(_unsigned_codes(codes), 1.0, _ZERO_POINT, weight, scale, zero_points,
                                               None, 1.0, 0, torch.float32, "none", [], "")
