@@ -7,8 +7,8 @@ Three measurements, each in this one process, calls alternating between the mode
   to a fixed length). bevel's ``tome`` drops the padding no sentence needs and merges padding
   before real tokens; with ``pack=true`` it packs the sentences into as few rows as the longest
   one allows and merges within each sentence; ``unpad`` packs without merging (exact), to show
-  what the merges add, and composed with W8A8 quantization. Fidelity: mean-pooled embeddings of 256 held-out sentences, batched the
-  same way.
+  what the merges add, and composed with W8A8 quantization. Fidelity: mean-pooled embeddings of
+  256 held-out sentences, batched the same way.
 - ``passages``: MiniLM on passages of real text that fill all 128 tokens (no padding: the gain is
   merging alone), for several r. Fidelity over every such passage the bundled text gives.
 - ``vit``: timm ``vit_base_patch16_224`` with random weights, batch 8, ``tome(r=16)``. Fidelity:

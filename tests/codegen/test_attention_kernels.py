@@ -132,7 +132,8 @@ def test_decode_kernel_query_tiles_and_float16(bits, group_size):
         qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
         kp = vp = None
         if bits:
-            (kd, kp), (vd, vp) = quantize_kv_reference(kd, bits, group_size), quantize_kv_reference(vd, bits, group_size)
+            kd, kp = quantize_kv_reference(kd, bits, group_size)
+            vd, vp = quantize_kv_reference(vd, bits, group_size)
         out, mass = triton_cache_attention(qd, kd, vd, kp, vp, q_pos, kv_pos, [12], [3], scale, bits, group_size, True)
         ref, ref_mass = cache_attention_reference(qd, kd, vd, kp, vp, q_pos, kv_pos, [12], [3], scale, bits,
                                                   group_size, True)

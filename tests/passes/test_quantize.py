@@ -330,7 +330,8 @@ def test_weight_only_passes_add_no_split_note_where_the_gemms_saturate(monkeypat
     from bevel.runtime.ops import cpu_integer_linear
 
     monkeypatch.setattr(cpu_integer_linear, "fbgemm_saturates", lambda: True)
-    cm = bevel.compile(nn.Sequential(nn.Linear(16, 8)).eval(), "quantize.int8_weight", example_inputs=(torch.randn(2, 16),))
+    model = nn.Sequential(nn.Linear(16, 8)).eval()
+    cm = bevel.compile(model, "quantize.int8_weight", example_inputs=(torch.randn(2, 16),))
     assert cm.report.passes[0].stats["quantized"] == 1
     assert not any("no VNNI" in note for note in cm.report.passes[0].notes)
 

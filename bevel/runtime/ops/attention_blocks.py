@@ -7,8 +7,9 @@ may reach (causally, by positions) turns that into shares. Kept are always the s
 a position below ``sinks``), the diagonal block and the ``local`` key blocks before it (holding a
 position within ``local * block`` before the query block's first), then the best estimated others:
 with ``density`` > 0 up to ``ceil(density x reachable blocks)`` per query block, else until the kept
-shares sum to ``threshold``. ``kv_positions`` is [B, L] (one set of slots for every head). A step of fewer queries than a block (a decode step, a short prompt)
-keeps every reachable block: its estimate would rest on too few queries to be worth the risk.
+shares sum to ``threshold``. ``kv_positions`` is [B, L] (one set of slots for every head).
+A step of fewer queries than a block (a decode step, a short prompt) keeps every reachable block:
+its estimate would rest on too few queries to be worth the risk.
 
 The table feeds ``bevel::sparse_attention``, which applies the position rule inside the kept
 blocks. Plain torch on [B, H, blocks, blocks] tensors, so it runs on any device as it is.
