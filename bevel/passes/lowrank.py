@@ -37,7 +37,7 @@ from bevel.errors import ParamError
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.prune.nm import rows_of
-from bevel.passes.quantize.calibration import collect_input_stats
+from bevel.passes.quantize.calibration import Resume, collect_input_stats
 from bevel.passes.quantize.sites import LinearSite, find_sites
 from bevel.passes.registry import register_pass
 
@@ -81,10 +81,12 @@ class LowRankFactorize(Pass):
             notes.append("plain SVD of each weight: no calibration batches were given (with them, each "
                          "layer's truncation is fitted to its outputs on them)")
         layers, left = {}, {}
+        resume = Resume()  # each group's runs start where the last group's factorizations did
         for group in hessian_groups(sites) if ctx.calibrated else [sites]:
             hessians = {}
             if ctx.calibrated:
-                stats = collect_input_stats(graph, {s.node: s.x for s in group}, ctx.calibration, with_hessian=True)
+                stats = collect_input_stats(graph, {s.node: s.x for s in group}, ctx.calibration, with_hessian=True,
+                                            resume=resume, changes_from=group[0].node)
                 hessians = {s.weight_name: stats[s.node].hessian for s in group}
             for site in group:
                 n, k = site.weight.shape

@@ -15,7 +15,13 @@ asymmetric fit needs them to aim at the float model's outputs.
 
 ``quantization_stages`` orders the layers for passes that quantize sequentially: a layer's
 statistics are then gathered after every layer it depends on was quantized, so it is fitted to
-the inputs it will really see (as GPTQ's reference implementation does block by block).
+the inputs it will really see (as GPTQ's reference implementation does block by block). Such a
+pass hands every call the same :class:`Resume`: each run then starts where the graph (and the float
+reference) stood before the previous stage's first layer, from the values kept there for each
+batch, instead of at the inputs (on MiniLM with int4 GPTQ over 32 batches in 26 stages, 21 s of
+runs against 138 s when every stage ran the graph from its inputs). The cost is memory: the values
+live at that point (a transformer's residual stream and masks, as GPTQ's reference implementation
+keeps a block's inputs), for every batch, and as much again for the float reference.
 """
 
 from __future__ import annotations
@@ -77,6 +83,55 @@ class _SeenAll(Exception):
     """Raised once every watched node has been seen: the rest of the graph need not run."""
 
 
+class Snapshots:
+    """Per calibration batch, the values a run of a graph held on reaching a node (those of earlier
+    nodes that later ones still read), so that a later run can start there instead of at the inputs.
+
+    The point is kept as the node before the one reached: a sequential pass replaces the layers of a
+    stage, the first of which may be the node reached, and inserts their new nodes before them, so
+    nothing before the point changes. Snapshots taken during a call are used from the next call on
+    (:meth:`commit`), and only when every batch has one."""
+
+    def __init__(self) -> None:
+        self.after: fx.Node | None = None
+        self.values: dict[int, dict[fx.Node, Any]] = {}
+        self._taken: tuple[fx.Node | None, dict[int, dict[fx.Node, Any]]] = (None, {})
+
+    def start(self, graph: fx.Graph, batch: int) -> dict[fx.Node, Any] | None:
+        """The initial environment of a run of ``graph`` on batch ``batch`` from the snapshot: its
+        values, and every earlier node marked as done (None: nothing after the point reads them).
+        None where there is no snapshot, or its point is no longer in the graph."""
+        if self.after is None or batch not in self.values:
+            return None
+        env = dict(self.values[batch])
+        for node in graph.nodes:
+            env.setdefault(node, None)
+            if node is self.after:
+                return env
+        return None
+
+    def take(self, node: fx.Node, batch: int, env: dict[fx.Node, Any]) -> None:
+        """Keep ``env`` as the values held on reaching ``node`` in the run of batch ``batch``."""
+        if self._taken[0] is not node.prev:
+            self._taken = (node.prev, {})
+        self._taken[1][batch] = dict(env)
+
+    def commit(self, batches: int) -> None:
+        """Use the snapshots taken since the last commit if all ``batches`` have one at one point."""
+        after, values = self._taken
+        if after is not None and len(values) == batches:
+            self.after, self.values = after, values
+        self._taken = (None, {})
+
+
+@dataclass
+class Resume:
+    """Where the runs of consecutive :func:`collect_input_stats` calls start: one per sequential pass."""
+
+    graph: Snapshots = field(default_factory=Snapshots)
+    reference: Snapshots = field(default_factory=Snapshots)
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, module: fx.GraphModule, watched: dict[fx.Node, fx.Node], stats: dict[fx.Node, InputStats],
                  with_hessian: bool, sample_rows: int) -> None:
@@ -87,8 +142,12 @@ class _Recorder(fx.Interpreter):
         self.float_inputs: dict[fx.Node, torch.Tensor] = {}
         order = {node: i for i, node in enumerate(module.graph.nodes)}
         self.last = max(watched, key=order.__getitem__) if watched else None
+        # where to keep the values held for the next run (see Snapshots), and of which batch
+        self.snapshot: tuple[fx.Node, Snapshots, int] | None = None
 
     def run_node(self, n: fx.Node) -> Any:
+        if self.snapshot is not None and n is self.snapshot[0]:
+            self.snapshot[1].take(n, self.snapshot[2], self.env)
         if n in self.watched:
             rows, weights = example_rows(self.env[self.watched[n]], self.token_mask)
             float_input = self.float_inputs.get(n)
@@ -100,24 +159,38 @@ class _Recorder(fx.Interpreter):
 
 
 class _ValueRecorder(fx.Interpreter):
-    """Runs a graph until the nodes of the given names have been computed, and keeps their values."""
+    """Runs a graph until the nodes of the given names have been computed, and keeps their values;
+    with ``snapshots``, each run starts from the last one's and keeps its own on reaching the last
+    of those nodes (the graph does not change between runs)."""
 
-    def __init__(self, module: fx.GraphModule, names: set[str]) -> None:
+    def __init__(self, module: fx.GraphModule, names: set[str], snapshots: Snapshots | None = None) -> None:
         super().__init__(module)
-        self.names = names
-        self.last = [n for n in module.graph.nodes if n.name in names][-1]
+        self.wanted = [n for n in module.graph.nodes if n.name in names]
+        self.wanted_set = set(self.wanted)
+        self.snapshots = snapshots
 
-    def values(self, batch: tuple[Any, ...]) -> dict[str, torch.Tensor]:
-        self.seen: dict[str, torch.Tensor] = {}
+    def values(self, batch: tuple[Any, ...], index: int) -> dict[str, torch.Tensor]:
+        """The wanted values on ``batch``, the ``index``-th calibration batch."""
+        env = None if self.snapshots is None else self.snapshots.start(self.graph, index)
+        # a wanted node before the snapshot's point is read after it, so the snapshot holds its value
+        self.seen = {n.name: env[n] for n in self.wanted if env is not None and env.get(n) is not None}
+        pending = [n for n in self.wanted if n.name not in self.seen]
+        if env is not None and any(n in env for n in pending):  # dead before the point: run from the inputs
+            env, self.seen, pending = None, {}, self.wanted
+        if not pending:
+            return self.seen
+        self.last, self.index = pending[-1], index
         try:
-            self.run(*batch)
+            self.run(*batch, initial_env=env)
         except _SeenAll:
             pass
         return self.seen
 
     def run_node(self, n: fx.Node) -> Any:
+        if n is self.last and self.snapshots is not None:
+            self.snapshots.take(n, self.index, self.env)
         value = super().run_node(n)
-        if n.name in self.names:
+        if n in self.wanted_set:
             self.seen[n.name] = value
             if n is self.last:
                 raise _SeenAll
@@ -125,30 +198,47 @@ class _ValueRecorder(fx.Interpreter):
 
 
 def collect_input_stats(graph: Graph, inputs: dict[fx.Node, fx.Node], batches: list[tuple[Any, ...]],
-                        with_hessian: bool = False, reference: tuple[fx.GraphModule, dict[fx.Node, str]] | None = None
+                        with_hessian: bool = False, reference: tuple[fx.GraphModule, dict[fx.Node, str]] | None = None,
+                        resume: Resume | None = None, changes_from: fx.Node | None = None
                         ) -> dict[fx.Node, InputStats]:
     """Run ``graph`` on ``batches`` and record, for each layer node, the statistics of its input node.
 
     ``reference`` is the float model (a graph module) and, for each layer node, the name of its
     input node there: each batch first runs through it, and the layers' ``cross`` statistics pair
-    their inputs with those float inputs (with ``with_hessian``)."""
+    their inputs with those float inputs (with ``with_hessian``).
+
+    ``resume``, shared by consecutive calls of a pass that rewrites the graph between them: the runs
+    start where the last call kept its values, and keep new ones on reaching ``changes_from``, the
+    first node the pass will rewrite before the next call (every layer node must come after it)."""
     stats = {node: InputStats() for node in inputs}
+    if not inputs:
+        return stats
     per_batch = max(1, SAMPLE_ROWS // max(1, len(batches)))
     recorder = _Recorder(graph.module, inputs, stats, with_hessian, per_batch)
     float_run = None
-    if reference is not None and with_hessian and inputs:
+    if reference is not None and with_hessian:
         float_module, float_names = reference
-        float_run = _ValueRecorder(float_module, {float_names[node] for node in inputs})
+        float_run = _ValueRecorder(float_module, {float_names[node] for node in inputs},
+                                   None if resume is None else resume.reference)
     with torch.no_grad():
-        for batch in batches:
+        for index, batch in enumerate(batches):
             recorder.token_mask = token_mask(batch)
             if float_run is not None:
-                values = float_run.values(batch)
+                values = float_run.values(batch, index)
                 recorder.float_inputs = {node: values[float_names[node]] for node in inputs}
+            env = None
+            if resume is not None:
+                env = resume.graph.start(graph.fx_graph, index)
+                if env is not None and any(node in env for node in inputs):  # not after the point
+                    env = None
+                recorder.snapshot = None if changes_from is None else (changes_from, resume.graph, index)
             try:
-                recorder.run(*batch)
+                recorder.run(*batch, initial_env=env)
             except _SeenAll:
                 pass
+    if resume is not None:
+        resume.graph.commit(len(batches))
+        resume.reference.commit(len(batches))
     return stats
 
 

@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
-from bevel.passes.quantize.calibration import InputStats, collect_input_stats, quantization_stages
+from bevel.passes.quantize.calibration import InputStats, Resume, collect_input_stats, quantization_stages
 from bevel.passes.quantize.siblings import fuse_siblings
 from bevel.passes.quantize.sites import EmbeddingSite, LinearSite, find_sites
 from bevel.runtime.ops.quant_format import dequantize_int8_per_channel, quantize_int8_per_channel
@@ -119,10 +119,11 @@ class QuantizePass(Pass):
         reference = None
         if self.fits_float_outputs():  # layer inputs are named as in the copy until they are rewritten
             reference = (graph.copy().module, {s.node: s.x.name for s in sites if isinstance(s, LinearSite)})
+        resume = Resume() if self.sequential() else None  # each stage's runs start where the last one's changes did
         for stage in quantization_stages(sites) if self.sequential() else [sites]:
             linears = {s.node: s.x for s in stage if isinstance(s, LinearSite)}
             stats = collect_input_stats(graph, linears, ctx.calibration, with_hessian=self.with_hessian(),
-                                        reference=reference)
+                                        reference=reference, resume=resume, changes_from=stage[0].node)
             for site in stage:
                 notes += self._quantize_site(graph, site, stats.get(site.node))
         if self.kept_float:
