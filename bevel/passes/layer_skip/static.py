@@ -196,9 +196,12 @@ def measure_blocks(graph: Graph, blocks: list[Block], batches: list[tuple[Any, .
     return stats
 
 
-def remove_blocks(graph: Graph, blocks: list[Block], affine: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+def remove_blocks(graph: Graph, blocks: list[Block], affine: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                  shapes: bool = True) -> None:
     """Route the residual stream around ``blocks`` (through ``a * x + b`` where ``affine`` has the
-    block), pass their cache inputs through, and drop what no longer has users."""
+    block), pass their cache inputs through, and drop what no longer has users. With ``shapes``
+    false the nodes' shapes are not recomputed: the graph then only runs (a trial, measured and
+    dropped; recomputing them took 2.5 of the 3.3 s of each trial on tinylm)."""
     replaced: dict[fx.Node, fx.Node] = {}  # a removed block's output -> what now stands for it
     for block in sorted(blocks, key=lambda b: b.index):
         replacement: fx.Node = block.hidden_in
@@ -223,7 +226,11 @@ def remove_blocks(graph: Graph, blocks: list[Block], affine: dict[int, tuple[tor
         for node in reversed(block.nodes):
             if not node.users:
                 graph.fx_graph.erase_node(node)
-    graph.refresh()
+    if shapes:
+        graph.refresh()
+    else:
+        graph.fx_graph.eliminate_dead_code()
+        graph.module.recompile()
 
 
 def _fidelity(graph: Graph, blocks: list[Block], affine: dict, ctx: PassContext, reference: list):
@@ -233,7 +240,7 @@ def _fidelity(graph: Graph, blocks: list[Block], affine: dict, ctx: PassContext,
     moved = [Block(b.index, b.path, [names[n.name] for n in b.nodes], names[b.hidden_in.name],
                    names[b.hidden_out.name], [names[n.name] for n in b.cache_writes]) for b in blocks]
     unwritten = frozenset(cache_outputs(trial, moved))
-    remove_blocks(trial, moved, affine)
+    remove_blocks(trial, moved, affine, shapes=False)
     return compare(reference, run_batches(trial, ctx.calibration), unused=unwritten)
 
 
