@@ -138,11 +138,14 @@ class Graph:
         val = node.meta.get("val")
         return val.dtype if isinstance(val, torch.Tensor) else None
 
-    def refresh(self) -> None:
-        """After a rewrite: drop dead nodes and unused weights, recompute shapes, regenerate code."""
+    def refresh(self, shapes: bool = True) -> None:
+        """After a rewrite: drop dead nodes and unused weights, recompute shapes, regenerate code.
+        Without ``shapes`` only dead nodes go and the code is regenerated: enough for a trial copy
+        that is only run (recomputing shapes is most of a refresh's time)."""
         self.fx_graph.eliminate_dead_code()
-        self.remove_unused_params()
-        meta.propagate(self)
+        if shapes:
+            self.remove_unused_params()
+            meta.propagate(self)
         self.module.recompile()
 
     def lint(self) -> list[str]:

@@ -226,11 +226,7 @@ def remove_blocks(graph: Graph, blocks: list[Block], affine: dict[int, tuple[tor
         for node in reversed(block.nodes):
             if not node.users:
                 graph.fx_graph.erase_node(node)
-    if shapes:
-        graph.refresh()
-    else:
-        graph.fx_graph.eliminate_dead_code()
-        graph.module.recompile()
+    graph.refresh(shapes=shapes)
 
 
 def _fidelity(graph: Graph, blocks: list[Block], affine: dict, ctx: PassContext, reference: list):

@@ -96,6 +96,7 @@ class Snapshots:
         self.after: fx.Node | None = None
         self.values: dict[int, dict[fx.Node, Any]] = {}
         self._taken: tuple[fx.Node | None, dict[int, dict[fx.Node, Any]]] = (None, {})
+        self._done: list[fx.Node] | None = None  # the nodes up to the point, found once per commit
 
     def start(self, graph: fx.Graph, batch: int) -> dict[fx.Node, Any] | None:
         """The initial environment of a run of ``graph`` on batch ``batch`` from the snapshot: its
@@ -103,12 +104,14 @@ class Snapshots:
         None where there is no snapshot, or its point is no longer in the graph."""
         if self.after is None or batch not in self.values:
             return None
-        env = dict(self.values[batch])
-        for node in graph.nodes:
-            env.setdefault(node, None)
-            if node is self.after:
-                return env
-        return None
+        if self._done is None:  # the graph changes only between calls, after the point
+            nodes = list(graph.nodes)
+            self._done = nodes[:nodes.index(self.after) + 1] if self.after in nodes else []
+        if not self._done:
+            return None
+        env = dict.fromkeys(self._done)
+        env.update(self.values[batch])
+        return env
 
     def take(self, node: fx.Node, batch: int, env: dict[fx.Node, Any]) -> None:
         """Keep ``env`` as the values held on reaching ``node`` in the run of batch ``batch``."""
@@ -121,7 +124,7 @@ class Snapshots:
         after, values = self._taken
         if after is not None and len(values) == batches:
             self.after, self.values = after, values
-        self._taken = (None, {})
+        self._taken, self._done = (None, {}), None
 
 
 @dataclass
