@@ -20,7 +20,7 @@ from bevel.errors import ParamError
 from bevel.ir import analysis, capture
 from bevel.ir.dependency import DependencyAnalysis
 from bevel.passes import PassContext, get_pass
-from tests.models_zoo import MLP, seeded
+from tests.models_zoo import MLP, AttentionBlock, seeded
 
 
 class ResidualConvNet(nn.Module):
@@ -278,6 +278,17 @@ def test_bad_input_is_refused_or_reported():
     entry = compile_pruned(model, make_inputs, 'prune.structured(ratio=0.5, target="heads")').report.passes[0]
     assert entry.status == "no change"
     assert any("no prunable attention heads" in note for note in entry.notes)
+
+
+def test_heads_the_analysis_cannot_follow_to_their_attention_are_named():
+    # nn.MultiheadAttention picks q, k and v out of its fused projection by index: the analysis
+    # stops there, before the attention, so the group never counts as heads; the note says where
+    model = AttentionBlock().eval()
+    entry = compile_pruned(model, lambda g: (torch.randn(2, 6, 16, generator=g),),
+                           'prune.structured(ratio=0.5, target="heads")').report.passes[0]
+    assert entry.status == "no change"
+    assert any("'attn.in_proj_weight' feeds attention 'scaled_dot_product_attention'" in note
+               and "indexes along the channel dimension" in note for note in entry.notes), entry.notes
 
 
 def test_an_op_without_a_rule_leaves_its_group_alone_and_is_named():

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from bevel.errors import ParamError
-from bevel.ir.analysis import LINEAR_OPS, param_count
+from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, param_count
 from bevel.ir.dependency import BATCH_NORMS, ChannelGroup, DependencyAnalysis, Layout
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
@@ -66,6 +66,10 @@ class StructuredPrune(Pass):
         analysis = DependencyAnalysis(graph)
         notes = [f"left alone: group '{g.name}' ({g.kind}): node '{g.blocked[0][0]}' {g.blocked[0][1]}"
                  for g in analysis.groups if g.blocked and _wanted(g, p.target)]
+        if p.target == "heads":  # a group stopped before its attention never became "heads": say where
+            notes += [f"left alone: group '{g.name}' feeds attention '{attention}', but node '{g.blocked[0][0]}' "
+                      f"{g.blocked[0][1]}" for g in analysis.groups if g.blocked and g.kind != "heads"
+                      for attention in [_attention_fed(g)] if attention is not None]
         candidates = [g for g in analysis.groups if not g.blocked and _wanted(g, p.target)]
         for group in list(candidates):
             names = {s.param for s in group.slices}
@@ -138,6 +142,20 @@ class StructuredPrune(Pass):
 
 def _wanted(group: ChannelGroup, target: str) -> bool:
     return target == "all" or group.kind == target
+
+
+def _attention_fed(group: ChannelGroup) -> str | None:
+    """The name of an attention op that a producer of ``group`` feeds with no other layer in between, if any."""
+    seen, stack = set(), [user for producer in group.producers for user in producer.users]
+    while stack:
+        node = stack.pop()
+        if node in seen or node.op != "call_function" or node.target in LINEAR_OPS + CONV_OPS:
+            continue
+        if node.target == torch.ops.aten.scaled_dot_product_attention.default:
+            return node.name
+        seen.add(node)
+        stack.extend(node.users)
+    return None
 
 
 def _unit_step(group: ChannelGroup, round_to: int) -> int:
