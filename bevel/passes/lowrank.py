@@ -200,4 +200,6 @@ def _factorize(graph: Graph, site: LinearSite, first: torch.Tensor, second: torc
         outer = graph.fx_graph.call_function(aten.linear.default, (inner, up, site.bias))
     inner.meta.update(keep)
     outer.meta.update(keep)
+    if "val" in site.node.meta:  # the same output: a later layer reading it still knows its shape
+        outer.meta["val"] = site.node.meta["val"]
     graph.replace_node(site.node, outer)

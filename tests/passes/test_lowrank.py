@@ -60,6 +60,22 @@ def test_full_energy_is_exact_on_a_low_rank_weight_and_leaves_a_full_rank_one():
     assert graph.lint() == []
 
 
+def test_a_layer_reading_a_factorized_layer_directly_is_factorized_too():
+    # the second layer's input is the first one's replacement, whose shape the FLOP count reads
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 64)).eval()
+    with torch.no_grad():
+        for layer, seed in zip(model, (1, 2)):
+            n, k = layer.weight.shape
+            layer.weight.copy_(torch.randn(n, 4, generator=seeded(seed)) @ torch.randn(4, k, generator=seeded(seed + 2)))
+    graph, result = factorize(model, (torch.randn(3, 64),), energy=1.0)
+    layers = result.stats["layers"]
+    assert [layers[name]["rank"] for name in ("0.weight", "1.weight")] == [4, 4]
+    assert layers["1.weight"]["flops"] == [2 * 3 * 96 * 64, 2 * 3 * 4 * (96 + 64)]
+    x = torch.randn(7, 64, generator=seeded(5))
+    with torch.no_grad():
+        assert relative_error(graph(x), model(x)) <= 1e-5
+
+
 def test_param_ratio_sets_each_rank_and_matches_a_reference_truncated_svd():
     torch.manual_seed(4)
     model = MLP((64, 96, 64)).eval()
