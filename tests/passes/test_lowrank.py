@@ -66,7 +66,8 @@ def test_a_layer_reading_a_factorized_layer_directly_is_factorized_too():
     with torch.no_grad():
         for layer, seed in zip(model, (1, 2)):
             n, k = layer.weight.shape
-            layer.weight.copy_(torch.randn(n, 4, generator=seeded(seed)) @ torch.randn(4, k, generator=seeded(seed + 2)))
+            left, right = torch.randn(n, 4, generator=seeded(seed)), torch.randn(4, k, generator=seeded(seed + 2))
+            layer.weight.copy_(left @ right)
     graph, result = factorize(model, (torch.randn(3, 64),), energy=1.0)
     layers = result.stats["layers"]
     assert [layers[name]["rank"] for name in ("0.weight", "1.weight")] == [4, 4]
