@@ -20,6 +20,13 @@ starts every producer at one channel per unit and coarsens a group's unit wherev
   unit becomes those query heads together, and a kv head is removed only together with its query
   heads.
 
+nn.MultiheadAttention takes three more rules: its fused projection is split as ``[3, E]`` and q, k
+and v picked out by index, so where a split's leading factor is indexed later the units lie in the
+last factor, once per part; it folds the heads into the batch (``[T, B, E] -> [T, B * H, D]`` and
+back to ``[B, H, T, D]``), so a dimension may carry the run-time batch outside its units (sized in
+the graph as ``B * H``, which the cut gives a product of its own); and it expands one padding mask
+to every head, whose sizes shrink with the heads.
+
 Where the channels meet an op this module has no rule for, reach the model's output, or are tied to
 something that cannot be cut (an embedding table, channels normalized together by a LayerNorm, a
 weight read by two ops), the group is *blocked*: it is left alone, and :attr:`ChannelGroup.blocked`
@@ -47,11 +54,14 @@ aten = torch.ops.aten
 @dataclass(frozen=True)
 class Layout:
     """How a group's units lie along one tensor dimension: ``outer x units x per`` elements, unit
-    ``u`` owning indices ``o * units * per + u * per + r``."""
+    ``u`` owning indices ``o * units * per + u * per + r``. A ``batched`` dimension also holds a
+    factor of run-time size outside ``outer`` (nn.MultiheadAttention folds its heads into the batch,
+    ``[T, B, H * D] -> [T, B * H, D]``): it is followed, never sliced."""
 
     outer: int
     units: int
     per: int
+    batched: bool = False
 
     @property
     def size(self) -> int:
@@ -103,12 +113,17 @@ class Slice:
 
 @dataclass
 class ShapeArg:
-    """A size in a view/reshape/expand/split argument list that counts the group's channels."""
+    """A size that counts the group's channels: ``node.args[arg][position]`` (a view/reshape/expand/
+    unflatten size list, a split's sizes), or ``node.args[arg]`` itself where ``position`` is None (a
+    split's piece size). Where ``factor`` is set, the entry is a node computing a run-time size times
+    an int (``B * heads``), ``factor`` the int's place in its args."""
 
     node: fx.Node
-    position: int  # the index in the list argument (node.args[1])
+    position: int | None
     offset: int
     layout: Layout
+    arg: int = 1
+    factor: int | None = None
 
 
 @dataclass
@@ -159,6 +174,10 @@ _UNARY = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.gelu_.d
 _ELEMENTWISE = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor, aten.mul.Tensor,
                 aten.mul_.Tensor, aten.div.Tensor, aten.div_.Tensor, aten.maximum.default,
                 aten.minimum.default}
+# ops that move dimensions around, and ones that pick a dimension apart by index
+_MOVES = (aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
+          aten.squeeze.default, aten.expand.default, aten.slice.Tensor)
+_INDEXING = (aten.select.int, aten.unbind.int)
 _RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
              aten.unflatten.int}
 _CHANNEL_POOLS = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
@@ -207,6 +226,8 @@ class _Pass:
         self.coarsen[self.root[group]] = (math.lcm(a, outer), math.lcm(b, per))
 
     def add_slice(self, segment: Segment, offset: int, param: str, dim: int, role: str, node: fx.Node) -> None:
+        if segment.group is not None and segment.layout.batched:
+            raise Unsupported("reads channels folded into the batch with a stored tensor")
         if segment.group is not None:
             self.slices.setdefault(self.root[segment.group], []).append(
                 Slice(param, dim, offset, segment.layout, role, node))
@@ -254,9 +275,7 @@ class _Pass:
             return self.elementwise(node, tracked)
         if target in _RESHAPES:
             return self.reshape(node, _single(tracked))
-        if target in (aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default,
-                      aten.squeeze.dim, aten.squeeze.default, aten.expand.default, aten.select.int,
-                      aten.slice.Tensor, aten.unbind.int):
+        if target in _MOVES or target in _INDEXING:
             return self.move(node, _single(tracked))
         if target in _REDUCTIONS or target in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
             return self.reduce(node, _single(tracked))
@@ -389,40 +408,97 @@ class _Pass:
             return Track(outs[0], track.segments)
         if len(track.segments) != 1 or track.segments[0].group is None:
             raise Unsupported("reshapes a dimension made of several channel runs")
-        if (_symbolic_dims(node.args[0]) & set(ins)) or (_symbolic_dims(node) & set(outs)):
-            raise Unsupported("merges the channels with a dimension of run-time size")
         segment = track.segments[0]
         layout = segment.layout
-        inner = [d for d in ins if d != track.dim]
+        static, symbolic_in, batched = self.batch_factor(node, track, ins, outs)
+        inner = [d for d in ins if d != track.dim and d not in symbolic_in]
         outer = layout.outer * math.prod(before[d] for d in inner if d < track.dim)
         per = layout.per * math.prod(before[d] for d in inner if d > track.dim)
-        factors = [d for d in outs if after[d] > 1]
-        chosen = factors[-2] if len(factors) >= 2 else (factors[0] if factors else outs[-1])
-        head = math.prod(after[d] for d in outs if d < chosen)
-        tail = math.prod(after[d] for d in outs if d > chosen)
+        factors = [d for d in outs if static[d] > 1]
+        if len(factors) == 2 and self.indexed(node, factors[0]):
+            # [..., k * E] -> [..., k, E] and the k parts picked apart later (nn.MultiheadAttention's fused
+            # q/k/v projection): the units lie in E, once in each part
+            chosen = factors[1]
+        else:
+            chosen = factors[-2] if len(factors) >= 2 else (factors[0] if factors else outs[-1])
+        head = math.prod(static[d] for d in outs if d < chosen)
+        tail = math.prod(static[d] for d in outs if d > chosen)
         if outer % head or per % tail:
             self.request_coarsen(segment.group, math.lcm(outer, head) // outer, math.lcm(per, tail) // per)
             raise _Retry
-        new = Track(chosen, (Segment(segment.group, Layout(outer // head, layout.units, per // tail)),))
+        new = Track(chosen, (Segment(segment.group, Layout(outer // head, layout.units, per // tail, batched)),))
         self.size_arg(node, chosen, new)
         return new
 
+    def batch_factor(self, node: fx.Node, track: Track, ins: list[int], outs: list[int]
+                     ) -> tuple[dict[int, int], set[int], bool]:
+        """The sizes of a reshape's output dims ``outs`` without the run-time factor it moves into or out
+        of the channel dimension, the input dims of run-time size, and whether the result holds the
+        factor. Only a batch folded in front of the channels and taken out again is followed
+        (``[T, B, E] -> [T, B * H, D]``, ``[B * H, T, D] -> [B, H, T, D]``)."""
+        after = _shape(node)
+        static = {d: after[d] for d in outs}
+        symbolic_in = _symbolic_dims(node.args[0]) & set(ins)
+        symbolic_out = _symbolic_dims(node) & set(outs)
+        batched = track.segments[0].layout.batched
+        if not symbolic_in and not symbolic_out:
+            return static, symbolic_in, batched
+        before = _shape(node.args[0])
+        folds = (not batched and symbolic_in and track.dim not in symbolic_in
+                 and all(d < track.dim for d in symbolic_in) and symbolic_out == {outs[0]})
+        unfolds = (batched and symbolic_in == {track.dim} and symbolic_out
+                   and symbolic_out == set(outs[:len(symbolic_out)]))
+        if folds:
+            static[outs[0]] //= math.prod(before[d] for d in symbolic_in)
+            return static, symbolic_in, True
+        if unfolds:
+            static.update(dict.fromkeys(symbolic_out, 1))
+            return static, symbolic_in, False
+        raise Unsupported("merges the channels with a dimension of run-time size")
+
+    def indexed(self, node: fx.Node, dim: int) -> bool:
+        """Whether a later op picks dimension ``dim`` of ``node`` apart by index (select, unbind),
+        following it through moves only."""
+        stack = [(node, dim)]
+        while stack:
+            current, d = stack.pop()
+            for user in current.users:
+                if user.op != "call_function" or user.args[0] is not current:
+                    continue
+                if user.target in _INDEXING:
+                    if user.args[1] % len(_shape(current)) == d:
+                        return True
+                elif user.target in _UNARY:
+                    stack.append((user, d))
+                elif user.target in _MOVES:
+                    try:
+                        stack.append((user, self.move(user, Track(d, ())).dim))
+                    except Unsupported:
+                        continue  # squeezed away or sized: not picked apart here
+        return False
+
     def size_arg(self, node: fx.Node, dim: int, track: Track) -> None:
-        """Record the entry of a view/reshape/expand size list that gives the channel dimension's size."""
+        """Record the entry of a view/reshape/expand/unflatten size list that gives the channel dimension's size."""
         if node.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                               aten.expand.default):
+                               aten.expand.default, aten.unflatten.int):
             return
-        sizes = node.args[1]
-        if isinstance(sizes[dim], fx.Node):
-            raise Unsupported("sizes the channel dimension with a value computed at run time")
-        if sizes[dim] == -1:
+        arg, position = 1, dim
+        if node.target == aten.unflatten.int:  # (self, dim, sizes): the sizes of the dims from that dim on
+            arg, position = 2, dim - node.args[1] % len(_shape(node.args[0]))
+        size = node.args[arg][position]
+        if size == -1:
             return
         if len(track.segments) != 1:
             raise Unsupported("gives the size of a dimension made of several channel runs")
         segment = track.segments[0]
+        factor = None
+        if isinstance(size, fx.Node):
+            factor = _static_factor(size) if segment.layout.batched else None
+            if factor is None:
+                raise Unsupported("sizes the channel dimension with a value computed at run time")
         if segment.group is not None:
             self.shape_args.setdefault(self.root[segment.group], []).append(
-                ShapeArg(node, dim, 0, segment.layout))
+                ShapeArg(node, position, 0, segment.layout, arg, factor))
 
     def move(self, node: fx.Node, track: Track) -> Any:
         target, args = node.target, node.args
@@ -527,8 +603,10 @@ class _Pass:
                 raise _Retry
             if node.target == aten.split_with_sizes.default:
                 raise Unsupported("splits the channels at fixed sizes")
+            if layout.batched:
+                raise Unsupported("splits channels folded into the batch")
             piece = Segment(segment.group, Layout(layout.outer // len(sizes), layout.units, layout.per))
-            self.shape_args.setdefault(self.root[segment.group], []).append(ShapeArg(node, -1, 0, piece.layout))
+            self.shape_args.setdefault(self.root[segment.group], []).append(ShapeArg(node, None, 0, piece.layout))
             return [Track(dim, (piece,))] * len(sizes)
         offsets = track.offsets() + [total]
         if node.target != aten.split_with_sizes.default or \
@@ -555,13 +633,57 @@ class _Pass:
             shape = _shape(mask)
             own = heads - (len(_shape(q)) - len(shape))
             if own >= 0 and shape[own] != 1:
-                raise Unsupported("applies a mask of its own to every head")
+                sizes = self.repeated_mask(mask, own, tracks[0]) if len(tracks[0].segments) == 1 else None
+                if sizes is None:
+                    raise Unsupported("applies a mask of its own to every head")
+                group = tracks[0].segments[0].group
+                if group is not None:
+                    self.shape_args.setdefault(self.root[group], []).extend(sizes)
         self.tie(tracks[0], tracks[1], node)
         self.tie(tracks[0], tracks[2], node)
         for segment in tracks[0].segments:
             if segment.group is not None:
                 self.attention.add(self.root[segment.group])
         return Track(heads, tracks[0].segments)
+
+
+    def repeated_mask(self, mask: fx.Node, dim: int, track: Track) -> list[ShapeArg] | None:
+        """Where ``mask`` is one mask expanded to every head along ``dim`` (nn.MultiheadAttention's
+        padding mask, reshaped through the heads folded into the batch on the way), the sizes that
+        count the heads, which shrink with them; None for a mask that differs from head to head."""
+        layout = track.segments[0].layout
+        sizes, node, batched = [], mask, False
+        while node.op == "call_function" and len(node.users) == 1:
+            shape, before = _shape(node), _shape(node.args[0])
+            if node.target == aten.expand.default:
+                lead = len(shape) - len(before)
+                if batched or dim < lead or before[dim - lead] != 1 or not isinstance(node.args[1][dim], int):
+                    return None
+                return sizes + [ShapeArg(node, dim, 0, layout)]
+            if node.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+                return None
+            ins, outs = next(b for b in _reshape_blocks(before, shape) if dim in b[1])
+            size, position = node.args[1][dim], dim
+            if not batched and len(ins) == 1 and outs == [dim - 1, dim] and dim - 1 in _symbolic_dims(node):
+                dim, batched = ins[0], True  # [B * H, ...] -> [B, H, ...]: before, the heads lay in the batch
+            elif batched and outs == [dim] and len(ins) == 2 and ins[0] in _symbolic_dims(node.args[0]):
+                dim, batched = ins[1], False  # [B, H, ...] -> [B * H, ...]
+                factor = _static_factor(size) if isinstance(size, fx.Node) else None
+                if factor is None:
+                    return None
+                sizes.append(ShapeArg(node, position, 0, layout, 1, factor))
+                node = node.args[0]
+                continue
+            elif len(ins) == 1 and outs == [dim] and before[ins[0]] == shape[dim]:
+                dim = ins[0]
+            else:
+                return None
+            if isinstance(size, fx.Node):
+                return None
+            if size != -1:
+                sizes.append(ShapeArg(node, position, 0, layout))
+            node = node.args[0]
+        return None
 
 
 class _Retry(Unsupported):
@@ -573,6 +695,14 @@ class _Retry(Unsupported):
 
 def _unsupported(node: fx.Node) -> Any:
     raise Unsupported(f"reads an output of {node.args[0].target} that the analysis does not follow")
+
+
+def _static_factor(size: fx.Node) -> int | None:
+    """Where ``size`` is a run-time size times an int (``B * heads``), the position of the int in its args."""
+    if size.op != "call_function" or size.target is not operator.mul or len(size.args) != 2:
+        return None
+    ints = [i for i, a in enumerate(size.args) if isinstance(a, int)]
+    return ints[0] if len(ints) == 1 else None
 
 
 def _single(tracked: dict[fx.Node, Track]) -> Track:

@@ -10,6 +10,7 @@ attention, for one, runs through another decomposition), a few float32 roundings
 
 from __future__ import annotations
 
+import copy
 import pytest
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from bevel.errors import ParamError
 from bevel.ir import analysis, capture
 from bevel.ir.dependency import DependencyAnalysis
 from bevel.passes import PassContext, get_pass
-from tests.models_zoo import MLP, AttentionBlock, seeded
+from tests.models_zoo import MLP, seeded
 
 
 class ResidualConvNet(nn.Module):
@@ -87,6 +88,31 @@ def resnet():
     return model, lambda g: (torch.randn(2, 3, 32, 32, generator=g),)
 
 
+class PaddedEncoder(nn.Module):
+    """nn.TransformerEncoder with a padding mask: nn.MultiheadAttention's fused q/k/v projection, its
+    heads folded into the batch, the mask expanded to every head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x, src_key_padding_mask=mask == 0))
+
+
+def padded_tokens(g: torch.Generator, batch: int = 2, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0
+    return torch.randn(batch, length, 32, generator=g), mask
+
+
+def transformer_encoder():
+    torch.manual_seed(0)
+    return PaddedEncoder().eval(), padded_tokens
+
+
 def mlp():
     torch.manual_seed(0)
     return MLP((16, 48, 32, 8)).eval(), lambda g: (torch.randn(4, 16, generator=g),)
@@ -97,10 +123,11 @@ def conv_net():
     return randomized_batch_norms(ResidualConvNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
 
 
-MODELS = {"mlp": mlp, "conv_residual": conv_net, "bert": bert, "llama_gqa": llama_gqa, "vit": vit, "resnet": resnet}
+MODELS = {"mlp": mlp, "conv_residual": conv_net, "bert": bert, "llama_gqa": llama_gqa, "vit": vit, "resnet": resnet,
+          "transformer_encoder": transformer_encoder}
 # the target whose coupling each model exercises; "all" prunes every group the analysis allows
 TARGETS = {"mlp": "all", "conv_residual": "conv", "bert": "all", "llama_gqa": "all", "vit": "all",
-           "resnet": "conv"}
+           "resnet": "conv", "transformer_encoder": "all"}
 
 
 def compile_pruned(model, make_inputs, passes, calibrated=True):
@@ -278,17 +305,49 @@ def test_bad_input_is_refused_or_reported():
     entry = compile_pruned(model, make_inputs, 'prune.structured(ratio=0.5, target="heads")').report.passes[0]
     assert entry.status == "no change"
     assert any("no prunable attention heads" in note for note in entry.notes)
+    assert any("has no scaled_dot_product_attention" in note for note in entry.notes)
+
+
+def test_multihead_attention_heads_go_as_if_their_output_were_zeroed():
+    """Without calibration nothing is refitted, so the pruned graph must equal the original model with
+    the removed heads' columns of the output projection zeroed (float rounding apart: 1e-5)."""
+    model, make_inputs = transformer_encoder()
+    graph = capture(model, make_inputs(seeded(0)))
+    result = run_pass(graph, make_inputs, ratio=0.5, target="heads")
+    assert [g["units"] for g in result.stats["groups"].values()] == [[4, 2], [4, 2]]
+    reference = copy.deepcopy(model)
+    for name in result.stats["groups"]:
+        attention = reference.get_submodule(name.rsplit(".", 1)[0])
+        heads = attention.in_proj_weight[:32].detach().view(4, 8, 32)  # the query rows, head by head
+        kept = graph.param(name)[:16].view(2, 8, 32)
+        removed = [h for h in range(4) if not any(torch.equal(heads[h], k) for k in kept)]
+        assert len(removed) == 2
+        with torch.no_grad():
+            for h in removed:
+                attention.out_proj.weight[:, 8 * h:8 * h + 8] = 0
+    fresh = padded_tokens(seeded(9), batch=3, length=11)  # another batch size and length than the example's
+    with torch.no_grad():
+        torch.testing.assert_close(graph(*fresh), reference(*fresh), atol=1e-5, rtol=1e-5)
 
 
 def test_heads_the_analysis_cannot_follow_to_their_attention_are_named():
-    # nn.MultiheadAttention picks q, k and v out of its fused projection by index: the analysis
-    # stops there, before the attention, so the group never counts as heads; the note says where
-    model = AttentionBlock().eval()
-    entry = compile_pruned(model, lambda g: (torch.randn(2, 6, 16, generator=g),),
+    class RolledQuery(nn.Module):  # a roll along the features has no channel rule
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.kv, self.out = nn.Linear(16, 16), nn.Linear(16, 32), nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q = torch.roll(self.q(x), 1, dims=-1).view(b, n, 4, 4).transpose(1, 2)
+            k, v = self.kv(x).view(b, n, 2, 4, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v)
+            return x + self.out(y.transpose(1, 2).reshape(b, n, 16))
+
+    entry = compile_pruned(RolledQuery().eval(), lambda g: (torch.randn(2, 6, 16, generator=g),),
                            'prune.structured(ratio=0.5, target="heads")').report.passes[0]
     assert entry.status == "no change"
-    assert any("'attn.in_proj_weight' feeds attention 'scaled_dot_product_attention'" in note
-               and "indexes along the channel dimension" in note for note in entry.notes), entry.notes
+    assert any("'q.weight' feeds attention 'scaled_dot_product_attention'" in note and "'roll'" in note
+               for note in entry.notes), entry.notes
 
 
 def test_an_op_without_a_rule_leaves_its_group_alone_and_is_named():

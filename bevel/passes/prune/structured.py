@@ -79,6 +79,11 @@ class StructuredPrune(Pass):
         if not candidates:
             what = {"heads": "attention heads", "mlp": "FFN neuron groups", "conv": "conv channel groups",
                     "all": "channel groups"}[p.target]
+            attention = torch.ops.aten.scaled_dot_product_attention.default
+            if p.target == "heads" and not any(graph.nodes(target=attention)):
+                notes.append("the graph has no scaled_dot_product_attention: attention written out as matrix "
+                             "products and a softmax (nn.MultiheadAttention with need_weights=True) has no heads "
+                             "the analysis recognizes")
             return PassResult(changed=False, stats={"groups": {}}, notes=notes + [f"no prunable {what} found: "
                                                                                   f"nothing changed"])
         steps = {}
@@ -412,10 +417,17 @@ def _cut(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[
     for name, group in groups.items():
         for arg in group.shape_args:
             delta = len(removed[name]) * arg.layout.outer * arg.layout.per
-            node = arg.node
-            if arg.position < 0:  # the size of each piece of an even split
-                node.update_arg(1, node.args[1] - delta)
-            else:
-                sizes = list(node.args[1])
+            node, value = arg.node, arg.node.args[arg.arg]
+            if arg.position is None:  # the size of each piece of an even split
+                node.update_arg(arg.arg, value - delta)
+                continue
+            sizes = list(value)
+            if arg.factor is None:
                 sizes[arg.position] -= delta
-                node.update_arg(1, sizes)
+            else:  # B * heads: a product of its own, as the graph may share one between layers
+                product = sizes[arg.position]
+                factors = list(product.args)
+                factors[arg.factor] -= delta
+                with graph.fx_graph.inserting_before(node):
+                    sizes[arg.position] = graph.fx_graph.call_function(product.target, tuple(factors))
+            node.update_arg(arg.arg, sizes)
