@@ -7,6 +7,7 @@ Exactly the input dimensions that are symbolic in the compiled graph are dynamic
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from typing import TYPE_CHECKING, Any
@@ -161,6 +162,29 @@ def _check_translations(module: torch.fx.GraphModule, translations: dict[Any, An
                               f"compile without the pass that put it there to export this model")
 
 
+def _contiguous_as_clones(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``module`` with every ``contiguous`` written as a clone into contiguous memory (a new graph on the
+    same weights; the module itself where it has none).
+
+    The exporter drops a ``contiguous`` whose input looks contiguous already. On T5's
+    ``transpose(1, 2).contiguous().view(...)`` after attention its decomposition step dropped it and
+    then could not view the transposed attention output (the fake strides of
+    ``scaled_dot_product_attention`` differ between its steps), so the export failed. A clone is
+    never dropped, and in ONNX both are nothing.
+    """
+    contiguous = torch.ops.aten.contiguous.default
+    if not any(node.target == contiguous for node in module.graph.nodes):
+        return module
+    graph = copy.deepcopy(module.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target == contiguous:
+            memory_format = node.kwargs.get("memory_format", node.args[1] if len(node.args) > 1 else None)
+            node.target = torch.ops.aten.clone.default
+            node.args = node.args[:1]
+            node.kwargs = {"memory_format": memory_format or torch.contiguous_format}
+    return torch.fx.GraphModule(module, graph)
+
+
 def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSET) -> str:
     """Write ``compiled`` as ONNX to ``path`` through ``torch.onnx.export(dynamo=True)``.
 
@@ -175,7 +199,7 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     from bevel.runtime.ops import ONNX_TRANSLATIONS
 
     check_opset(opset)
-    module = compiled.cpu_graph_module()
+    module = _contiguous_as_clones(compiled.cpu_graph_module())
     _check_translations(module, ONNX_TRANSLATIONS)
     existed = os.path.exists(path)
     target = _check_writable(path)
