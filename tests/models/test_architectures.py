@@ -1,7 +1,8 @@
 """Other architectures through compile, save/load and ONNX (random weights, small configs):
 a timm ViT, GPT-2 (its linears are HF Conv1D, i.e. addmm), Llama (rotary embeddings under a
 higher-order op) and a T5 encoder (relative position bias); the two causal LMs are captured as
-decoders, whose ONNX model takes the step inputs. Differential tolerance: cleanup is exact (1e-5); pruning is checked by its count."""
+decoders, whose ONNX model takes the step inputs. Differential tolerance: cleanup is exact (1e-5);
+pruning is checked by its count."""
 
 from __future__ import annotations
 
