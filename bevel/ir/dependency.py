@@ -313,7 +313,13 @@ class _Pass:
                 for track in tracked.values():
                     self.block(track, node, str(why))
         producer = self.a.producer_ids.get(node)
-        if producer is None or not usable or groups != 1:
+        if producer is None:
+            return None
+        if not usable or groups != 1:
+            why = "is a grouped convolution" if groups != 1 else (
+                f"its weight '{weight.target}' is read by {self.a.readers.get(weight.target, 0)} ops (shared "
+                f"between layers), and cutting it for one would cut it for all")
+            self.blocked.setdefault(self.root[producer], []).append((node.name, why))
             return None
         width = self.graph.param(weight.target).shape[0]
         outer, per = self.a.units[producer]

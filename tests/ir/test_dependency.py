@@ -95,3 +95,19 @@ def test_grouped_query_attention_units_are_kv_heads_with_their_query_heads():
     expected = 16 * 32 + 2 * (4 * 32) + 32 * 16  # q rows, k and v rows, o columns of one unit
     assert analysis_.removed_params({heads.name: 1}) == expected
     assert analysis.param_count(graph) > expected
+
+
+def test_a_layer_applied_twice_is_left_alone_and_says_its_weight_is_shared():
+    class Twice(nn.Module):  # one Linear used at two places (ALBERT shares a layer across depth this way)
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared, self.out = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.shared(torch.relu(self.shared(x)))))
+
+    graph = capture(Twice().eval(), (torch.randn(2, 16),))
+    shared = [g for g in DependencyAnalysis(graph).groups if g.name == "shared.weight"]
+    assert len(shared) == 2  # a group per use, neither cut
+    for group in shared:
+        assert group.blocked and "'shared.weight' is read by 2 ops" in group.blocked[0][1]
