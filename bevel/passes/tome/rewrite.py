@@ -47,6 +47,8 @@ class Inserter:
     """Appends call nodes one after another from a starting point of the graph."""
 
     def __init__(self, graph: Graph, after: fx.Node) -> None:
+        if after.op == "placeholder":  # a block reading an input directly: what is made may read any input
+            after = graph.inputs()[-1]
         self.graph, self.last = graph, after
         self.made: list[fx.Node] = []
 
@@ -191,7 +193,8 @@ class TokenReduction:
         count = at(aten.sym_size.int, x, 1)
         self.made_sizes.add(count)
         made = set(at.made)
-        old.replace_all_uses_with(x, delete_user_cb=lambda user: user not in made)
+        # torch.export's input guards (a call_module) keep reading the input as it came
+        old.replace_all_uses_with(x, delete_user_cb=lambda user: user not in made and user.op != "call_module")
         later = descendants(x)
         for node in later:
             copy_before_reshaping(graph, node)
