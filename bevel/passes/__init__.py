@@ -6,6 +6,7 @@ from bevel.passes.registry import available_passes, get_pass, register_pass
 # Importing the built-in passes registers them.
 from bevel.passes import attention  # noqa: E402,F401
 from bevel.passes import cleanup  # noqa: E402,F401
+from bevel.passes import fuse_attention  # noqa: E402,F401
 from bevel.passes import kv  # noqa: E402,F401
 from bevel.passes import layer_skip  # noqa: E402,F401
 from bevel.passes import lowrank  # noqa: E402,F401

@@ -137,7 +137,8 @@ def find_blocks(graph: Graph) -> tuple[list[AttentionBlock], list[tuple[str, str
         reason = None
         if node.target in SOFTMAX_OPS and _scores_softmax(graph, node):
             reason = ("a softmax over [tokens, tokens] scores outside scaled_dot_product_attention (attention "
-                      "written out by hand, or nn.MultiheadAttention with need_weights=True) is not recognized")
+                      "written out by hand, or nn.MultiheadAttention with need_weights=True) is not recognized; "
+                      "`fuse_attention` earlier in the pipeline makes such attention one op where it can")
         elif node.target in ATTENTION_OPS:
             found = recognize(graph, node)
             if isinstance(found, str):

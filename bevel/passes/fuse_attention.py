@@ -1,0 +1,163 @@
+"""``fuse_attention``: attention written out as matrix products and a softmax becomes one
+``scaled_dot_product_attention``.
+
+HF models in eager attention, timm blocks with ``fused_attn=False``, ``nn.MultiheadAttention``
+with ``need_weights=True`` and hand-written blocks compute ``softmax(q @ k^T * scale + mask) @ v``
+op by op, materializing the [.., tokens, tokens] weights. The passes that work on attention
+(``tome``, ``prune.structured``'s heads, ``attention.*``) recognize the fused op only, and on the
+CPU its fused kernel is faster. The chain is matched from each softmax over the last dimension:
+
+    scores = matmul(q, kt) | bmm(q, kt) | baddbmm(mask, q, kt)   (kt: k with its last two dims swapped)
+    scores = scores * c | scores / c                               (any number of constant factors)
+    scores = scores + mask                                         (an additive mask, optional)
+    weights = softmax(scores, -1)  [dropout in eval]
+    out = matmul(weights, v) | bmm(weights, v)
+
+and replaced by ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c)``. A chain whose
+intermediate values are read elsewhere (the attention weights returned as an output), with casts
+between its ops or a softmax in another dtype is left alone and named in the report. The result
+equals the chain's up to float rounding (the fused kernel sums in another order); a row whose every
+score is masked to -inf gives NaN either way.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from bevel.ir.graph import Graph
+from bevel.passes.base import Pass, PassContext, PassResult
+from bevel.passes.registry import register_pass
+
+aten = torch.ops.aten
+
+_SOFTMAX = (aten.softmax.int, aten._softmax.default)
+_PRODUCTS = (aten.matmul.default, aten.bmm.default)
+_EVAL_DROPOUT = (aten.dropout.default,)
+
+
+@dataclass
+class _Chain:
+    """The parts of one written-out attention."""
+
+    query: fx.Node
+    key_transposed: fx.Node
+    value: fx.Node
+    mask: fx.Node | None
+    scale: float
+    output: fx.Node
+    nodes: list[fx.Node]  # the chain's ops, each read only by the next, from the output back
+
+
+@register_pass("fuse_attention")
+class FuseAttention(Pass):
+    """Replace attention written out as matmul, softmax, matmul by scaled_dot_product_attention."""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        graph.fx_graph.eliminate_dead_code()  # outputs nobody reads (weights an attention module returned) go
+        fused, notes = [], []
+        for softmax in list(graph.nodes(op="call_function", target=_SOFTMAX)):
+            found = _match(graph, softmax)
+            if isinstance(found, str):
+                notes.append(f"left alone: softmax '{softmax.name}': {found}")
+                continue
+            fused.append(_fuse(graph, found).name)
+        if not fused:
+            return PassResult(changed=False, stats={"fused": 0},
+                              notes=notes + ["no attention written out as matmul, softmax, matmul: nothing changed"])
+        graph.refresh()
+        return PassResult(changed=True, stats={"fused": len(fused), "attention": fused}, notes=notes)
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _match(graph: Graph, softmax: fx.Node) -> _Chain | str:
+    """The chain around ``softmax``, or why it is not one this pass fuses."""
+    scores = softmax.args[0]
+    rank = len(graph.shape(softmax) or ())
+    if rank < 3 or softmax.args[1] % rank != rank - 1:
+        return "not a softmax over the last dimension of a batch of score matrices"
+    if softmax.target == aten.softmax.int and softmax.kwargs.get("dtype", softmax.args[2] if len(softmax.args) > 2
+                                                                   else None) not in (None, graph.dtype(scores)):
+        return "the softmax changes the dtype"
+    if softmax.target == aten._softmax.default and softmax.args[2]:
+        return "the softmax computes in another dtype"
+    weights, user, dropouts = softmax, _only_user(softmax), []
+    while user is not None and user.target in _EVAL_DROPOUT and (user.args[1] == 0 or not user.args[2]):
+        dropouts.insert(0, user)  # dropout in eval mode, or with p = 0: the identity
+        weights, user = user, _only_user(user)
+    if user is None or user.target not in _PRODUCTS or user.args[0] is not weights:
+        return "its weights are read by something else than one product with the values"
+    value = user.args[1]
+    mask, scale = None, 1.0
+    nodes = [user, *dropouts, softmax]
+    node = scores
+    while True:
+        if not isinstance(node, fx.Node) or len(node.users) != 1:
+            return "an intermediate value of its scores is read elsewhere"
+        nodes.append(node)
+        if node.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], numbers.Number):
+            scale = scale * node.args[1] if node.target == aten.mul.Tensor else scale / node.args[1]
+            node = node.args[0]
+        elif node.target == aten.add.Tensor and mask is None and len(node.args) == 2 and \
+                all(isinstance(a, fx.Node) for a in node.args):
+            scores_side = [a for a in node.args if _leads_to_product(a)]
+            if len(scores_side) != 1:
+                return "it adds two tensors neither of which (or both of which) are the scores"
+            mask = node.args[1] if scores_side[0] is node.args[0] else node.args[0]
+            node = scores_side[0]
+        elif node.target == aten.baddbmm.default and mask is None:
+            beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+            if beta != 1 or not isinstance(alpha, numbers.Number):
+                return "its scores scale their mask"
+            return _checked(graph, _Chain(node.args[1], node.args[2], value, node.args[0], scale * alpha, user,
+                                          nodes), softmax)
+        elif node.target in _PRODUCTS:
+            return _checked(graph, _Chain(node.args[0], node.args[1], value, mask, scale, user, nodes), softmax)
+        else:
+            return f"its scores come from {node.target}, not a product of queries and keys"
+
+
+def _leads_to_product(node: fx.Node) -> bool:
+    """Whether ``node`` is query-key products, maybe scaled by constants."""
+    while isinstance(node, fx.Node) and node.target in (aten.mul.Tensor, aten.div.Tensor) \
+            and isinstance(node.args[1], numbers.Number):
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.target in (*_PRODUCTS, aten.baddbmm.default)
+
+
+def _checked(graph: Graph, chain: _Chain, softmax: fx.Node) -> _Chain | str:
+    """``chain`` if its tensors have the shapes and dtypes attention takes."""
+    shapes = [graph.shape(n) for n in (chain.query, chain.key_transposed, chain.value)]
+    if any(s is None for s in shapes) or len({len(s) for s in shapes}) != 1 or len(shapes[0]) < 3:
+        return "its queries, keys and values are not batches of matrices of one rank"
+    dtypes = {graph.dtype(n) for n in (chain.query, chain.key_transposed, chain.value, softmax)}
+    if len(dtypes) != 1 or not dtypes.pop().is_floating_point:
+        return "its tensors do not share one floating dtype"
+    if chain.mask is not None and graph.dtype(chain.mask) not in (graph.dtype(softmax), torch.bool):
+        return "its mask has another dtype"
+    return chain
+
+
+def _fuse(graph: Graph, chain: _Chain) -> fx.Node:
+    """Insert the fused attention before the chain's output and hand it the output's users."""
+    with graph.fx_graph.inserting_before(chain.output):
+        key = chain.key_transposed
+        rank = len(graph.shape(key))
+        if key.target == aten.transpose.int and {d % rank for d in key.args[1:3]} == {rank - 2, rank - 1}:
+            key = key.args[0]
+        else:
+            key = graph.fx_graph.call_function(aten.transpose.int, (key, -2, -1))
+        fused = graph.fx_graph.call_function(aten.scaled_dot_product_attention.default,
+                                             (chain.query, key, chain.value, chain.mask),
+                                             {"scale": float(chain.scale)})
+    fused.meta.update({k: v for k, v in chain.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    chain.output.replace_all_uses_with(fused)
+    for node in chain.nodes:  # erased here: dead code elimination keeps a dropout (a random op) and all before it
+        graph.fx_graph.erase_node(node)
+    return fused

@@ -1,0 +1,187 @@
+"""fuse_attention: attention written out as matmul, softmax, matmul becomes scaled_dot_product_attention.
+
+Differential tolerance: the fused kernel computes the same softmax(q k^T * scale + mask) v in float32
+with another summation order (blocks of keys, an online softmax), so outputs agree to rounding:
+1e-5 relative to the outputs' scale on these small models (a wrong scale, mask or transpose moves
+them by 1e-1 and more). On MiniLM the sentence embeddings' cosine is checked to 0.99999.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import bevel
+from bevel.errors import ParamError
+from bevel.ir import capture
+from bevel.models import minilm as minilm_model
+from bevel.passes import PassContext, get_pass
+from tests.models_zoo import seeded
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+class WrittenOutBlock(nn.Module):
+    """A pre-norm transformer block whose attention is written out, with an additive padding mask."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads) + bias
+        y = self.drop(scores.softmax(dim=-1)) @ v
+        x = x + self.out(y.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(WrittenOutBlock() for _ in range(2))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+class MultiheadWithWeights(nn.Module):
+    """nn.MultiheadAttention as most code calls it: need_weights=True (bmm, softmax, bmm), with an
+    additive attention mask (baddbmm) in the second call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.MultiheadAttention(32, 4), nn.MultiheadAttention(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.first(x, x, x)[0]
+        n = x.shape[0]
+        local = torch.triu(torch.full((n, n), -2.0), diagonal=3)  # float mask: a soft penalty far ahead
+        return x + self.second(x, x, x, attn_mask=local)[0]
+
+
+class ReturnsWeights(WrittenOutBlock):
+    """The attention weights are an output too: the chain must stay."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        weights = (q @ k.transpose(-2, -1) * 0.25).softmax(dim=-1)
+        return (weights @ v).sum(), weights
+
+
+def fused(model: nn.Module, example: tuple) -> tuple:
+    graph = capture(model.eval(), example)
+    result = get_pass("fuse_attention")().run(graph, PassContext(calibration=[example], example_inputs=example))
+    assert graph.lint() == []
+    return graph, result
+
+
+def padded_tokens(g: torch.Generator, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0
+    return torch.randn(batch, length, 32, generator=g), mask
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
+
+
+def test_written_out_attention_becomes_one_fused_op_with_the_same_outputs():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    graph, result = fused(model, padded_tokens(seeded(0), 2, 7))
+    assert result.changed and result.stats["fused"] == 2
+    assert len(list(graph.nodes(target=SDPA))) == 2
+    assert not list(graph.nodes(target=(torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)))
+    fresh = padded_tokens(seeded(1), 3, 11)  # another batch size and length
+    with torch.no_grad():
+        assert close(graph(*fresh), model(*fresh))
+
+
+def test_multihead_attention_with_weights_is_fused_with_its_mask():
+    torch.manual_seed(0)
+    model = MultiheadWithWeights().eval()
+    graph, result = fused(model, (torch.randn(9, 2, 32, generator=seeded(0)),))
+    assert result.stats["fused"] == 2  # the weights the module returns are read by nobody
+    fresh = torch.randn(12, 3, 32, generator=seeded(1))
+    with torch.no_grad():
+        assert close(graph(fresh), model(fresh))
+
+
+def test_attention_whose_weights_are_read_elsewhere_is_left_alone_and_named():
+    torch.manual_seed(0)
+    model = ReturnsWeights().eval()
+    example = padded_tokens(seeded(0), 2, 5)
+    graph, result = fused(model, example)
+    assert not result.changed
+    assert any("left alone: softmax" in note and "read by something else" in note for note in result.notes)
+    assert any("nothing changed" in note for note in result.notes)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(graph(*example), model(*example)))
+
+
+def test_after_fusing_token_merging_finds_the_blocks():
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    example = padded_tokens(seeded(0), 2, 7)
+    alone = bevel.compile(model, "cleanup | tome(r=1)", example_inputs=example)
+    assert alone.report["tome"].status == "no change"
+    assert any("not recognized" in note for note in alone.report["tome"].notes)
+    merged = bevel.compile(model, "cleanup | fuse_attention | tome(r=1)", example_inputs=example)
+    assert merged.report["tome"].status == "applied" and merged.report["tome"].stats["blocks"] == 2
+
+
+def test_timm_vit_without_fused_attention_is_fused_and_then_merged():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              num_heads=4, num_classes=5).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = False  # q * scale @ k^T, softmax, dropout, @ v
+    example = (torch.randn(2, 3, 32, 32, generator=seeded(0)),)
+    compiled = bevel.compile(model, "cleanup | fuse_attention | tome(r=2)", example_inputs=example)
+    assert compiled.report["fuse_attention"].stats["fused"] == 2
+    assert compiled.report["tome"].stats["blocks"] == 2
+    exact = bevel.compile(model, "cleanup | fuse_attention", example_inputs=example)
+    fresh = torch.randn(3, 3, 32, 32, generator=seeded(1))
+    with torch.no_grad():
+        assert close(exact(fresh), model(fresh))
+
+
+def test_minilm_in_eager_attention_is_fused_exactly_and_its_heads_become_prunable(minilm_inputs):
+    # a fresh copy of the real model, switched to HF's written-out ("eager") attention
+    model = minilm_model.load_minilm()
+    model.set_attn_implementation("eager")
+    _, batches = minilm_model.held_out_batches(64, batch_size=32)
+    reference = minilm_model.sentence_embeddings(model, batches)
+    compiled = bevel.compile(model, "cleanup | fuse_attention", example_inputs=minilm_inputs)
+    assert compiled.report["fuse_attention"].stats["fused"] == 6
+    assert not compiled.report["fuse_attention"].notes
+    cosine = F.cosine_similarity(minilm_model.sentence_embeddings(compiled, batches), reference)
+    print(f"MiniLM eager attention fused: min cosine {float(cosine.min()):.7f} over 64 held-out sentences")
+    assert float(cosine.min()) >= 0.99999
+    heads = bevel.compile(model, 'cleanup | fuse_attention | prune.structured(target="heads", ratio=0.25)',
+                          example_inputs=minilm_inputs)
+    assert len(heads.report["prune.structured"].stats["groups"]) == 6
+
+
+def test_a_model_without_attention_is_left_unchanged_and_params_are_refused():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Softmax(dim=-1), nn.Linear(8, 2)).eval()  # a softmax, no attention
+    graph, result = fused(model, (torch.randn(3, 8),))
+    assert not result.changed and any("nothing changed" in note for note in result.notes)
+    with pytest.raises(ParamError, match="pass 'fuse_attention' has no parameter 'scale'"):
+        bevel.Pipeline("fuse_attention(scale=0.5)")
