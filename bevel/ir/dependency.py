@@ -472,7 +472,7 @@ class _Pass:
                 if user.op != "call_function" or user.args[0] is not current:
                     continue
                 if user.target in _INDEXING:
-                    if user.args[1] % len(_shape(current)) == d:
+                    if (user.args[1] if len(user.args) > 1 else 0) % len(_shape(current)) == d:
                         return True
                 elif user.target in _UNARY:
                     stack.append((user, d))
@@ -491,6 +491,8 @@ class _Pass:
         arg, position = 1, dim
         if node.target == aten.unflatten.int:  # (self, dim, sizes): the sizes of the dims from that dim on
             arg, position = 2, dim - node.args[1] % len(_shape(node.args[0]))
+            if not 0 <= position < len(node.args[2]):
+                return  # the channels lie in a dimension the unflatten leaves as it is
         size = node.args[arg][position]
         if size == -1:
             return
@@ -499,7 +501,7 @@ class _Pass:
         segment = track.segments[0]
         factor = None
         if isinstance(size, fx.Node):
-            factor = _static_factor(size) if segment.layout.batched else None
+            factor = _static_factor(size, segment.layout.size) if segment.layout.batched else None
             if factor is None:
                 raise Unsupported("sizes the channel dimension with a value computed at run time")
         if segment.group is not None:
@@ -674,7 +676,7 @@ class _Pass:
                 dim, batched = ins[0], True  # [B * H, ...] -> [B, H, ...]: before, the heads lay in the batch
             elif batched and outs == [dim] and len(ins) == 2 and ins[0] in _symbolic_dims(node.args[0]):
                 dim, batched = ins[1], False  # [B, H, ...] -> [B * H, ...]
-                factor = _static_factor(size) if isinstance(size, fx.Node) else None
+                factor = _static_factor(size, layout.size) if isinstance(size, fx.Node) else None
                 if factor is None:
                     return None
                 sizes.append(ShapeArg(node, position, 0, layout, 1, factor))
@@ -703,12 +705,13 @@ def _unsupported(node: fx.Node) -> Any:
     raise Unsupported(f"reads an output of {node.args[0].target} that the analysis does not follow")
 
 
-def _static_factor(size: fx.Node) -> int | None:
-    """Where ``size`` is a run-time size times an int (``B * heads``), the position of the int in its args."""
+def _static_factor(size: fx.Node, channels: int) -> int | None:
+    """Where ``size`` is a run-time size times the int ``channels`` (``B * heads``), the position of
+    the int in its args."""
     if size.op != "call_function" or size.target is not operator.mul or len(size.args) != 2:
         return None
     ints = [i for i, a in enumerate(size.args) if isinstance(a, int)]
-    return ints[0] if len(ints) == 1 else None
+    return ints[0] if len(ints) == 1 and size.args[ints[0]] == channels else None
 
 
 def _single(tracked: dict[fx.Node, Track]) -> Track:

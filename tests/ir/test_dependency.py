@@ -8,6 +8,7 @@ from torch import nn
 
 from bevel.ir import analysis, capture
 from bevel.ir.dependency import DependencyAnalysis, Layout
+from bevel.passes import PassContext, get_pass
 from tests.models_zoo import MLP, SDPABlock
 from tests.passes.test_prune_structured import ResidualConvNet
 
@@ -111,3 +112,33 @@ def test_a_layer_applied_twice_is_left_alone_and_says_its_weight_is_shared():
     assert len(shared) == 2  # a group per use, neither cut
     for group in shared:
         assert group.blocked and "'shared.weight' is read by 2 ops" in group.blocked[0][1]
+
+
+def test_an_unflatten_beside_the_channels_and_an_unbind_without_a_dim_are_followed():
+    class Unflattened(nn.Module):  # channels in dim 1, the spatial dims flattened and unflattened again
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).flatten(2).unflatten(2, (8, 8)))
+
+    class Unbound(nn.Module):  # k and v of a fused projection taken apart by unbind(0), its dim left out
+        def __init__(self) -> None:
+            super().__init__()
+            self.kv, self.q, self.out = nn.Linear(16, 32), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            k, v = self.kv(x).view(b, n, 2, 4, 4).permute(2, 0, 3, 1, 4).unbind(0)
+            q = self.q(x).view(b, n, 4, 4).transpose(1, 2)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            return x + self.out(y.transpose(1, 2).reshape(b, n, 16))
+
+    for model, example in ((Unflattened(), torch.randn(2, 3, 8, 8)), (Unbound(), torch.randn(2, 5, 16))):
+        graph = capture(model.eval(), (example,))
+        result = get_pass("prune.structured")(ratio=0.5, target="all").run(
+            graph, PassContext(calibration=[(example,)], example_inputs=(example,), calibrated=False))
+        assert result.changed, result.notes
+        with torch.no_grad():
+            assert graph(torch.cat([example, example])).shape[0] == 4
