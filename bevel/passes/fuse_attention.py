@@ -16,8 +16,8 @@ CPU its fused kernel is faster. The chain is matched from each softmax over the 
 and replaced by ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c)``. A chain whose
 intermediate values are read elsewhere (the attention weights returned as an output), with casts
 between its ops or a softmax in another dtype is left alone and named in the report. The result
-equals the chain's up to float rounding (the fused kernel sums in another order); a row whose every
-score is masked to -inf gives NaN either way.
+equals the chain's up to float rounding (the fused kernel sums in another order), except for a row
+whose every score is masked to -inf: NaN written out, zeros from the fused op (torch 2.14).
 """
 
 from __future__ import annotations
@@ -104,8 +104,12 @@ def _match(graph: Graph, softmax: fx.Node) -> _Chain | str:
         if node.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], numbers.Number):
             scale = scale * node.args[1] if node.target == aten.mul.Tensor else scale / node.args[1]
             node = node.args[0]
+        elif node.target in (aten.add.Tensor, aten.baddbmm.default) and scale != 1.0:
+            return "a constant factor after its mask scales the mask too"
         elif node.target == aten.add.Tensor and mask is None and len(node.args) == 2 and \
                 all(isinstance(a, fx.Node) for a in node.args):
+            if node.kwargs.get("alpha", 1) != 1:
+                return "its mask is added with a factor"
             scores_side = [a for a in node.args if _leads_to_product(a)]
             if len(scores_side) != 1:
                 return "it adds two tensors neither of which (or both of which) are the scores"
@@ -139,8 +143,11 @@ def _checked(graph: Graph, chain: _Chain, softmax: fx.Node) -> _Chain | str:
     dtypes = {graph.dtype(n) for n in (chain.query, chain.key_transposed, chain.value, softmax)}
     if len(dtypes) != 1 or not dtypes.pop().is_floating_point:
         return "its tensors do not share one floating dtype"
-    if chain.mask is not None and graph.dtype(chain.mask) not in (graph.dtype(softmax), torch.bool):
-        return "its mask has another dtype"
+    if chain.mask is not None and graph.dtype(chain.mask) != graph.dtype(softmax):
+        return "its mask has another dtype (a boolean added is 0 or 1, not keep or drop)"
+    product = chain.nodes[-1]
+    if [str(d) for d in graph.shape(product)] != [str(d) for d in graph.shape(softmax)]:
+        return "its mask broadcasts the scores to a larger shape"
     return chain
 
 

@@ -185,3 +185,39 @@ def test_a_model_without_attention_is_left_unchanged_and_params_are_refused():
     assert not result.changed and any("nothing changed" in note for note in result.notes)
     with pytest.raises(ParamError, match="pass 'fuse_attention' has no parameter 'scale'"):
         bevel.Pipeline("fuse_attention(scale=0.5)")
+
+
+class Variant(nn.Module):
+    """Written-out attention in a form that is not scaled_dot_product_attention's."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1)
+        if self.form == "scaled_after_mask":  # the factor scales the mask too
+            scores = (scores + mask) * 0.125
+        elif self.form == "boolean_mask":  # adds 0 or 1, where attention would keep or drop
+            scores = scores + (mask > 0)
+        elif self.form == "mask_with_factor":
+            scores = torch.add(scores, mask, alpha=3.0)
+        else:  # "wider_mask": the mask's batch of 2 broadcasts a query batch of 1
+            q, k, v = q[:1], k[:1], v[:1]
+            scores = q @ k.transpose(-2, -1) + mask
+        return scores.softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("form", ["scaled_after_mask", "boolean_mask", "mask_with_factor", "wider_mask"])
+def test_chains_that_are_not_attention_as_the_fused_op_computes_it_are_left_alone(form):
+    torch.manual_seed(0)
+    model = Variant(form).eval()
+    example = (torch.randn(2, 5, 16, generator=seeded(0)), torch.randn(2, 1, 5, 5, generator=seeded(1)))
+    graph, result = fused(model, example)
+    assert not result.changed, result.notes
+    assert any(note.startswith("left alone: softmax") for note in result.notes)
+    with torch.no_grad():
+        assert torch.equal(graph(*example), model(*example))
