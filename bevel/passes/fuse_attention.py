@@ -57,7 +57,7 @@ class FuseAttention(Pass):
     """Replace attention written out as matmul, softmax, matmul by scaled_dot_product_attention."""
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        graph.fx_graph.eliminate_dead_code()  # outputs nobody reads (weights an attention module returned) go
+        graph.refresh(shapes=False)  # outputs nobody reads (weights an attention module returned) go
         fused, notes = [], []
         for softmax in list(graph.nodes(op="call_function", target=_SOFTMAX)):
             found = _match(graph, softmax)
