@@ -82,8 +82,8 @@ class StructuredPrune(Pass):
             attention = torch.ops.aten.scaled_dot_product_attention.default
             if p.target == "heads" and not any(graph.nodes(target=attention)):
                 notes.append("the graph has no scaled_dot_product_attention: attention written out as matrix "
-                             "products and a softmax (nn.MultiheadAttention with need_weights=True) has no heads "
-                             "the analysis recognizes")
+                             "products and a softmax has no heads the analysis recognizes (`fuse_attention` "
+                             "earlier in the pipeline makes it one op where it can)")
             return PassResult(changed=False, stats={"groups": {}}, notes=notes + [f"no prunable {what} found: "
                                                                                   f"nothing changed"])
         steps = {}
