@@ -25,8 +25,7 @@ import torch
 import bevel
 from bevel.data import sentences
 from bevel.models import minilm
-from bevel.runtime.timing import median_latencies_ms
-from minilm_common import embedding_fidelity, page_faults_per_call
+from minilm_common import speed_and_fidelity_rows
 
 
 def main() -> None:
@@ -48,18 +47,10 @@ def main() -> None:
     models["torch eager, HF sdpa attention"] = fused_by_hf
     timed = minilm.encode(sentences(args.batch, seed=3), max_length=args.length, pad_to_max=True)
     _, held_out = minilm.held_out_batches(256, batch_size=32)
-    reference = minilm.sentence_embeddings(eager, held_out)
-    fidelity = embedding_fidelity(models, held_out, reference)
-    latency = median_latencies_ms(models, timed, runs=args.repeats, warmup=args.warmup)
-    faults = page_faults_per_call(models, timed)
-    base = latency["torch eager, written-out attention"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs after "
-          f"{args.warmup} warm-up; batch {tuple(timed[0].shape)}; fidelity over {len(reference)} held-out sentences")
-    print(f"{'model':40s} {'ms':>8s} {'speed-up':>9s} {'min cos':>10s} {'mean cos':>10s} {'faults':>8s}")
-    for label in models:
-        low, mean = fidelity[label]
-        print(f"{label:40s} {latency[label]:8.1f} {base / latency[label]:8.2f}x {low:10.5f} {mean:10.5f} "
-              f"{faults[label]:8d}")
+          f"{args.warmup} warm-up")
+    speed_and_fidelity_rows("MiniLM in written-out attention, sentences padded", models, timed, held_out,
+                            args.repeats, args.warmup)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the MiniLM CPU benchmarks share: an ONNX file run in ONNX Runtime as a callable, the
 fidelity of each candidate's sentence embeddings to the original's, the page faults of one call,
-and the CPU's matrix instructions."""
+a table of speed and fidelity against a baseline, and the CPU's matrix instructions."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from bevel.models import minilm
+from bevel.runtime.timing import median_latencies_ms
 
 
 def onnxruntime_callable(path: str, threads: int) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
@@ -58,6 +59,23 @@ def page_faults_per_call(models: dict[str, Callable[..., Any]], inputs: tuple[An
             model(*inputs)
             faults[name] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     return faults
+
+
+def speed_and_fidelity_rows(name: str, models: dict, timed: tuple, batches: list, repeats: int, warmup: int) -> None:
+    """Time ``models`` (the first is the baseline) on ``timed`` and print speed-up and fidelity on ``batches``."""
+    model = next(iter(models.values()))
+    reference = minilm.sentence_embeddings(model, batches)
+    fidelity = embedding_fidelity(models, batches, reference)
+    latency = median_latencies_ms(models, timed, runs=repeats, warmup=warmup)
+    faults = page_faults_per_call(models, timed)
+    base = next(iter(latency.values()))
+    print(f"\n{name}: batch {tuple(timed[0].shape)}, real tokens {int(timed[1].sum())} of {timed[1].numel()}; "
+          f"fidelity over {len(reference)} texts")
+    print(f"{'model':66s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s} {'faults':>8s}")
+    for label in models:
+        low, mean = fidelity[label]
+        print(f"{label:66s} {latency[label]:8.1f} {base / latency[label]:8.2f}x {low:9.5f} {mean:9.5f} "
+              f"{faults[label]:8d}")
 
 
 def cpu_matrix_features() -> str:

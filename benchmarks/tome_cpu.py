@@ -33,7 +33,7 @@ import bevel
 from bevel.data import passages, sentences
 from bevel.models import minilm
 from bevel.runtime.timing import median_latencies_ms
-from minilm_common import embedding_fidelity, page_faults_per_call
+from minilm_common import page_faults_per_call, speed_and_fidelity_rows
 
 # MiniLM's sentence embeddings suffer most from merges in its first blocks, hence schedules that
 # start late; r=8 everywhere for contrast. Packed, every merge is of real tokens (r per packed row)
@@ -48,23 +48,6 @@ PADDED_PIPELINES = ['cleanup | tome(r=[0, 0, 0, 10, 10, 10])',
 PASSAGE_R = ["2", "4", "8", "12", "16", "[0, 12, 16, 20, 24, 0]", "[0, 12, 16, 20, 24, 27]"]
 
 
-def minilm_rows(name: str, models: dict, timed: tuple, batches: list, repeats: int, warmup: int) -> None:
-    """Time ``models`` (the first is the baseline) on ``timed`` and print speed-up and fidelity on ``batches``."""
-    model = next(iter(models.values()))
-    reference = minilm.sentence_embeddings(model, batches)
-    fidelity = embedding_fidelity(models, batches, reference)
-    latency = median_latencies_ms(models, timed, runs=repeats, warmup=warmup)
-    faults = page_faults_per_call(models, timed)
-    base = next(iter(latency.values()))
-    print(f"\n{name}: batch {tuple(timed[0].shape)}, real tokens {int(timed[1].sum())} of {timed[1].numel()}; "
-          f"fidelity over {len(reference)} texts")
-    print(f"{'model':66s} {'ms':>8s} {'speed-up':>9s} {'min cos':>9s} {'mean cos':>9s} {'faults':>8s}")
-    for label in models:
-        low, mean = fidelity[label]
-        print(f"{label:66s} {latency[label]:8.1f} {base / latency[label]:8.2f}x {low:9.5f} {mean:9.5f} "
-              f"{faults[label]:8d}")
-
-
 def padded(args: argparse.Namespace) -> None:
     model = minilm.load_minilm()
     example = minilm.example_inputs()
@@ -74,7 +57,7 @@ def padded(args: argparse.Namespace) -> None:
     models = {"torch eager": model}
     for pipeline in PADDED_PIPELINES:
         models[f"bevel {pipeline.removeprefix('cleanup | ')}"] = bevel.compile(model, pipeline, example_inputs=example)
-    minilm_rows("MiniLM, sentences padded to 128", models, timed, held_out, args.repeats, args.warmup)
+    speed_and_fidelity_rows("MiniLM, sentences padded to 128", models, timed, held_out, args.repeats, args.warmup)
 
 
 def full_passages(args: argparse.Namespace) -> None:
@@ -88,7 +71,7 @@ def full_passages(args: argparse.Namespace) -> None:
         for metric in ("keys", "hidden"):
             pipeline = f'cleanup | tome(r={r}, metric="{metric}")'
             models[f"bevel tome(r={r}, metric={metric})"] = bevel.compile(model, pipeline, example_inputs=timed)
-    minilm_rows("MiniLM, passages filling 128 tokens", models, timed, batches, args.repeats, args.warmup)
+    speed_and_fidelity_rows("MiniLM, passages filling 128 tokens", models, timed, batches, args.repeats, args.warmup)
 
 
 def vit(args: argparse.Namespace) -> None:

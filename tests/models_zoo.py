@@ -80,6 +80,51 @@ class SDPABlock(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, n, d))
 
 
+class MaskedAttentionBlock(nn.Module):
+    """A pre-norm transformer block whose attention adds a padding bias made from a [B, N] mask:
+    through scaled_dot_product_attention, or with ``written_out`` as matmul, softmax, dropout, matmul."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, written_out: bool = False) -> None:
+        super().__init__()
+        self.heads, self.written_out = heads, written_out
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        if self.written_out:
+            scores = q @ k.transpose(-2, -1) / (d // self.heads) ** 0.5 + bias
+            y = self.drop(scores.softmax(dim=-1)) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        x = x + self.out(y.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class MaskedEncoder(nn.Module):
+    """Token features and a padding mask in, no embedding: the first block reads the model's input itself."""
+
+    def __init__(self, depth: int = 2, written_out: bool = False) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(MaskedAttentionBlock(written_out=written_out) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+def padded_tokens(g: torch.Generator, batch: int = 2, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, length, 32] token features and a mask whose first row is padded from the middle."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0
+    return torch.randn(batch, length, 32, generator=g), mask
+
+
 class DataDependent(nn.Module):
     """Branches on a tensor's value: torch.export cannot capture it."""
 

@@ -30,13 +30,13 @@ import torch.fx as fx
 
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassResult
+from bevel.passes.cleanup import DROPOUT_OPS
 from bevel.passes.registry import register_pass
+from bevel.passes.tome.blocks import SOFTMAX_OPS
 
 aten = torch.ops.aten
 
-_SOFTMAX = (aten.softmax.int, aten._softmax.default)
 _PRODUCTS = (aten.matmul.default, aten.bmm.default)
-_EVAL_DROPOUT = (aten.dropout.default,)
 
 
 @dataclass
@@ -48,8 +48,11 @@ class _Chain:
     value: fx.Node
     mask: fx.Node | None
     scale: float
-    output: fx.Node
-    nodes: list[fx.Node]  # the chain's ops, each read only by the next, from the output back
+    nodes: list[fx.Node]  # the chain's ops, each read only by the next, from the output back to the product
+
+    @property
+    def output(self) -> fx.Node:
+        return self.nodes[0]
 
 
 @register_pass("fuse_attention")
@@ -59,7 +62,7 @@ class FuseAttention(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         graph.refresh(shapes=False)  # outputs nobody reads (weights an attention module returned) go
         fused, notes = [], []
-        for softmax in list(graph.nodes(op="call_function", target=_SOFTMAX)):
+        for softmax in list(graph.nodes(op="call_function", target=SOFTMAX_OPS)):
             found = _match(graph, softmax)
             if isinstance(found, str):
                 notes.append(f"left alone: softmax '{softmax.name}': {found}")
@@ -82,13 +85,14 @@ def _match(graph: Graph, softmax: fx.Node) -> _Chain | str:
     rank = len(graph.shape(softmax) or ())
     if rank < 3 or softmax.args[1] % rank != rank - 1:
         return "not a softmax over the last dimension of a batch of score matrices"
-    if softmax.target == aten.softmax.int and softmax.kwargs.get("dtype", softmax.args[2] if len(softmax.args) > 2
-                                                                   else None) not in (None, graph.dtype(scores)):
+    if softmax.target == aten._softmax.default:  # (x, dim, half_to_float)
+        if softmax.args[2]:
+            return "the softmax computes in another dtype"
+    elif softmax.kwargs.get("dtype", softmax.args[2] if len(softmax.args) > 2 else None) not in (None,
+                                                                                                graph.dtype(scores)):
         return "the softmax changes the dtype"
-    if softmax.target == aten._softmax.default and softmax.args[2]:
-        return "the softmax computes in another dtype"
     weights, user, dropouts = softmax, _only_user(softmax), []
-    while user is not None and user.target in _EVAL_DROPOUT and (user.args[1] == 0 or not user.args[2]):
+    while user is not None and user.target in DROPOUT_OPS and (user.args[1] == 0 or not user.args[2]):
         dropouts.insert(0, user)  # dropout in eval mode, or with p = 0: the identity
         weights, user = user, _only_user(user)
     if user is None or user.target not in _PRODUCTS or user.args[0] is not weights:
@@ -119,10 +123,10 @@ def _match(graph: Graph, softmax: fx.Node) -> _Chain | str:
             beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
             if beta != 1 or not isinstance(alpha, numbers.Number):
                 return "its scores scale their mask"
-            return _checked(graph, _Chain(node.args[1], node.args[2], value, node.args[0], scale * alpha, user,
-                                          nodes), softmax)
+            return _checked(graph, _Chain(node.args[1], node.args[2], value, node.args[0], scale * alpha, nodes),
+                            softmax)
         elif node.target in _PRODUCTS:
-            return _checked(graph, _Chain(node.args[0], node.args[1], value, mask, scale, user, nodes), softmax)
+            return _checked(graph, _Chain(node.args[0], node.args[1], value, mask, scale, nodes), softmax)
         else:
             return f"its scores come from {node.target}, not a product of queries and keys"
 

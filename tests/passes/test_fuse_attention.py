@@ -8,8 +8,6 @@ them by 1e-1 and more). On MiniLM the sentence embeddings' cosine is checked to 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
@@ -20,41 +18,9 @@ from bevel.errors import ParamError
 from bevel.ir import capture
 from bevel.models import minilm as minilm_model
 from bevel.passes import PassContext, get_pass
-from tests.models_zoo import seeded
+from tests.models_zoo import MaskedAttentionBlock, MaskedEncoder, padded_tokens, seeded
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
-
-
-class WrittenOutBlock(nn.Module):
-    """A pre-norm transformer block whose attention is written out, with an additive padding mask."""
-
-    def __init__(self, dim: int = 32, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.LayerNorm(dim)
-        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-        self.drop = nn.Dropout(0.1)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        scores = q @ k.transpose(-2, -1) / math.sqrt(d // self.heads) + bias
-        y = self.drop(scores.softmax(dim=-1)) @ v
-        x = x + self.out(y.transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(x)
-
-
-class Encoder(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(WrittenOutBlock() for _ in range(2))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, mask)
-        return x
 
 
 class MultiheadWithWeights(nn.Module):
@@ -72,7 +38,7 @@ class MultiheadWithWeights(nn.Module):
         return x + self.second(x, x, x, attn_mask=local)[0]
 
 
-class ReturnsWeights(WrittenOutBlock):
+class ReturnsWeights(MaskedAttentionBlock):
     """The attention weights are an output too: the chain must stay."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,19 +55,13 @@ def fused(model: nn.Module, example: tuple) -> tuple:
     return graph, result
 
 
-def padded_tokens(g: torch.Generator, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, length // 2:] = 0
-    return torch.randn(batch, length, 32, generator=g), mask
-
-
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return float((got - want).abs().max()) <= 1e-5 * max(1.0, float(want.abs().max()))
 
 
 def test_written_out_attention_becomes_one_fused_op_with_the_same_outputs():
     torch.manual_seed(0)
-    model = Encoder().eval()
+    model = MaskedEncoder(written_out=True).eval()
     graph, result = fused(model, padded_tokens(seeded(0), 2, 7))
     assert result.changed and result.stats["fused"] == 2
     assert len(list(graph.nodes(target=SDPA))) == 2
@@ -135,7 +95,7 @@ def test_attention_whose_weights_are_read_elsewhere_is_left_alone_and_named():
 
 def test_after_fusing_token_merging_finds_the_blocks():
     torch.manual_seed(0)
-    model = Encoder().eval()
+    model = MaskedEncoder(written_out=True).eval()
     example = padded_tokens(seeded(0), 2, 7)
     alone = bevel.compile(model, "cleanup | tome(r=1)", example_inputs=example)
     assert alone.report["tome"].status == "no change"

@@ -21,7 +21,7 @@ from bevel.errors import ParamError
 from bevel.ir import analysis, capture
 from bevel.ir.dependency import DependencyAnalysis
 from bevel.passes import PassContext, get_pass
-from tests.models_zoo import MLP, seeded
+from tests.models_zoo import MLP, padded_tokens, seeded
 
 
 class ResidualConvNet(nn.Module):
@@ -100,12 +100,6 @@ class PaddedEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x, src_key_padding_mask=mask == 0))
-
-
-def padded_tokens(g: torch.Generator, batch: int = 2, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, length // 2:] = 0
-    return torch.randn(batch, length, 32, generator=g), mask
 
 
 def transformer_encoder():

@@ -19,7 +19,7 @@ from torch import nn
 
 import bevel
 from bevel.errors import ParamError
-from tests.models_zoo import seeded
+from tests.models_zoo import MaskedEncoder, seeded
 
 
 class Block(nn.Module):
@@ -54,38 +54,6 @@ class Encoder(nn.Module):
 def encoder(need_weights: bool = False):
     torch.manual_seed(0)
     return Encoder(need_weights=need_weights).eval(), lambda g, b=2, n=20: (torch.randn(b, n, 32, generator=g),)
-
-
-class MaskedBlock(nn.Module):
-    """A block of scaled_dot_product_attention with an additive padding bias made from a [B, N] mask."""
-
-    def __init__(self, dim: int = 32, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        x = x + self.out(y.transpose(1, 2).reshape(b, n, d))
-        return x + self.mlp(self.norm2(x))
-
-
-class MaskedEncoder(nn.Module):
-    """Token features in, no embedding: the first block reads the model's input itself."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(MaskedBlock() for _ in range(2))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, mask)
-        return x
 
 
 def masked_encoder():

@@ -31,6 +31,7 @@ from bevel.passes.prune.structured_stats import ChannelStats, collect_channel_st
 from bevel.passes.registry import register_pass
 
 TARGETS = ("mlp", "heads", "conv", "all")
+ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
 
 
 @register_pass("prune.structured")
@@ -67,9 +68,11 @@ class StructuredPrune(Pass):
         notes = [f"left alone: group '{g.name}' ({g.kind}): node '{g.blocked[0][0]}' {g.blocked[0][1]}"
                  for g in analysis.groups if g.blocked and _wanted(g, p.target)]
         if p.target == "heads":  # a group stopped before its attention never became "heads": say where
-            notes += [f"left alone: group '{g.name}' feeds attention '{attention}', but node '{g.blocked[0][0]}' "
-                      f"{g.blocked[0][1]}" for g in analysis.groups if g.blocked and g.kind != "heads"
-                      for attention in [_attention_fed(g)] if attention is not None]
+            for g in analysis.groups:
+                attention = _attention_fed(g) if g.blocked and g.kind != "heads" else None
+                if attention is not None:
+                    notes.append(f"left alone: group '{g.name}' feeds attention '{attention}', but node "
+                                 f"'{g.blocked[0][0]}' {g.blocked[0][1]}")
         candidates = [g for g in analysis.groups if not g.blocked and _wanted(g, p.target)]
         for group in list(candidates):
             names = {s.param for s in group.slices}
@@ -79,8 +82,7 @@ class StructuredPrune(Pass):
         if not candidates:
             what = {"heads": "attention heads", "mlp": "FFN neuron groups", "conv": "conv channel groups",
                     "all": "channel groups"}[p.target]
-            attention = torch.ops.aten.scaled_dot_product_attention.default
-            if p.target == "heads" and not any(graph.nodes(target=attention)):
+            if p.target == "heads" and not any(graph.nodes(target=ATTENTION)):
                 notes.append("the graph has no scaled_dot_product_attention: attention written out as matrix "
                              "products and a softmax has no heads the analysis recognizes (`fuse_attention` "
                              "earlier in the pipeline makes it one op where it can)")
@@ -156,7 +158,7 @@ def _attention_fed(group: ChannelGroup) -> str | None:
         node = stack.pop()
         if node in seen or node.op != "call_function" or node.target in LINEAR_OPS + CONV_OPS:
             continue
-        if node.target == torch.ops.aten.scaled_dot_product_attention.default:
+        if node.target == ATTENTION:
             return node.name
         seen.add(node)
         stack.extend(node.users)
