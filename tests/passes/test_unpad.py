@@ -18,7 +18,7 @@ from bevel.models import minilm
 from bevel.runtime.ops.sequence_pack import pack_sequences_reference, row_placement
 
 from bevel.passes import PassContext, get_pass
-from tests.models_zoo import MLP
+from tests.models_zoo import MLP, MaskedEncoder, padded_tokens, seeded
 from tests.passes.token_reduction import apply_pass, assert_loads_identical, padded_ids, small_bert, small_vit
 
 
@@ -77,6 +77,21 @@ def test_unpad_is_exact_on_a_random_bert_with_padding():
         torch.testing.assert_close(got[0][keep], want.last_hidden_state[keep], rtol=0, atol=1e-5)
         torch.testing.assert_close(got[1], want.pooler_output, rtol=0, atol=1e-5)
         assert got[0].shape == want.last_hidden_state.shape
+
+
+def test_unpad_is_exact_on_an_encoder_whose_first_block_reads_the_input():
+    # packing starts at the model's input itself, which torch.export's input guards also read
+    torch.manual_seed(0)
+    model = MaskedEncoder().eval()
+    example = padded_tokens(seeded(0), 3, 12)
+    compiled = bevel.compile(model, "cleanup | unpad", example_inputs=example)
+    assert compiled.report["unpad"].status == "applied", compiled.report["unpad"].reason
+    x, mask = padded_tokens(seeded(1), 5, 10)
+    mask[2:, 3:] = 0  # three short rows that share packed rows
+    with torch.no_grad():
+        want, got = model(x, mask), compiled(x, mask)
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=0, atol=1e-5)
 
 
 def test_unpad_keeps_minilm_embeddings_on_real_sentences():

@@ -60,6 +60,13 @@ class Inserter:
         return node
 
 
+def reroute(old: fx.Node, new: fx.Node, made: list[fx.Node]) -> None:
+    """Make the readers of ``old`` read ``new``, except the nodes ``made`` to compute ``new`` and
+    torch.export's input guards (a call_module), which check the input as it came."""
+    made_set = set(made)
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in made_set and user.op != "call_module")
+
+
 def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, made_sizes: set[fx.Node]) -> None:
     """In ``users``, read the token count from ``new`` wherever they read it from ``old``.
 
@@ -192,9 +199,7 @@ class TokenReduction:
         source = dest if self.source is None else at(aten.gather.default, dest, 1, self.source)
         count = at(aten.sym_size.int, x, 1)
         self.made_sizes.add(count)
-        made = set(at.made)
-        # torch.export's input guards (a call_module) keep reading the input as it came
-        old.replace_all_uses_with(x, delete_user_cb=lambda user: user not in made and user.op != "call_module")
+        reroute(old, x, at.made)
         later = descendants(x)
         for node in later:
             copy_before_reshaping(graph, node)

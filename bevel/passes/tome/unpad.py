@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from bevel.ir.analysis import descendants
 from bevel.ir.arguments import find_argument, set_argument
@@ -31,7 +32,8 @@ from bevel.ir.meta import concrete
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult
 from bevel.passes.registry import register_pass
 from bevel.passes.tome.blocks import ATTENTION_OPS, LAYER_NORMS, AttentionBlock, ancestors, find_blocks
-from bevel.passes.tome.rewrite import Inserter, copy_before_reshaping, count_nodes, padding_sizes, replace_count
+from bevel.passes.tome.rewrite import (Inserter, copy_before_reshaping, count_nodes, padding_sizes, replace_count,
+                                      reroute)
 
 aten = torch.ops.aten
 
@@ -76,7 +78,7 @@ def pack_before(graph: Graph, first: AttentionBlock, end: fx.Node, batch, tokens
     same = at(aten.eq.Tensor, at(aten.unsqueeze.default, segment, 2), at(aten.unsqueeze.default, segment, 1))
     mask = at(aten.unsqueeze.default, same, 1)  # [R, 1, W, W]
     made = set(at.made)
-    first.input.replace_all_uses_with(x, delete_user_cb=lambda user: user not in made)
+    reroute(first.input, x, at.made)
     # the packed region: from the packing to the end of the last block
     region = (descendants(x) & (ancestors(end) | {end})) - made
     for node in region:
@@ -97,6 +99,8 @@ def unpack_after(graph: Graph, end: fx.Node, packed: PackedStream, channels: int
     """Make everything after ``end`` read the stream unpacked to the original [B, N, C]; with
     ``merged_source`` (each packed position's slot after token merging, [R, W]), first spread the
     merged tokens back to the packed positions."""
+    if isinstance(channels, torch.SymInt) and is_concrete_int(channels):
+        channels = int(channels)  # the feature size of a model's input is a SymInt of fixed value
     back = Inserter(graph, end)
     value = end if merged_source is None else back(torch.ops.bevel.unmerge_tokens.default, end, merged_source)
     flat = back(aten.reshape.default, value, [-1, channels])
