@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, Callable, Iterable
 
 import torch
 
 from bevel.codegen.lower import check_device, lower
+from bevel.compiler.captured import CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes
+from bevel.compiler.captured import copy_model  # noqa: F401  (imported from here by the CLI and tests)
 from bevel.compiler.compile_decoder import compile_decoder
 from bevel.compiler.fidelity import Fidelity, compare, run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures
@@ -16,20 +17,10 @@ from bevel.compiler.pipeline import build_pipeline
 from bevel.compiler.report import Report
 from bevel.errors import BevelError, CaptureError, ParamError, first_line
 from bevel.ir.capture import capture
-from bevel.ir.decoder import is_causal_lm
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext
 from bevel.passes.tome.blocks import padding_mask_input
 from bevel.runtime.compiled_module import CompiledModule
-
-
-def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
-    """A model's positional inputs as a tuple: a lone tensor becomes a 1-tuple."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)):
-        return tuple(batch)
-    raise BevelError(f"{what} must be a tuple of positional inputs (or one tensor), got {type(batch).__name__}")
 
 
 def _run_each(module: Any, batches: list[tuple[Any, ...]],
@@ -54,15 +45,6 @@ def check_seed(seed: Any) -> None:
     """Refuse a ``seed`` that torch.manual_seed cannot take: not an int, or outside 64 bits."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
         raise ParamError(f"seed={seed!r} must be an integer that fits in 64 bits", key="seed")
-
-
-def check_dynamic_shapes(dynamic_shapes: Any) -> None:
-    """Refuse a ``dynamic_shapes`` that is not None, "static" or a torch.export spec (dict, tuple, list)."""
-    if dynamic_shapes is not None and dynamic_shapes != "static" and not isinstance(dynamic_shapes,
-                                                                                     (dict, tuple, list)):
-        raise ParamError(f"dynamic_shapes={dynamic_shapes!r} must be None (dimensions vary where the model allows), "
-                         f"'static' (fixed to the example inputs) or a torch.export dynamic_shapes spec (a dict, "
-                         f"tuple or list)", key="dynamic_shapes")
 
 
 def check_fidelity_budget(max_fidelity_drop: Any) -> None:
@@ -97,17 +79,7 @@ def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: li
         raise CaptureError(f"the captured graph does not reproduce the model's outputs: {error}") from error
 
 
-def copy_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A deep copy in eval mode, so capture and passes never touch the user's model."""
-    try:
-        clone = copy.deepcopy(model)
-    except Exception as error:  # deepcopy fails on some attributes (locks, handles): say which model
-        raise CaptureError(f"could not copy {type(model).__name__} before capture ({error}); bevel never "
-                           f"modifies the user's model, so it needs a copyable one") from error
-    return clone.eval()
-
-
-def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cleanup",
+def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[str | Pass] = "cleanup",
             example_inputs: Any = None, calibration: Iterable[Any] | None = None, device: str = "cpu",
             max_fidelity_drop: float | None = None, dynamic_shapes: Any = None, seed: int = 0,
             on_pass_start: ProgressHook | None = None, on_pass_end: ProgressHook | None = None,
@@ -115,7 +87,9 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     """Rewrite ``model`` with the pipeline ``passes`` and return a CompiledModule to call, save or export.
 
     Args:
-        model: the nn.Module to optimize; it is copied, never modified.
+        model: the nn.Module to optimize; it is copied, never modified. Or a CapturedModel from
+            ``bevel.capture``, to compile a model captured once with several pipelines: then
+            ``example_inputs``, ``dynamic_shapes`` and ``decoder`` are the capture's and not given here.
         passes: a pipeline string (``"cleanup | prune.magnitude(sparsity=0.3)"``), a Pass, or a list
             of strings and Pass instances. Errors in it are raised before any work.
         example_inputs: a tuple of positional inputs used to capture the graph (a lone tensor is
@@ -145,14 +119,20 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
     and calibration batches are prompts: ``input_ids`` or ``(input_ids, attention_mask)``.
     """
     pipeline = build_pipeline(passes)
-    if not isinstance(model, torch.nn.Module):
+    captured = model if isinstance(model, CapturedModel) else None
+    if captured is not None:
+        given = [name for name, value in (("example_inputs", example_inputs), ("dynamic_shapes", dynamic_shapes),
+                                          ("decoder", decoder)) if value is not None]
+        if given:
+            raise BevelError(f"{', '.join(given)}: fixed when the model was captured (bevel.capture); to change it, "
+                             f"capture again or compile the model itself")
+        model, example_inputs = captured.model, captured.example_inputs
+    elif not isinstance(model, torch.nn.Module):
         raise CaptureError(f"bevel.compile expects a torch.nn.Module, got {type(model).__name__}")
     check_fidelity_budget(max_fidelity_drop)
     check_seed(seed)
     check_dynamic_shapes(dynamic_shapes)
-    if decoder is not None and not isinstance(decoder, bool):
-        raise ParamError(f"decoder={decoder!r} must be None or True (a causal LM becomes a decoder with generate()) "
-                         f"or False (capture its plain forward)", key="decoder")
+    is_decoder = captured.decoder if captured is not None else as_decoder(model, decoder, dynamic_shapes)
     check_device(device)
     batches = calibration_batches(calibration)
     if example_inputs is None:
@@ -161,29 +141,28 @@ def compile(model: torch.nn.Module, passes: str | Pass | list[str | Pass] = "cle
         example_inputs = batches[0]
     example_inputs = as_input_tuple(example_inputs, "example_inputs")
     check_order(pipeline, has_calibration=bool(batches))
-    if decoder and not is_causal_lm(model):
-        raise BevelError(f"decoder=True: {type(model).__name__} is not a causal LM (an HF ...ForCausalLM or "
-                         f"...LMHeadModel)")
-    if decoder is not False and is_causal_lm(model):
-        if dynamic_shapes is not None:
-            raise BevelError("dynamic_shapes does not apply to a causal LM: its step graph keeps the batch, the "
-                             "tokens per step and the cache length symbolic")
-        return compile_decoder(copy_model(model), pipeline, example_inputs, batches, device, max_fidelity_drop,
-                               seed, max_cache_len, eval_text, on_pass_start, on_pass_end)
+    # a captured model is already a copy: its compiles only run it, and rewrite a copy of its graph
+    if is_decoder:
+        return compile_decoder(copy_model(model) if captured is None else captured.model, pipeline, example_inputs,
+                               batches, device, max_fidelity_drop, seed, max_cache_len, eval_text, on_pass_start,
+                               on_pass_end,
+                               None if captured is None else (captured.graph.copy(), captured.capture_seconds))
     if max_cache_len is not None or eval_text is not None:
         raise BevelError(f"max_cache_len and eval_text apply to causal LMs only; {type(model).__name__} is not one")
     ctx = PassContext(calibration=batches or [example_inputs], example_inputs=example_inputs, device=device,
                       calibrated=bool(batches),
                       seed=seed, max_fidelity_drop=max_fidelity_drop)
-
-    original = copy_model(model)
+    original = copy_model(model) if captured is None else captured.model
     reference = _run_each(original, ctx.calibration, lambda index, batch, error: (
         f"{type(model).__name__} fails on "
         + (f"calibration batch {index} (input shapes {_shapes(batch)})" if batches else "its example inputs")
         + f" before capture: {error}"))
-    start = time.perf_counter()
-    graph = capture(original, example_inputs, dynamic_shapes)
-    capture_seconds = time.perf_counter() - start
+    if captured is None:
+        start = time.perf_counter()
+        graph = capture(original, example_inputs, dynamic_shapes)
+        capture_seconds = time.perf_counter() - start
+    else:
+        graph, capture_seconds = captured.graph.copy(), captured.capture_seconds
     report = Report(model=type(model).__name__, pipeline=" | ".join(repr(p) for p in pipeline),
                     original=measure_figures(graph), capture_seconds=capture_seconds,
                     calibration_batches=len(ctx.calibration), max_fidelity_drop=max_fidelity_drop,

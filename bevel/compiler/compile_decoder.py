@@ -20,6 +20,7 @@ from bevel.compiler.manager import PassManager, ProgressHook, measure_figures
 from bevel.compiler.report import Report
 from bevel.errors import BevelError, CaptureError
 from bevel.ir.decoder import DecoderSpec, DecoderStep, capture_decoder, decoder_spec, prefill_inputs
+from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext
 from bevel.runtime.compiled_decoder import CompiledDecoder
 
@@ -42,8 +43,11 @@ def prompt_batch(batch: tuple[Any, ...], what: str) -> tuple[torch.Tensor, torch
 def compile_decoder(model: torch.nn.Module, pipeline: list[Pass], example_inputs: tuple[Any, ...],
                     batches: list[tuple[Any, ...]], device: str, max_fidelity_drop: float | None, seed: int,
                     max_cache_len: int | None, eval_text: Any, on_pass_start: ProgressHook | None,
-                    on_pass_end: ProgressHook | None) -> CompiledDecoder:
-    """The decoder branch of ``bevel.compile`` (``model`` is already a copy in eval mode)."""
+                    on_pass_end: ProgressHook | None,
+                    captured: tuple[Graph, float] | None = None) -> CompiledDecoder:
+    """The decoder branch of ``bevel.compile`` (``model`` is already a copy in eval mode); ``captured``
+    is the step graph of ``model`` (a copy to rewrite) and the seconds its capture took, if captured
+    already."""
     spec = decoder_spec(model, max_cache_len)
     quality = _perplexity_probe(eval_text, spec)
     example_ids, example_mask = prompt_batch(example_inputs, "example_inputs")
@@ -62,9 +66,12 @@ def compile_decoder(model: torch.nn.Module, pipeline: list[Pass], example_inputs
     except Exception as error:
         raise CaptureError(f"{type(model).__name__} fails on its own prompts with a KV cache before capture: "
                            f"{type(error).__name__}: {error}") from error
-    start = time.perf_counter()
-    graph = capture_decoder(model, spec, example_ids)
-    capture_seconds = time.perf_counter() - start
+    if captured is None:
+        start = time.perf_counter()
+        graph = capture_decoder(model, spec, example_ids)
+        capture_seconds = time.perf_counter() - start
+    else:
+        graph, capture_seconds = captured
     from bevel.compiler.compile import check_graph_runs
 
     report = Report(model=type(model).__name__, pipeline=" | ".join(repr(p) for p in pipeline),

@@ -1,0 +1,127 @@
+"""``bevel.capture``: capture a model once, then compile it with several pipelines.
+
+torch.export is the same work for every pipeline, and not small: the step graph of a 12-layer
+causal LM, its batch, token and cache dimensions symbolic, takes about 12 s on a 2-core CPU. A
+sweep over a pass's parameters (thresholds, ratios, budgets) captures once and hands the result to
+``bevel.compile`` in place of the model, once per point::
+
+    captured = bevel.capture(model, example_inputs=(ids, mask))
+    for ratio in (0.1, 0.2, 0.3):
+        cm = bevel.compile(captured, f"prune.structured(ratio={ratio})", calibration=batches)
+
+Each compile rewrites its own copy of the captured graph and measures fidelity against the copy of
+the model the graph was captured from, so the result equals compiling the model itself, and the
+captured model and graph stay as they were for the next compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from bevel.compiler.compile_decoder import prompt_batch
+from bevel.errors import BevelError, CaptureError, ParamError
+from bevel.ir.capture import capture as capture_graph
+from bevel.ir.decoder import capture_decoder, decoder_spec, is_causal_lm
+from bevel.ir.graph import Graph
+
+
+@dataclass(frozen=True, eq=False)
+class CapturedModel:
+    """A model's graph as torch.export captured it, with the copy of the model it was captured from
+    (in eval mode: the reference each compile's fidelity check runs). Made by :func:`capture`; give
+    it to ``bevel.compile`` in place of the model. Nothing a compile does changes it."""
+
+    model: torch.nn.Module
+    graph: Graph
+    example_inputs: tuple[Any, ...]
+    decoder: bool  # a causal LM captured as its step graph with a KV cache (compiles to a CompiledDecoder)
+    capture_seconds: float
+
+    def __repr__(self) -> str:
+        kind = "decoder step graph" if self.decoder else "graph"
+        return (f"CapturedModel({type(self.model).__name__}, {kind} of {len(self.graph.fx_graph.nodes)} nodes, "
+                f"captured in {self.capture_seconds:.1f} s)")
+
+
+def copy_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy in eval mode, so capture and passes never touch the user's model."""
+    try:
+        clone = copy.deepcopy(model)
+    except Exception as error:  # deepcopy fails on some attributes (locks, handles): say which model
+        raise CaptureError(f"could not copy {type(model).__name__} before capture ({error}); bevel never "
+                           f"modifies the user's model, so it needs a copyable one") from error
+    return clone.eval()
+
+
+def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
+    """A model's positional inputs as a tuple: a lone tensor becomes a 1-tuple."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    raise BevelError(f"{what} must be a tuple of positional inputs (or one tensor), got {type(batch).__name__}")
+
+
+def check_dynamic_shapes(dynamic_shapes: Any) -> None:
+    """Refuse a ``dynamic_shapes`` that is not None, "static" or a torch.export spec (dict, tuple, list)."""
+    if dynamic_shapes is not None and dynamic_shapes != "static" and not isinstance(dynamic_shapes,
+                                                                                     (dict, tuple, list)):
+        raise ParamError(f"dynamic_shapes={dynamic_shapes!r} must be None (dimensions vary where the model allows), "
+                         f"'static' (fixed to the example inputs) or a torch.export dynamic_shapes spec (a dict, "
+                         f"tuple or list)", key="dynamic_shapes")
+
+
+def as_decoder(model: torch.nn.Module, decoder: bool | None, dynamic_shapes: Any) -> bool:
+    """Whether ``model`` is captured as a decoder step graph: a causal LM unless ``decoder=False``;
+    ``decoder=True`` refuses any other model."""
+    if decoder is not None and not isinstance(decoder, bool):
+        raise ParamError(f"decoder={decoder!r} must be None or True (a causal LM becomes a decoder with generate()) "
+                         f"or False (capture its plain forward)", key="decoder")
+    if decoder and not is_causal_lm(model):
+        raise BevelError(f"decoder=True: {type(model).__name__} is not a causal LM (an HF ...ForCausalLM or "
+                         f"...LMHeadModel)")
+    if decoder is False or not is_causal_lm(model):
+        return False
+    if dynamic_shapes is not None:
+        raise BevelError("dynamic_shapes does not apply to a causal LM: its step graph keeps the batch, the "
+                         "tokens per step and the cache length symbolic")
+    return True
+
+
+def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = None,
+            decoder: bool | None = None) -> CapturedModel:
+    """Capture ``model`` once, for several ``bevel.compile`` calls (give them the result in place of
+    the model, without ``example_inputs``, ``dynamic_shapes`` or ``decoder``: those are fixed here).
+
+    Args:
+        model: the nn.Module; it is copied, never modified.
+        example_inputs: a tuple of positional inputs to capture it with (a lone tensor is accepted);
+            they are also what its compiles take as example inputs. A causal LM's are a prompt:
+            ``input_ids`` or ``(input_ids, attention_mask)``.
+        dynamic_shapes: as in ``bevel.compile``: None (dimensions vary where the model allows it),
+            "static", or a torch.export dynamic_shapes spec.
+        decoder: as in ``bevel.compile``: None or True (a causal LM is captured as its step graph with a
+            KV cache), or False (its plain forward).
+
+    Raises CaptureError when the model cannot be copied or torch.export fails (naming the line).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"bevel.capture expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, CapturedModel) or example_inputs is None:
+        raise BevelError("bevel.capture needs example_inputs=(...): the inputs to capture the model with")
+    example_inputs = as_input_tuple(example_inputs, "example_inputs")
+    check_dynamic_shapes(dynamic_shapes)
+    is_decoder = as_decoder(model, decoder, dynamic_shapes)
+    original = copy_model(model)
+    start = time.perf_counter()
+    if is_decoder:
+        ids, _ = prompt_batch(example_inputs, "example_inputs")
+        graph = capture_decoder(original, decoder_spec(original), ids)
+    else:
+        graph = capture_graph(original, example_inputs, dynamic_shapes)
+    return CapturedModel(original, graph, example_inputs, is_decoder, time.perf_counter() - start)
