@@ -38,8 +38,9 @@ def calibration():
 
 @pytest.fixture(scope="module")
 def compiled(model, calibration):
-    return {threshold: bevel.compile(model, f"layer_skip.early_exit(threshold={threshold})", calibration=calibration,
-                                     max_cache_len=1024)
+    captured = bevel.capture(model, calibration[0])  # once for the three thresholds
+    return {threshold: bevel.compile(captured, f"layer_skip.early_exit(threshold={threshold})",
+                                     calibration=calibration, max_cache_len=1024)
             for threshold in THRESHOLDS}
 
 

@@ -94,8 +94,14 @@ def calibration():
     return [padded_prompts([6, 4, 8], seed=s) for s in range(2)]
 
 
-def test_threshold_one_changes_nothing(llama, calibration):
-    cm = bevel.compile(llama, "layer_skip.early_exit(threshold=1.0, min_layer=1)", calibration=calibration)
+@pytest.fixture(scope="module")
+def captured(llama, calibration):
+    """llama captured once (bevel.capture) for the compiles below, as compiling it itself would."""
+    return bevel.capture(llama, calibration[0])
+
+
+def test_threshold_one_changes_nothing(llama, captured, calibration):
+    cm = bevel.compile(captured, "layer_skip.early_exit(threshold=1.0, min_layer=1)", calibration=calibration)
     entry = cm.report.passes[0]
     assert entry.status == "applied" and entry.stats["average_depth"] == LAYERS
     ids, mask = padded_prompts([9, 3, 7], seed=11)
@@ -108,8 +114,8 @@ def test_threshold_one_changes_nothing(llama, calibration):
 
 
 @pytest.mark.parametrize("blocks", range(1, LAYERS))
-def test_a_forced_exit_equals_the_truncated_model(llama, calibration, blocks):
-    cm = bevel.compile(llama, f"layer_skip.early_exit(threshold=1e-9, min_layer={blocks})",
+def test_a_forced_exit_equals_the_truncated_model(llama, captured, calibration, blocks):
+    cm = bevel.compile(captured, f"layer_skip.early_exit(threshold=1e-9, min_layer={blocks})",
                        calibration=calibration)
     assert cm.report.passes[0].stats["average_depth"] == blocks
     short = truncated(llama, blocks)
@@ -125,11 +131,12 @@ def test_a_forced_exit_equals_the_truncated_model(llama, calibration, blocks):
 
 
 @pytest.mark.parametrize("before", ["quantize.int8_weight", "lowrank(energy=0.95)"])
-def test_exits_after_a_pass_that_rewrote_the_head_equal_the_truncated_rewritten_model(llama, calibration, before):
+def test_exits_after_a_pass_that_rewrote_the_head_equal_the_truncated_rewritten_model(captured, calibration, before):
     """quantize and lowrank leave the head's new weights read just before the head; the exits, inserted
     earlier in the graph, must still find them (the pass failed with an fx ordering error)."""
-    rewritten = bevel.compile(llama, before, calibration=calibration)
-    cm = bevel.compile(llama, f"{before} | layer_skip.early_exit(threshold=1.0, min_layer=1)", calibration=calibration)
+    rewritten = bevel.compile(captured, before, calibration=calibration)
+    cm = bevel.compile(captured, f"{before} | layer_skip.early_exit(threshold=1.0, min_layer=1)",
+                       calibration=calibration)
     assert [e.status for e in cm.report.passes] == ["applied", "applied"], cm.report.passes[-1].reason
     ids, mask = padded_prompts([5, 8, 2], seed=13)
     real = mask.bool()
@@ -149,15 +156,15 @@ def _threshold_among(confidences: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("criterion, every", [("max_prob", 1), ("margin", 1), ("max_prob", 2)])
-def test_mixed_exits_equal_an_eager_implementation_and_generation_follows_the_graph(llama, calibration, criterion,
-                                                                                   every):
+def test_mixed_exits_equal_an_eager_implementation_and_generation_follows_the_graph(llama, captured, calibration,
+                                                                                   criterion, every):
     ids, mask = padded_prompts([7, 10, 4], seed=13)
     _, _, confidences = reference_early_exit(llama, ids, mask, 1.0, 1, criterion, every=every)
     threshold = _threshold_among(confidences[:, mask.bool()])
     expected, depth, confidences = reference_early_exit(llama, ids, mask, threshold, 1, criterion, every=every)
     assert (confidences[:, mask.bool()] - threshold).abs().min() > 1e-4
     assert len(depth[mask.bool()].unique()) >= 3  # tokens leave at several depths
-    cm = bevel.compile(llama, f"layer_skip.early_exit(threshold={threshold!r}, min_layer=1, every={every}, "
+    cm = bevel.compile(captured, f"layer_skip.early_exit(threshold={threshold!r}, min_layer=1, every={every}, "
                               f"criterion=\"{criterion}\")", calibration=calibration)
     graph_logits = cm.step(*prefill_inputs(cm.spec, ids, mask))["logits"]
     real = mask.bool()
@@ -182,14 +189,14 @@ def test_mixed_exits_equal_an_eager_implementation_and_generation_follows_the_gr
     assert torch.equal(forced[:, prompt - 1:-1].argmax(-1), generated[:, prompt:])
 
 
-def test_skipdecode_shares_one_non_increasing_depth_per_position(llama, calibration):
+def test_skipdecode_shares_one_non_increasing_depth_per_position(llama, captured, calibration):
     ids = padded_prompts([9, 9], seed=14)[0]
     mask = torch.ones_like(ids)
     _, _, confidences = reference_early_exit(llama, ids, mask, 1.0, 1, shared=True)
     threshold = float(confidences.quantile(0.6))
     expected, depth, confidences = reference_early_exit(llama, ids, mask, threshold, 1, shared=True)
     assert (confidences - threshold).abs().min() > 1e-4
-    cm = bevel.compile(llama, f"layer_skip.early_exit(threshold={threshold!r}, min_layer=1, mode=\"skipdecode\")",
+    cm = bevel.compile(captured, f"layer_skip.early_exit(threshold={threshold!r}, min_layer=1, mode=\"skipdecode\")",
                        calibration=calibration)
     steps = prefill_inputs(cm.spec, ids, mask)
     assert (cm.step(*steps)["logits"] - expected).abs().max().item() < 1e-5
@@ -297,8 +304,8 @@ def test_other_bad_params_are_refused_before_any_work(llama, text, key):
     assert error.value.key == key
 
 
-def test_min_layer_at_the_block_count_fails_the_pass_with_a_reason(llama, calibration):
-    cm = bevel.compile(llama, f"layer_skip.early_exit(min_layer={LAYERS})", calibration=calibration)
+def test_min_layer_at_the_block_count_fails_the_pass_with_a_reason(captured, calibration):
+    cm = bevel.compile(captured, f"layer_skip.early_exit(min_layer={LAYERS})", calibration=calibration)
     entry = cm.report.passes[0]
     assert entry.status == "failed"
     assert re.search(f"min_layer={LAYERS}.*has {LAYERS} repeated blocks", entry.reason), entry.reason
