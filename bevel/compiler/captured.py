@@ -1,9 +1,9 @@
 """``bevel.capture``: capture a model once, then compile it with several pipelines.
 
-torch.export is the same work for every pipeline, and not small: the step graph of a 12-layer
-causal LM, its batch, token and cache dimensions symbolic, takes about 12 s on a 2-core CPU. A
-sweep over a pass's parameters (thresholds, ratios, budgets) captures once and hands the result to
-``bevel.compile`` in place of the model, once per point::
+torch.export is the same work for every pipeline, and not small (seconds for the step graph of a
+12-layer causal LM, its batch, token and cache dimensions symbolic). A sweep over a pass's
+parameters (thresholds, ratios, budgets) captures once and hands the result to ``bevel.compile``
+in place of the model, once per point::
 
     captured = bevel.capture(model, example_inputs=(ids, mask))
     for ratio in (0.1, 0.2, 0.3):
@@ -11,7 +11,10 @@ sweep over a pass's parameters (thresholds, ratios, budgets) captures once and h
 
 Each compile rewrites its own copy of the captured graph and measures fidelity against the copy of
 the model the graph was captured from, so the result equals compiling the model itself, and the
-captured model and graph stay as they were for the next compile.
+captured model, the graph's code, weights and metadata stay as they were for the next compile. What
+the compiles share is torch.export's record of the symbolic sizes (its ShapeEnv, which fake tensors
+cannot be copied away from), as the passes of one compile share it: sizes that a pass's shape
+propagation creates (a token merge's output length) accumulate there.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from typing import Any
 import torch
 
 from bevel.compiler.compile_decoder import prompt_batch
-from bevel.errors import BevelError, CaptureError, ParamError
+from bevel.errors import BevelError, CaptureError, ParamError, first_line
 from bevel.ir.capture import capture as capture_graph
-from bevel.ir.decoder import capture_decoder, decoder_spec, is_causal_lm
+from bevel.ir.decoder import DecoderStep, capture_decoder, decoder_spec, is_causal_lm, prefill_inputs
 from bevel.ir.graph import Graph
 
 
@@ -34,7 +37,7 @@ from bevel.ir.graph import Graph
 class CapturedModel:
     """A model's graph as torch.export captured it, with the copy of the model it was captured from
     (in eval mode: the reference each compile's fidelity check runs). Made by :func:`capture`; give
-    it to ``bevel.compile`` in place of the model. Nothing a compile does changes it."""
+    it to ``bevel.compile`` in place of the model (see the module docstring for what compiles share)."""
 
     model: torch.nn.Module
     graph: Graph
@@ -108,20 +111,36 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
         decoder: as in ``bevel.compile``: None or True (a causal LM is captured as its step graph with a
             KV cache), or False (its plain forward).
 
-    Raises CaptureError when the model cannot be copied or torch.export fails (naming the line).
+    A causal LM's step graph is captured on the prompt cut to the model's maximum positions minus
+    two tokens, as ``bevel.compile`` does with its default ``max_cache_len``.
+
+    Raises CaptureError when the model cannot be copied, fails on its example inputs, or torch.export
+    fails (naming the line).
     """
     if not isinstance(model, torch.nn.Module):
         raise CaptureError(f"bevel.capture expects a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(example_inputs, CapturedModel) or example_inputs is None:
+    if example_inputs is None:
         raise BevelError("bevel.capture needs example_inputs=(...): the inputs to capture the model with")
-    example_inputs = as_input_tuple(example_inputs, "example_inputs")
+    # a copy, so that changing the user's tensors later does not change what the compiles take as examples
+    example_inputs = tuple(x.clone() if isinstance(x, torch.Tensor) else x
+                           for x in as_input_tuple(example_inputs, "example_inputs"))
     check_dynamic_shapes(dynamic_shapes)
     is_decoder = as_decoder(model, decoder, dynamic_shapes)
+    spec = decoder_spec(model) if is_decoder else None
+    prompt = prompt_batch(example_inputs, "example_inputs") if is_decoder else None
     original = copy_model(model)
+    try:  # as bevel.compile does before capture: a model that fails by itself is named as such
+        with torch.no_grad():
+            if spec is None:
+                original(*example_inputs)
+            else:
+                DecoderStep(original, spec)(*prefill_inputs(spec, *prompt))
+    except Exception as error:  # models raise assorted types
+        raise CaptureError(f"{type(model).__name__} fails on its example inputs before capture: "
+                           f"{type(error).__name__}: {first_line(error)}") from error
     start = time.perf_counter()
     if is_decoder:
-        ids, _ = prompt_batch(example_inputs, "example_inputs")
-        graph = capture_decoder(original, decoder_spec(original), ids)
+        graph = capture_decoder(original, spec, prompt[0])
     else:
         graph = capture_graph(original, example_inputs, dynamic_shapes)
     return CapturedModel(original, graph, example_inputs, is_decoder, time.perf_counter() - start)

@@ -157,7 +157,7 @@ def inspect_command(
              "the quantize, prune and lowrank passes act on)."),
 ) -> None:
     """Capture MODEL with torch.export and print its op histogram, size, FLOPs and costliest nodes."""
-    from bevel.compiler.compile import copy_model
+    from bevel.compiler.captured import copy_model
     from bevel.compiler.model_ref import resolve_model
     from bevel.ir import analysis
     from bevel.ir.printer import target_text, type_text

@@ -8,8 +8,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from bevel.codegen.lower import check_device, lower
-from bevel.compiler.captured import CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes
-from bevel.compiler.captured import copy_model  # noqa: F401  (imported from here by the CLI and tests)
+from bevel.compiler.captured import CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes, copy_model
 from bevel.compiler.compile_decoder import compile_decoder
 from bevel.compiler.fidelity import Fidelity, compare, run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures

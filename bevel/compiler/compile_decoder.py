@@ -64,7 +64,7 @@ def compile_decoder(model: torch.nn.Module, pipeline: list[Pass], example_inputs
     try:
         reference = run_batches(eager_step, steps)
     except Exception as error:
-        raise CaptureError(f"{type(model).__name__} fails on its own prompts with a KV cache before capture: "
+        raise CaptureError(f"{type(model).__name__} fails on its own prompts with a KV cache: "
                            f"{type(error).__name__}: {error}") from error
     if captured is None:
         start = time.perf_counter()

@@ -50,23 +50,32 @@ def test_compiling_a_captured_model_equals_compiling_the_model(encoder, batches,
         via = bevel.compile(captured, pipeline, calibration=batches)
         assert [p.status for p in via.report.passes] == [p.status for p in direct.report.passes]
         assert via.report.passes[-1].after == direct.report.passes[-1].after
-        fresh = padded_tokens(seeded(3), batch=2, length=5)
-        assert torch.equal(via(*fresh), direct(*fresh))
+        # other batch sizes and lengths than the example's: no size was fixed by an earlier compile
+        for batch, length in ((1, 5), (4, 11)):
+            fresh = padded_tokens(seeded(3), batch=batch, length=length)
+            assert torch.equal(via(*fresh), direct(*fresh))
     assert captured.graph.module.code == code and same_tensors(snapshot(captured.graph.module), graph_weights)
     assert same_tensors(snapshot(encoder), weights)
 
 
-def test_a_captured_causal_lm_compiles_to_the_same_decoder():
+def test_a_captured_causal_lm_compiles_to_the_same_decoder(tmp_path):
     model = small_causal_lm("llama")
     prompts = padded_prompts([5, 3])
     captured = bevel.capture(model, prompts)
     assert captured.decoder and "decoder step graph" in repr(captured)
+    code, meta = captured.graph.module.code, dict(captured.graph.module.meta)
     pipeline = "kv.quantize(bits=8) | quantize.int8_weight"
     direct = bevel.compile(model, pipeline, example_inputs=prompts, max_cache_len=32)
     via = bevel.compile(captured, pipeline, max_cache_len=32)
+    assert [p.status for p in via.report.passes] == [p.status for p in direct.report.passes] == ["applied"] * 2
     assert via.spec == direct.spec
     ids, mask = padded_prompts([4, 6, 2], seed=5)
-    assert torch.equal(via.generate(ids, 6, attention_mask=mask), direct.generate(ids, 6, attention_mask=mask))
+    expected = direct.generate(ids, 6, attention_mask=mask)
+    assert torch.equal(via.generate(ids, 6, attention_mask=mask), expected)
+    # the cache policy the pass set lives in the compile's graph, not in the captured one
+    assert captured.graph.module.code == code and captured.graph.module.meta == meta
+    loaded = bevel.load(via.save(str(tmp_path / "art")))
+    assert torch.equal(loaded.generate(ids, 6, attention_mask=mask), expected)
     model.config.use_cache = False  # its plain forward returns no transformers cache object
     plain = bevel.capture(model, prompts[0], decoder=False)
     assert not plain.decoder and isinstance(bevel.compile(plain, "cleanup"), CompiledModule)
@@ -81,8 +90,24 @@ def test_compile_refuses_what_the_capture_fixed(encoder, given):
         bevel.compile(captured, "cleanup", **given)
 
 
+def test_causal_lm_options_are_refused_for_another_captured_model(encoder):
+    captured = bevel.capture(encoder, padded_tokens(seeded(2)))
+    with pytest.raises(BevelError, match="max_cache_len and eval_text apply to causal LMs only; MaskedEncoder"):
+        bevel.compile(captured, "cleanup", max_cache_len=16)
+
+
+def test_the_capture_keeps_its_own_example_inputs(encoder):
+    x = padded_tokens(seeded(2))
+    captured = bevel.capture(encoder, x)
+    x[0].zero_()  # the user's tensor, changed after capture
+    assert not torch.equal(captured.example_inputs[0], x[0])
+    assert torch.equal(bevel.compile(captured, "cleanup").example_inputs[0], padded_tokens(seeded(2))[0])
+
+
 def test_capture_errors_name_what_is_wrong(encoder):
     weights = snapshot(encoder)
+    with pytest.raises(CaptureError, match="MaskedEncoder fails on its example inputs before capture: RuntimeError"):
+        bevel.capture(encoder, (torch.zeros(2, 4, 5), torch.ones(2, 4)))
     with pytest.raises(BevelError, match="needs example_inputs"):
         bevel.capture(encoder, None)
     with pytest.raises(CaptureError, match="expects a torch.nn.Module, got str"):

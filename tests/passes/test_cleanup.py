@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 import torch.nn.functional as F
 
-from bevel.compiler.compile import copy_model
+from bevel.compiler.captured import copy_model
 from bevel.ir import capture
 from bevel.passes import PassContext, get_pass
 from tests.models_zoo import AttentionBlock, ConvNet, MLP, SDPABlock

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bevel.compiler.compile import copy_model
+from bevel.compiler.captured import copy_model
 from bevel.errors import ParamError
 from bevel.ir import analysis, capture
 from bevel.passes import PassContext, get_pass

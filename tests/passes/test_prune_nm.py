@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bevel
-from bevel.compiler.compile import copy_model
+from bevel.compiler.captured import copy_model
 from bevel.errors import ParamError, PassError, PipelineError
 from bevel.ir import analysis, capture
 from bevel.passes import PassContext, get_pass

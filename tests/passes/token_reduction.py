@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bevel.compiler.compile import copy_model
+from bevel.compiler.captured import copy_model
 from bevel.ir import capture
 from bevel.passes import PassContext, get_pass
 
