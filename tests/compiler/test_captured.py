@@ -1,6 +1,6 @@
 """``bevel.capture`` then ``bevel.compile(captured, ...)``: the same result as compiling the model
-itself, for every pipeline in a row, with the captured model and graph unchanged; and the errors a
-wrong use gives."""
+itself, for every pipeline in a row, with the user's model and the captured graph's code, weights and
+metadata unchanged; and the errors a wrong use gives."""
 
 from __future__ import annotations
 
