@@ -131,10 +131,10 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
     original = copy_model(model)
     try:  # as bevel.compile does before capture: a model that fails by itself is named as such
         with torch.no_grad():
-            if spec is None:
-                original(*example_inputs)
-            else:
+            if is_decoder:
                 DecoderStep(original, spec)(*prefill_inputs(spec, *prompt))
+            else:
+                original(*example_inputs)
     except Exception as error:  # models raise assorted types
         raise CaptureError(f"{type(model).__name__} fails on its example inputs before capture: "
                            f"{type(error).__name__}: {first_line(error)}") from error
