@@ -13,7 +13,12 @@ CPU its fused kernel is faster. The chain is matched from each softmax over the 
     weights = softmax(scores, -1)  [dropout in eval]
     out = matmul(weights, v) | bmm(weights, v)
 
-and replaced by ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c)``. A chain whose
+and replaced by ``scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=c)``. Where the
+queries, keys and values are [batch * heads, tokens, head_dim] made by folding the heads of a
+[tokens, batch, heads * head_dim] projection into the batch (``nn.MultiheadAttention``), the fused
+op takes them unfolded, [batch, heads, tokens, head_dim], as attention written with heads does: its
+result is the same (attention is computed per leading index either way), and the passes that work on
+heads and tokens (``tome``, head pruning) find the batch, heads and keys where they look. A chain whose
 intermediate values are read elsewhere (the attention weights returned as an output), with casts
 between its ops or a softmax in another dtype is left alone and named in the report. The result
 equals the chain's up to float rounding (the fused kernel sums in another order), except for a row
@@ -32,7 +37,7 @@ from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassResult
 from bevel.passes.cleanup import DROPOUT_OPS
 from bevel.passes.registry import register_pass
-from bevel.passes.tome.blocks import SOFTMAX_OPS
+from bevel.passes.tome.blocks import SOFTMAX_OPS, same_size
 
 aten = torch.ops.aten
 
@@ -164,11 +169,94 @@ def _fuse(graph: Graph, chain: _Chain) -> fx.Node:
             key = key.args[0]
         else:
             key = graph.fx_graph.call_function(aten.transpose.int, (key, -2, -1))
-        fused = graph.fx_graph.call_function(aten.scaled_dot_product_attention.default,
-                                             (chain.query, key, chain.value, chain.mask),
+        inputs = (chain.query, key, chain.value, chain.mask)
+        heads = _folded_heads(graph, chain)
+        if heads is not None:
+            inputs = tuple(_unfolded(graph, node, heads) for node in inputs)
+        fused = graph.fx_graph.call_function(aten.scaled_dot_product_attention.default, inputs,
                                              {"scale": float(chain.scale)})
-    fused.meta.update({k: v for k, v in chain.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    chain.output.replace_all_uses_with(fused)
+        output = fused if heads is None else graph.fx_graph.call_function(aten.flatten.using_ints, (fused, 0, 1))
+    for node in (fused, output):
+        node.meta.update({k: v for k, v in chain.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    chain.output.replace_all_uses_with(output)
     for node in chain.nodes:  # erased here: dead code elimination keeps a dropout (a random op) and all before it
         graph.fx_graph.erase_node(node)
+    if heads is not None:
+        _merge_heads_last(graph, fused, output)
     return fused
+
+
+def _merge_heads_last(graph: Graph, fused: fx.Node, output: fx.Node) -> None:
+    """Where the refolded output [B * H, T, D] is only transposed to [T, B * H, D] and reshaped (to
+    [T * B, H * D] before the output projection, as ``nn.MultiheadAttention`` does), the reshapes read
+    ``fused.permute(2, 0, 1, 3)`` [T, B, H, D] instead: the same elements in the same order, and heads
+    merged with head_dim alone, as attention written with heads merges them (head pruning follows that)."""
+    users = list(output.users)
+    if len(users) != 1 or users[0].target != aten.transpose.int or {d % 3 for d in users[0].args[1:3]} != {0, 1}:
+        return
+    reshapes = list(users[0].users)
+    if not reshapes or any(r.target != aten.reshape.default or r.args[0] is not users[0] for r in reshapes):
+        return
+    with graph.fx_graph.inserting_after(users[0]):
+        heads_last = graph.fx_graph.call_function(aten.permute.default, (fused, [2, 0, 1, 3]))
+    heads_last.meta.update({k: v for k, v in output.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    for reshape in reshapes:
+        reshape.replace_input_with(users[0], heads_last)
+
+
+def _heads_of_fold(graph: Graph, node: fx.Node) -> int | None:
+    """The heads ``node`` folds into its batch, where it is ``x.view(T, B * H, D).transpose(0, 1)`` of
+    ``x`` [T, B, H * D] (maybe times constants, as the scaled queries): [B * H, T, D], batch-major."""
+    while node.target in (aten.mul.Tensor, aten.div.Tensor) and isinstance(node.args[1], numbers.Number):
+        node = node.args[0]
+    if node.target != aten.transpose.int or {d % 3 for d in node.args[1:3]} != {0, 1}:
+        return None
+    view = node.args[0]
+    if view.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return None
+    before, after = graph.shape(view.args[0]), graph.shape(view)
+    if before is None or after is None or len(before) != 3 or len(after) != 3 or not same_size(before[0], after[0]):
+        return None
+    channels, head_dim = before[2], after[2]
+    if not isinstance(channels, int) or not isinstance(head_dim, int) or channels % head_dim:
+        return None
+    heads = channels // head_dim
+    return heads if heads > 1 and same_size(after[1], before[1] * heads) else None
+
+
+def _folded_heads(graph: Graph, chain: _Chain) -> int | None:
+    """The heads folded into the batch of the chain's queries, keys and values, where all three fold
+    the same number (see :func:`_heads_of_fold`)."""
+    key = chain.key_transposed
+    if key.target != aten.transpose.int or {d % 3 for d in key.args[1:3]} != {1, 2}:
+        return None
+    heads = {_heads_of_fold(graph, node) for node in (chain.query, key.args[0], chain.value)}
+    if len(heads) != 1 or None in heads:
+        return None
+    mask_shape = graph.shape(chain.mask) if chain.mask is not None else None
+    if chain.mask is not None and (mask_shape is None or len(mask_shape) != 3 or not (
+            _is_one(mask_shape[0]) or same_size(mask_shape[0], graph.shape(chain.query)[0]))):
+        return None  # a mask that is neither one for all nor one per head and batch entry
+    return heads.pop()
+
+
+def _unfolded(graph: Graph, node: fx.Node | None, heads: int) -> fx.Node | None:
+    """``node`` [B * H, ...] as [B, H, ...]; a mask shared by all, [1, ...], as [1, 1, ...]. A mask
+    that is itself a [B, H, ...] tensor folded (a padding mask expanded to every head) is taken as it
+    was before the fold, so head pruning still sees it is one mask repeated for every head."""
+    if node is None:
+        return None
+    shape = graph.shape(node)
+    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        before = graph.shape(node.args[0])
+        if before is not None and len(before) == len(shape) + 1 and isinstance(before[1], int) and \
+                before[1] == heads and same_size(before[0] * heads, shape[0]) and \
+                all(same_size(a, b) for a, b in zip(before[2:], shape[1:])):
+            return node.args[0]
+    if _is_one(shape[0]):
+        return graph.fx_graph.call_function(aten.unsqueeze.default, (node, 0))
+    return graph.fx_graph.call_function(aten.unflatten.int, (node, 0, [-1, heads]))
+
+
+def _is_one(size) -> bool:
+    return isinstance(size, int) and size == 1

@@ -81,6 +81,62 @@ def test_multihead_attention_with_weights_is_fused_with_its_mask():
         assert close(graph(fresh), model(fresh))
 
 
+def test_multihead_attention_gets_its_heads_unfolded_from_the_batch():
+    torch.manual_seed(0)
+    graph, _ = fused(MultiheadWithWeights().eval(), (torch.randn(9, 2, 32, generator=seeded(0)),))
+    first, second = graph.nodes(target=SDPA)
+    for attention in (first, second):  # [batch * heads, tokens, head_dim] in the module
+        assert [tuple(graph.shape(node)) for node in attention.args[:3]] == [(2, 4, 9, 8)] * 3
+    assert first.args[3] is None
+    assert tuple(graph.shape(second.args[3])) == (1, 1, 9, 9)  # the [tokens, tokens] mask shared by all
+
+
+class MultiheadEncoder(nn.Module):
+    """Pre-norm blocks of nn.MultiheadAttention with a padding mask, called with or without its weights."""
+
+    def __init__(self, need_weights: bool, depth: int = 3) -> None:
+        super().__init__()
+        self.need_weights = need_weights
+        self.norms = nn.ModuleList(nn.LayerNorm(32) for _ in range(depth))
+        self.attns = nn.ModuleList(nn.MultiheadAttention(32, 4, batch_first=True) for _ in range(depth))
+        self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32)) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        padding = mask == 0
+        for norm, attn, mlp in zip(self.norms, self.attns, self.mlps):
+            h = norm(x)
+            x = x + attn(h, h, h, key_padding_mask=padding, need_weights=self.need_weights)[0]
+            x = x + mlp(x)
+        return x
+
+
+@pytest.mark.parametrize("spec", ["tome(r=2)", "tome(r=3, unmerge=false)",
+                                  'prune.structured(target="heads", ratio=0.25)'])
+def test_multihead_attention_with_weights_is_merged_and_pruned_as_without_them(spec):
+    # nn.MultiheadAttention called as most code calls it (need_weights=True: bmm, softmax, bmm) and with
+    # need_weights=False (its own scaled_dot_product_attention) compute the same; once fused, the token
+    # and head passes must rewrite the first as they rewrite the second. Tolerance: merging alone is
+    # exact up to the fused kernel's rounding (1e-5); head pruning refits the output projection by least
+    # squares on activations that differ by that rounding, so it gets 1e-4.
+    torch.manual_seed(0)
+    with_weights = MultiheadEncoder(need_weights=True).eval()
+    without = MultiheadEncoder(need_weights=False).eval()
+    without.load_state_dict(with_weights.state_dict())
+    example, calibration = padded_tokens(seeded(0), 2, 12), [padded_tokens(seeded(1), 2, 12)]
+    got = bevel.compile(with_weights, f"fuse_attention | {spec}", example_inputs=example, calibration=calibration)
+    want = bevel.compile(without, spec, example_inputs=example, calibration=calibration)
+    name = spec.split("(")[0]
+    assert got.report["fuse_attention"].stats["fused"] == 3
+    assert got.report[name].status == want.report[name].status == "applied", got.report[name].reason
+    for key in ("tokens", "params", "groups"):
+        assert got.report[name].stats.get(key) == want.report[name].stats.get(key)
+    fresh = padded_tokens(seeded(2), 3, 15)
+    with torch.no_grad():
+        a, b = got(*fresh), want(*fresh)
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= (1e-4 if name == "prune.structured" else 1e-5) * float(b.abs().max())
+
+
 def test_attention_whose_weights_are_read_elsewhere_is_left_alone_and_named():
     torch.manual_seed(0)
     model = ReturnsWeights().eval()

@@ -94,7 +94,8 @@ def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, mad
         if size not in rebased:
             rebased[size] = size
             if size.op == "call_function" and any(rebase(a) is not a for a in size.all_input_nodes if is_size(a)):
-                with graph.fx_graph.inserting_after(new):
+                args = {rebase(a) if is_size(a) else a for a in size.all_input_nodes}
+                with graph.fx_graph.inserting_after(_last_of(new, args)):
                     copy = graph.fx_graph.node_copy(size, lambda a: rebase(a) if is_size(a) else a)
                 rebased[size] = copy
                 made_sizes.add(copy)
@@ -105,6 +106,17 @@ def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, mad
             for size in [a for a in node.all_input_nodes if is_size(a)]:
                 if rebase(size) is not size:
                     node.replace_input_with(size, rebase(size))
+
+
+def _last_of(start: fx.Node, nodes: set[fx.Node]) -> fx.Node:
+    """``start``, or the last of ``nodes`` after it in the graph: where a node reading them all can go
+    (a size made from the new count and another one the graph computes later, as the batch size)."""
+    last, node = start, start.next
+    while node.op != "root":
+        if node in nodes:
+            last = node
+        node = node.next
+    return last
 
 
 def padding_sizes(at: Inserter, padding: fx.Node) -> fx.Node:
