@@ -1,4 +1,5 @@
-"""tome on random models: HF BERT with padded rows, timm ViT, and an encoder of nn.MultiheadAttention.
+"""tome on random models: HF BERT with padded rows, timm and torchvision ViTs, and an encoder of
+nn.MultiheadAttention.
 
 Two differentials are exact in real arithmetic, so they are checked at 1e-5 (float32 roundings of
 a few hundred sums and of log(2) in the mask):
@@ -91,8 +92,20 @@ def vit():
     return model.eval(), lambda g, b=2: (torch.randn(b, 3, 32, 32, generator=g),)
 
 
+def torchvision_vit():
+    """torchvision's ViT: nn.MultiheadAttention (need_weights=False) on a fixed count of 17 tokens, which
+    its graph multiplies into sizes (batch * 17 rows before the output projection)."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=5)
+    nn.init.normal_(model.heads.head.weight, std=0.1)  # torchvision starts the head at zero
+    return model.eval(), lambda g, b=2: (torch.randn(b, 3, 32, 32, generator=g),)
+
+
 # masked: padding dropped before a block that reads the input directly (it once failed there)
-MODELS = {"mha": encoder, "bert": bert, "vit": vit, "masked": masked_encoder}
+MODELS = {"mha": encoder, "bert": bert, "vit": vit, "masked": masked_encoder, "torchvision_vit": torchvision_vit}
 
 
 def outputs(out) -> list[torch.Tensor]:
@@ -104,7 +117,7 @@ def outputs(out) -> list[torch.Tensor]:
 def fresh_inputs(name, make_inputs):
     """Inputs of another batch size (and, where the model allows, another length) than the example's."""
     g = seeded(9)
-    return make_inputs(g, 4) if name == "vit" else make_inputs(g, 4, 16)
+    return make_inputs(g, 4) if name in ("vit", "torchvision_vit") else make_inputs(g, 4, 16)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -149,6 +162,24 @@ def test_merging_identical_tokens_changes_no_output():
         for got, want in zip(compiled(y), model(y)):
             assert got.shape == want.shape
             assert (got - want).abs().max() <= 1e-5
+
+
+def test_merging_identical_patches_of_a_torchvision_vit_changes_no_output():
+    model, _ = torchvision_vit()
+    nn.init.zeros_(model.encoder.pos_embedding)  # so that equal patches are equal tokens
+    g = seeded(5)
+
+    def twins(batch: int) -> torch.Tensor:
+        """Images whose 8x8 patches are equal in pairs along each row (tokens 1 and 2, 3 and 4, ...)."""
+        x = torch.randn(batch, 3, 32, 32, generator=g)
+        x[..., 8:16], x[..., 24:32] = x[..., 0:8], x[..., 16:24]
+        return x
+
+    compiled = bevel.compile(model, "tome(r=3)", example_inputs=(twins(2),))
+    assert compiled.report["tome"].stats["tokens"] == [17, 14, 11]  # 6 merges, all of twins
+    fresh = twins(3)
+    with torch.no_grad():
+        assert (compiled(fresh) - model(fresh)).abs().max() <= 1e-5
 
 
 def test_a_row_that_loses_only_padding_keeps_its_outputs():

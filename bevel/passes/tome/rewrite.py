@@ -72,31 +72,36 @@ def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, mad
 
     A symbolic count is a node: users that read it, or a size computed from it (``batch * tokens``
     for a flattened view), get it, or a copy of that computation, from ``new``. A static count is a
-    number: list entries equal to it in the size argument of a shape op are replaced. Size nodes
-    made by earlier steps have no recorded value yet: ``made_sizes`` holds them, and gains the copies.
+    number: list entries equal to it in the size argument of a shape op are replaced, and so is a
+    product of sizes that multiplies by it (``batch * 17`` for a flattened view of a fixed image's
+    tokens). Size nodes made by earlier steps have no recorded value yet: ``made_sizes`` holds them,
+    and gains the copies.
     """
     def is_size(node: Any) -> bool:
         value = node.meta.get("val") if isinstance(node, fx.Node) else None
         return node in made_sizes or (isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool))
 
-    if not isinstance(old, fx.Node):
+    static = not isinstance(old, fx.Node)
+    if static:
         for node in users:
             if node.op == "call_function" and node.target in SHAPE_OPS:
                 for position, arg in enumerate(node.args):
-                    if isinstance(arg, (list, tuple)) and any(isinstance(a, int) and a == old for a in arg):
-                        node.update_arg(position, type(arg)(new if isinstance(a, int) and a == old else a
-                                                            for a in arg))
-        return
-    rebased: dict[fx.Node, fx.Node] = {old: new}
+                    if isinstance(arg, (list, tuple)) and any(_is_count(a, old) for a in arg):
+                        node.update_arg(position, type(arg)(new if _is_count(a, old) else a for a in arg))
+    rebased: dict[fx.Node, fx.Node] = {} if static else {old: new}
 
     def rebase(size: fx.Node) -> fx.Node:
         """``size`` computed from ``new`` instead of ``old`` (itself when it does not depend on it)."""
         if size not in rebased:
             rebased[size] = size
-            if size.op == "call_function" and any(rebase(a) is not a for a in size.all_input_nodes if is_size(a)):
+            times_count = static and size.target == operator.mul and any(_is_count(a, old) for a in size.args)
+            if size.op == "call_function" and (times_count or any(rebase(a) is not a for a in size.all_input_nodes
+                                                                  if is_size(a))):
                 args = {rebase(a) if is_size(a) else a for a in size.all_input_nodes}
                 with graph.fx_graph.inserting_after(_last_of(new, args)):
                     copy = graph.fx_graph.node_copy(size, lambda a: rebase(a) if is_size(a) else a)
+                if times_count:
+                    copy.args = tuple(new if _is_count(a, old) else a for a in copy.args)
                 rebased[size] = copy
                 made_sizes.add(copy)
         return rebased[size]
@@ -106,6 +111,11 @@ def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, mad
             for size in [a for a in node.all_input_nodes if is_size(a)]:
                 if rebase(size) is not size:
                     node.replace_input_with(size, rebase(size))
+
+
+def _is_count(arg: Any, count: int) -> bool:
+    """Whether ``arg`` is the static token count (an int equal to it, not a bool)."""
+    return isinstance(arg, int) and not isinstance(arg, bool) and arg == count
 
 
 def _last_of(start: fx.Node, nodes: set[fx.Node]) -> fx.Node:
