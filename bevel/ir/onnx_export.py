@@ -162,26 +162,40 @@ def _check_translations(module: torch.fx.GraphModule, translations: dict[Any, An
                               f"compile without the pass that put it there to export this model")
 
 
-def _contiguous_as_clones(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``module`` with every ``contiguous`` written as a clone into contiguous memory (a new graph on the
-    same weights; the module itself where it has none).
+def _layouts_copied(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``module`` with every ``contiguous`` written as a clone into contiguous memory, and a clone put
+    between a transpose or permute and a reshape of it (a new graph on the same weights; the module
+    itself where there is nothing to change). In ONNX a clone is nothing.
 
-    The exporter drops a ``contiguous`` whose input looks contiguous already. On T5's
-    ``transpose(1, 2).contiguous().view(...)`` after attention its decomposition step dropped it and
-    then could not view the transposed attention output (the fake strides of
-    ``scaled_dot_product_attention`` differ between its steps), so the export failed. A clone is
-    never dropped, and in ONNX both are nothing.
+    The exporter traces the graph again and then decomposes it, and the fake strides of
+    ``scaled_dot_product_attention`` differ between those steps. It drops a ``contiguous`` whose
+    input looks contiguous already, and turns a ``reshape`` whose input looks contiguous into a
+    view: on T5's ``transpose(1, 2).contiguous().view(...)`` after attention, and on the
+    ``transpose(1, 2).reshape(...)`` after an attention ``fuse_attention`` made (timm's Swin), the
+    decomposition step could then not view the transposed attention output, and the export failed.
+    A clone is never dropped, and a reshape of a clone is always a view.
     """
-    contiguous = torch.ops.aten.contiguous.default
-    if not any(node.target == contiguous for node in module.graph.nodes):
+    aten = torch.ops.aten
+    moves, reshapes = (aten.transpose.int, aten.permute.default), (aten.view.default, aten.reshape.default)
+
+    def moved(node: torch.fx.Node) -> bool:
+        return isinstance(node.args[0], torch.fx.Node) and node.args[0].target in moves
+
+    if not any(node.target == aten.contiguous.default or (node.target in reshapes and moved(node))
+               for node in module.graph.nodes):
         return module
     graph = copy.deepcopy(module.graph)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target == contiguous:
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target == aten.contiguous.default:
             memory_format = node.kwargs.get("memory_format", node.args[1] if len(node.args) > 1 else None)
-            node.target = torch.ops.aten.clone.default
+            node.target = aten.clone.default
             node.args = node.args[:1]
             node.kwargs = {"memory_format": memory_format or torch.contiguous_format}
+        elif node.op == "call_function" and node.target in reshapes and moved(node):
+            with graph.inserting_before(node):
+                clone = graph.call_function(aten.clone.default, (node.args[0],),
+                                            {"memory_format": torch.contiguous_format})
+            node.replace_input_with(node.args[0], clone)
     return torch.fx.GraphModule(module, graph)
 
 
@@ -199,7 +213,7 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     from bevel.runtime.ops import ONNX_TRANSLATIONS
 
     check_opset(opset)
-    module = _contiguous_as_clones(compiled.cpu_graph_module())
+    module = _layouts_copied(compiled.cpu_graph_module())
     _check_translations(module, ONNX_TRANSLATIONS)
     existed = os.path.exists(path)
     target = _check_writable(path)

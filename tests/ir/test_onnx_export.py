@@ -153,6 +153,35 @@ def test_small_models_match_onnxruntime(name, tmp_path):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
+class BiasedAttention(nn.Module):
+    """Attention written out with a learned bias on its scores, merged back by transpose and reshape
+    (timm's Swin window attention when not fused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.bias = nn.Parameter(torch.randn(2, 6, 6, generator=seeded(3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        weights = (q * 8 ** -0.5 @ k.transpose(-2, -1) + self.bias.unsqueeze(0)).softmax(-1)
+        return (weights @ v).transpose(1, 2).reshape(b, n, c)
+
+
+def test_attention_fused_by_the_compiler_exports(tmp_path):
+    # the fused op's output, transposed and reshaped, once made the exporter's decomposition view a
+    # tensor it could not view (its fake strides differ between the exporter's steps)
+    torch.manual_seed(0)
+    model = BiasedAttention().eval()
+    compiled = bevel.compile(model, "fuse_attention", example_inputs=(torch.randn(2, 6, 16, generator=seeded(1)),))
+    assert compiled.report["fuse_attention"].stats["fused"] == 1
+    path = compiled.export_onnx(str(tmp_path / "fused.onnx"))
+    fresh = torch.randn(5, 6, 16, generator=seeded(2))
+    (got,) = run_onnx(path, (fresh,)).values()
+    np.testing.assert_allclose(got, compiled(fresh).detach().numpy(), rtol=1e-5, atol=1e-5)  # as above
+
+
 def test_a_loaded_artifact_exports_too(tmp_path):
     torch.manual_seed(0)
     compiled = bevel.compile(MLP().eval(), "cleanup", example_inputs=(torch.randn(4, 16, generator=seeded(1)),))
