@@ -37,7 +37,7 @@ from bevel.errors import ParamError
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.prune.nm import rows_of
-from bevel.passes.quantize.calibration import Resume, collect_input_stats
+from bevel.passes.quantize.calibration import Resume, collect_input_stats, few_rows_note
 from bevel.passes.quantize.sites import LinearSite, find_sites
 from bevel.passes.registry import register_pass
 
@@ -80,7 +80,7 @@ class LowRankFactorize(Pass):
         if not ctx.calibrated:
             notes.append("plain SVD of each weight: no calibration batches were given (with them, each "
                          "layer's truncation is fitted to its outputs on them)")
-        layers, left = {}, {}
+        layers, left, fitted = {}, {}, {}
         resume = Resume()  # each group's runs start where the last group's factorizations did
         for group in hessian_groups(sites) if ctx.calibrated else [sites]:
             hessians = {}
@@ -88,6 +88,7 @@ class LowRankFactorize(Pass):
                 stats = collect_input_stats(graph, {s.node: s.x for s in group}, ctx.calibration, with_hessian=True,
                                             resume=resume, changes_from=group[0].node)
                 hessians = {s.weight_name: stats[s.node].hessian for s in group}
+                fitted.update({s.weight_name: (stats[s.node].rows, s.weight.shape[1]) for s in group})
             for site in group:
                 n, k = site.weight.shape
                 factors = truncated_factors(site.weight, hessians.get(site.weight_name), self.rank)
@@ -102,6 +103,7 @@ class LowRankFactorize(Pass):
                                             "flops": [flops * n * k, flops * rank * (n + k)],
                                             "energy": round(factors.energy, 4)}
         notes += [f"{name} left as it is: {reason}" for name, reason in left.items()]
+        notes += few_rows_note({name: fitted[name] for name in layers if name in fitted})
         if not layers:
             return PassResult(changed=False, stats={"left": left},
                               notes=notes + ["no Linear layer was worth factorizing: the graph is unchanged"])

@@ -217,3 +217,17 @@ def test_with_calibration_energy_is_the_fraction_of_output_energy_kept():
     added = DAMPING * float(hessian.diagonal().mean()) * float(w.norm() ** 2)
     shift = added / (float((s ** 2).sum()) + added)
     assert kept[layer["rank"] - 1] >= 0.9 - shift and kept[layer["rank"] - 2] < 0.9 + shift
+
+
+def test_layers_fitted_to_fewer_rows_than_input_channels_are_named():
+    # 32 calibration rows for 64 input channels: X^T X is singular, the whitened fit is exact on those
+    # rows and free elsewhere, and the fidelity check (on the same rows) cannot see it
+    torch.manual_seed(14)
+    model = MLP((64, 96, 64)).eval()
+    few = [(anisotropic_inputs(16, seed=50 + i),) for i in range(2)]
+    _, result = factorize(model, few[0], calibration=few, energy=0.9)
+    (note,) = [n for n in result.notes if "fewer calibration rows" in n]
+    assert "(from 32)" in note and "(up to 96)" in note and "layers.0.weight" in note and "layers.1.weight" in note
+    enough = [(anisotropic_inputs(128, seed=60 + i),) for i in range(2)]
+    _, result = factorize(model, enough[0], calibration=enough, energy=0.9)
+    assert not [n for n in result.notes if "fewer calibration rows" in n]

@@ -258,6 +258,17 @@ def test_bad_parameters_are_refused_naming_the_parameter(pipeline, key):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_gptq_names_the_layers_fitted_to_fewer_rows_than_input_channels():
+    # 3 batches of 32 rows: enough for the first layer's 64 inputs, not for the second's 128
+    g = seeded(5)
+    calibration = [(torch.randn(32, 64, generator=g),) for _ in range(3)]
+    compiled = bevel.compile(mlp(), 'quantize.int4_weight(group_size=32, method="gptq")',
+                             example_inputs=calibration[0], calibration=calibration)
+    (note,) = [n for n in compiled.report["quantize.int4_weight"].notes if "fewer calibration rows" in n]
+    assert note.startswith("1 layer(s)") and "(from 96)" in note and "(up to 128)" in note
+    assert "layers.1.weight" in note and "layers.0.weight" not in note
+
+
 def test_gptq_without_calibration_is_refused_before_any_work():
     with pytest.raises(PipelineError, match="needs calibration data"):
         bevel.compile(mlp(), 'quantize.int4_weight(method="gptq")', example_inputs=batches()[0])

@@ -200,6 +200,25 @@ class _ValueRecorder(fx.Interpreter):
         return value
 
 
+def few_rows_note(fitted: dict[str, tuple[int, int]]) -> list[str]:
+    """A note naming the layers fitted to fewer calibration rows than they have input channels, from
+    ``{layer: (rows, input channels)}``; none where every layer saw enough rows.
+
+    Such a layer's ``X^T X`` is singular: a fit to it (GPTQ's error compensation, a whitened SVD) is
+    exact on the calibration rows and free in the directions they never took, so it may not hold on
+    other inputs, while the fidelity check runs on the same batches and cannot tell."""
+    short = {name: (rows, width) for name, (rows, width) in fitted.items() if rows < width}
+    if not short:
+        return []
+    names = ", ".join(list(short)[:3]) + (f" and {len(short) - 3} more" if len(short) > 3 else "")
+    rows = min(rows for rows, _ in short.values())
+    width = max(width for _, width in short.values())
+    return [f"{len(short)} layer(s) were fitted to fewer calibration rows (from {rows}) than they have input "
+            f"channels (up to {width}): {names}. Their fit is exact on the calibration batches and may not hold "
+            f"on other inputs, and the fidelity reported is measured on those same batches: give more "
+            f"calibration tokens (at least as many as a layer's input channels)"]
+
+
 def collect_input_stats(graph: Graph, inputs: dict[fx.Node, fx.Node], batches: list[tuple[Any, ...]],
                         with_hessian: bool = False, reference: tuple[fx.GraphModule, dict[fx.Node, str]] | None = None,
                         resume: Resume | None = None, changes_from: fx.Node | None = None

@@ -18,7 +18,8 @@ import torch.fx as fx
 
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
-from bevel.passes.quantize.calibration import InputStats, Resume, collect_input_stats, quantization_stages
+from bevel.passes.quantize.calibration import (InputStats, Resume, collect_input_stats, few_rows_note,
+                                               quantization_stages)
 from bevel.passes.quantize.siblings import fuse_siblings
 from bevel.passes.quantize.sites import EmbeddingSite, LinearSite, find_sites
 from bevel.runtime.ops.quant_format import dequantize_int8_per_channel, quantize_int8_per_channel
@@ -120,12 +121,17 @@ class QuantizePass(Pass):
         if self.fits_float_outputs():  # layer inputs are named as in the copy until they are rewritten
             reference = (graph.copy().module, {s.node: s.x.name for s in sites if isinstance(s, LinearSite)})
         resume = Resume() if self.sequential() else None  # each stage's runs start where the last one's changes did
+        fitted = {}  # the rows each layer fitted to a Hessian saw, and its input width
         for stage in quantization_stages(sites) if self.sequential() else [sites]:
             linears = {s.node: s.x for s in stage if isinstance(s, LinearSite)}
             stats = collect_input_stats(graph, linears, ctx.calibration, with_hessian=self.with_hessian(),
                                         reference=reference, resume=resume, changes_from=stage[0].node)
+            if self.with_hessian():
+                fitted.update({s.weight_name: (stats[s.node].rows, s.weight.shape[1]) for s in stage
+                               if isinstance(s, LinearSite)})
             for site in stage:
                 notes += self._quantize_site(graph, site, stats.get(site.node))
+        notes += few_rows_note(fitted)
         if self.kept_float:
             notes.append(f"{len(self.kept_float)} layer(s) kept in float, their error over max_layer_error="
                          f"{self.params.max_layer_error}: "
