@@ -162,8 +162,10 @@ def truncated_factors(weight: torch.Tensor, hessian: torch.Tensor | None,
     right = vh[:rank]
     if factor is not None:  # V_r^T L^-1: solve X L = V_r^T
         right = torch.linalg.solve_triangular(factor, right, upper=False, left=False)
-    first = (root[:, None] * right).to(weight.dtype)
-    second = (u[:, :rank] * root).to(weight.dtype)
+    # contiguous: the solve returns a transposed layout, which a saved artifact would not keep, and a
+    # GEMM on another layout sums in another order (the loaded model would differ by float rounding)
+    first = (root[:, None] * right).to(weight.dtype).contiguous()
+    second = (u[:, :rank] * root).to(weight.dtype).contiguous()
     return Factors(first, second, rank, kept_energy(s, rank))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bevel
 from bevel.compiler.captured import copy_model
 from bevel.errors import ParamError
 from bevel.ir import analysis, capture
@@ -231,3 +232,17 @@ def test_layers_fitted_to_fewer_rows_than_input_channels_are_named():
     enough = [(anisotropic_inputs(128, seed=60 + i),) for i in range(2)]
     _, result = factorize(model, enough[0], calibration=enough, energy=0.9)
     assert not [n for n in result.notes if "fewer calibration rows" in n]
+
+
+def test_a_factorized_model_saved_and_loaded_gives_identical_outputs(tmp_path):
+    torch.manual_seed(15)
+    model = MLP((64, 96, 64)).eval()
+    calibration = [(anisotropic_inputs(128, seed=70 + i),) for i in range(2)]
+    compiled = bevel.compile(model, "lowrank(param_ratio=0.3)", example_inputs=calibration[0],
+                             calibration=calibration)
+    assert compiled.report["lowrank"].stats["factorized"] == 2
+    compiled.save(str(tmp_path / "artifact"))
+    loaded = bevel.load(str(tmp_path / "artifact"))
+    fresh = anisotropic_inputs(7, seed=80)
+    with torch.no_grad():
+        assert torch.equal(loaded(fresh), compiled(fresh))
