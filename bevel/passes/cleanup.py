@@ -1,4 +1,5 @@
-"""``cleanup``: remove dropout and identity ops, fold constants, drop dead code. Outputs are unchanged."""
+"""``cleanup``: remove dropout and identity ops, fold constants, drop attention masks that mask
+nothing, drop dead code. Outputs are unchanged."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from bevel.ir.arguments import argument
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
+from bevel.passes.tome.blocks import ATTENTION_OPS, ancestors
 
 aten = torch.ops.aten
 
@@ -47,11 +49,12 @@ class Cleanup(Pass):
         identities = _remove_identities(graph, graph_mutates)
         fold = self.params.fold_constants and not graph_mutates  # a buffer written in place is no constant
         folded = _fold_constants(graph, self.params.max_folded_elements) if fold else 0
+        masks = _drop_masks_that_mask_nothing(graph)
         graph.refresh()
         removed = before - len(graph.fx_graph.nodes)
         stats = {"dropout_removed": dropouts, "identities_removed": identities, "constants_folded": folded,
-                 "nodes_removed": removed}
-        return PassResult(changed=removed > 0 or folded > 0, stats=stats)
+                 "masks_dropped": masks, "nodes_removed": removed}
+        return PassResult(changed=removed > 0 or folded > 0 or masks > 0, stats=stats)
 
 
 def _remove_dropout(graph: Graph) -> int:
@@ -194,3 +197,53 @@ def _fold_constants(graph: Graph, max_elements: int) -> int:
         readers[replacement.target] = len(replacement.users)
         folded += 1
     return folded
+
+
+def _drop_masks_that_mask_nothing(graph: Graph) -> int:
+    """Take away the attention masks that let every query see every key: computed from sizes alone
+    (HF's ViT builds an all-true [batch, 1, tokens, tokens] mask from ``arange``), over a fixed count
+    of tokens, and all true (or all zero, added) at the example inputs. Attention without a mask
+    computes the same, on the CPU faster, and the token passes then find a block with no mask."""
+    dropped = 0
+    for attention in graph.nodes(op="call_function", target=ATTENTION_OPS):
+        mask = argument(attention, "attn_mask", None)
+        if not isinstance(mask, fx.Node) or any(n.op == "placeholder" for n in ancestors(mask, through_sizes=False)):
+            continue
+        shape = graph.shape(mask)
+        if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[-2:]):
+            continue  # over a token count known only at run time, a mask may mask at other lengths
+        value = _value_from_sizes(graph, mask)
+        if value is None or not (bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())):
+            continue
+        if "attn_mask" in attention.kwargs:
+            attention.update_kwarg("attn_mask", None)
+        else:
+            attention.update_arg(3, None)
+        dropped += 1
+    return dropped
+
+
+def _value_from_sizes(graph: Graph, node: fx.Node) -> torch.Tensor | None:
+    """The value of ``node``, which reads the graph's inputs for their sizes only, at the example inputs;
+    None where it cannot be computed here (an op that is not a plain deterministic aten op)."""
+    needed = ancestors(node) | {node}
+    leaves = torch.utils._pytree.tree_leaves(graph.example_inputs)
+    placeholders = graph.inputs()
+    if len(leaves) != len(placeholders):
+        return None
+    values: dict[fx.Node, Any] = dict(zip(placeholders, leaves))
+    for current in graph.nodes():
+        if current not in needed or current in values:
+            continue
+        if current.op == "get_attr" and graph.is_tensor_attr(current):
+            values[current] = graph.param(current.target)
+        elif current.op == "call_function" and (current.target.__module__ == "_operator" or (
+                isinstance(current.target, torch._ops.OpOverload) and current.target.namespace == "aten"
+                and torch.Tag.nondeterministic_seeded not in current.target.tags
+                and not current.target._schema.is_mutable)):
+            args, kwargs = fx.node.map_arg((current.args, current.kwargs), lambda n: values[n])
+            values[current] = current.target(*args, **kwargs)
+        else:
+            return None
+    value = values[node]
+    return value if isinstance(value, torch.Tensor) else None

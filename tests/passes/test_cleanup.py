@@ -169,3 +169,42 @@ def test_folded_constants_keep_the_name_of_their_source():
     model = Noisy(["buffer"], 4).eval()
     graph, _ = run_cleanup(model, (torch.randn(2, 4),))
     assert any(name.startswith("table_folded") for name in graph.tensors()), list(graph.tensors())
+
+
+class SizeMask(nn.Module):
+    """Attention with a boolean mask built from ``arange`` alone: all true (HF's ViT builds one), or a
+    band of ``window`` keys around each query, over a fixed count of tokens or the input's own."""
+
+    def __init__(self, window: int | None, tokens: int | None) -> None:
+        super().__init__()
+        self.window, self.tokens = window, tokens
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        count = n if self.tokens is None else self.tokens
+        positions = torch.arange(count)
+        distance = (positions[:, None] - positions[None, :]).abs()
+        mask = (distance >= 0) if self.window is None else (distance <= self.window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(b, 1, count, count))
+
+
+def test_an_attention_mask_that_masks_nothing_is_dropped_and_others_are_kept():
+    torch.manual_seed(0)
+    example, fresh = torch.randn(2, 6, 16), torch.randn(3, 6, 16)
+    for window, expected in ((None, 1), (2, 0), (8, 1)):  # all true; a band; a band wider than the tokens
+        model = SizeMask(window, tokens=6).eval()
+        graph, result = run_cleanup(model, (example,))
+        assert result.stats["masks_dropped"] == expected, window
+        (attention,) = graph.nodes(target=aten.scaled_dot_product_attention.default)
+        assert (len(attention.args) < 4 or attention.args[3] is None) == bool(expected)
+        with torch.no_grad():
+            assert (graph(fresh) - model(fresh)).abs().max() <= TOLERANCE
+    # over the input's own token count a band wider than the example's tokens masks longer inputs
+    model = SizeMask(8, tokens=None).eval()
+    graph, result = run_cleanup(model, (example,))
+    assert result.stats["masks_dropped"] == 0
+    longer = torch.randn(2, 12, 16)
+    with torch.no_grad():
+        assert (graph(longer) - model(longer)).abs().max() <= TOLERANCE

@@ -1,4 +1,4 @@
-"""tome on random models: HF BERT with padded rows, timm and torchvision ViTs, and an encoder of
+"""tome on random models: HF BERT with padded rows, timm, torchvision and HF ViTs, and an encoder of
 nn.MultiheadAttention.
 
 Two differentials are exact in real arithmetic, so they are checked at 1e-5 (float32 roundings of
@@ -104,8 +104,20 @@ def torchvision_vit():
     return model.eval(), lambda g, b=2: (torch.randn(b, 3, 32, 32, generator=g),)
 
 
+def hf_vit():
+    """HF transformers' ViT: its attention gets an all-true mask built from sizes, which cleanup drops."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8)
+    return ViTModel(config).eval(), lambda g, b=2: (torch.randn(b, 3, 32, 32, generator=g),)
+
+
 # masked: padding dropped before a block that reads the input directly (it once failed there)
-MODELS = {"mha": encoder, "bert": bert, "vit": vit, "masked": masked_encoder, "torchvision_vit": torchvision_vit}
+MODELS = {"mha": encoder, "bert": bert, "vit": vit, "masked": masked_encoder, "torchvision_vit": torchvision_vit,
+          "hf_vit": hf_vit}
+IMAGE_MODELS = ("vit", "torchvision_vit", "hf_vit")
 
 
 def outputs(out) -> list[torch.Tensor]:
@@ -117,7 +129,7 @@ def outputs(out) -> list[torch.Tensor]:
 def fresh_inputs(name, make_inputs):
     """Inputs of another batch size (and, where the model allows, another length) than the example's."""
     g = seeded(9)
-    return make_inputs(g, 4) if name in ("vit", "torchvision_vit") else make_inputs(g, 4, 16)
+    return make_inputs(g, 4) if name in IMAGE_MODELS else make_inputs(g, 4, 16)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

@@ -85,7 +85,10 @@ def _padding_input(graph: Graph, mask: fx.Node, tokens) -> fx.Node | None | str:
     # the batch size is not compared: export gives each input's batch a symbol of its own
     padding = [n for n in inputs if (s := graph.shape(n)) is not None and len(s) == 2 and same_size(s[1], tokens)]
     if len(inputs) != 1 or len(padding) != 1:
-        names = ", ".join(sorted(n.name for n in inputs)) or "no input"
+        names = ", ".join(sorted(n.name for n in inputs))
+        if not names:  # built from sizes alone
+            return ("its attention mask is not a padding mask of one [batch, tokens] input (it reads no input; "
+                    "`cleanup` earlier in the pipeline drops such a mask where it masks nothing)")
         return f"its attention mask is not a padding mask of one [batch, tokens] input (it reads {names})"
     return padding[0]
 
