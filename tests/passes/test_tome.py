@@ -194,6 +194,14 @@ def test_merging_identical_patches_of_a_torchvision_vit_changes_no_output():
         assert (compiled(fresh) - model(fresh)).abs().max() <= 1e-5
 
 
+def test_a_mask_built_from_sizes_alone_points_to_cleanup():
+    model, make_inputs = hf_vit()
+    compiled = bevel.compile(model, "tome(r=2)", example_inputs=make_inputs(seeded(0)))
+    entry = compiled.report["tome"]
+    assert entry.status == "no change"
+    assert any("reads no input" in note and "`cleanup` earlier in the pipeline" in note for note in entry.notes)
+
+
 def test_a_row_that_loses_only_padding_keeps_its_outputs():
     model, _ = bert()
     g = seeded(4)
