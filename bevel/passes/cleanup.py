@@ -49,7 +49,7 @@ class Cleanup(Pass):
         identities = _remove_identities(graph, graph_mutates)
         fold = self.params.fold_constants and not graph_mutates  # a buffer written in place is no constant
         folded = _fold_constants(graph, self.params.max_folded_elements) if fold else 0
-        masks = _drop_masks_that_mask_nothing(graph)
+        masks = 0 if graph_mutates else _drop_masks_that_mask_nothing(graph)  # a written buffer is no constant
         graph.refresh()
         removed = before - len(graph.fx_graph.nodes)
         stats = {"dropout_removed": dropouts, "identities_removed": identities, "constants_folded": folded,
@@ -143,15 +143,14 @@ def _remove_identities(graph: Graph, graph_mutates: bool) -> int:
     return count
 
 
+def _is_pure(target: Any) -> bool:
+    """Whether ``target`` is an aten or prims op that neither draws random numbers nor writes its inputs."""
+    return isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "prims") \
+        and torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
+
+
 def _is_foldable_op(node: fx.Node) -> bool:
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload):
-        return False
-    if target.namespace not in ("aten", "prims"):
-        return False
-    if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
-        return False
-    return isinstance(node.meta.get("val"), torch.Tensor)
+    return _is_pure(node.target) and isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def _fold_constants(graph: Graph, max_elements: int) -> int:
@@ -200,19 +199,20 @@ def _fold_constants(graph: Graph, max_elements: int) -> int:
 
 
 def _drop_masks_that_mask_nothing(graph: Graph) -> int:
-    """Take away the attention masks that let every query see every key: computed from sizes alone
-    (HF's ViT builds an all-true [batch, 1, tokens, tokens] mask from ``arange``), over a fixed count
-    of tokens, and all true (or all zero, added) at the example inputs. Attention without a mask
-    computes the same, on the CPU faster, and the token passes then find a block with no mask."""
+    """Take away the attention masks that let every query see every key: a constant (computed from
+    neither the inputs nor any size, as the all-true mask HF's ViT builds from ``arange``), maybe
+    broadcast to the batch by ``expand`` or reshaped, that is all true (boolean) or all zero (added).
+    Attention without a mask computes the same, on the CPU faster, and the token passes then find a
+    block with no mask. A mask that reads any size is kept: its values may change with it."""
     dropped = 0
     for attention in graph.nodes(op="call_function", target=ATTENTION_OPS):
         mask = argument(attention, "attn_mask", None)
-        if not isinstance(mask, fx.Node) or any(n.op == "placeholder" for n in ancestors(mask, through_sizes=False)):
+        if not isinstance(mask, fx.Node):
             continue
-        shape = graph.shape(mask)
-        if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[-2:]):
-            continue  # over a token count known only at run time, a mask may mask at other lengths
-        value = _value_from_sizes(graph, mask)
+        source = mask
+        while source.target in _BROADCASTS and isinstance(source.args[0], fx.Node):
+            source = source.args[0]
+        value = _constant_value(graph, source)
         if value is None or not (bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())):
             continue
         if "attn_mask" in attention.kwargs:
@@ -223,24 +223,24 @@ def _drop_masks_that_mask_nothing(graph: Graph) -> int:
     return dropped
 
 
-def _value_from_sizes(graph: Graph, node: fx.Node) -> torch.Tensor | None:
-    """The value of ``node``, which reads the graph's inputs for their sizes only, at the example inputs;
-    None where it cannot be computed here (an op that is not a plain deterministic aten op)."""
+# ops that only broadcast or rearrange a mask's values: it masks nothing if what they read masks nothing
+_BROADCASTS = (aten.expand.default, aten.unsqueeze.default, aten.view.default, aten.reshape.default,
+               aten._unsafe_view.default)
+
+
+def _constant_value(graph: Graph, node: fx.Node) -> torch.Tensor | None:
+    """The value of ``node`` where it reads no input, no size and no buffer the graph writes to, from
+    plain deterministic aten ops; None otherwise."""
     needed = ancestors(node) | {node}
-    leaves = torch.utils._pytree.tree_leaves(graph.example_inputs)
-    placeholders = graph.inputs()
-    if len(leaves) != len(placeholders):
+    if any(n.op == "placeholder" or isinstance(n.meta.get("val"), torch.SymInt) for n in needed):
         return None
-    values: dict[fx.Node, Any] = dict(zip(placeholders, leaves))
+    values: dict[fx.Node, Any] = {}
     for current in graph.nodes():
-        if current not in needed or current in values:
+        if current not in needed:
             continue
         if current.op == "get_attr" and graph.is_tensor_attr(current):
             values[current] = graph.param(current.target)
-        elif current.op == "call_function" and (current.target.__module__ == "_operator" or (
-                isinstance(current.target, torch._ops.OpOverload) and current.target.namespace == "aten"
-                and torch.Tag.nondeterministic_seeded not in current.target.tags
-                and not current.target._schema.is_mutable)):
+        elif current.op == "call_function" and _is_pure(current.target):
             args, kwargs = fx.node.map_arg((current.args, current.kwargs), lambda n: values[n])
             values[current] = current.target(*args, **kwargs)
         else:

@@ -42,6 +42,7 @@ from bevel.passes.tome.blocks import SOFTMAX_OPS, same_size
 aten = torch.ops.aten
 
 _PRODUCTS = (aten.matmul.default, aten.bmm.default)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 @dataclass
@@ -177,7 +178,7 @@ def _fuse(graph: Graph, chain: _Chain) -> fx.Node:
                                              {"scale": float(chain.scale)})
         output = fused if heads is None else graph.fx_graph.call_function(aten.flatten.using_ints, (fused, 0, 1))
     for node in (fused, output):
-        node.meta.update({k: v for k, v in chain.output.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        _take_origin(node, chain.output)
     chain.output.replace_all_uses_with(output)
     for node in chain.nodes:  # erased here: dead code elimination keeps a dropout (a random op) and all before it
         graph.fx_graph.erase_node(node)
@@ -199,7 +200,7 @@ def _merge_heads_last(graph: Graph, fused: fx.Node, output: fx.Node) -> None:
         return
     with graph.fx_graph.inserting_after(users[0]):
         heads_last = graph.fx_graph.call_function(aten.permute.default, (fused, [2, 0, 1, 3]))
-    heads_last.meta.update({k: v for k, v in output.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    _take_origin(heads_last, output)
     for reshape in reshapes:
         reshape.replace_input_with(users[0], heads_last)
 
@@ -212,7 +213,7 @@ def _heads_of_fold(graph: Graph, node: fx.Node) -> int | None:
     if node.target != aten.transpose.int or {d % 3 for d in node.args[1:3]} != {0, 1}:
         return None
     view = node.args[0]
-    if view.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+    if view.target not in _VIEWS:
         return None
     before, after = graph.shape(view.args[0]), graph.shape(view)
     if before is None or after is None or len(before) != 3 or len(after) != 3 or not same_size(before[0], after[0]):
@@ -247,7 +248,7 @@ def _unfolded(graph: Graph, node: fx.Node | None, heads: int) -> fx.Node | None:
     if node is None:
         return None
     shape = graph.shape(node)
-    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+    if node.target in _VIEWS:
         before = graph.shape(node.args[0])
         if before is not None and len(before) == len(shape) + 1 and isinstance(before[1], int) and \
                 before[1] == heads and same_size(before[0] * heads, shape[0]) and \
@@ -260,3 +261,8 @@ def _unfolded(graph: Graph, node: fx.Node | None, heads: int) -> fx.Node | None:
 
 def _is_one(size) -> bool:
     return isinstance(size, int) and size == 1
+
+
+def _take_origin(node: fx.Node, source: fx.Node) -> None:
+    """Give ``node`` the module path and source line of ``source``, for reports and error messages."""
+    node.meta.update({k: v for k, v in source.meta.items() if k in ("nn_module_stack", "stack_trace")})

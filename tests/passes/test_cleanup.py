@@ -172,10 +172,11 @@ def test_folded_constants_keep_the_name_of_their_source():
 
 
 class SizeMask(nn.Module):
-    """Attention with a boolean mask built from ``arange`` alone: all true (HF's ViT builds one), or a
-    band of ``window`` keys around each query, over a fixed count of tokens or the input's own."""
+    """Attention with a boolean mask built from ``arange``: all true (HF's ViT builds one), a band of
+    ``window`` keys around each query (``"batch"``: as wide as 3 times the batch size), over a fixed
+    count of tokens or the input's own; or (``window="rows"``) true only for the first two rows."""
 
-    def __init__(self, window: int | None, tokens: int | None) -> None:
+    def __init__(self, window: int | str | None, tokens: int | None) -> None:
         super().__init__()
         self.window, self.tokens = window, tokens
         self.qkv = nn.Linear(16, 48)
@@ -186,7 +187,11 @@ class SizeMask(nn.Module):
         count = n if self.tokens is None else self.tokens
         positions = torch.arange(count)
         distance = (positions[:, None] - positions[None, :]).abs()
-        mask = (distance >= 0) if self.window is None else (distance <= self.window)
+        if self.window == "rows":
+            mask = torch.arange(b)[:, None, None, None] < 2
+        else:
+            window = 3 * b if self.window == "batch" else self.window
+            mask = (distance >= 0) if window is None else (distance <= window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.expand(b, 1, count, count))
 
 
@@ -201,10 +206,13 @@ def test_an_attention_mask_that_masks_nothing_is_dropped_and_others_are_kept():
         assert (len(attention.args) < 4 or attention.args[3] is None) == bool(expected)
         with torch.no_grad():
             assert (graph(fresh) - model(fresh)).abs().max() <= TOLERANCE
-    # over the input's own token count a band wider than the example's tokens masks longer inputs
-    model = SizeMask(8, tokens=None).eval()
-    graph, result = run_cleanup(model, (example,))
-    assert result.stats["masks_dropped"] == 0
-    longer = torch.randn(2, 12, 16)
-    with torch.no_grad():
-        assert (graph(longer) - model(longer)).abs().max() <= TOLERANCE
+    # masks all true at the example whose values depend on a size: over the input's own token count a
+    # band wider than the example's tokens masks longer inputs; a band as wide as 3 x batch masks at
+    # batch 1; a mask of the first two rows masks the third
+    for window, tokens, fresh in ((8, None, torch.randn(2, 12, 16)), ("batch", 6, torch.randn(1, 6, 16)),
+                                  ("rows", 6, torch.randn(5, 6, 16))):
+        model = SizeMask(window, tokens).eval()
+        graph, result = run_cleanup(model, (example,))
+        assert result.stats["masks_dropped"] == 0, window
+        with torch.no_grad():
+            assert (graph(fresh) - model(fresh)).abs().max() <= TOLERANCE

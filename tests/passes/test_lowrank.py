@@ -228,7 +228,7 @@ def test_layers_fitted_to_fewer_rows_than_input_channels_are_named():
     few = [(anisotropic_inputs(16, seed=50 + i),) for i in range(2)]
     _, result = factorize(model, few[0], calibration=few, energy=0.9)
     (note,) = [n for n in result.notes if "fewer calibration rows" in n]
-    assert "(from 32)" in note and "(up to 96)" in note and "layers.0.weight" in note and "layers.1.weight" in note
+    assert "(as few as 32)" in note and "(up to 96)" in note and "layers.0.weight" in note and "layers.1.weight" in note
     enough = [(anisotropic_inputs(128, seed=60 + i),) for i in range(2)]
     _, result = factorize(model, enough[0], calibration=enough, energy=0.9)
     assert not [n for n in result.notes if "fewer calibration rows" in n]

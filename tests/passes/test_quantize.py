@@ -265,8 +265,12 @@ def test_gptq_names_the_layers_fitted_to_fewer_rows_than_input_channels():
     compiled = bevel.compile(mlp(), 'quantize.int4_weight(group_size=32, method="gptq")',
                              example_inputs=calibration[0], calibration=calibration)
     (note,) = [n for n in compiled.report["quantize.int4_weight"].notes if "fewer calibration rows" in n]
-    assert note.startswith("1 layer(s)") and "(from 96)" in note and "(up to 128)" in note
+    assert note.startswith("1 layer(s)") and "(as few as 96)" in note and "(up to 128)" in note
     assert "layers.1.weight" in note and "layers.0.weight" not in note
+    kept = bevel.compile(mlp(), 'quantize.int4_weight(group_size=32, method="gptq", max_layer_error=1e-9)',
+                         example_inputs=calibration[0], calibration=calibration)
+    assert kept.report["quantize.int4_weight"].stats["quantized"] == 0  # in float: fitted to nothing
+    assert not [n for n in kept.report["quantize.int4_weight"].notes if "fewer calibration rows" in n]
 
 
 def test_gptq_without_calibration_is_refused_before_any_work():

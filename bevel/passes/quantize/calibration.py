@@ -213,7 +213,7 @@ def few_rows_note(fitted: dict[str, tuple[int, int]]) -> list[str]:
     names = ", ".join(list(short)[:3]) + (f" and {len(short) - 3} more" if len(short) > 3 else "")
     rows = min(rows for rows, _ in short.values())
     width = max(width for _, width in short.values())
-    return [f"{len(short)} layer(s) were fitted to fewer calibration rows (from {rows}) than they have input "
+    return [f"{len(short)} layer(s) were fitted to fewer calibration rows (as few as {rows}) than they have input "
             f"channels (up to {width}): {names}. Their fit is exact on the calibration batches and may not hold "
             f"on other inputs, and the fidelity reported is measured on those same batches: give more "
             f"calibration tokens (at least as many as a layer's input channels)"]

@@ -131,7 +131,8 @@ class QuantizePass(Pass):
                                if isinstance(s, LinearSite)})
             for site in stage:
                 notes += self._quantize_site(graph, site, stats.get(site.node))
-        notes += few_rows_note(fitted)
+        quantized_names = set(self.rewritten.values())  # not the layers left or kept in float
+        notes += few_rows_note({name: rows for name, rows in fitted.items() if name in quantized_names})
         if self.kept_float:
             notes.append(f"{len(self.kept_float)} layer(s) kept in float, their error over max_layer_error="
                          f"{self.params.max_layer_error}: "

@@ -72,36 +72,48 @@ def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, mad
 
     A symbolic count is a node: users that read it, or a size computed from it (``batch * tokens``
     for a flattened view), get it, or a copy of that computation, from ``new``. A static count is a
-    number: list entries equal to it in the size argument of a shape op are replaced, and so is a
-    product of sizes that multiplies by it (``batch * 17`` for a flattened view of a fixed image's
-    tokens). Size nodes made by earlier steps have no recorded value yet: ``made_sizes`` holds them,
-    and gains the copies.
+    number: in the size argument of a shape op, entries equal to it are replaced, and so are entries
+    that multiply a size by it (``batch * 17`` for a flattened view of a fixed image's tokens). Size
+    nodes made by earlier steps have no recorded value yet: ``made_sizes`` holds them, and gains the
+    copies.
     """
     def is_size(node: Any) -> bool:
         value = node.meta.get("val") if isinstance(node, fx.Node) else None
         return node in made_sizes or (isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool))
 
-    static = not isinstance(old, fx.Node)
-    if static:
+    if not isinstance(old, fx.Node):
+        products: dict[fx.Node, fx.Node] = {}
+
+        def counted(entry: Any) -> Any:
+            """A size list's entry with the count ``new`` where it was ``old``."""
+            if _is_count(entry, old):
+                return new
+            if isinstance(entry, fx.Node) and entry.target == operator.mul and any(_is_count(a, old)
+                                                                                  for a in entry.args):
+                if entry not in products:
+                    with graph.fx_graph.inserting_after(_last_of(new, set(entry.all_input_nodes))):
+                        products[entry] = graph.fx_graph.call_function(
+                            operator.mul, tuple(new if _is_count(a, old) else a for a in entry.args))
+                    made_sizes.add(products[entry])
+                return products[entry]
+            return entry
+
         for node in users:
             if node.op == "call_function" and node.target in SHAPE_OPS:
                 for position, arg in enumerate(node.args):
-                    if isinstance(arg, (list, tuple)) and any(_is_count(a, old) for a in arg):
-                        node.update_arg(position, type(arg)(new if _is_count(a, old) else a for a in arg))
-    rebased: dict[fx.Node, fx.Node] = {} if static else {old: new}
+                    if isinstance(arg, (list, tuple)) and any(counted(a) is not a for a in arg):
+                        node.update_arg(position, type(arg)(counted(a) for a in arg))
+        return
+    rebased: dict[fx.Node, fx.Node] = {old: new}
 
     def rebase(size: fx.Node) -> fx.Node:
         """``size`` computed from ``new`` instead of ``old`` (itself when it does not depend on it)."""
         if size not in rebased:
             rebased[size] = size
-            times_count = static and size.target == operator.mul and any(_is_count(a, old) for a in size.args)
-            if size.op == "call_function" and (times_count or any(rebase(a) is not a for a in size.all_input_nodes
-                                                                  if is_size(a))):
+            if size.op == "call_function" and any(rebase(a) is not a for a in size.all_input_nodes if is_size(a)):
                 args = {rebase(a) if is_size(a) else a for a in size.all_input_nodes}
                 with graph.fx_graph.inserting_after(_last_of(new, args)):
                     copy = graph.fx_graph.node_copy(size, lambda a: rebase(a) if is_size(a) else a)
-                if times_count:
-                    copy.args = tuple(new if _is_count(a, old) else a for a in copy.args)
                 rebased[size] = copy
                 made_sizes.add(copy)
         return rebased[size]
