@@ -214,24 +214,84 @@ def test_mean_of_removed_neurons_is_folded_into_the_next_bias():
     assert errors[True] <= 1e-5 < errors[False]
 
 
-def test_batch_norms_after_pruned_channels_are_recalibrated():
-    """With calibration, a BatchNorm whose input lost channels upstream normalizes the calibration data
-    again: without affine, its output has per-channel mean 0 and variance 1 over those batches."""
+def test_batch_norms_after_pruned_channels_keep_their_output_mean():
+    """With calibration, a BatchNorm whose input lost channels upstream keeps the per-channel output mean
+    it had over those batches (the fold into the conv before it and the shift of its running mean
+    restore it, as far as the 12 examples determine it: within 0.01, where the pruning alone moves it
+    by 0.19), and its running variance, which its training measured on far more data, stays."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
                           nn.BatchNorm2d(6, affine=False))
     model = randomized_batch_norms(model)
     batches = [(torch.randn(4, 1, 8, 8, generator=seeded(i)),) for i in range(3)]
-    compiled = bevel.compile(model, 'prune.structured(target="conv", ratio=0.5)', example_inputs=batches[0],
-                             calibration=batches)
+    drift, recalibrated = {}, {}
+    for compensate in (True, False):
+        compiled = bevel.compile(model, f'prune.structured(target="conv", ratio=0.5, '
+                                 f'compensate={str(compensate).lower()})', example_inputs=batches[0],
+                                 calibration=batches)
+        with torch.no_grad():
+            out, ref = torch.cat([compiled(*b) for b in batches]), torch.cat([model(*b) for b in batches])
+        drift[compensate] = (out.mean(dim=(0, 2, 3)) - ref.mean(dim=(0, 2, 3))).abs().max().item()
+        recalibrated[compensate] = compiled.report["prune.structured"].stats["batch_norms_recalibrated"]
+        assert torch.equal(dict(compiled.named_buffers())["graph_module.4.running_var"], model[4].running_var)
+    print(f"recalibrated BatchNorms: {recalibrated[True]}; output mean moved by {drift[True]:.1e}, "
+          f"{drift[False]:.1e} without compensation")
+    assert recalibrated == {True: 1, False: 0}
+    assert drift[True] <= 0.01 < drift[False]
+
+
+def warmed_cnn(name: str, size: int) -> nn.Module:
+    """A random-weight CNN whose BatchNorms hold the statistics of what they see, as trained ones do:
+    their running mean and variance are the averages over a few train-mode forwards of random images."""
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10) if name == "resnet18" else \
+        timm.create_model(name, pretrained=False, num_classes=10)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average over the forwards
+    model.train()
+    images = seeded(9)
     with torch.no_grad():
-        out = torch.cat([compiled(*b) for b in batches])
-    mean, var = out.mean(dim=(0, 2, 3)), out.var(dim=(0, 2, 3), unbiased=False)
-    stats = compiled.report["prune.structured"].stats
-    print(f"recalibrated BatchNorms: {stats['batch_norms_recalibrated']}; output mean within "
-          f"{mean.abs().max():.1e} of 0, variance within {(var - 1).abs().max():.1e} of 1")
-    assert stats["batch_norms_recalibrated"] == 1
-    assert mean.abs().max() <= 1e-4 and (var - 1).abs().max() <= 1e-3
+        for _ in range(4):
+            model(torch.randn(16, 3, size, size, generator=images))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,size", [("resnet18", 32), ("tinynet_e", 16)])
+def test_compensation_on_a_cnn_is_no_worse_than_none_on_fresh_inputs(name, size):
+    """Compensated from 2 batches of 2 images, a CNN pruned of a quarter of its conv channels is at
+    least as close to the original on fresh images as without compensation.
+
+    At these sizes the last feature maps are 1x1, so a calibration statistic of a deep channel rests
+    on 4 samples; re-estimating the BatchNorm statistics from them multiplied the outputs (ResNet-18:
+    relative error 9.1 against 1.18 without; TinyNet-E, EfficientNet's family: 3e5 against 1.0).
+    Tolerances, 5% of the relative error and 0.05 of the mean cosine: with random weights and every
+    conv group cut, neither result is near the original (relative errors about 1, cosines 0.2 to 0.5),
+    and a correction measured on 4 images may be a few percent off either way on other images; the
+    failure was orders of magnitude.
+    """
+    model = warmed_cnn(name, size)
+    calibration = [(torch.randn(2, 3, size, size, generator=seeded(i)),) for i in (1, 2)]
+    fresh = torch.randn(32, 3, size, size, generator=seeded(3))
+    with torch.no_grad():
+        reference = model(fresh)
+    error, cosine = {}, {}
+    for compensate in (True, False):
+        compiled = bevel.compile(model, f'prune.structured(target="conv", ratio=0.25, '
+                                 f'compensate={str(compensate).lower()})', example_inputs=calibration[0],
+                                 calibration=calibration)
+        assert compiled.report["prune.structured"].status == "applied"
+        with torch.no_grad():
+            out = compiled(fresh)
+        error[compensate] = ((out - reference).norm() / reference.norm()).item()
+        cosine[compensate] = F.cosine_similarity(out, reference).mean().item()
+    print(f"{name}: relative error {error[True]:.3g} compensated, {error[False]:.3g} not; mean cosine "
+          f"{cosine[True]:.3f}, {cosine[False]:.3f}")
+    assert error[True] <= 1.05 * error[False]
+    assert cosine[True] >= cosine[False] - 0.05
 
 
 def test_magnitude_ranking_of_a_conv_counts_its_batch_norm_scale():

@@ -7,7 +7,10 @@ of the group, so the graph gets smaller and cheaper with no masks left. Where ca
 are given, each layer that read removed channels is compensated: their mean contribution goes into
 its bias (FLAP, An et al. 2024), and a Linear's kept columns are refitted to its old output by least
 squares on the calibration inputs (see :func:`_compensate`), and every BatchNorm after a layer that
-lost inputs re-estimates its running mean and variance on them, as is usual after pruning a CNN.
+lost inputs moves its running mean by the shift the pruning caused on them (see
+:func:`recalibrate_batch_norms`). A conv's fold and a BatchNorm's shift are kept only as far as the
+calibration examples agree on them (:func:`shrink`): a deep CNN's small feature maps give a channel
+a handful of samples from a few images, and their noise compounds over the layers.
 With that refit, activation importance is the output error the Linear layers reading a unit keep
 after it: units are removed one by one, each time the one whose removal the refit of the rest makes
 up for best (structured Optimal Brain Surgeon, see :func:`_surgeon_scores`).
@@ -27,7 +30,8 @@ from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, param_count
 from bevel.ir.dependency import BATCH_NORMS, ChannelGroup, DependencyAnalysis, Layout
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
-from bevel.passes.prune.structured_stats import ChannelStats, collect_channel_stats, recalibrate_batch_norms
+from bevel.passes.prune.structured_stats import (ChannelStats, batch_norm_inputs, collect_channel_stats,
+                                                 recalibrate_batch_norms, shrink)
 from bevel.passes.registry import register_pass
 
 TARGETS = ("mlp", "heads", "conv", "all")
@@ -51,8 +55,9 @@ class StructuredPrune(Pass):
         round_to: int = param(1, "keep every pruned layer's width a multiple of this", ge=1)
         skip: tuple[str, ...] = param((), "weight-name patterns (fnmatch) whose groups are left alone")
         compensate: bool = param(True, "refit the layers that read removed channels to their old output "
-                                 "(least squares for Linear, mean fold for Conv) and re-estimate the BatchNorm "
-                                 "statistics after them; needs calibration batches")
+                                 "(least squares for Linear, mean fold for Conv) and move the running means of "
+                                 "the BatchNorms after them by the shift the pruning caused; needs calibration "
+                                 "batches")
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -123,14 +128,19 @@ class StructuredPrune(Pass):
         before = param_count(graph)
         chosen = {g.name: g for g in candidates if g.name in removed}
         predicted = before - analysis.removed_params({n: len(u) for n, u in removed.items()})
-        new_biases = _compensate(graph, chosen, removed, stats) if p.compensate and ctx.calibrated else {}
-        _cut(graph, chosen, removed, new_biases)
+        compensating = p.compensate and ctx.calibrated
+        readers = [c.node for name in chosen for c in chosen[name].consumers]
+        # the BatchNorm inputs as they were, for the recalibration to compare with: taken before any weight changes
+        batch_norms = batch_norm_inputs(graph, readers, ctx.calibration, BATCH_NORMS) if compensating else {}
+        new_biases = _compensate(graph, chosen, removed, stats) if compensating else {}
+        dropped = _cut(graph, chosen, removed, new_biases)
         folded = sum(graph.param(name).numel() for name in new_biases)
         graph.refresh()
         recalibrated = []
-        if p.compensate and ctx.calibrated:
-            readers = [c.node for name in chosen for c in chosen[name].consumers]
-            recalibrated = recalibrate_batch_norms(graph, readers, ctx.calibration, BATCH_NORMS)
+        if compensating:
+            batch_norms = {name: (_without(total, dropped.get(name, {}).get(0, ()), 1), count)
+                           for name, (total, count) in batch_norms.items()}
+            recalibrated = recalibrate_batch_norms(graph, readers, ctx.calibration, BATCH_NORMS, batch_norms)
         report = {}
         for name, group in chosen.items():
             kept = group.units - len(removed[name])
@@ -336,8 +346,9 @@ def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str
     calibration inputs (closed form from the sums of ``x x^T``): ``[W_K, b] += W_R C_RK C_KK^-1`` over
     ``[x_K, 1]``. Where removed channels are uncorrelated with the kept ones this is their mean folded
     into the bias. A conv gets that mean fold: its output on the mean input restricted to the removed
-    channels, averaged over positions (the zero padding makes it depend on position). A layer without
-    a bias gets one; returns those new biases with their weight names.
+    channels, averaged over positions (the zero padding makes it depend on position), as far as the
+    examples agree on it (:func:`_determined`). A layer without a bias gets one; returns those new
+    biases with their weight names.
     """
     created = {}
     for name, group in groups.items():
@@ -355,7 +366,7 @@ def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str
                 only_removed = mean * mask.reshape(-1, *[1] * (mean.dim() - 1))
                 with torch.no_grad():
                     out = node.target(only_removed.unsqueeze(0).to(weight.dtype), weight, None, *node.args[3:])
-                delta = out.mean(dim=(0, *range(2, out.dim())))
+                delta = _determined(out.mean(dim=(0, *range(2, out.dim()))), weight, gone, seen)
             else:
                 continue  # conv inputs of varying sizes: no one mean example
             bias = node.args[2] if len(node.args) > 2 else None
@@ -367,6 +378,21 @@ def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str
             else:
                 graph.set_param(bias.target, graph.param(bias.target).detach() + delta)
     return created
+
+
+def _determined(delta: torch.Tensor, weight: torch.Tensor, gone: torch.Tensor, seen: ChannelStats) -> torch.Tensor:
+    """A conv's mean fold ``delta`` kept as far as the calibration examples agree on it (:func:`shrink`).
+
+    Each example's own contribution is taken as its removed channels' means through the summed kernel
+    (the zero padding aside: it only serves to measure the spread). Where the removed channels' mean
+    is near zero (a residual stream after its BatchNorm) the fold is the noise of a few samples, and
+    folded whole it adds that noise to every output (1 + 1/n times the error of no fold, for n examples).
+    """
+    totals, counts = seen.per_example()
+    kernel = weight.detach().double()[:, gone].flatten(2).sum(dim=2)  # [out, removed]
+    each = (totals[:, gone] / counts) @ kernel.T  # [examples, out]
+    left_out = delta.double() - (each - each.mean(dim=0)) / max(1, each.shape[0] - 1)
+    return shrink(delta.double(), left_out).to(delta.dtype)
 
 
 # damping of the least-squares refit, relative to the mean diagonal: keeps the solve well posed when
@@ -399,10 +425,16 @@ def _refit_linear(weight: torch.Tensor, gone: torch.Tensor, seen: ChannelStats) 
     return refitted, delta[:, -1].to(weight.dtype)
 
 
+def _without(tensor: torch.Tensor, gone: set[int], dim: int = 0) -> torch.Tensor:
+    """``tensor`` without the indices ``gone`` along ``dim``."""
+    keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in gone], dtype=torch.long)
+    return tensor.index_select(dim, keep)
+
+
 def _cut(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[int]],
-         new_biases: dict[str, str]) -> None:
+         new_biases: dict[str, str]) -> dict[str, dict[int, set[int]]]:
     """Slice every tensor and reshape size of the chosen groups; a bias created by folding loses the
-    output rows its layer's weight loses."""
+    output rows its layer's weight loses. Returns the indices each tensor lost, by name and dim."""
     drop: dict[str, dict[int, set[int]]] = {}
     for name, group in groups.items():
         for s in group.slices:
@@ -413,8 +445,7 @@ def _cut(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[
     for param_name, dims in drop.items():
         tensor = graph.param(param_name).detach()
         for dim, gone in dims.items():
-            keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in gone])
-            tensor = tensor.index_select(dim, keep)
+            tensor = _without(tensor, gone, dim)
         graph.set_param(param_name, tensor.contiguous())
     for name, group in groups.items():
         for arg in group.shape_args:
@@ -433,3 +464,4 @@ def _cut(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[
                 with graph.fx_graph.inserting_before(node):
                     sizes[arg.position] = graph.fx_graph.call_function(product.target, tuple(factors))
             node.update_arg(arg.arg, sizes)
+    return drop
