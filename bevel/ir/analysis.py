@@ -86,6 +86,19 @@ def descendants(*nodes: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def ancestors(node: fx.Node, through_sizes: bool = True) -> set[fx.Node]:
+    """Every node ``node`` reads, directly or not; without ``through_sizes``, not what it reads only
+    the size of (a ``sym_size``'s tensor)."""
+    seen, stack = set(), list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            if through_sizes or current.target != aten.sym_size.int:
+                stack.extend(current.all_input_nodes)
+    return seen
+
+
 def register_flops(target: Any, count: Callable[[fx.Node], int]) -> None:
     """Teach the FLOP counter a new op (custom ops register their own count here)."""
     _FLOPS[target] = count

@@ -10,11 +10,11 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_known_true
 
+from bevel.ir.analysis import ancestors
 from bevel.ir.arguments import argument
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
-from bevel.passes.tome.blocks import ATTENTION_OPS, ancestors
 
 aten = torch.ops.aten
 
@@ -205,7 +205,7 @@ def _drop_masks_that_mask_nothing(graph: Graph) -> int:
     Attention without a mask computes the same, on the CPU faster, and the token passes then find a
     block with no mask. A mask that reads any size is kept: its values may change with it."""
     dropped = 0
-    for attention in graph.nodes(op="call_function", target=ATTENTION_OPS):
+    for attention in graph.nodes(op="call_function", target=aten.scaled_dot_product_attention.default):
         mask = argument(attention, "attn_mask", None)
         if not isinstance(mask, fx.Node):
             continue

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from bevel.ir.analysis import ancestors
 from bevel.ir.arguments import argument
 from bevel.ir.graph import Graph
 
@@ -39,19 +40,6 @@ class AttentionBlock:
     input: fx.Node       # the block's input: the residual stream before attention [B, N, C]
     stream: fx.Node      # the residual stream after attention [B, N, C]
     padding: fx.Node | None  # the [B, N] graph input its mask comes from, if it has a mask
-
-
-def ancestors(node: fx.Node, through_sizes: bool = True) -> set[fx.Node]:
-    """Every node ``node`` reads, directly or not; without ``through_sizes``, not what it reads only
-    the size of (a ``sym_size``'s tensor)."""
-    seen, stack = set(), list(node.all_input_nodes)
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            if through_sizes or current.target != aten.sym_size.int:
-                stack.extend(current.all_input_nodes)
-    return seen
 
 
 def same_size(a, b) -> bool:
