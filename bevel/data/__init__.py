@@ -1,5 +1,5 @@
 """Data that ships with Python, for calibration and tests without downloads."""
 
-from bevel.data.text import passages, sentences
+from bevel.data.text import passages, prefixes, sentences
 
-__all__ = ["passages", "sentences"]
+__all__ = ["passages", "prefixes", "sentences"]

@@ -58,3 +58,13 @@ def passages(n: int, min_words: int = 110, seed: int | None = None) -> list[str]
     if seed is not None:
         random.Random(seed).shuffle(found)
     return found[:n]
+
+
+def prefixes(texts: list[str], words: tuple[int, ...] = (2, 4)) -> list[str]:
+    """The first ``words`` words of each text that is longer, for calibration that covers short inputs.
+
+    What a model computes at the end of a short input (BERT's ``[SEP]`` after a few words) can run
+    through units that long inputs barely use; pruning calibrated on full sentences alone then removes
+    them. Adding these prefixes to the calibration texts keeps those units measured.
+    """
+    return [" ".join(text.split()[:k]) for text in texts for k in words if k < len(text.split())]

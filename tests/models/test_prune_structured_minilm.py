@@ -2,7 +2,8 @@
 against magnitude ranking, ONNX export size and agreement).
 
 MiniLM fidelity is measured as in the quantization tests: mean-pooled last hidden states on 256 real
-sentences none of which was used for calibration; the figure is the minimum cosine.
+sentences none of which was used for calibration; the figure is the minimum cosine. Calibration is 128
+sentences and their two- and four-word prefixes (:func:`bevel.data.prefixes`, see MINILM_FFN_FLOOR).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 import bevel
-from bevel.data import sentences
+from bevel.data import prefixes, sentences
 from bevel.models import minilm as minilm_model
 
 
 @pytest.fixture(scope="module")
 def calibration_texts():
-    return sentences(128, seed=1)
+    full = sentences(128, seed=1)
+    return full + prefixes(full)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,10 @@ def held_out(calibration_texts):
     texts, batches = minilm_model.held_out_batches(256, batch_size=32, exclude=calibration_texts)
     assert len(texts) == 256 and not set(texts) & set(calibration_texts)
     return batches
+
+
+def test_prefixes_are_the_first_words_of_the_texts_longer_than_them():
+    assert prefixes(["One two three four five.", "Six seven eight"]) == ["One two", "One two three four", "Six seven"]
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +60,20 @@ def min_cosine(model, held_out, reference) -> float:
 
 # The issue's target is a minimum cosine of 0.95, not met. Ranking by the output error the next layer
 # keeps after its least-squares refit (structured Optimal Brain Surgeon, statistics over real tokens
-# only) reaches 0.871 (mean 0.982); the activation norm times the weight norm reached 0.839 (mean 0.980),
-# magnitude ranking far less (0.58). The lowest sentence is the shortest (6 tokens), where [SEP] weighs a
-# sixth of the mean pooling: pruning layer 4 alone takes its [SEP] to a cosine of 0.80 in the last hidden
-# state, because a third of that token's layer-4 FFN activation energy lies on neurons the 128
-# calibration sentences barely use (one never fires on them), so no ranking or refit measured on them can
-# keep those neurons. Pruning the layers one after another on statistics of the already pruned model,
-# damping the refit by 0.03 to 0.3 of the mean diagonal instead of 0.01, and weighting every sentence
-# equally (or short ones more) moved the minimum by under 0.01. The gap is one of calibration coverage
-# more than of method: calibrating on these 256 held-out sentences themselves gives 0.952 (mean 0.993),
-# 1,024 calibration sentences (near all the bundled text not held out) 0.920, and tuning the pruned
-# FFNs' output layers to the original model's hidden states on the 128 calibration sentences (200 Adam
-# steps) 0.875. Until the target is met this floor only guards the figure reached against regressions.
-MINILM_FFN_FLOOR = 0.86
+# only) reaches 0.935 (mean 0.982); the activation norm times the weight norm reached 0.839 on full
+# sentences alone, magnitude ranking far less (0.62). The lowest sentences are short ones: on full
+# sentences alone the figure was 0.871, from the shortest (6 tokens), where [SEP] weighs a sixth of the
+# mean pooling. Pruning layer 4 alone took its [SEP] to a cosine of 0.80 in the last hidden state,
+# because a third of that token's layer-4 FFN activation energy lies on neurons the calibration
+# sentences barely use (one never fires on them). Their two- and four-word prefixes cover that:
+# calibrated with them the figure is 0.935; with prefixes of 1, 2, 3, 4, 6 and 9 words 0.938.
+# Weighting every sentence equally in the statistics (with or without prefixes), pruning the layers one
+# after another on statistics of the already pruned model, damping the refit by 0.03 to 0.3 of the mean
+# diagonal instead of 0.01, 1,024 full calibration sentences (0.920) and tuning the pruned FFNs' output
+# layers to the original hidden states (200 Adam steps, 0.875) moved it less. Calibrating on these
+# 256 held-out sentences themselves gives 0.952: the method's own floor is near the target, so the rest
+# of the gap is what 128 sentences cannot show. This floor guards the figure reached against regressions.
+MINILM_FFN_FLOOR = 0.92
 
 
 def test_activation_ranking_keeps_the_embeddings_and_beats_magnitude(minilm, pruned, held_out):
