@@ -202,6 +202,19 @@ def test_a_mask_built_from_sizes_alone_points_to_cleanup():
     assert any("reads no input" in note and "`cleanup` earlier in the pipeline" in note for note in entry.notes)
 
 
+def test_a_static_capture_whose_token_count_equals_another_size_is_left_unchanged_and_named():
+    # captured with static shapes, sizes are numbers: 8 tokens and BERT's head dim of 8 cannot be told apart
+    model, make_inputs = bert()
+    for tokens, status in ((8, "no change"), (12, "applied")):
+        inputs = make_inputs(seeded(0), n=tokens)
+        compiled = bevel.compile(model, "cleanup | tome(r=2)", example_inputs=inputs, dynamic_shapes="static")
+        entry = compiled.report["tome"]
+        assert entry.status == status, (tokens, entry.status, entry.reason)
+        assert any("equals the head dim" in note for note in entry.notes) == (status == "no change")
+        with torch.no_grad():
+            assert compiled(*inputs)[0].shape == model(*inputs)[0].shape
+
+
 def test_a_row_that_loses_only_padding_keeps_its_outputs():
     model, _ = bert()
     g = seeded(4)

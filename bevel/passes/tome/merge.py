@@ -22,7 +22,7 @@ from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
 from bevel.passes.tome.blocks import AttentionBlock, find_blocks
 from bevel.passes.tome.packed import merge_packed
-from bevel.passes.tome.rewrite import Inserter, TokenReduction, clamping_notes
+from bevel.passes.tome.rewrite import Inserter, TokenReduction, clamping_notes, static_count_clash
 from bevel.passes.tome.unpad import packing_obstacle
 
 SCHEDULES = ("constant", "decreasing")
@@ -100,6 +100,9 @@ def run_planned(pass_name: str, graph: Graph, params, planner, prop_attn: bool, 
     if not blocks:
         return PassResult(changed=False, stats={"blocks": 0}, notes=notes + [
             "no transformer block (scaled_dot_product_attention, then a residual add) found: nothing changed"])
+    clash = static_count_clash(graph, blocks)
+    if clash is not None:
+        return PassResult(changed=False, stats={"blocks": len(blocks)}, notes=notes + [f"{clash}: nothing changed"])
     schedule = per_block_r(params.r, len(blocks))
     if len(schedule) != len(blocks):
         raise ParamError(f"{pass_name}(r=...): {len(schedule)} values given for {len(blocks)} transformer blocks",

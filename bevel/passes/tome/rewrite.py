@@ -125,6 +125,28 @@ def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, mad
                     node.replace_input_with(size, rebase(size))
 
 
+def static_count_clash(graph: Graph, blocks: list[AttentionBlock]) -> str | None:
+    """Why the token count cannot be rewritten in a graph captured with static shapes, or None.
+
+    There sizes are plain numbers, so an entry equal to the count is taken for it (see
+    :func:`replace_count`): where the batch, the head count, the head dim or the channels equal the
+    count, those would change with it. Named so that the pass changes nothing rather than fail.
+    """
+    tokens = graph.shape(blocks[0].input)[1]
+    if not isinstance(tokens, int):
+        return None
+    for block in blocks:
+        batch, heads, _, head_dim = graph.shape(block.keys)
+        channels = graph.shape(block.stream)[2]
+        for what, size in (("batch size", batch), ("head count", heads), ("head dim", head_dim),
+                           ("channel count", channels)):
+            if isinstance(size, int) and size == tokens:
+                return (f"captured with static shapes, the token count {tokens} equals the {what} of attention "
+                        f"'{block.attention.name}', so sizes written as numbers cannot be told apart; capture with "
+                        f"dynamic shapes (the default) or at another length")
+    return None
+
+
 def _is_count(arg: Any, count: int) -> bool:
     """Whether ``arg`` is the static token count (an int equal to it, not a bool)."""
     return isinstance(arg, int) and not isinstance(arg, bool) and arg == count
