@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+import torch.utils._pytree as pytree
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bevel.errors import CaptureError
@@ -31,8 +32,12 @@ def auto_dynamic_shapes(example_inputs: tuple[Any, ...], model: torch.nn.Module 
     expects.
     """
     auto = torch.export.Dim.AUTO
-    specs = tuple({d: auto for d in range(x.dim())} if isinstance(x, torch.Tensor) else None
-                  for x in example_inputs)
+
+    def spec(x: Any) -> Any:
+        return {d: auto for d in range(x.dim())} if isinstance(x, torch.Tensor) else None
+
+    # inputs nested in dicts, lists and tuples get a spec of the same structure, as torch.export expects
+    specs = tuple(pytree.tree_map(spec, x) for x in example_inputs)
     if model is not None:
         try:
             parameters = list(inspect.signature(model.forward).parameters.values())

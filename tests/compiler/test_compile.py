@@ -137,3 +137,48 @@ def test_a_compiled_module_called_with_inputs_it_cannot_take_says_which(args, fr
     assert message.startswith("the compiled MLP cannot take these inputs: ")
     assert re.sub(r"\bs\d+\b", "s0", fragment) in re.sub(r"\bs\d+\b", "s0", message)  # symbol names vary
     assert cm(torch.randn(5, 16)).shape == (5, 8)  # a good call after a bad one
+
+
+class DictInput(torch.nn.Module):
+    """A model taking its tensors in a dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 8)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(batch["x"]) + batch["bias"]
+
+
+class OptionalInput(torch.nn.Module):
+    """A model with an input the caller may leave out (None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.linear(x)
+        return out if extra is None else out + extra
+
+
+def test_inputs_in_a_dict_or_a_tuple_keep_their_sizes_dynamic():
+    model = DictInput().eval()
+    example = {"x": torch.randn(3, 16), "bias": torch.randn(3, 8)}
+    compiled = bevel.compile(model, "cleanup | quantize.int8_weight", example_inputs=(example,))
+    assert compiled.report["quantize.int8_weight"].status == "applied"
+    other = {"x": torch.randn(5, 16), "bias": torch.randn(5, 8)}
+    with torch.no_grad():
+        # int8 weights per output channel: at most half a step (max |w| / 254, about 1e-3 here) per weight,
+        # times |x| summed over 16 inputs: about 0.015 at worst
+        assert (compiled(other) - model(other)).abs().max() < 0.05
+
+
+def test_an_input_given_as_none_does_not_stop_the_passes():
+    model = OptionalInput().eval()
+    x = torch.randn(3, 16)
+    compiled = bevel.compile(model, "cleanup | quantize.int8_weight", example_inputs=(x, None))
+    assert compiled.report["quantize.int8_weight"].status == "applied"
+    other = torch.randn(4, 16)
+    with torch.no_grad():
+        assert (compiled(other, None) - model(other, None)).abs().max() < 0.05  # as for the dict input above
