@@ -16,6 +16,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from bevel.compiler.fidelity import Fidelity, compare, run_batches
+from bevel.compiler.pipeline import check_composition
 from bevel.compiler.report import GraphFigures, PassReport
 from bevel.errors import PipelineError
 from bevel.ir import analysis
@@ -30,18 +31,11 @@ ProgressHook = Callable[..., None]
 
 def check_order(passes: list[Pass], has_calibration: bool) -> None:
     """Refuse a pipeline whose declared needs, requirements or conflicts are not met, before any work."""
-    names = [p.name for p in passes]
-    for i, p in enumerate(passes):
+    for p in passes:
         if p.needs_calibration and not has_calibration:
             raise PipelineError(f"pass '{p.name}' needs calibration data: pass calibration=[batch, ...] "
                                 f"(or --calibration on the command line)")
-        for required in p.requires:
-            if required not in names[:i]:
-                raise PipelineError(f"pass '{p.name}' requires '{required}' earlier in the pipeline; "
-                                    f"write '{required} | {p.name}'")
-        for other in p.conflicts:
-            if other in names:
-                raise PipelineError(f"passes '{p.name}' and '{other}' cannot be in the same pipeline")
+    check_composition(passes)
 
 
 def measure_figures(graph: Graph) -> GraphFigures:

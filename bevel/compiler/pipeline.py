@@ -92,11 +92,27 @@ def build_pipeline(spec: str | Pass | Pipeline | list[str | Pass] | tuple[str | 
     return passes
 
 
+def check_composition(passes: list[Pass]) -> None:
+    """Refuse passes whose declared requirements (a pass that must come earlier) or conflicts (passes
+    that may not share a pipeline) are not met."""
+    names = [p.name for p in passes]
+    for i, p in enumerate(passes):
+        for required in p.requires:
+            if required not in names[:i]:
+                raise PipelineError(f"pass '{p.name}' requires '{required}' earlier in the pipeline; "
+                                    f"write '{required} | {p.name}'")
+        for other in p.conflicts:
+            if other in names:
+                raise PipelineError(f"passes '{p.name}' and '{other}' cannot be in the same pipeline")
+
+
 class Pipeline:
-    """An ordered list of passes; ``str()`` gives the canonical text, which parses back to the same passes."""
+    """An ordered list of passes; ``str()`` gives the canonical text, which parses back to the same passes.
+    Building one checks the passes' requirements and conflicts, as ``bevel.compile`` does."""
 
     def __init__(self, spec: str | Pass | Pipeline | list[str | Pass] | tuple[str | Pass, ...]) -> None:
         self.passes: list[Pass] = build_pipeline(spec)
+        check_composition(self.passes)
 
     @classmethod
     def parse(cls, text: str) -> Pipeline:

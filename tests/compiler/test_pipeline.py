@@ -230,6 +230,16 @@ def test_bad_specs(spec, words: str) -> None:
     assert words in error_of(spec)
 
 
+@pytest.mark.parametrize("text, words", [
+    ("attention.window | kv.evict", "passes 'attention.window' and 'kv.evict' cannot be in the same pipeline"),
+    ("kv.quantize | attention.block_sparse(density=0.5)",
+     "passes 'kv.quantize' and 'attention.block_sparse' cannot be in the same pipeline"),
+])
+def test_a_pipeline_of_conflicting_passes_is_refused_when_built(text: str, words: str) -> None:
+    with pytest.raises(PipelineError, match=words):
+        Pipeline(text)
+
+
 def test_pipeline_str_round_trips() -> None:
     pipeline = Pipeline("test.pipe.beta | test.pipe.alpha(ratio=0.25, skip=['a\"b', 'c\\\\d'], mode=\"b\", n=-2)"
                         " | test.pipe.alpha()")
