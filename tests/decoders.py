@@ -9,10 +9,13 @@ VOCAB = 300
 PAD = 0
 
 
-def small_causal_lm(kind: str = "llama", seed: int = 0, layers: int = 2, max_positions: int = 64) -> torch.nn.Module:
+def small_causal_lm(kind: str = "llama", seed: int = 0, layers: int = 2, max_positions: int = 64,
+                    sliding_window: int | None = None) -> torch.nn.Module:
     """A 2-layer, 64-wide causal LM of the given family with random weights, in eval mode; grouped-query
-    attention (4 query heads, 2 KV heads) where the family has it."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    attention (4 query heads, 2 KV heads) where the family has it. With ``sliding_window``, "mistral"
+    slides in every layer and "qwen2" in all but its first (its config then lists each layer's kind)."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
@@ -21,9 +24,17 @@ def small_causal_lm(kind: str = "llama", seed: int = 0, layers: int = 2, max_pos
                              num_key_value_heads=2, max_position_embeddings=max_positions, **common)
         model = LlamaForCausalLM(config)
     elif kind == "qwen2":
+        window = {}
+        if sliding_window:
+            window = dict(use_sliding_window=True, sliding_window=sliding_window, max_window_layers=1)
         config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                             num_key_value_heads=2, max_position_embeddings=max_positions, **common)
+                             num_key_value_heads=2, max_position_embeddings=max_positions, **window, **common)
         model = Qwen2ForCausalLM(config)
+    elif kind == "mistral":
+        config = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                               num_key_value_heads=2, max_position_embeddings=max_positions,
+                               sliding_window=sliding_window, **common)
+        model = MistralForCausalLM(config)
     elif kind == "gpt2":
         config = GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=max_positions, **common)
         model = GPT2LMHeadModel(config)

@@ -192,6 +192,33 @@ def step_mask(position_ids: torch.Tensor, kv_positions: torch.Tensor) -> torch.T
     return (keys >= 0) & (keys <= position_ids[:, None, :, None])
 
 
+def sliding_window(model: torch.nn.Module) -> tuple[int | None, tuple[str, ...] | None]:
+    """The sliding window of an HF model's attention (None if it has none) and, where its config names
+    each layer's kind (``layer_types``, as Qwen2 and Gemma do), those kinds. Without ``layer_types``
+    every layer slides (Mistral, Phi-3, Starcoder2)."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    kinds = getattr(text, "layer_types", None)
+    kinds = tuple(kinds) if kinds is not None else None
+    slides = kinds is None or "sliding_attention" in kinds
+    if not isinstance(window, int) or isinstance(window, bool) or not slides:
+        return None, kinds
+    return window, kinds
+
+
+def step_masks(position_ids: torch.Tensor, kv_positions: torch.Tensor, window: int | None,
+               kinds: tuple[str, ...] | None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask the model is called with: :func:`step_mask`, narrowed to the last ``window``
+    positions (HF's sliding window: a key more than ``window - 1`` positions back is not seen) where the
+    model slides; where its layers differ in kind, the mask of each kind by name, as HF takes them."""
+    full = step_mask(position_ids, kv_positions)
+    if window is None:
+        return full
+    sliding = full & (kv_positions[:, None, None, :] > position_ids[:, None, :, None] - window)
+    return sliding if kinds is None else {"full_attention": full, "sliding_attention": sliding}
+
+
 class DecoderStep(torch.nn.Module):
     """An HF causal LM as the step function of the module docstring (what gets captured)."""
 
@@ -199,13 +226,15 @@ class DecoderStep(torch.nn.Module):
         super().__init__()
         self.model = model
         self.spec = spec
+        # the model's own mask would build the window in, but it is replaced by the step's mask
+        self.window, self.layer_kinds = sliding_window(model)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
                 kv_positions: torch.Tensor, *cache: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of the step's tokens and the cache with their keys and values written in."""
         steps = StepCache(cache, cache_position)
-        out = self.model(input_ids=input_ids, position_ids=position_ids,
-                         attention_mask=step_mask(position_ids, kv_positions), use_cache=True,
+        mask = step_masks(position_ids, kv_positions, self.window, self.layer_kinds)
+        out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                          **{_cache_argument(self.model): steps})
         logits = out.logits if hasattr(out, "logits") else out[0]
         return {"logits": logits, **dict(zip(cache_names(self.spec.num_layers, "present"), steps.tensors))}

@@ -10,7 +10,7 @@ import torch
 import bevel
 from bevel.ir.decoder import cache_names, prefill_inputs
 from bevel.runtime.compiled_decoder import GenerateError
-from tests.decoders import PAD, padded_prompts, small_causal_lm
+from tests.decoders import PAD, padded_prompts, positions_of, small_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,22 @@ def test_greedy_generation_equals_hf_generate(kind):
     out = cm.generate(ids, max_new_tokens=16, attention_mask=mask, eos_token_id=None)
     assert out.shape == (4, 9 + 16)
     assert torch.equal(out, hf_greedy(model, ids, mask, 16))
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+def test_a_sliding_window_is_kept_in_prefill_and_generation(kind):
+    # a window of 4 over prompts of up to 11 tokens and 12 new ones: most keys fall out of it
+    model = small_causal_lm(kind, seed=3, sliding_window=4)
+    if kind == "qwen2":
+        assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    ids, mask = padded_prompts([11, 4, 8], seed=4)
+    cm = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
+    real = mask.bool()
+    assert torch.allclose(cm(ids, mask)[real], expected[real], atol=1e-5)
+    assert torch.equal(cm.generate(ids, max_new_tokens=12, attention_mask=mask, eos_token_id=None),
+                       hf_greedy(model, ids, mask, 12))
 
 
 def test_prefill_and_decode_graphs_share_the_weights_and_write_the_cache_in_place(llama):
