@@ -61,6 +61,15 @@ def copy_model(model: torch.nn.Module) -> torch.nn.Module:
     return clone.eval()
 
 
+def plain_forward_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """:func:`copy_model` for a model captured as its plain forward: a causal LM's copy is told not to
+    return its KV cache (``config.use_cache = False``), since a cache object is no output a graph can have."""
+    clone = copy_model(model)
+    if is_causal_lm(clone) and getattr(clone.config, "use_cache", False):
+        clone.config.use_cache = False
+    return clone
+
+
 def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
     """A model's positional inputs as a tuple: a lone tensor becomes a 1-tuple."""
     if isinstance(batch, torch.Tensor):
@@ -128,7 +137,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
     is_decoder = as_decoder(model, decoder, dynamic_shapes)
     spec = decoder_spec(model) if is_decoder else None
     prompt = prompt_batch(example_inputs, "example_inputs") if is_decoder else None
-    original = copy_model(model)
+    original = copy_model(model) if is_decoder else plain_forward_copy(model)
     try:  # as bevel.compile does before capture: a model that fails by itself is named as such
         with torch.no_grad():
             if is_decoder:

@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from bevel.codegen.lower import check_device, lower
-from bevel.compiler.captured import CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes, copy_model
+from bevel.compiler.captured import (CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes, copy_model,
+                                     plain_forward_copy)
 from bevel.compiler.compile_decoder import compile_decoder
 from bevel.compiler.fidelity import Fidelity, compare, run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures
@@ -151,7 +152,7 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
     ctx = PassContext(calibration=batches or [example_inputs], example_inputs=example_inputs, device=device,
                       calibrated=bool(batches),
                       seed=seed, max_fidelity_drop=max_fidelity_drop)
-    original = copy_model(model) if captured is None else captured.model
+    original = plain_forward_copy(model) if captured is None else captured.model
     reference = _run_each(original, ctx.calibration, lambda index, batch, error: (
         f"{type(model).__name__} fails on "
         + (f"calibration batch {index} (input shapes {_shapes(batch)})" if batches else "its example inputs")

@@ -76,9 +76,11 @@ def test_a_captured_causal_lm_compiles_to_the_same_decoder(tmp_path):
     assert captured.graph.module.code == code and captured.graph.module.meta == meta
     loaded = bevel.load(via.save(str(tmp_path / "art")))
     assert torch.equal(loaded.generate(ids, 6, attention_mask=mask), expected)
-    model.config.use_cache = False  # its plain forward returns no transformers cache object
+    # its plain forward: the copy is told not to return a transformers cache object, the model is not
+    assert model.config.use_cache
     plain = bevel.capture(model, prompts[0], decoder=False)
     assert not plain.decoder and isinstance(bevel.compile(plain, "cleanup"), CompiledModule)
+    assert model.config.use_cache
 
 
 @pytest.mark.parametrize("given", [{"example_inputs": (torch.zeros(2, 4, 32), torch.ones(2, 4))},
