@@ -460,3 +460,15 @@ def test_activation_ranking_with_the_refit_prunes_heads_and_neurons(name):
     with torch.no_grad():
         out = first_output(compiled(*make_inputs(seeded(9))))
     assert torch.isfinite(out).all()
+
+
+def test_gpt2_conv1d_layers_are_named_as_left_alone():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    example = (torch.randint(0, 64, (2, 7), generator=seeded(0)),)
+    cm = bevel.compile(model, 'prune.structured(ratio=0.5, target="mlp")', example_inputs=example, decoder=False)
+    entry = cm.report["prune.structured"]
+    assert entry.status == "no change"
+    assert any(note.startswith("8 layers are written as addmm") and "HF Conv1D" in note for note in entry.notes)

@@ -91,6 +91,12 @@ class StructuredPrune(Pass):
                 notes.append("the graph has no scaled_dot_product_attention: attention written out as matrix "
                              "products and a softmax has no heads the analysis recognizes (`fuse_attention` "
                              "earlier in the pipeline makes it one op where it can)")
+            written_as_addmm = [n.name for n in graph.nodes(target=torch.ops.aten.addmm.default)
+                                if graph.is_parameter(n.args[2])]
+            if written_as_addmm:
+                notes.append(f"{len(written_as_addmm)} layers are written as addmm with a weight stored [in, out] "
+                             f"(HF Conv1D, as GPT-2's), which the dependency analysis does not follow: their "
+                             f"channels are left alone (first: '{written_as_addmm[0]}')")
             return PassResult(changed=False, stats={"groups": {}}, notes=notes + [f"no prunable {what} found: "
                                                                                   f"nothing changed"])
         steps = {}
