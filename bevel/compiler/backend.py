@@ -18,10 +18,13 @@ What a user should know:
   (see :mod:`bevel.compiler.dynamo_errors`).
 - The backend is registered with dynamo on ``import bevel`` and through the ``torch_dynamo_backends``
   entry point, so ``backend="bevel"`` works without importing bevel first.
+- Each graph's report (what every pass did, fidelity, sizes) is kept: :func:`reports` returns the
+  latest ones, in the order the graphs were compiled.
 """
 
 from __future__ import annotations
 
+import collections
 import difflib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -36,6 +39,15 @@ from bevel.compiler.pipeline import build_pipeline
 from bevel.errors import BevelError
 
 BACKEND_NAME = "bevel"
+
+# the reports of the graphs compiled last (a bound, since a long-running process may recompile often)
+_REPORTS: collections.deque = collections.deque(maxlen=64)
+
+
+def reports() -> list[Any]:
+    """The :class:`~bevel.compiler.report.Report` of each graph the backend compiled, oldest first
+    (the last 64): a ``torch.compile`` user's way to see what the passes did."""
+    return list(_REPORTS)
 
 # Every key ``options=`` accepts, with what it means (shown when a key is unknown).
 OPTIONS = {
@@ -163,4 +175,5 @@ class BevelCompiledGraph:
                                  dynamic_shapes=self.dynamic_shapes)
         if self.compile_id:  # name the report after dynamo's id (as in TORCH_LOGS=recompiles), not the wrapper
             compiled.report.model = f"torch.compile graph {self.compile_id}"
+        _REPORTS.append(compiled.report)
         return compiled

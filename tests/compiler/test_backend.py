@@ -13,7 +13,7 @@ import torch
 import torch._dynamo
 
 import bevel
-from bevel.compiler.backend import BevelCompiledGraph, bevel_backend
+from bevel.compiler.backend import BevelCompiledGraph, bevel_backend, reports
 from bevel.compiler.dynamo_graph import weight_name
 from tests.models_zoo import seeded
 
@@ -125,6 +125,17 @@ def test_skip_pattern_uses_model_names(mlp):
     torch.compile(mlp, backend=spy_backend(graphs, compiled), options={"passes": passes})(x)
     (module,) = compiled[0].compiled_by_scalars.values()
     assert set(module.report.passes[0].stats["per_layer_sparsity"]) == {"fc1.weight"}
+
+
+def test_the_reports_of_compiled_graphs_are_kept_for_the_user(mlp):
+    torch._dynamo.reset()
+    x = torch.randn(3, 16, generator=seeded(5))
+    before = len(reports())
+    torch.compile(mlp, backend="bevel", options={"passes": "cleanup | prune.magnitude(sparsity=0.3)"})(x)
+    (report,) = reports()[before:]
+    assert report.pipeline == "cleanup | prune.magnitude(sparsity=0.3)"
+    assert [p.name for p in report.passes] == ["cleanup", "prune.magnitude(sparsity=0.3)"]
+    assert report.passes[1].status == "applied"
 
 
 # -- (c) a second shape: dynamo's dynamic recompile -------------------------------------------------
