@@ -281,25 +281,30 @@ def export_command(
     static_shapes: bool = typer.Option(False, "--static-shapes", help=STATIC_SHAPES_HELP + " The result then "
                                        "accepts only inputs of exactly those sizes."),
 ) -> None:
-    """Compile MODEL with a pipeline and write DIR/model.onnx, DIR/artifact/, DIR/report.md and DIR/report.json."""
+    """Compile MODEL with a pipeline and write DIR/model.onnx (its weights in DIR/model.onnx.data beside it),
+    DIR/artifact/, DIR/report.md and DIR/report.json."""
     from bevel.codegen.lower import check_device
     from bevel.compiler.model_ref import resolve_calibration, resolve_model
     from bevel.compiler.pipeline import build_pipeline
+
+    from bevel.compiler.manager import check_order
 
     pipeline = build_pipeline(passes)  # bad arguments fail before the model loads
     check_device(device)
     check_opset(opset)
     _check_output_dir(out)
     batches = resolve_calibration(calibration, model_ref)
+    check_order(pipeline, has_calibration=bool(batches))
     model, example_inputs = resolve_model(model_ref, example_inputs=batches[0] if batches else None)
-    compiled = _compile_with_progress(model, pipeline, example_inputs, batches, device=device,
-                                      max_fidelity_drop=max_fidelity_drop,
-                                      dynamic_shapes=_dynamic_shapes(static_shapes))
-
+    made = _make_output_dir(out)  # before the compile: a directory that cannot be made fails first
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise BevelError(f"--out '{out}': cannot create the directory: {error.strerror or error}") from None
+        compiled = _compile_with_progress(model, pipeline, example_inputs, batches, device=device,
+                                          max_fidelity_drop=max_fidelity_drop,
+                                          dynamic_shapes=_dynamic_shapes(static_shapes))
+    except BaseException:
+        for directory in made:  # leave nothing behind where nothing was written
+            directory.rmdir()
+        raise
     report = compiled.report
     paths = {"report": out / "report.md", "report json": out / "report.json", "artifact": out / "artifact",
              "onnx": out / "model.onnx"}
@@ -315,22 +320,47 @@ def export_command(
             raise ExportError(f"{first_line(str(error))} (written: {paths['artifact']}, {paths['report']}, "
                               f"{paths['report json']})") from error
 
+    weights = paths["onnx"].with_name(paths["onnx"].name + ".data")
+    if weights.exists():  # the exporter keeps the weights in a file beside the graph: it travels with it
+        paths["onnx weights"] = weights
     typer.echo(str(report))
     typer.echo("")
     for label, path in paths.items():
         typer.echo(f"{label + ':':13} {path}")
 
 
+# what export writes in DIR, and whether each is a directory
+OUTPUTS = {"model.onnx": False, "artifact": True, "report.md": False, "report.json": False}
+
+
 def _check_output_dir(out: Path) -> None:
-    """A BevelError, before any work, where ``out`` cannot be created: below a file, or below a
-    directory this user cannot write (an existing file is refused by the option itself)."""
+    """A BevelError, before any work, where ``out`` cannot be created (below a file, or below a
+    directory this user cannot write; an existing file is refused by the option itself) or holds
+    something of the other kind where an output goes (a file named ``artifact``)."""
     if out.exists():
+        if not os.access(out, os.W_OK):
+            raise BevelError(f"--out '{out}': the directory is not writable")
+        for name, is_dir in OUTPUTS.items():
+            path = out / name
+            if path.exists() and path.is_dir() != is_dir:
+                kind = "a directory" if is_dir else "a file"
+                raise BevelError(f"--out '{out}': '{path}' exists and is not {kind}, which export writes there")
         return
     parent = next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir():
         raise BevelError(f"--out '{out}': '{parent}' is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise BevelError(f"--out '{out}': cannot create the directory in '{parent}' (not writable)")
+
+
+def _make_output_dir(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents; the directories made, deepest first."""
+    made = [p for p in (out, *out.absolute().parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise BevelError(f"--out '{out}': cannot create the directory: {error.strerror or error}") from None
+    return made
 
 
 def _dynamic_shapes(static_shapes: bool) -> str | None:

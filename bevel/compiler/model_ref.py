@@ -45,7 +45,8 @@ def resolve_model(ref: str, example_inputs: tuple[Any, ...] | None = None) -> tu
                 result = obj()
             except BevelError:
                 raise
-            except Exception as error:  # the user's builder may raise anything: report it as theirs
+            # the user's builder may raise anything, or exit: report it as theirs
+            except (Exception, SystemExit) as error:
                 raise ModelLoadError(f"MODEL '{ref}': calling {target}() raised {type(error).__name__}: "
                                      f"{first_line(error)}; fix the callable so it runs without arguments") from error
     else:
@@ -82,7 +83,7 @@ def resolve_calibration(ref: str | None, model_ref: str) -> list[tuple[Any, ...]
                 batches = function()
             except BevelError:
                 raise
-            except Exception as error:
+            except (Exception, SystemExit) as error:
                 raise BevelError(f"--calibration '{ref}': calling it raised {type(error).__name__}: "
                                  f"{first_line(error)}") from error
         return as_batches(batches, f"--calibration '{ref}'")
@@ -104,7 +105,8 @@ def load_object(ref: str, what: str, error: type[BevelError] = ModelLoadError) -
         except ImportError as exc:
             raise error(f"{what}: cannot import module '{module_name}': {exc}; check the spelling and that it "
                         f"is importable from the current directory or the installed packages") from exc
-        except Exception as exc:  # the module itself fails while importing (syntax error, code that raises)
+        # the module itself fails while importing (syntax error, code that raises or calls sys.exit)
+        except (Exception, SystemExit) as exc:
             raise error(f"{what}: importing module '{module_name}' raised {type(exc).__name__}: "
                         f"{first_line(exc)}") from exc
     obj: Any = module

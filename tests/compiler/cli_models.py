@@ -25,6 +25,11 @@ def small_mlp() -> tuple[nn.Module, tuple[torch.Tensor]]:
     return SmallMLP().eval(), (torch.randn(4, 16),)
 
 
+def exits() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """A builder that ends the process (as a script's ``main`` might) instead of returning."""
+    raise SystemExit(3)
+
+
 def module_only() -> nn.Module:
     """Only a module: the CLI needs example inputs from elsewhere (--calibration)."""
     torch.manual_seed(0)

@@ -212,7 +212,7 @@ def test_export_small_model_writes_every_output(tmp_path):
     out = tmp_path / "out"
     result = bevel("export", SMALL, "--passes", "cleanup | prune.magnitude(sparsity=0.5)", "--out", str(out))
     assert result.exit_code == 0, result.output
-    for name in ("model.onnx", "artifact/manifest.json", "report.md", "report.json"):
+    for name in ("model.onnx", "model.onnx.data", "artifact/manifest.json", "report.md", "report.json"):
         assert (out / name).is_file(), name
         assert str(out / name.split("/")[0]) in result.stdout
     assert "bevel report: SmallMLP" in result.stdout
@@ -293,6 +293,9 @@ def test_pipeline_errors_show_the_caret(tmp_path, pipeline, expected):
     (["export", SMALL, "--out", "unused", "--opset", "99"], "opset=99 is newer than the installed onnx package knows"),
     (["export", SMALL, "--out", "cli_models.py"], "dir 'cli_models.py' is a file"),
     (["export", SMALL, "--out", "cli_models.py/sub"], "cli_models.py' is a file, not a directory"),
+    (["export", SMALL, "--out", "unused", "--passes", 'prune.magnitude(importance="activation")'],
+     "pass 'prune.magnitude' needs calibration data"),
+    (["export", "cli_models:exits", "--out", "unused"], "calling cli_models:exits() raised SystemExit: 3"),
     (["frobnicate"], "No such command 'frobnicate'"),
 ])
 def test_user_errors_exit_2_with_one_line(args, expected):
@@ -304,6 +307,22 @@ def test_user_errors_exit_2_with_one_line(args, expected):
     assert not Path("unused").exists()
 
 
+def test_a_module_that_exits_while_imported_is_named(tmp_path, monkeypatch):
+    (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    result = bevel("export", "exits_on_import:build", "--out", "out")
+    assert result.exit_code == 2, result.output
+    assert "importing module 'exits_on_import' raised SystemExit: 3" in error_line(result)
+
+
+def test_an_out_directory_holding_a_file_named_artifact_is_refused_before_work(tmp_path):
+    (tmp_path / "artifact").write_text("not a directory")
+    result = bevel("export", SMALL, "--out", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert f"'{tmp_path / 'artifact'}' exists and is not a directory" in error_line(result)
+    assert "captur" not in result.stderr.lower()  # refused before the model was captured
+
+
 def test_capture_errors_exit_2_and_quote_the_failing_line():
     result = bevel("inspect", "cli_models:branch_on_values")
     assert result.exit_code == 2, result.output
@@ -312,6 +331,12 @@ def test_capture_errors_exit_2_and_quote_the_failing_line():
     assert any("models_zoo.py" in line and "if x.sum() > 0:" in line for line in lines[1:]), lines  # its own line
     assert lines[-1].lstrip().startswith("try:")
     assert "def forward" not in result.stderr  # torch's partial graph listing is not dumped
+
+
+def test_an_export_that_fails_leaves_no_directory_behind(tmp_path):
+    result = bevel("export", "cli_models:branch_on_values", "--out", str(tmp_path / "made" / "out"))
+    assert result.exit_code == 2 and "could not capture DataDependent" in result.stderr
+    assert not (tmp_path / "made").exists()
 
 
 def test_unexpected_exceptions_are_not_hidden(monkeypatch):
