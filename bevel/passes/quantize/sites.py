@@ -169,6 +169,6 @@ def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool) -> tuple[l
             continue
         if rule.check(m):
             sites.append(rule.site(m))
-        elif m.reason == TIED:
-            notes.append(f"{m.node('w').target} left in float: {TIED}")
+        elif m.reason == TIED and f"{m.node('w').target} left in float: {TIED}" not in notes:
+            notes.append(f"{m.node('w').target} left in float: {TIED}")  # once, for all the ops reading it
     return sites, notes
