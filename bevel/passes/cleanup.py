@@ -1,5 +1,6 @@
 """``cleanup``: remove dropout and identity ops, fold constants, drop attention masks that mask
-nothing, drop dead code. Outputs are unchanged."""
+nothing, write HF Conv1D layers as Linear layers (see :mod:`bevel.passes.addmm_linear`), drop dead
+code. Outputs are unchanged."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_kn
 from bevel.ir.analysis import ancestors
 from bevel.ir.arguments import argument
 from bevel.ir.graph import Graph
+from bevel.passes.addmm_linear import addmm_as_linear
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
 
@@ -50,11 +52,12 @@ class Cleanup(Pass):
         fold = self.params.fold_constants and not graph_mutates  # a buffer written in place is no constant
         folded = _fold_constants(graph, self.params.max_folded_elements) if fold else 0
         masks = 0 if graph_mutates else _drop_masks_that_mask_nothing(graph)  # a written buffer is no constant
+        linears = addmm_as_linear(graph)
         graph.refresh()
         removed = before - len(graph.fx_graph.nodes)
         stats = {"dropout_removed": dropouts, "identities_removed": identities, "constants_folded": folded,
-                 "masks_dropped": masks, "nodes_removed": removed}
-        return PassResult(changed=removed > 0 or folded > 0 or masks > 0, stats=stats)
+                 "masks_dropped": masks, "linears_from_addmm": linears, "nodes_removed": removed}
+        return PassResult(changed=removed > 0 or folded > 0 or masks > 0 or linears > 0, stats=stats)
 
 
 def _remove_dropout(graph: Graph) -> int:

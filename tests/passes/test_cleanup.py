@@ -216,3 +216,40 @@ def test_an_attention_mask_that_masks_nothing_is_dropped_and_others_are_kept():
         assert result.stats["masks_dropped"] == 0, window
         with torch.no_grad():
             assert (graph(fresh) - model(fresh)).abs().max() <= TOLERANCE
+
+
+class Conv1DLayers(nn.Module):
+    """HF Conv1D layers as GPT-2 writes them (``addmm(b, x.view(-1, K), W)`` with W stored [K, N], viewed
+    back), one on a 2-D input, and two that stay products: a scaled one and one whose weight is read again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 16) * 0.1)
+        self.bias = nn.Parameter(torch.randn(16) * 0.1)
+        self.flat_weight = nn.Parameter(torch.randn(16, 8) * 0.1)
+        self.flat_bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.scaled_weight = nn.Parameter(torch.randn(8, 8) * 0.1)
+        self.scaled_bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.tied_weight = nn.Parameter(torch.randn(8, 8) * 0.1)
+        self.tied_bias = nn.Parameter(torch.randn(8) * 0.1)
+
+    def forward(self, x):
+        rows = x.shape[:-1]
+        h = torch.addmm(self.bias, x.view(-1, 8), self.weight).view(*rows, 16)  # GPT-2's Conv1D
+        flat = torch.addmm(self.flat_bias, h.view(-1, 16), self.flat_weight)  # a 2-D product, kept 2-D
+        scaled = torch.addmm(self.scaled_bias, flat, self.scaled_weight, alpha=0.5)
+        tied = torch.addmm(self.tied_bias, scaled, self.tied_weight) + self.tied_weight.sum()
+        return tied.view(*rows, 8)
+
+
+def test_conv1d_layers_become_linear_layers_with_the_same_outputs():
+    model = Conv1DLayers().eval()
+    graph, result = run_cleanup(model, (torch.randn(2, 5, 8),))
+    assert result.stats["linears_from_addmm"] == 2
+    linears = [n for n in graph.nodes(target=aten.linear.default)]
+    assert [n.args[1].target for n in linears] == ["weight", "flat_weight"]
+    assert graph.param("weight").shape == (16, 8) and graph.param("flat_weight").shape == (8, 16)
+    assert sorted(n.args[2].target for n in graph.nodes(target=aten.addmm.default)) == ["scaled_weight", "tied_weight"]
+    x = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        assert (graph(x) - model(x)).abs().max() <= TOLERANCE  # the same products, summed in another order

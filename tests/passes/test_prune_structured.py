@@ -471,4 +471,25 @@ def test_gpt2_conv1d_layers_are_named_as_left_alone():
     cm = bevel.compile(model, 'prune.structured(ratio=0.5, target="mlp")', example_inputs=example, decoder=False)
     entry = cm.report["prune.structured"]
     assert entry.status == "no change"
-    assert any(note.startswith("8 layers are written as addmm") and "HF Conv1D" in note for note in entry.notes)
+    assert any(note.startswith("8 layers are written as addmm") and "`cleanup` earlier" in note for note in entry.notes)
+
+
+@pytest.mark.parametrize("target", ["mlp", "heads"])
+def test_gpt2_after_cleanup_prunes_its_conv1d_layers(target):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).eval()
+    make_inputs = lambda g: (torch.randint(0, 64, (2, 7), generator=g),)  # noqa: E731
+    unchanged = compile_pruned(model, make_inputs, f'cleanup | prune.structured(ratio=0, target="{target}")')
+    fresh = torch.randint(0, 64, (3, 11), generator=seeded(9))
+    with torch.no_grad():
+        # cleanup writes each Conv1D as a Linear with its weight transposed: the same products
+        assert (unchanged(fresh).logits - model(fresh).logits).abs().max() <= 1e-5
+        cm = compile_pruned(model, make_inputs, f'cleanup | prune.structured(ratio=0.5, target="{target}")')
+        assert cm(fresh).logits.shape == (3, 11, 64)
+    entry = cm.report["prune.structured"]
+    assert entry.status == "applied" and entry.after.params < entry.before.params
+    widths = {name: g["widths"] for name, g in entry.stats["groups"].items()}
+    # MLP: 2 x 128 neurons -> 64 each; heads: 4 -> 2 heads of 8 in each layer's fused q/k/v
+    assert len(widths) == 2 and all(after == before // 2 for w in widths.values() for before, after in w.values())

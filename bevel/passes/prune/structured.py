@@ -95,8 +95,9 @@ class StructuredPrune(Pass):
                                 if graph.is_parameter(n.args[2])]
             if written_as_addmm:
                 notes.append(f"{len(written_as_addmm)} layers are written as addmm with a weight stored [in, out] "
-                             f"(HF Conv1D, as GPT-2's), which the dependency analysis does not follow: their "
-                             f"channels are left alone (first: '{written_as_addmm[0]}')")
+                             f"(HF Conv1D, as GPT-2's), which the dependency analysis does not follow (first: "
+                             f"'{written_as_addmm[0]}'); `cleanup` earlier in the pipeline writes them as Linear "
+                             f"layers")
             return PassResult(changed=False, stats={"groups": {}}, notes=notes + [f"no prunable {what} found: "
                                                                                   f"nothing changed"])
         steps = {}
