@@ -49,6 +49,7 @@ def reports() -> list[Any]:
     (the last 64): a ``torch.compile`` user's way to see what the passes did."""
     return list(_REPORTS)
 
+
 # Every key ``options=`` accepts, with what it means (shown when a key is unknown).
 OPTIONS = {
     "passes": "the pipeline, as in bevel.compile (default 'cleanup')",

@@ -284,10 +284,9 @@ def export_command(
     """Compile MODEL with a pipeline and write DIR/model.onnx (its weights in DIR/model.onnx.data beside it),
     DIR/artifact/, DIR/report.md and DIR/report.json."""
     from bevel.codegen.lower import check_device
+    from bevel.compiler.manager import check_order
     from bevel.compiler.model_ref import resolve_calibration, resolve_model
     from bevel.compiler.pipeline import build_pipeline
-
-    from bevel.compiler.manager import check_order
 
     pipeline = build_pipeline(passes)  # bad arguments fail before the model loads
     check_device(device)

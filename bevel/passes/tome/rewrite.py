@@ -126,11 +126,12 @@ def replace_count(graph: Graph, users: set[fx.Node], old: Any, new: fx.Node, mad
 
 
 def static_count_clash(graph: Graph, blocks: list[AttentionBlock]) -> str | None:
-    """Why the token count cannot be rewritten in a graph captured with static shapes, or None.
+    """Why a fixed token count cannot be rewritten, or None.
 
-    There sizes are plain numbers, so an entry equal to the count is taken for it (see
-    :func:`replace_count`): where the batch, the head count, the head dim or the channels equal the
-    count, those would change with it. Named so that the pass changes nothing rather than fail.
+    Where the count is a number in the graph (a capture with static shapes, a fixed image size), an
+    entry of a size list equal to it is taken for it (see :func:`replace_count`): where the batch, the
+    head count, the head dim or the channels equal the count, those would change with it. Named so
+    that the pass changes nothing rather than fail.
     """
     tokens = graph.shape(blocks[0].input)[1]
     if not isinstance(tokens, int):
@@ -141,7 +142,7 @@ def static_count_clash(graph: Graph, blocks: list[AttentionBlock]) -> str | None
         for what, size in (("batch size", batch), ("head count", heads), ("head dim", head_dim),
                            ("channel count", channels)):
             if isinstance(size, int) and size == tokens:
-                return (f"captured with static shapes, the token count {tokens} equals the {what} of attention "
+                return (f"the token count is fixed in this graph ({tokens}) and equals the {what} of attention "
                         f"'{block.attention.name}', so sizes written as numbers cannot be told apart; capture with "
                         f"dynamic shapes (the default) or at another length")
     return None
