@@ -493,3 +493,14 @@ def test_gpt2_after_cleanup_prunes_its_conv1d_layers(target):
     widths = {name: g["widths"] for name, g in entry.stats["groups"].items()}
     # MLP: 2 x 128 neurons -> 64 each; heads: 4 -> 2 heads of 8 in each layer's fused q/k/v
     assert len(widths) == 2 and all(after == before // 2 for w in widths.values() for before, after in w.values())
+
+
+def test_calibration_without_a_real_token_fails_the_pass_naming_it():
+    model, make_inputs = bert()
+    ids, mask = make_inputs(seeded(0))
+    cm = bevel.compile(model, 'prune.structured(ratio=0.5, importance="activation")', example_inputs=(ids, mask),
+                       calibration=[(ids, torch.zeros_like(mask))])
+    entry = cm.report["prune.structured"]
+    assert entry.status == "failed" and "calibration batches hold no real token" in entry.reason
+    with torch.no_grad():
+        assert torch.equal(cm(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from bevel.errors import BevelError
 from bevel.ir.analysis import descendants
 from bevel.ir.graph import Graph
 from bevel.passes.token_rows import token_mask
@@ -120,6 +121,9 @@ def collect_channel_stats(graph: Graph, watched: dict[fx.Node, int],
                 recorder.run(*batch)
             except _SeenAll:
                 pass
+    if any(seen.count == 0 for seen in recorder.stats.values()):  # nothing to measure or fit on
+        raise BevelError("the calibration batches hold no real token: their attention masks are all zero, so "
+                         "no channel statistics can be measured; give batches with real tokens")
     return recorder.stats
 
 
