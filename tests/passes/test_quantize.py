@@ -462,3 +462,18 @@ def test_awq_scaling_lowers_the_error_of_round_to_nearest_where_some_inputs_domi
             assert "torch.ops.aten.mul.Tensor(" in cm.graph_module.code
     print(errors)
     assert errors["awq"] < 0.8 * errors["rtn"], errors
+
+
+@pytest.mark.parametrize("passes", [
+    "quantize.int8_weight(skip=[{}])", "quantize.int4_weight(group_size=32, skip=[{}])",
+    "prune.magnitude(skip=[{}])", "prune.nm(skip=[{}])", "lowrank(energy=0.9, skip=[{}])",
+    "prune.structured(ratio=0.25, skip=[{}])",
+])
+def test_a_skip_pattern_that_matches_no_weight_is_named(passes):
+    # 'layers.0' names a module, not a weight: it matches nothing, unlike 'layers.0.*'
+    model, x = MLP((32, 64, 32)).eval(), torch.randn(4, 32)
+    for pattern, named in (("'layers.0'", True), ("'layers.0.*'", False)):
+        cm = bevel.compile(model, passes.format(pattern), example_inputs=(x,), calibration=[(x,)])
+        entry = cm.report.passes[0]
+        note = f"skip pattern {pattern} matches no layer weight (patterns are matched against weight names, such as"
+        assert any(n.startswith(note) for n in entry.notes) == named, (pattern, entry.notes)

@@ -26,7 +26,7 @@ from bevel.ir.analysis import layer_weights, weights_read_outside_layers
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.quantize.calibration import collect_input_stats
-from bevel.passes.quantize.sites import LinearSite, find_sites
+from bevel.passes.quantize.sites import LinearSite, find_sites, unmatched_skip_notes
 from bevel.passes.registry import register_pass
 
 aten = torch.ops.aten
@@ -56,9 +56,10 @@ class GlobalMagnitudePrune(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.params.importance == "activation":
             return self._run_wanda(graph, ctx)
-        weights = {name: w for name, w in layer_weights(graph).items()
+        layers = layer_weights(graph)
+        weights = {name: w for name, w in layers.items()
                    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip)}
-        notes = []
+        notes = unmatched_skip_notes(self.params.skip, sorted(layers))
         for name in sorted(weights_read_outside_layers(graph) & weights.keys()):
             del weights[name]  # e.g. an output layer tied to the embedding table: pruning it would prune both
             notes.append(f"{name} left dense: it is also read outside Linear/Conv layers (a tied weight)")

@@ -32,6 +32,7 @@ from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.prune.structured_stats import (ChannelStats, batch_norm_inputs, collect_channel_stats,
                                                  recalibrate_batch_norms, shrink)
+from bevel.passes.quantize.sites import unmatched_skip_notes
 from bevel.passes.registry import register_pass
 
 TARGETS = ("mlp", "heads", "conv", "all")
@@ -84,6 +85,7 @@ class StructuredPrune(Pass):
             if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in p.skip):
                 candidates.remove(group)
                 notes.append(f"left alone: group '{group.name}' matches a skip pattern")
+        notes += unmatched_skip_notes(p.skip, sorted({s.param for g in analysis.groups for s in g.slices}))
         if not candidates:
             what = {"heads": "attention heads", "mlp": "FFN neuron groups", "conv": "conv channel groups",
                     "all": "channel groups"}[p.target]
