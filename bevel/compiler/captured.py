@@ -62,10 +62,11 @@ def copy_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def plain_forward_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """:func:`copy_model` for a model captured as its plain forward: a causal LM's copy is told not to
-    return its KV cache (``config.use_cache = False``), since a cache object is no output a graph can have."""
+    """:func:`copy_model` for a model captured as its plain forward: an HF model's copy (a causal LM, a
+    decoder backbone) is told not to return its KV cache (``config.use_cache = False``), since a cache
+    object is no output a graph can have."""
     clone = copy_model(model)
-    if is_causal_lm(clone) and getattr(clone.config, "use_cache", False):
+    if getattr(getattr(clone, "config", None), "use_cache", False) is True:
         clone.config.use_cache = False
     return clone
 

@@ -7,6 +7,7 @@ is a bug and shows its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import inspect as pyinspect
 import json
 import os
@@ -301,8 +302,9 @@ def export_command(
                                           max_fidelity_drop=max_fidelity_drop,
                                           dynamic_shapes=_dynamic_shapes(static_shapes))
     except BaseException:
-        for directory in made:  # leave nothing behind where nothing was written
-            directory.rmdir()
+        for directory in made:  # leave nothing behind where nothing was written (if nothing else did)
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     report = compiled.report
     paths = {"report": out / "report.md", "report json": out / "report.json", "artifact": out / "artifact",
@@ -354,9 +356,10 @@ def _check_output_dir(out: Path) -> None:
 
 def _make_output_dir(out: Path) -> list[Path]:
     """Create ``out`` and its missing parents; the directories made, deepest first."""
-    made = [p for p in (out, *out.absolute().parents) if not p.exists()]
+    absolute = Path(os.path.abspath(out))  # ".." resolved, so that each directory made is named once
+    made = [p for p in (absolute, *absolute.parents) if not p.exists()]
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        absolute.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise BevelError(f"--out '{out}': cannot create the directory: {error.strerror or error}") from None
     return made

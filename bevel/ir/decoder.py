@@ -204,6 +204,10 @@ def sliding_window(model: torch.nn.Module) -> tuple[int | None, tuple[str, ...] 
     slides = kinds is None or "sliding_attention" in kinds
     if not isinstance(window, int) or isinstance(window, bool) or not slides:
         return None, kinds
+    others = sorted(set(kinds or ()) - {"full_attention", "sliding_attention"})
+    if others:  # chunked or linear attention: a mask of its own that the step does not build
+        raise CaptureError(f"{type(model).__name__} has layers of kind {', '.join(others)} beside its sliding "
+                           f"window; the decoder step builds masks for full and sliding attention only")
     return window, kinds
 
 

@@ -1,6 +1,6 @@
 """``cleanup``: remove dropout and identity ops, fold constants, drop attention masks that mask
 nothing, write HF Conv1D layers as Linear layers (see :mod:`bevel.passes.addmm_linear`), drop dead
-code. Outputs are unchanged."""
+code. Outputs are unchanged (up to the order of float sums where a Conv1D becomes a Linear)."""
 
 from __future__ import annotations
 

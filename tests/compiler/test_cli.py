@@ -333,10 +333,11 @@ def test_capture_errors_exit_2_and_quote_the_failing_line():
     assert "def forward" not in result.stderr  # torch's partial graph listing is not dumped
 
 
-def test_an_export_that_fails_leaves_no_directory_behind(tmp_path):
-    result = bevel("export", "cli_models:branch_on_values", "--out", str(tmp_path / "made" / "out"))
+@pytest.mark.parametrize("out", ["made/out", "made/../other/out"])
+def test_an_export_that_fails_leaves_no_directory_behind(tmp_path, out):
+    result = bevel("export", "cli_models:branch_on_values", "--out", str(tmp_path / out))
     assert result.exit_code == 2 and "could not capture DataDependent" in result.stderr
-    assert not (tmp_path / "made").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unexpected_exceptions_are_not_hidden(monkeypatch):

@@ -504,3 +504,14 @@ def test_calibration_without_a_real_token_fails_the_pass_naming_it():
     assert entry.status == "failed" and "calibration batches hold no real token" in entry.reason
     with torch.no_grad():
         assert torch.equal(cm(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state)
+
+
+def test_a_skip_pattern_is_matched_against_every_weight_even_in_groups_left_alone():
+    # the middle conv is grouped, so its channel groups are left alone: '2.*' still names its weights
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    for pattern, named in (("2.*", False), ("2", True)):
+        cm = bevel.compile(model, f"prune.structured(ratio=0.25, skip=['{pattern}'])", example_inputs=(x,))
+        notes = cm.report["prune.structured"].notes
+        assert any(f"skip pattern '{pattern}' matches no weight" in note for note in notes) == named, notes

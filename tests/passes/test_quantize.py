@@ -475,5 +475,5 @@ def test_a_skip_pattern_that_matches_no_weight_is_named(passes):
     for pattern, named in (("'layers.0'", True), ("'layers.0.*'", False)):
         cm = bevel.compile(model, passes.format(pattern), example_inputs=(x,), calibration=[(x,)])
         entry = cm.report.passes[0]
-        note = f"skip pattern {pattern} matches no layer weight (patterns are matched against weight names, such as"
+        note = f"skip pattern {pattern} matches no weight (patterns are matched against weight names, such as"
         assert any(n.startswith(note) for n in entry.notes) == named, (pattern, entry.notes)

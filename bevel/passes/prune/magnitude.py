@@ -56,10 +56,9 @@ class GlobalMagnitudePrune(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.params.importance == "activation":
             return self._run_wanda(graph, ctx)
-        layers = layer_weights(graph)
-        weights = {name: w for name, w in layers.items()
+        weights = {name: w for name, w in layer_weights(graph).items()
                    if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip)}
-        notes = unmatched_skip_notes(self.params.skip, sorted(layers))
+        notes = unmatched_skip_notes(self.params.skip, graph)
         for name in sorted(weights_read_outside_layers(graph) & weights.keys()):
             del weights[name]  # e.g. an output layer tied to the embedding table: pruning it would prune both
             notes.append(f"{name} left dense: it is also read outside Linear/Conv layers (a tied weight)")

@@ -85,7 +85,7 @@ class StructuredPrune(Pass):
             if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in p.skip):
                 candidates.remove(group)
                 notes.append(f"left alone: group '{group.name}' matches a skip pattern")
-        notes += unmatched_skip_notes(p.skip, sorted({s.param for g in analysis.groups for s in g.slices}))
+        notes += unmatched_skip_notes(p.skip, graph)
         if not candidates:
             what = {"heads": "attention heads", "mlp": "FFN neuron groups", "conv": "conv channel groups",
                     "all": "channel groups"}[p.target]
@@ -96,7 +96,8 @@ class StructuredPrune(Pass):
             written_as_addmm = [n.name for n in graph.nodes(target=torch.ops.aten.addmm.default)
                                 if graph.is_parameter(n.args[2])]
             if written_as_addmm:
-                notes.append(f"{len(written_as_addmm)} layers are written as addmm with a weight stored [in, out] "
+                layers = "1 layer is" if len(written_as_addmm) == 1 else f"{len(written_as_addmm)} layers are"
+                notes.append(f"{layers} written as addmm with a weight stored [in, out] "
                              f"(HF Conv1D, as GPT-2's), which the dependency analysis does not follow (first: "
                              f"'{written_as_addmm[0]}'); `cleanup` earlier in the pipeline writes them as Linear "
                              f"layers")

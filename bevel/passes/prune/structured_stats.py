@@ -122,8 +122,9 @@ def collect_channel_stats(graph: Graph, watched: dict[fx.Node, int],
             except _SeenAll:
                 pass
     if any(seen.count == 0 for seen in recorder.stats.values()):  # nothing to measure or fit on
-        raise BevelError("the calibration batches hold no real token: their attention masks are all zero, so "
-                         "no channel statistics can be measured; give batches with real tokens")
+        raise BevelError("the calibration batches hold no real token (their attention masks are all zero, or "
+                         "the batches are empty), so no channel statistics can be measured; give batches with "
+                         "real tokens")
     return recorder.stats
 
 

@@ -156,12 +156,14 @@ def skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def unmatched_skip_notes(patterns: tuple[str, ...], names: list[str]) -> list[str]:
-    """A note for each ``skip`` pattern that matches none of the weight ``names`` (a module name given
-    where a weight name is meant, or a typo): otherwise nothing would say the layer was not skipped."""
+def unmatched_skip_notes(patterns: tuple[str, ...], graph: Graph) -> list[str]:
+    """A note for each ``skip`` pattern that matches none of the graph's stored tensor names (a module
+    name given where a weight name is meant, or a typo): otherwise nothing would say the layer was not
+    skipped."""
+    names = sorted(graph.tensors())
     weights = [name for name in names if name.endswith("weight")] or names
     example = f", such as '{weights[0]}'" if weights else ""
-    return [f"skip pattern '{pattern}' matches no layer weight (patterns are matched against weight names{example})"
+    return [f"skip pattern '{pattern}' matches no weight (patterns are matched against weight names{example})"
             for pattern in patterns if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
 
 
@@ -171,16 +173,13 @@ def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool) -> tuple[l
     rules = {rule.target: rule for rule in layer_rules(graph, skip, embeddings)}
     sites: list[Any] = []
     notes = []
-    weights = []
     for node in graph.nodes(op="call_function", target=tuple(rules)):
         rule = rules[node.target]
         m = rule.match_at(graph, node)
         if not isinstance(m, Match):
             continue
-        if isinstance(m.node("w"), fx.Node) and m.node("w").op == "get_attr":
-            weights.append(m.node("w").target)
         if rule.check(m):
             sites.append(rule.site(m))
         elif m.reason == TIED and f"{m.node('w').target} left in float: {TIED}" not in notes:
             notes.append(f"{m.node('w').target} left in float: {TIED}")  # once, for all the ops reading it
-    return sites, notes + unmatched_skip_notes(skip, weights)
+    return sites, notes + unmatched_skip_notes(skip, graph)

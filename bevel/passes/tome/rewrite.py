@@ -130,10 +130,12 @@ def static_count_clash(graph: Graph, blocks: list[AttentionBlock]) -> str | None
 
     Where the count is a number in the graph (a capture with static shapes, a fixed image size), an
     entry of a size list equal to it is taken for it (see :func:`replace_count`): where the batch, the
-    head count, the head dim or the channels equal the count, those would change with it. Named so
-    that the pass changes nothing rather than fail.
+    head count, the head dim or the channels equal the count, those would change with it. Named so that
+    the pass changes nothing rather than fail. (Batch times heads is not checked: only a view folding
+    the heads into the batch writes it, and refusing it would refuse, say, BERT at batch 8 with 16 heads
+    and 128 tokens, which merges.)
     """
-    tokens = graph.shape(blocks[0].input)[1]
+    tokens = graph.shape(blocks[0].keys)[2]
     if not isinstance(tokens, int):
         return None
     for block in blocks:
@@ -144,7 +146,7 @@ def static_count_clash(graph: Graph, blocks: list[AttentionBlock]) -> str | None
             if isinstance(size, int) and size == tokens:
                 return (f"the token count is fixed in this graph ({tokens}) and equals the {what} of attention "
                         f"'{block.attention.name}', so sizes written as numbers cannot be told apart; capture with "
-                        f"dynamic shapes (the default) or at another length")
+                        f"dynamic shapes (the default), or at another length or image size")
     return None
 
 
