@@ -140,3 +140,18 @@ def test_bad_prompt_batches_are_named():
     ids, mask = padded_prompts([4, 2])
     with pytest.raises(bevel.BevelError, match="calibration batch 1: attention_mask"):
         bevel.compile(model, "cleanup", calibration=[(ids, mask), (ids, mask[:, :2])])
+
+
+def test_a_sliding_window_beside_layers_of_another_kind_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from bevel.errors import CaptureError
+    from bevel.ir.decoder import sliding_window
+
+    class Chunked(torch.nn.Module):
+        config = SimpleNamespace(sliding_window=8, layer_types=["sliding_attention", "chunked_attention"])
+
+    with pytest.raises(CaptureError, match="Chunked has layers of kind chunked_attention beside its sliding window"):
+        sliding_window(Chunked())
+    Chunked.config.layer_types = ["full_attention", "sliding_attention"]
+    assert sliding_window(Chunked()) == (8, ("full_attention", "sliding_attention"))
