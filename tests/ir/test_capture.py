@@ -48,6 +48,23 @@ def test_capture_failure_names_the_failing_line_and_suggests_a_fix():
     assert "try:" in message
 
 
+class Box:
+    """A Python type torch.export has no pytree rule for (as a transformers cache object)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
+
+class ReturnsABox(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> Box:
+        return Box(x * 2)
+
+
+def test_an_output_of_a_type_export_cannot_flatten_gets_a_suggestion():
+    with pytest.raises(CaptureError, match="returns a Python type torch.export cannot flatten.*use_cache = False"):
+        capture(ReturnsABox(), (torch.randn(2, 3),))
+
+
 def test_capture_rejects_a_non_module():
     with pytest.raises(CaptureError, match="nn.Module"):
         capture(lambda x: x, (torch.randn(2),))

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import bevel
-from bevel.errors import CaptureError
 from bevel.ir.decoder import prefill_inputs
 from bevel.runtime.compiled_decoder import CompiledDecoder
 from tests.models_zoo import seeded
@@ -94,14 +93,20 @@ def test_compile_save_load_and_onnx(build, tmp_path):
     assert abs(first - out.numpy()).max() <= 1e-4
 
 
-def test_a_kv_cache_output_gets_a_suggestion():
+def test_a_backbone_that_would_return_its_kv_cache_is_captured_without_it():
     from transformers import GPT2Config, GPT2Model
 
     torch.manual_seed(0)
-    # the bare GPT-2 stack is no causal LM (no head, no generate): its cache output cannot be captured
+    # the bare GPT-2 stack is no causal LM (no head, no generate); a cache object is no graph output, so
+    # the copy captured is told use_cache=False, and the user's model keeps its config
     model = GPT2Model(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)).eval()
-    with pytest.raises(CaptureError, match="use_cache = False"):
-        bevel.compile(model, "cleanup", example_inputs=(torch.randint(0, 128, (2, 9), generator=seeded(3)),))
+    assert model.config.use_cache
+    cm = bevel.compile(model, "cleanup", example_inputs=(torch.randint(0, 128, (2, 9), generator=seeded(3)),))
+    fresh = torch.randint(0, 128, (3, 11), generator=seeded(4))
+    with torch.no_grad():
+        expected = model(fresh).last_hidden_state
+        assert (cm(fresh).last_hidden_state - expected).abs().max() <= 1e-5  # cleanup is exact (module docstring)
+    assert model.config.use_cache
 
 
 def test_a_causal_lm_with_its_cache_on_is_captured_as_a_decoder():
