@@ -135,14 +135,19 @@ def is_causal_lm(model: Any) -> bool:
     return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
 
+def text_config(model: torch.nn.Module) -> Any:
+    """The config of an HF model's language part (a multimodal model nests it), or the config itself."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def decoder_spec(model: torch.nn.Module, max_cache_len: int | None = None) -> DecoderSpec:
     """The cache geometry of an HF causal LM, read from its config; ``max_cache_len`` defaults to
     the model's ``max_position_embeddings`` (or ``n_positions``)."""
     if not is_causal_lm(model):
         raise NotACausalLMError(f"{type(model).__name__} is not a causal language model (an HF '...ForCausalLM' or "
                                 f"'...LMHeadModel' with generate()): decoder capture and generate() need one")
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
@@ -196,8 +201,7 @@ def sliding_window(model: torch.nn.Module) -> tuple[int | None, tuple[str, ...] 
     """The sliding window of an HF model's attention (None if it has none) and, where its config names
     each layer's kind (``layer_types``, as Qwen2 and Gemma do), those kinds. Without ``layer_types``
     every layer slides (Mistral, Phi-3, Starcoder2)."""
-    config = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(model)
     window = getattr(text, "sliding_window", None)
     kinds = getattr(text, "layer_types", None)
     kinds = tuple(kinds) if kinds is not None else None

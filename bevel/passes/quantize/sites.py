@@ -164,7 +164,7 @@ def unmatched_skip_notes(patterns: tuple[str, ...], graph: Graph) -> list[str]:
     weights = [name for name in names if name.endswith("weight")] or names
     example = f", such as '{weights[0]}'" if weights else ""
     return [f"skip pattern '{pattern}' matches no weight (patterns are matched against weight names{example})"
-            for pattern in patterns if not any(fnmatch.fnmatchcase(name, pattern) for name in names)]
+            for pattern in patterns if not any(skipped(name, (pattern,)) for name in names)]
 
 
 def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool) -> tuple[list[Any], list[str]]:
