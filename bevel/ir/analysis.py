@@ -26,6 +26,8 @@ aten = torch.ops.aten
 LINEAR_OPS = (aten.linear.default,)
 CONV_OPS = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.convolution.default,
             aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding)
+# the ops that give a tensor's elements another shape and nothing else
+VIEW_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def _shape(node: Any) -> list[int]:

@@ -44,7 +44,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, read_counts
+from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, VIEW_OPS, read_counts
 from bevel.ir.graph import Graph
 from bevel.ir.meta import concrete
 
@@ -178,8 +178,7 @@ _ELEMENTWISE = {aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Te
 _MOVES = (aten.transpose.int, aten.permute.default, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
           aten.squeeze.default, aten.expand.default, aten.slice.Tensor)
 _INDEXING = (aten.select.int, aten.unbind.int)
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-             aten.unflatten.int}
+_RESHAPES = {*VIEW_OPS, aten.flatten.using_ints, aten.unflatten.int}
 _CHANNEL_POOLS = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
                   aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
@@ -485,8 +484,7 @@ class _Pass:
 
     def size_arg(self, node: fx.Node, dim: int, track: Track) -> None:
         """Record the entry of a view/reshape/expand/unflatten size list that gives the channel dimension's size."""
-        if node.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-                               aten.expand.default, aten.unflatten.int):
+        if node.target not in (*VIEW_OPS, aten.expand.default, aten.unflatten.int):
             return
         arg, position = 1, dim
         if node.target == aten.unflatten.int:  # (self, dim, sizes): the sizes of the dims from that dim on
@@ -668,7 +666,7 @@ class _Pass:
                 if batched or dim < lead or before[dim - lead] != 1 or not isinstance(node.args[1][dim], int):
                     return None
                 return sizes + [ShapeArg(node, dim, 0, layout)]
-            if node.target not in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+            if node.target not in VIEW_OPS:
                 return None
             ins, outs = next(b for b in _reshape_blocks(before, shape) if dim in b[1])
             size, position = node.args[1][dim], dim

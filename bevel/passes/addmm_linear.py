@@ -15,13 +15,11 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from bevel.ir.analysis import read_counts
+from bevel.ir.analysis import VIEW_OPS, read_counts
 from bevel.ir.graph import Graph
 from bevel.ir.meta import fake_of
 
 aten = torch.ops.aten
-
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def addmm_as_linear(graph: Graph) -> int:
@@ -59,7 +57,7 @@ def _unflattened(graph: Graph, flat: fx.Node, product: fx.Node) -> tuple[fx.Node
     """The product's input before a flattening view ``[..., K] -> [-1, K]`` and the view that restores
     its leading dims after it, when both are there; else the 2-D input and the product itself."""
     users = list(product.users)
-    if not (isinstance(flat, fx.Node) and flat.target in _VIEWS and len(users) == 1 and users[0].target in _VIEWS):
+    if not (isinstance(flat, fx.Node) and flat.target in VIEW_OPS and len(users) == 1 and users[0].target in VIEW_OPS):
         return flat, product
     source, back = flat.args[0], users[0]
     before, after = graph.shape(source), graph.shape(back)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from bevel.ir.analysis import VIEW_OPS
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassResult
 from bevel.passes.cleanup import DROPOUT_OPS
@@ -42,7 +43,6 @@ from bevel.passes.tome.blocks import SOFTMAX_OPS, same_size
 aten = torch.ops.aten
 
 _PRODUCTS = (aten.matmul.default, aten.bmm.default)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 @dataclass
@@ -213,7 +213,7 @@ def _heads_of_fold(graph: Graph, node: fx.Node) -> int | None:
     if node.target != aten.transpose.int or {d % 3 for d in node.args[1:3]} != {0, 1}:
         return None
     view = node.args[0]
-    if view.target not in _VIEWS:
+    if view.target not in VIEW_OPS:
         return None
     before, after = graph.shape(view.args[0]), graph.shape(view)
     if before is None or after is None or len(before) != 3 or len(after) != 3 or not same_size(before[0], after[0]):
@@ -248,7 +248,7 @@ def _unfolded(graph: Graph, node: fx.Node | None, heads: int) -> fx.Node | None:
     if node is None:
         return None
     shape = graph.shape(node)
-    if node.target in _VIEWS:
+    if node.target in VIEW_OPS:
         before = graph.shape(node.args[0])
         if before is not None and len(before) == len(shape) + 1 and isinstance(before[1], int) and \
                 before[1] == heads and same_size(before[0] * heads, shape[0]) and \

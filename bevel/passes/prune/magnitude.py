@@ -15,7 +15,6 @@ rows and layers incomparable, while within a row it says which inputs the output
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -26,8 +25,9 @@ from bevel.ir.analysis import layer_weights, weights_read_outside_layers
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.quantize.calibration import collect_input_stats
-from bevel.passes.quantize.sites import LinearSite, find_sites, unmatched_skip_notes
+from bevel.passes.quantize.sites import LinearSite, find_sites
 from bevel.passes.registry import register_pass
+from bevel.passes.skip_patterns import skipped, unmatched_skip_notes
 
 aten = torch.ops.aten
 
@@ -57,7 +57,7 @@ class GlobalMagnitudePrune(Pass):
         if self.params.importance == "activation":
             return self._run_wanda(graph, ctx)
         weights = {name: w for name, w in layer_weights(graph).items()
-                   if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip)}
+                   if not skipped(name, self.params.skip)}
         notes = unmatched_skip_notes(self.params.skip, graph)
         for name in sorted(weights_read_outside_layers(graph) & weights.keys()):
             del weights[name]  # e.g. an output layer tied to the embedding table: pruning it would prune both
@@ -85,7 +85,7 @@ class GlobalMagnitudePrune(Pass):
         sites, notes = find_sites(graph, self.params.skip, embeddings=False)
         linear_names = {site.weight_name for site in sites}
         for name in sorted(layer_weights(graph).keys() - linear_names - weights_read_outside_layers(graph)):
-            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.params.skip):
+            if not skipped(name, self.params.skip):
                 notes.append(f"{name} left dense: activation importance scores the input channels of "
                              f"Linear layers, and this weight is not one")
         if not sites:

@@ -18,7 +18,6 @@ up for best (structured Optimal Brain Surgeon, see :func:`_surgeon_scores`).
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 
@@ -32,8 +31,8 @@ from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.prune.structured_stats import (ChannelStats, batch_norm_inputs, collect_channel_stats,
                                                  recalibrate_batch_norms, shrink)
-from bevel.passes.quantize.sites import unmatched_skip_notes
 from bevel.passes.registry import register_pass
+from bevel.passes.skip_patterns import skipped, unmatched_skip_notes
 
 TARGETS = ("mlp", "heads", "conv", "all")
 ATTENTION = torch.ops.aten.scaled_dot_product_attention.default
@@ -82,7 +81,7 @@ class StructuredPrune(Pass):
         candidates = [g for g in analysis.groups if not g.blocked and _wanted(g, p.target)]
         for group in list(candidates):
             names = {s.param for s in group.slices}
-            if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in p.skip):
+            if any(skipped(n, p.skip) for n in names):
                 candidates.remove(group)
                 notes.append(f"left alone: group '{group.name}' matches a skip pattern")
         notes += unmatched_skip_notes(p.skip, graph)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from bevel.ir.analysis import VIEW_OPS
 from bevel.ir.graph import Graph
 
 aten = torch.ops.aten
@@ -33,8 +34,6 @@ ROW_ARGUMENTS = {
     torch.ops.bevel.int8_dynamic_linear.default: (1, 2, 3),
     torch.ops.bevel.int4_weight_linear.default: (1, 2, 3, 5),
 }
-# users of a split-off output that read it through a view keeping its leading dims need no copy
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
 def fuse_siblings(graph: Graph, nodes: list[fx.Node]) -> list[list[fx.Node]]:
@@ -123,6 +122,6 @@ def _read_through_views(graph: Graph, node: fx.Node) -> bool:
     lead = [str(d) for d in shape[:-1]]
     for user in node.users:
         out = graph.shape(user)
-        if user.target not in _VIEWS or out is None or [str(d) for d in out[:len(lead)]] != lead:
+        if user.target not in VIEW_OPS or out is None or [str(d) for d in out[:len(lead)]] != lead:
             return False
     return True

@@ -10,7 +10,6 @@ quantizing one use never changes the other.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch.fx as fx
 from bevel.ir.analysis import read_counts
 from bevel.ir.graph import Graph
 from bevel.ir.rewrite_rule import Match, RewriteRule, describe, register_rule
+from bevel.passes.skip_patterns import skipped, unmatched_skip_notes
 
 aten = torch.ops.aten
 
@@ -149,22 +149,6 @@ def layer_rules(graph: Graph, skip: tuple[str, ...] = (), embeddings: bool = Tru
     readers = read_counts(graph)
     rules = [LinearLayer(skip, readers), AddmmLinearLayer(skip, readers)]
     return rules + [EmbeddingTable(skip, readers)] if embeddings else rules
-
-
-def skipped(name: str, patterns: tuple[str, ...]) -> bool:
-    """Whether a weight name matches one of the user's ``skip`` patterns (fnmatch)."""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def unmatched_skip_notes(patterns: tuple[str, ...], graph: Graph) -> list[str]:
-    """A note for each ``skip`` pattern that matches none of the graph's stored tensor names (a module
-    name given where a weight name is meant, or a typo): otherwise nothing would say the layer was not
-    skipped."""
-    names = sorted(graph.tensors())
-    weights = [name for name in names if name.endswith("weight")] or names
-    example = f", such as '{weights[0]}'" if weights else ""
-    return [f"skip pattern '{pattern}' matches no weight (patterns are matched against weight names{example})"
-            for pattern in patterns if not any(skipped(name, (pattern,)) for name in names)]
 
 
 def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool) -> tuple[list[Any], list[str]]:

@@ -26,14 +26,14 @@ import torch.fx as fx
 
 from bevel.ir.arguments import find_argument, set_argument
 from bevel.ir.graph import Graph
-from bevel.ir.analysis import descendants
+from bevel.ir.analysis import VIEW_OPS, descendants
 from bevel.passes.tome.blocks import AttentionBlock, ATTENTION_OPS, same_size
 
 aten = torch.ops.aten
 bevel_ops = torch.ops.bevel
 
 # ops whose list arguments are sizes: a size equal to the old token count becomes the new count
-SHAPE_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+SHAPE_OPS = (*VIEW_OPS, aten.expand.default,
              aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
              aten.zeros.default, aten.ones.default, aten.empty.memory_format, aten.full.default)
 
