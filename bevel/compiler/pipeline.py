@@ -94,7 +94,7 @@ def build_pipeline(spec: str | Pass | Pipeline | list[str | Pass] | tuple[str | 
 
 def check_composition(passes: list[Pass]) -> None:
     """Refuse passes whose declared requirements (a pass that must come earlier) or conflicts (passes
-    that may not share a pipeline) are not met."""
+    that may not share a pipeline; a pass conflicting with itself may appear only once) are not met."""
     names = [p.name for p in passes]
     for i, p in enumerate(passes):
         for required in p.requires:
@@ -102,7 +102,9 @@ def check_composition(passes: list[Pass]) -> None:
                 raise PipelineError(f"pass '{p.name}' requires '{required}' earlier in the pipeline; "
                                     f"write '{required} | {p.name}'")
         for other in p.conflicts:
-            if other in names:
+            if other == p.name and names.count(other) > 1:  # a pass that may run once
+                raise PipelineError(f"pass '{p.name}' can appear only once in a pipeline")
+            if other != p.name and other in names:
                 raise PipelineError(f"passes '{p.name}' and '{other}' cannot be in the same pipeline")
 
 

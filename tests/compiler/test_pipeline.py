@@ -234,6 +234,8 @@ def test_bad_specs(spec, words: str) -> None:
     ("attention.window | kv.evict", "passes 'attention.window' and 'kv.evict' cannot be in the same pipeline"),
     ("kv.quantize | attention.block_sparse(density=0.5)",
      "passes 'kv.quantize' and 'attention.block_sparse' cannot be in the same pipeline"),
+    # twice, the step graph would round the cache twice and the decode loop once
+    ("kv.quantize(bits=8) | kv.quantize(bits=4)", "pass 'kv.quantize' can appear only once in a pipeline"),
 ])
 def test_a_pipeline_of_conflicting_passes_is_refused_when_built(text: str, words: str) -> None:
     with pytest.raises(PipelineError, match=words):

@@ -30,7 +30,8 @@ class KVQuantize(Pass):
     """Store keys and values in int8 (or int4 with groups) per token and head; attention dequantizes
     them as it reads (KIVI / ZipCache family)."""
 
-    conflicts = ("attention.block_sparse",)
+    # run twice, the step graph would round the cache twice while the decode loop rounds it once
+    conflicts = ("attention.block_sparse", "kv.quantize")
 
     @dataclass
     class Params(PassParams):
