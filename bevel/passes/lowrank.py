@@ -40,6 +40,7 @@ from bevel.passes.prune.nm import rows_of
 from bevel.passes.quantize.calibration import Resume, collect_input_stats, few_rows_note
 from bevel.passes.quantize.sites import LinearSite, find_sites
 from bevel.passes.registry import register_pass
+from bevel.passes.rewritten_layers import rewritten_layers_note
 
 aten = torch.ops.aten
 
@@ -76,7 +77,7 @@ class LowRankFactorize(Pass):
                                  key="energy")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
-        sites, notes = find_sites(graph, self.params.skip, embeddings=False)
+        sites, notes = find_sites(graph, self.params.skip, embeddings=False, left="left as it is")
         if not ctx.calibrated:
             notes.append("plain SVD of each weight: no calibration batches were given (with them, each "
                          "layer's truncation is fitted to its outputs on them)")
@@ -106,7 +107,8 @@ class LowRankFactorize(Pass):
         notes += few_rows_note({name: fitted[name] for name in layers if name in fitted})
         if not layers:
             return PassResult(changed=False, stats={"left": left},
-                              notes=notes + ["no Linear layer was worth factorizing: the graph is unchanged"])
+                              notes=notes + rewritten_layers_note(graph, self.name)
+                              + ["no Linear layer was worth factorizing: the graph is unchanged"])
         graph.refresh()
         before = sum(v["params"][0] for v in layers.values())
         after = sum(v["params"][1] for v in layers.values())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import bevel
 from bevel.ir import capture
 from bevel.ir.rewrite_rule import RULES, Match, RewriteRule, register_rule
 from bevel.passes.quantize.sites import TIED, AddmmLinearLayer, EmbeddingTable, LinearLayer, find_sites
@@ -288,3 +289,24 @@ def test_a_weight_also_read_inside_a_list_is_tied():
     graph = capture(ReadInAList().eval(), (torch.randn(3, 4),))
     sites, notes = find_sites(graph, skip=(), embeddings=False)
     assert sites == [] and notes == [f"q.weight left in float: {TIED}"]
+
+
+class CalledTwice(nn.Module):
+    """One Linear applied twice (weights shared across depth, as ALBERT shares its layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared(torch.relu(self.shared(x)))
+
+
+@pytest.mark.parametrize("pipeline, left", [("quantize.int8_weight", "left in float"), ("prune.nm", "left dense"),
+                                            ("lowrank(param_ratio=0.5)", "left as it is")])
+def test_a_layer_called_twice_is_named_in_the_words_of_the_pass(pipeline, left):
+    x = torch.randn(16, 8)
+    entry = bevel.compile(CalledTwice().eval(), pipeline, example_inputs=(x,)).report.passes[0]
+    assert entry.status == "no change"
+    assert f"shared.weight {left}: its weight is read by more than one op (a tied weight, or a layer called more " \
+           f"than once)" in entry.notes

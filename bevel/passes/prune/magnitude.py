@@ -82,7 +82,7 @@ class GlobalMagnitudePrune(Pass):
 
     def _run_wanda(self, graph: Graph, ctx: PassContext) -> PassResult:
         require_calibration(self.name, ctx)
-        sites, notes = find_sites(graph, self.params.skip, embeddings=False)
+        sites, notes = find_sites(graph, self.params.skip, embeddings=False, left="left dense")
         linear_names = {site.weight_name for site in sites}
         for name in sorted(layer_weights(graph).keys() - linear_names - weights_read_outside_layers(graph)):
             if not skipped(name, self.params.skip):

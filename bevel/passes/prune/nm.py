@@ -32,6 +32,7 @@ from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.prune.magnitude import input_channel_norms, require_calibration, set_linear_weight
 from bevel.passes.quantize.sites import LinearSite, find_sites
 from bevel.passes.registry import register_pass
+from bevel.passes.rewritten_layers import rewritten_layers_note
 
 # A layer takes the sparse kernel only when it was measured at least this much faster: timing noise
 # of a median of CUDA-event samples is a few percent, and a layer must never end up slower than dense.
@@ -69,12 +70,13 @@ class NMSparsity(Pass):
         n, m = self.params.n, self.params.m
         if self.params.importance == "activation":
             require_calibration(self.name, ctx)
-        sites, notes = find_sites(graph, self.params.skip, embeddings=False)
+        sites, notes = find_sites(graph, self.params.skip, embeddings=False, left="left dense")
         skipped = {s.weight_name: f"input width {s.weight.shape[1]} is not a multiple of m={m}"
                    for s in sites if s.weight.shape[1] % m}
         sites = [s for s in sites if s.weight_name not in skipped]
         notes += [f"{name} left dense: its {reason}" for name, reason in skipped.items()]
         if not sites:
+            notes += rewritten_layers_note(graph, self.name)
             return PassResult(changed=False, stats={"skipped": skipped}, notes=notes + ["no Linear layer to prune"])
         norms = input_channel_norms(graph, sites, ctx.calibration) if self.params.importance == "activation" else {}
         device = torch.device(ctx.device)

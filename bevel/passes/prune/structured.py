@@ -31,7 +31,9 @@ from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.prune.structured_stats import (ChannelStats, batch_norm_inputs, collect_channel_stats,
                                                  recalibrate_batch_norms, shrink)
+from bevel.passes.quantize.calibration import few_rows_note
 from bevel.passes.registry import register_pass
+from bevel.passes.rewritten_layers import rewritten_layers_note
 from bevel.passes.skip_patterns import skipped, unmatched_skip_notes
 
 TARGETS = ("mlp", "heads", "conv", "all")
@@ -100,6 +102,7 @@ class StructuredPrune(Pass):
                              f"(HF Conv1D, as GPT-2's), which the dependency analysis does not follow (first: "
                              f"'{written_as_addmm[0]}'); `cleanup` earlier in the pipeline writes them as Linear "
                              f"layers")
+            notes += rewritten_layers_note(graph, self.name)
             return PassResult(changed=False, stats={"groups": {}}, notes=notes + [f"no prunable {what} found: "
                                                                                   f"nothing changed"])
         steps = {}
@@ -141,7 +144,8 @@ class StructuredPrune(Pass):
         readers = [c.node for name in chosen for c in chosen[name].consumers]
         # the BatchNorm inputs as they were, for the recalibration to compare with: taken before any weight changes
         batch_norms = batch_norm_inputs(graph, readers, ctx.calibration, BATCH_NORMS) if compensating else {}
-        new_biases = _compensate(graph, chosen, removed, stats) if compensating else {}
+        new_biases, fitted = _compensate(graph, chosen, removed, stats) if compensating else ({}, {})
+        notes += few_rows_note(fitted)
         dropped = _cut(graph, chosen, removed, new_biases)
         folded = sum(graph.param(name).numel() for name in new_biases)
         graph.refresh()
@@ -348,7 +352,7 @@ def _surgeon_scores(graph: Graph, group: ChannelGroup, stats: dict[object, Chann
 
 
 def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[int]],
-                stats: dict[object, ChannelStats]) -> dict[str, str]:
+                stats: dict[object, ChannelStats]) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
     """Give every layer that read removed channels what they contributed, as far as the kept ones allow.
 
     A Linear ``W x + b`` refits its kept columns and bias to its old output by least squares on the
@@ -357,15 +361,16 @@ def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str
     into the bias. A conv gets that mean fold: its output on the mean input restricted to the removed
     channels, averaged over positions (the zero padding makes it depend on position), as far as the
     examples agree on it (:func:`_determined`). A layer without a bias gets one; returns those new
-    biases with their weight names.
+    biases with their weight names, and the calibration rows and input channels of each Linear refitted.
     """
-    created = {}
+    created, fitted = {}, {}
     for name, group in groups.items():
         for consumer in group.consumers:
             node, seen = consumer.node, stats[consumer.source]
             weight = graph.param(node.args[1].target).detach()
             gone = torch.tensor(consumer.layout.indices(removed[name], consumer.offset))
             if node.target in LINEAR_OPS:
+                fitted[node.args[1].target] = (seen.count, weight.shape[1])
                 weight, delta = _refit_linear(weight, gone, seen)
                 graph.set_param(node.args[1].target, weight)
             elif seen.batch_mean is not None:
@@ -386,7 +391,7 @@ def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str
                 created[new.target] = node.args[1].target
             else:
                 graph.set_param(bias.target, graph.param(bias.target).detach() + delta)
-    return created
+    return created, fitted
 
 
 def _determined(delta: torch.Tensor, weight: torch.Tensor, gone: torch.Tensor, seen: ChannelStats) -> torch.Tensor:

@@ -22,6 +22,7 @@ from bevel.passes.quantize.calibration import (InputStats, Resume, collect_input
                                                quantization_stages)
 from bevel.passes.quantize.siblings import fuse_siblings
 from bevel.passes.quantize.sites import EmbeddingSite, LinearSite, find_sites
+from bevel.passes.rewritten_layers import rewritten_layers_note
 from bevel.runtime.ops.quant_format import dequantize_int8_per_channel, quantize_int8_per_channel
 
 
@@ -105,6 +106,7 @@ class QuantizePass(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         sites, notes = find_sites(graph, self.params.skip, self.params.embeddings)
         if not any(isinstance(s, LinearSite) for s in sites):
+            notes += rewritten_layers_note(graph, self.name)
             notes.append("no Linear layers to quantize: the graph is unchanged")
             return PassResult(changed=False, notes=notes)
         notes += self.prepare(ctx)

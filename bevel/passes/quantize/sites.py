@@ -51,7 +51,7 @@ class EmbeddingSite:
 
 
 # a weight other ops read too (a tied embedding and output layer): rewriting one use would change the other
-TIED = "its weight is read by more than one op (a tied weight)"
+TIED = "its weight is read by more than one op (a tied weight, or a layer called more than once)"
 
 
 class _StoredWeightRule(RewriteRule):
@@ -151,9 +151,11 @@ def layer_rules(graph: Graph, skip: tuple[str, ...] = (), embeddings: bool = Tru
     return rules + [EmbeddingTable(skip, readers)] if embeddings else rules
 
 
-def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool) -> tuple[list[Any], list[str]]:
+def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool,
+               left: str = "left in float") -> tuple[list[Any], list[str]]:
     """The Linear (and, with ``embeddings``, embedding) sites to act on, in graph order, and notes on
-    tied weights left alone and on skip patterns that match no weight."""
+    tied weights left alone (``left`` says how, in the calling pass's words) and on skip patterns that
+    match no weight."""
     rules = {rule.target: rule for rule in layer_rules(graph, skip, embeddings)}
     sites: list[Any] = []
     notes = []
@@ -164,6 +166,6 @@ def find_sites(graph: Graph, skip: tuple[str, ...], embeddings: bool) -> tuple[l
             continue
         if rule.check(m):
             sites.append(rule.site(m))
-        elif m.reason == TIED and f"{m.node('w').target} left in float: {TIED}" not in notes:
-            notes.append(f"{m.node('w').target} left in float: {TIED}")  # once, for all the ops reading it
+        elif m.reason == TIED and f"{m.node('w').target} {left}: {TIED}" not in notes:
+            notes.append(f"{m.node('w').target} {left}: {TIED}")  # once, for all the ops reading it
     return sites, notes + unmatched_skip_notes(skip, graph)
