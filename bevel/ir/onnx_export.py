@@ -124,8 +124,11 @@ def _check_writable(path: str) -> str:
 _DEBUG_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
 
-def _strip_debug_metadata(path: str) -> None:
-    """Remove :data:`_DEBUG_METADATA` from every node of the file (weights in ``.data`` untouched)."""
+def _tidy(path: str, axes: list[dict[int, str] | None]) -> None:
+    """Remove :data:`_DEBUG_METADATA` from every node of the file and give the graph inputs' symbolic
+    dimensions the names of ``axes`` (one per ONNX input, from :func:`dynamic_axes`); the weights in
+    ``.data`` are untouched. torch.onnx names them itself, except where a None input stands between
+    tensor inputs: it counts the None and gives up."""
     import onnx
 
     model = onnx.load(path, load_external_data=False)
@@ -134,6 +137,16 @@ def _strip_debug_metadata(path: str) -> None:
         if len(kept) != len(node.metadata_props):
             del node.metadata_props[:]
             node.metadata_props.extend(kept)
+    renames: dict[str, str] = {}
+    for value, dims in zip(model.graph.input, axes):
+        for dim, name in (dims or {}).items():
+            old = value.type.tensor_type.shape.dim[dim].dim_param
+            if old and old != name:
+                renames.setdefault(old, name)
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
     onnx.save(model, path)
 
 
@@ -221,14 +234,18 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     try:
         torch.onnx.export(module, args, target, dynamo=True,
                           dynamic_shapes=_export_dynamic_shapes(dynamic_axes(compiled)),
-                          input_names=[spec["name"] for spec in compiled.input_specs],
+                          # only tensors become ONNX inputs: a None or a number is not one, and naming it
+                          # would shift every later name onto the wrong input
+                          input_names=[spec["name"] for spec in compiled.input_specs if spec["shape"] is not None],
                           output_names=output_names(module, args), opset_version=opset,
                           custom_translation_table=dict(ONNX_TRANSLATIONS) or None, verbose=False)
     except Exception as error:  # the exporter raises many types; report one clear error
         if not existed and os.path.isfile(target) and os.path.getsize(target) == 0:
             os.remove(target)  # the empty file the writability check left
         raise ExportError(f"could not export the compiled graph to ONNX at '{path}': {_describe(error)}") from error
-    _strip_debug_metadata(target)
+    tensor_axes = [dims for dims, spec in zip(dynamic_axes(compiled), compiled.input_specs)
+                   if spec["shape"] is not None]
+    _tidy(target, tensor_axes)
     written = {entry.domain: entry.version for entry in onnx.load(target, load_external_data=False).opset_import}
     if written.get("", written.get("ai.onnx")) != opset:
         # the exporter writes opset 18 and converts; where an op has no converter it keeps 18 and only warns

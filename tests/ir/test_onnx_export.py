@@ -273,3 +273,31 @@ def test_missing_folders_are_created(small_compiled, tmp_path):
     target = str(tmp_path / "a" / "b" / "model.onnx")
     assert small_compiled.export_onnx(target) == target
     assert os.path.isfile(target)
+
+
+class NoneBetweenTensors(nn.Module):
+    """Two tensor inputs with an optional one between them, given as None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None, y: torch.Tensor | None = None):
+        h = self.a(x)
+        if extra is not None:
+            h = h + extra
+        return h + self.b(y)
+
+
+def test_a_none_input_between_tensors_keeps_the_names_and_axes_of_the_others(tmp_path):
+    """The ONNX inputs are the tensors, named as the model names them (y was exposed as 'extra', one
+    name early) with their batch axis named 'batch'; fed by name, the file matches the compiled graph."""
+    torch.manual_seed(0)
+    compiled = bevel.compile(NoneBetweenTensors().eval(), "cleanup",
+                             example_inputs=(torch.randn(2, 8), None, torch.randn(2, 8)))
+    path = compiled.export_onnx(str(tmp_path / "model.onnx"))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("x", ["batch", 8]), ("y", ["batch", 8])]
+    x, y = torch.randn(5, 8, generator=seeded(1)), 10 * torch.randn(5, 8, generator=seeded(2))
+    (out,) = session.run(None, {"y": y.numpy(), "x": x.numpy()})
+    np.testing.assert_allclose(out, compiled(x, None, y).detach().numpy(), atol=1e-5)
