@@ -89,13 +89,15 @@ def test_explicit_layers_and_the_l2_ranking(calibration):
 
 
 class AffineBlock(torch.nn.Module):
+    """A residual block whose branch is affine, so the whole block is an affine map of its input."""
+
     def __init__(self, width: int) -> None:
         super().__init__()
         self.scale = torch.nn.Parameter(torch.rand(width) + 0.5)
         self.shift = torch.nn.Parameter(torch.randn(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale + self.shift
+        return x + (x * self.scale + self.shift)
 
 
 class MlpBlock(torch.nn.Module):
@@ -133,6 +135,64 @@ def test_compensation_replaces_an_affine_block_exactly():
     assert (fitted(fresh) - expected).abs().max().item() < 1e-5
     assert (plain(fresh) - expected).abs().max().item() > 0.05
     assert fitted.report.passes[0].stats["compensated"] is True
+
+
+class PlainLayers(torch.nn.Module):
+    """Numbered layers that are not residual blocks: a Linear and ReLU stack in an nn.Sequential."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Linear(width, width), torch.nn.ReLU())])
+        self.head = torch.nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_numbered_layers_that_are_not_residual_blocks_are_not_removed():
+    """Dropping a Linear or a ReLU of a plain stack is not skipping a layer of a residual stream: every
+    "block" is named as not residual and nothing changes."""
+    model = PlainLayers().eval()
+    batches = [(torch.randn(8, 16),) for _ in range(2)]
+    cm = bevel.compile(model, "layer_skip.static(n=1)", calibration=batches)
+    entry = cm.report.passes[0]
+    assert entry.status == "no change"
+    assert len(entry.notes) == 6 and all("is not a residual block" in note for note in entry.notes)
+    fresh = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(cm(fresh), model(fresh))
+
+
+class DictLayer(torch.nn.Module):
+    """Residual layers kept as a ModuleList of ModuleDicts, the residual adds written in the parent's
+    forward: ``layers.0`` itself is never called, only ``layers.0.attn`` and ``layers.0.ff``."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList([torch.nn.ModuleDict(dict(
+            mix=torch.nn.Linear(width, width),
+            ff=torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))))
+            for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer["mix"](x)
+            x = x + layer["ff"](x)
+        return x
+
+
+def test_a_module_dict_layer_is_one_block_not_its_inner_sequential():
+    """The blocks are ``layers.N`` (not ``layers.0.ff``, whose GELU would otherwise be "removed"); their
+    residual adds run outside them, so each is named as not removable and nothing changes."""
+    model = DictLayer().eval()
+    batches = [(torch.randn(8, 16),) for _ in range(2)]
+    cm = bevel.compile(model, "layer_skip.static(n=1)", calibration=batches)
+    entry = cm.report.passes[0]
+    assert entry.status == "no change"
+    assert [note.split(":")[0] for note in entry.notes] == [f"block {i} cannot be removed" for i in range(3)]
+    assert all(f"layers.{i} hands" in note for i, note in enumerate(entry.notes))
 
 
 def test_a_model_without_repeated_blocks_is_left_unchanged():

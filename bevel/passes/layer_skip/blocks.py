@@ -3,10 +3,14 @@ and leaves each one.
 
 torch.export records, for every node, the stack of modules it was traced in (``nn_module_stack``). A
 block is a child of a module list with at least two numbered children (``encoder.layer.3``,
-``model.layers.7``, ``blocks.0``, ``h.2``); the outermost such list is taken. A block can be removed
+``model.layers.7``, ``blocks.0``, ``h.2``, or ``layers.0`` of ``layers.0.attn`` where the block is a
+ModuleDict that is never called itself); the outermost such list is taken. A block can be removed
 when its nodes hand exactly one tensor to the rest of the graph, the hidden state, besides writes
 into a KV cache input (a decoder's step graph); the hidden state entering it is the one outside
-tensor it reads with that same shape and dtype.
+tensor it reads with that same shape and dtype; and the hidden state leaving it is the one entering
+plus what the block adds, through residual adds, norms and casts only (see :func:`_residual`). A list of
+plain layers (an ``nn.Sequential`` of Linear and ReLU) is not a list of blocks: dropping one of its
+layers would not leave the residual stream as it was.
 """
 
 from __future__ import annotations
@@ -20,7 +24,15 @@ import torch.fx as fx
 
 from bevel.ir.graph import Graph
 
-_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+# a numbered path segment: the list is the path before it, the block the path up to it
+_NUMBERED = re.compile(r"\.(\d+)(?=\.|$)")
+aten = torch.ops.aten
+# ops through which the hidden state leaving a residual block still carries the one entering it
+_RESIDUAL_ADDS = (aten.add.Tensor,)
+_NORMS = (aten.layer_norm.default, aten.rms_norm.default)
+# ops that hand their input on unchanged in value (casts, copies, dropout in eval)
+_SAME_VALUE = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+               aten.detach.default, aten.dropout.default)
 
 
 @dataclass
@@ -47,12 +59,14 @@ def find_blocks(graph: Graph) -> list[Block]:
     members: dict[str, dict[int, list[fx.Node]]] = defaultdict(lambda: defaultdict(list))
     depth: dict[str, int] = {}
     for node in graph.nodes(op="call_function"):
-        for level, path in enumerate(_module_paths(node)):
-            found = _NUMBERED.match(path)
-            if found:
-                prefix = found.group(1)
-                members[prefix][int(found.group(2))].append(node)
-                depth[prefix] = min(depth.get(prefix, level), level)
+        seen = set()
+        for path in _module_paths(node):
+            for found in _NUMBERED.finditer(path):
+                prefix, index = path[:found.start()], int(found.group(1))
+                if (prefix, index) not in seen:  # a node is one member of a block however deep its module
+                    seen.add((prefix, index))
+                    members[prefix][index].append(node)
+                    depth[prefix] = prefix.count(".")
     lists = [prefix for prefix, children in members.items() if len(children) >= 2]
     if not lists:
         return []
@@ -83,8 +97,31 @@ def _bounded(block: Block) -> Block:
         block.problem = (f"{block.path} reads {len(same)} outside tensors shaped like its output {out.name}; "
                          f"its residual input is ambiguous")
         return block
+    if not _residual(out, same[0], inside):
+        block.problem = (f"{block.path} is not a residual block: its output {out.name} is not its input "
+                         f"{same[0].name} plus what it computes (through adds and norms), so removing it would "
+                         f"change what the next layer reads")
+        return block
     block.hidden_in, block.hidden_out = same[0], out
     return block
+
+
+def _residual(out: fx.Node, hidden_in: fx.Node, inside: set[fx.Node]) -> bool:
+    """Whether ``out`` carries ``hidden_in`` through the block's residual adds and norms alone (a
+    transformer layer: ``x + f(x)``, or a norm of it as in post-norm BERT), not through a layer that
+    transforms it (a Linear, an activation)."""
+    frontier = [out]
+    while frontier:
+        node = frontier.pop()
+        if node is hidden_in:
+            return True
+        if node not in inside or node.op != "call_function":
+            continue
+        if node.target in _RESIDUAL_ADDS:
+            frontier += [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        elif node.target in _NORMS or node.target in _SAME_VALUE:
+            frontier.append(node.args[0])
+    return False
 
 
 def _same_kind(a: object, b: object) -> bool:
