@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bevel.compiler.report import Report
@@ -45,9 +47,12 @@ REPORT = "report.json"
 
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as error:
+        raise ArtifactError(f"cannot read '{path}': {error.strerror or error}") from error
     return digest.hexdigest()
 
 
@@ -126,16 +131,24 @@ def save_artifact(compiled: CompiledModule, path: str) -> str:
     # requires_grad decides which kernel some ops take (matmul folding), so it is restored exactly
     frozen = sorted(name for name, t in program.state_dict.items()
                     if isinstance(t, torch.nn.Parameter) and not t.requires_grad)
+    temporary = os.path.join(path, MANIFEST + ".tmp")
     try:
         save_file(stored, os.path.join(path, WEIGHTS))
         # the program keeps only the shapes of its weights; the values live in weights.safetensors
         program._state_dict = {k: _to_meta(v) for k, v in program.state_dict.items()}
         program._constants = {k: _to_meta(v) if isinstance(v, torch.Tensor) else v
                               for k, v in program.constants.items()}
-        torch.export.save(program, os.path.join(path, PROGRAM))
+        # written through memory: torch's zip writer, failing on a full disk, aborts the process
+        buffer = io.BytesIO()
+        torch.export.save(program, buffer)
+        _write_bytes(os.path.join(path, PROGRAM), buffer.getbuffer())
         save_file({f"input_{i}": x.contiguous() for i, x in enumerate(example_inputs)
                    if isinstance(x, torch.Tensor)}, os.path.join(path, INPUTS))
         compiled.report.save_json(os.path.join(path, REPORT))
+        # safetensors writes its files readable by their owner only; they get the mode the others got
+        # (the umask's), so that whoever may read the artifact may load it
+        for name in (WEIGHTS, INPUTS):
+            os.chmod(os.path.join(path, name), os.stat(os.path.join(path, REPORT)).st_mode & 0o777)
         files = [WEIGHTS, PROGRAM, INPUTS, REPORT]
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "bevel_version": bevel.__version__,
                     "torch_version": torch.__version__, "pipeline": compiled.pipeline,
@@ -146,14 +159,24 @@ def save_artifact(compiled: CompiledModule, path: str) -> str:
                     "files": {name: _sha256(os.path.join(path, name)) for name in files},
                     **compiled.manifest_extra()}
         # the manifest is written last and atomically: its presence means the artifact is complete
-        temporary = os.path.join(path, MANIFEST + ".tmp")
         with open(temporary, "w") as f:
             json.dump(manifest, f, indent=2)
         os.replace(temporary, os.path.join(path, MANIFEST))
-    except OSError as error:
-        raise ArtifactError(f"cannot write the artifact '{path}': {error.strerror or error} "
-                            f"({error.filename or path})") from error
+    except (OSError, SafetensorError) as error:  # a full disk fails safetensors' writer with its own error
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        detail = f"{error.strerror or error} ({error.filename or path})" if isinstance(error, OSError) else str(error)
+        raise ArtifactError(f"cannot write the artifact '{path}': {detail}") from error
     return path
+
+
+def _write_bytes(path: str, data: Any) -> None:
+    """Write ``data`` to ``path``; an OSError names the file (a failed write alone does not)."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, path) from error
 
 
 def _to_meta(t: torch.Tensor) -> torch.Tensor:

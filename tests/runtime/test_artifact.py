@@ -273,6 +273,39 @@ def test_a_failed_re_export_is_an_artifact_error(small_compiled, tmp_path, monke
     assert not (tmp_path / "art" / MANIFEST).exists()
 
 
+def test_a_full_disk_is_an_artifact_error_naming_the_file(tmp_path):
+    """The program written onto a full device (its path a link to /dev/full, whose writes fail with
+    ENOSPC): an ArtifactError naming the file, no half-written manifest, and the process alive (torch's
+    zip writer, writing there itself, aborted the process). Run in a child process for that reason."""
+    script = textwrap.dedent(f"""
+        import os, torch, bevel
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
+        compiled = bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 64),))
+        os.symlink("/dev/full", os.path.join({str(tmp_path)!r}, "program.pt2"))
+        try:
+            compiled.save({str(tmp_path)!r})
+        except bevel.ArtifactError as error:
+            print("ArtifactError:", error)
+        print("files:", sorted(os.listdir({str(tmp_path)!r})))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"No space left on device ({tmp_path / PROGRAM})" in done.stdout
+    assert "manifest.json" not in done.stdout
+
+
+def test_every_file_of_an_artifact_gets_the_same_permissions(small_compiled, tmp_path):
+    """safetensors writes its files readable by their owner only; under a umask of 022 every file of
+    the artifact is 0644, so another user may load it."""
+    previous = os.umask(0o022)
+    try:
+        path = small_compiled.save(str(tmp_path / "art"))
+    finally:
+        os.umask(previous)
+    modes = {name: oct(os.stat(os.path.join(path, name)).st_mode & 0o777) for name in os.listdir(path)}
+    assert modes == {name: "0o644" for name in (MANIFEST, WEIGHTS, PROGRAM, INPUTS, REPORT)}
+
+
 def test_saving_onto_a_file_is_refused(small_compiled, tmp_path):
     file = tmp_path / "taken"
     file.write_text("x")
