@@ -314,6 +314,9 @@ def export_command(
     err = Console(stderr=True, highlight=False)
     with err.status("saving the artifact"):
         compiled.save(str(paths["artifact"]))
+    weights = paths["onnx"].with_name(paths["onnx"].name + ".data")
+    for stale in (paths["onnx"], weights):  # an earlier export's, which a failed one would leave beside the artifact
+        stale.unlink(missing_ok=True)
     with err.status(f"exporting ONNX (opset {opset})"):
         try:
             compiled.export_onnx(str(paths["onnx"]), opset=opset)
@@ -321,7 +324,6 @@ def export_command(
             raise ExportError(f"{first_line(str(error))} (written: {paths['artifact']}, {paths['report']}, "
                               f"{paths['report json']})") from error
 
-    weights = paths["onnx"].with_name(paths["onnx"].name + ".data")
     if weights.exists():  # the exporter keeps the weights in a file beside the graph: it travels with it
         paths["onnx weights"] = weights
     typer.echo(str(report))

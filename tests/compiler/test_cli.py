@@ -232,13 +232,17 @@ def test_export_small_model_writes_every_output(tmp_path):
 
 
 def test_export_of_a_pass_without_onnx_form_fails_naming_it_and_keeps_the_artifact(tmp_path):
+    """Into a directory an earlier export wrote: no model.onnx of that earlier model is left beside the
+    new artifact."""
     out = tmp_path / "out"
+    assert bevel("export", SMALL, "--out", str(out)).exit_code == 0
+    assert (out / "model.onnx").is_file()
     result = bevel("export", "cli_models:padded_bert", "--passes", "unpad", "--out", str(out))
     assert result.exit_code == 2, result.output
     line = error_line(result)
     assert "bevel::pack_sequences, which has no ONNX form" in line and str(out / "artifact") in line, line
     assert (out / "artifact" / "manifest.json").is_file() and (out / "report.json").is_file()
-    assert not (out / "model.onnx").exists()
+    assert not (out / "model.onnx").exists() and not (out / "model.onnx.data").exists()
 
 
 def test_export_static_shapes_writes_fixed_sizes(tmp_path):
