@@ -91,9 +91,18 @@ def _describe(error: BaseException) -> str:
     return line(error) if root is error else f"{line(error)} (caused by {line(root)})"
 
 
+def _file_path(path: Any) -> str:
+    """``path`` as a str path; an ExportError when it is not a path at all (None, a number)."""
+    try:
+        return os.fsdecode(os.fspath(path))
+    except TypeError:
+        raise ExportError(f"export_onnx takes the path of the file to write (a str or os.PathLike), got "
+                          f"{type(path).__name__}") from None
+
+
 def _check_writable(path: str) -> str:
     """The absolute path, after making sure its folder exists (created if missing) and takes new files."""
-    target = os.path.abspath(os.fspath(path))
+    target = os.path.abspath(path)
     if os.path.isdir(target):
         raise ExportError(f"cannot write the ONNX model to '{path}': it is a directory; give a file path "
                           f"such as '{os.path.join(path, 'model.onnx')}'")
@@ -219,13 +228,21 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     the ONNX model (see the module docstring for their names); the weights go to ``<path>.data``
     beside it. bevel's custom ops are written with their registered onnxscript translations.
     Raises ExportError for an opset outside what :func:`check_opset` allows, a bevel op without an
-    ONNX translation, a path that cannot be written, or a graph the exporter or onnx.checker refuses.
+    ONNX translation, a path that cannot be written, an input that is a dict, list or tuple, or a graph
+    the exporter or onnx.checker refuses.
     """
     import onnx
 
     from bevel.runtime.ops import ONNX_TRANSLATIONS
 
     check_opset(opset)
+    path = _file_path(path)
+    nested = [i for i, x in enumerate(compiled.example_inputs) if isinstance(x, (dict, list, tuple))]
+    if nested:
+        x = compiled.example_inputs[nested[0]]
+        raise ExportError(f"cannot export to ONNX: input {nested[0]} is a {type(x).__name__} of tensors, and the "
+                          f"ONNX export takes tensors (or None) as the model's positional inputs; wrap the model "
+                          f"in a module that takes the tensors one by one")
     module = _layouts_copied(compiled.cpu_graph_module())
     _check_translations(module, ONNX_TRANSLATIONS)
     existed = os.path.exists(path)

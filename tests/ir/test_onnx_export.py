@@ -254,6 +254,12 @@ def test_a_path_under_a_file_is_refused_naming_it(small_compiled, tmp_path):
     assert target in str(error.value)
 
 
+@pytest.mark.parametrize("path", [None, 3])
+def test_a_path_that_is_not_a_path_is_an_export_error(small_compiled, path):
+    with pytest.raises(ExportError, match=f"takes the path of the file to write .*got {type(path).__name__}"):
+        small_compiled.export_onnx(path)
+
+
 def test_a_directory_path_is_refused(small_compiled, tmp_path):
     with pytest.raises(ExportError, match="is a directory") as error:
         small_compiled.export_onnx(str(tmp_path))
@@ -301,3 +307,22 @@ def test_a_none_input_between_tensors_keeps_the_names_and_axes_of_the_others(tmp
     x, y = torch.randn(5, 8, generator=seeded(1)), 10 * torch.randn(5, 8, generator=seeded(2))
     (out,) = session.run(None, {"y": y.numpy(), "x": x.numpy()})
     np.testing.assert_allclose(out, compiled(x, None, y).detach().numpy(), atol=1e-5)
+
+
+class DictInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.a(batch["x"]) + batch["y"]
+
+
+def test_a_dict_input_is_refused_by_name(tmp_path):
+    """It compiles and runs; the export, whose ONNX inputs are tensors, says so instead of the
+    exporter's error about a missing argument."""
+    batch = {"x": torch.randn(2, 8), "y": torch.randn(2, 8)}
+    compiled = bevel.compile(DictInput().eval(), "cleanup", example_inputs=(batch,))
+    with pytest.raises(ExportError, match="input 0 is a dict of tensors, and the ONNX export takes tensors"):
+        compiled.export_onnx(str(tmp_path / "model.onnx"))
+    assert not (tmp_path / "model.onnx").exists()
