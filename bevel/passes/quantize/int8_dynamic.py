@@ -1,7 +1,10 @@
 """``quantize.int8_dynamic``: W8A8, weights int8 per channel, activations quantized per token at run
 time; ``smooth`` (SmoothQuant's alpha) first moves activation outliers into the weights;
 ``activation_bits`` 7 narrows the activation codes so that CPUs without VNNI multiply them in one
-pass (see ``cpu_integer_linear``), at about twice the activation error.
+pass (see ``cpu_integer_linear``), at about twice the activation error; by default the pass takes 7
+where the CPU compiled for would saturate 8-bit codes in its integer GEMMs (they then run split: on
+an AVX2 CPU MiniLM's W8A8 forward took 2.3 times as long with 8-bit codes as torch.ao's, see
+benchmarks/RESULTS.md) and 8 elsewhere.
 
 Smoothing is kept for a layer only where it lowers the layer's measured error on the calibration
 batches by at least ``SMOOTHING_GAIN``: it costs a multiply over the input on every call, and on
@@ -42,9 +45,11 @@ class Int8Dynamic(QuantizePass):
     class Params(QuantizeParams):
         smooth: float = param(0.5, "SmoothQuant migration strength alpha, from calibration statistics "
                                    "(0 disables smoothing)", ge=0.0, le=1.0)
-        activation_bits: int = param(8, "bits of the per-token activation codes: 8, or 7, which CPUs without "
-                                        "VNNI multiply in one pass instead of two, at about twice the "
-                                        "activation error", choices=TOKEN_BITS)
+        activation_bits: int | None = param(None, "bits of the per-token activation codes: 8, or 7, which CPUs "
+                                               "without VNNI multiply in one pass instead of two, at about twice "
+                                               "the activation error; none: 7 where the CPU compiled for has no "
+                                               "VNNI (its integer GEMMs would saturate), else 8",
+                                            choices=(None, *TOKEN_BITS))
 
     def prepare(self, ctx: PassContext) -> list[str]:
         self.smoothed: list[str] = []
@@ -52,8 +57,13 @@ class Int8Dynamic(QuantizePass):
         notes = []
         if self.params.smooth > 0 and not ctx.calibrated:
             notes.append("smoothing statistics come from the example inputs: no calibration batches were given")
-        if (self.params.activation_bits == 8 and ctx.device == "cpu" and cpu_integer_linear.available()
-                and cpu_integer_linear.fbgemm_saturates()):  # 7-bit codes never saturate
+        saturates = ctx.device == "cpu" and cpu_integer_linear.available() and cpu_integer_linear.fbgemm_saturates()
+        self.bits = self.params.activation_bits or (7 if saturates else 8)
+        if saturates and self.params.activation_bits is None:
+            notes.append("activation codes of 7 bits: this CPU sums int8 products in int16 pairs (no VNNI), which "
+                         "8-bit codes can saturate; quantize.int8_dynamic(activation_bits=8) keeps 8 bits, exact "
+                         "on weights split in two halves, at about twice the GEMM time")
+        elif saturates and self.bits == 8:  # 7-bit codes never saturate
             notes.append("this CPU sums int8 products in int16 pairs (no VNNI), which can saturate: its integer "
                          "GEMMs run exactly on weights split in two halves, at about twice their time; "
                          "quantize.int8_dynamic(activation_bits=7) runs in one pass there")
@@ -86,7 +96,7 @@ class Int8Dynamic(QuantizePass):
         qweight, scale = quantize_int8_per_channel(weight)
         return Quantized(torch.ops.bevel.int8_dynamic_linear.default,
                          (INPUT, Stored("qweight", qweight), Stored("scale", scale), BIAS, input_scale,
-                          self.params.activation_bits))
+                          self.bits))
 
     def extra_stats(self) -> dict[str, Any]:
-        return {"smoothed": self.smoothed}
+        return {"smoothed": self.smoothed, "activation_bits": self.bits}
