@@ -1,7 +1,7 @@
 """The note a weight pass gives when it found nothing to act on because an earlier pass already
-turned the model's Linear layers into bevel ops (quantized, 2:4 sparse): those ops hold packed or
-low-rank weights that pruning, factorizing and quantizing again do not read, so the pipeline's order
-is the cause, not the model."""
+turned the model's Linear layers into bevel ops (quantized, 2:4 sparse): those ops hold packed
+weights that pruning, factorizing and quantizing again do not read, so the pipeline's order is the
+cause, not the model."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def _bounded(block: Block) -> Block:
         return block
     if not _residual(out, same[0], inside):
         block.problem = (f"{block.path} is not a residual block: its output {out.name} is not its input "
-                         f"{same[0].name} plus what it computes (through adds and norms), so removing it would "
+                         f"{same[0].name} plus what it computes (through adds, norms and casts), so removing it would "
                          f"change what the next layer reads")
         return block
     block.hidden_in, block.hidden_out = same[0], out
@@ -107,7 +107,7 @@ def _bounded(block: Block) -> Block:
 
 
 def _residual(out: fx.Node, hidden_in: fx.Node, inside: set[fx.Node]) -> bool:
-    """Whether ``out`` carries ``hidden_in`` through the block's residual adds and norms alone (a
+    """Whether ``out`` carries ``hidden_in`` through the block's residual adds, norms and casts alone (a
     transformer layer: ``x + f(x)``, or a norm of it as in post-norm BERT), not through a layer that
     transforms it (a Linear, an activation)."""
     frontier = [out]
