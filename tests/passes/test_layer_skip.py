@@ -143,7 +143,8 @@ class PlainLayers(torch.nn.Module):
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.body = torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Linear(width, width), torch.nn.ReLU())])
+        layers = [m for _ in range(3) for m in (torch.nn.Linear(width, width), torch.nn.ReLU())]
+        self.body = torch.nn.Sequential(*layers)
         self.head = torch.nn.Linear(width, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,10 +172,12 @@ class DictLayer(torch.nn.Module):
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.layers = torch.nn.ModuleList([torch.nn.ModuleDict(dict(
-            mix=torch.nn.Linear(width, width),
-            ff=torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Linear(2 * width, width))))
-            for _ in range(3)])
+        def feed_forward() -> torch.nn.Module:
+            return torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * width, width))
+
+        layers = [torch.nn.ModuleDict(dict(mix=torch.nn.Linear(width, width), ff=feed_forward())) for _ in range(3)]
+        self.layers = torch.nn.ModuleList(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
