@@ -248,21 +248,21 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     existed = os.path.exists(path)
     target = _check_writable(path)
     args = compiled.cpu_example_inputs()
+    axes = dynamic_axes(compiled)
+    # only tensors become ONNX inputs: a None or a number is not one, and naming it would shift every
+    # later name onto the wrong input
+    tensors = [(spec["name"], dims) for spec, dims in zip(compiled.input_specs, axes) if spec["shape"] is not None]
     try:
         torch.onnx.export(module, args, target, dynamo=True,
-                          dynamic_shapes=_export_dynamic_shapes(dynamic_axes(compiled)),
-                          # only tensors become ONNX inputs: a None or a number is not one, and naming it
-                          # would shift every later name onto the wrong input
-                          input_names=[spec["name"] for spec in compiled.input_specs if spec["shape"] is not None],
+                          dynamic_shapes=_export_dynamic_shapes(axes),
+                          input_names=[name for name, _ in tensors],
                           output_names=output_names(module, args), opset_version=opset,
                           custom_translation_table=dict(ONNX_TRANSLATIONS) or None, verbose=False)
     except Exception as error:  # the exporter raises many types; report one clear error
         if not existed and os.path.isfile(target) and os.path.getsize(target) == 0:
             os.remove(target)  # the empty file the writability check left
         raise ExportError(f"could not export the compiled graph to ONNX at '{path}': {_describe(error)}") from error
-    tensor_axes = [dims for dims, spec in zip(dynamic_axes(compiled), compiled.input_specs)
-                   if spec["shape"] is not None]
-    _tidy(target, tensor_axes)
+    _tidy(target, [dims for _, dims in tensors])
     written = {entry.domain: entry.version for entry in onnx.load(target, load_external_data=False).opset_import}
     if written.get("", written.get("ai.onnx")) != opset:
         # the exporter writes opset 18 and converts; where an op has no converter it keeps 18 and only warns

@@ -147,8 +147,9 @@ def save_artifact(compiled: CompiledModule, path: str) -> str:
         compiled.report.save_json(os.path.join(path, REPORT))
         # safetensors writes its files readable by their owner only; they get the mode the others got
         # (the umask's), so that whoever may read the artifact may load it
+        mode = os.stat(os.path.join(path, REPORT)).st_mode & 0o777
         for name in (WEIGHTS, INPUTS):
-            os.chmod(os.path.join(path, name), os.stat(os.path.join(path, REPORT)).st_mode & 0o777)
+            os.chmod(os.path.join(path, name), mode)
         files = [WEIGHTS, PROGRAM, INPUTS, REPORT]
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "bevel_version": bevel.__version__,
                     "torch_version": torch.__version__, "pipeline": compiled.pipeline,
