@@ -17,6 +17,7 @@ import torch.fx as fx
 from bevel.errors import BevelError
 from bevel.ir.analysis import descendants
 from bevel.ir.graph import Graph
+from bevel.ir.partial_run import PartialInterpreter, SeenAll
 from bevel.passes.token_rows import token_mask
 
 
@@ -57,11 +58,7 @@ class ChannelStats:
         return torch.cat(self.example_totals), torch.cat(self.example_counts)
 
 
-class _SeenAll(Exception):
-    """Raised once every watched tensor has been seen: the rest of the graph need not run."""
-
-
-class _Recorder(fx.Interpreter):
+class _Recorder(PartialInterpreter):
     def __init__(self, graph: Graph, watched: dict[fx.Node, int]) -> None:
         super().__init__(graph.module)
         self.watched = watched
@@ -104,7 +101,7 @@ class _Recorder(fx.Interpreter):
                 seen.example_totals.append(rows.sum(dim=1).double())
                 seen.example_counts.append(torch.full((value.shape[0], 1), rows.shape[1], dtype=torch.float64))
             if n is self.last:
-                raise _SeenAll
+                raise SeenAll
         return result
 
 
@@ -117,10 +114,7 @@ def collect_channel_stats(graph: Graph, watched: dict[fx.Node, int],
     with torch.no_grad():
         for batch in batches:
             recorder.token_mask = token_mask(batch)
-            try:
-                recorder.run(*batch)
-            except _SeenAll:
-                pass
+            recorder.run_until_seen(*batch)
     if any(seen.count == 0 for seen in recorder.stats.values()):  # nothing to measure or fit on
         raise BevelError("the calibration batches hold no real token (their attention masks are all zero, or "
                          "the batches are empty), so no channel statistics can be measured; give batches with "

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from bevel.ir.graph import Graph
+from bevel.ir.partial_run import PartialInterpreter, SeenAll
 from bevel.passes.token_rows import example_rows, token_mask
 
 # rows kept per layer to measure its output error: enough for a stable relative error, small in memory
@@ -77,10 +78,6 @@ class InputStats:
 
 def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     return term if total is None else total + term
-
-
-class _SeenAll(Exception):
-    """Raised once every watched node has been seen: the rest of the graph need not run."""
 
 
 class Snapshots:
@@ -135,7 +132,7 @@ class Resume:
     reference: Snapshots = field(default_factory=Snapshots)
 
 
-class _Recorder(fx.Interpreter):
+class _Recorder(PartialInterpreter):
     def __init__(self, module: fx.GraphModule, watched: dict[fx.Node, fx.Node], stats: dict[fx.Node, InputStats],
                  with_hessian: bool, sample_rows: int) -> None:
         super().__init__(module)
@@ -157,11 +154,11 @@ class _Recorder(fx.Interpreter):
             float_rows = None if float_input is None else example_rows(float_input, self.token_mask)[0]
             self.stats[n].add(rows, weights, self.with_hessian, self.sample_rows, float_rows)
             if n is self.last:
-                raise _SeenAll
+                raise SeenAll
         return super().run_node(n)
 
 
-class _ValueRecorder(fx.Interpreter):
+class _ValueRecorder(PartialInterpreter):
     """Runs a graph until the nodes of the given names have been computed, and keeps their values;
     with ``snapshots``, each run starts from the last one's and keeps its own on reaching the last
     of those nodes (the graph does not change between runs)."""
@@ -183,10 +180,7 @@ class _ValueRecorder(fx.Interpreter):
         if not pending:
             return self.seen
         self.last, self.index = pending[-1], index
-        try:
-            self.run(*batch, initial_env=env)
-        except _SeenAll:
-            pass
+        self.run_until_seen(*batch, initial_env=env)
         return self.seen
 
     def run_node(self, n: fx.Node) -> Any:
@@ -196,7 +190,7 @@ class _ValueRecorder(fx.Interpreter):
         if n in self.wanted_set:
             self.seen[n.name] = value
             if n is self.last:
-                raise _SeenAll
+                raise SeenAll
         return value
 
 
@@ -254,10 +248,7 @@ def collect_input_stats(graph: Graph, inputs: dict[fx.Node, fx.Node], batches: l
                 if env is not None and any(node in env for node in inputs):  # not after the point
                     env = None
                 recorder.snapshot = None if changes_from is None else (changes_from, resume.graph, index)
-            try:
-                recorder.run(*batch, initial_env=env)
-            except _SeenAll:
-                pass
+            recorder.run_until_seen(*batch, initial_env=env)
     if resume is not None:
         resume.graph.commit(len(batches))
         resume.reference.commit(len(batches))
