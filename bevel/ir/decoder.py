@@ -227,6 +227,27 @@ def step_masks(position_ids: torch.Tensor, kv_positions: torch.Tensor, window: i
     return sliding if kinds is None else {"full_attention": full, "sliding_attention": sliding}
 
 
+def additive_mask(model: torch.nn.Module) -> bool:
+    """Whether the model's attention adds its 4-D mask to the scores (HF's "eager" attention) rather than
+    reading it as booleans ("sdpa"); other attention kernels, which take no ready 4-D mask, are refused."""
+    implementation = getattr(text_config(model), "_attn_implementation", None)
+    if implementation in (None, "sdpa"):
+        return False
+    if implementation == "eager":
+        return True
+    raise CaptureError(f"{type(model).__name__} runs attention_implementation={implementation!r}, which takes no "
+                       f"ready 4-D mask; load the model with attn_implementation='sdpa' (or 'eager') to compile it")
+
+
+def as_additive(mask: torch.Tensor | dict[str, torch.Tensor],
+                dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A boolean mask (or a dict of them) as the additive one eager attention takes: 0 where a query
+    sees a key, the dtype's lowest value where it does not."""
+    if isinstance(mask, dict):
+        return {name: as_additive(value, dtype) for name, value in mask.items()}
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 class DecoderStep(torch.nn.Module):
     """An HF causal LM as the step function of the module docstring (what gets captured)."""
 
@@ -236,12 +257,15 @@ class DecoderStep(torch.nn.Module):
         self.spec = spec
         # the model's own mask would build the window in, but it is replaced by the step's mask
         self.window, self.layer_kinds = sliding_window(model)
+        self.additive_mask = additive_mask(model)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
                 kv_positions: torch.Tensor, *cache: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits of the step's tokens and the cache with their keys and values written in."""
         steps = StepCache(cache, cache_position)
         mask = step_masks(position_ids, kv_positions, self.window, self.layer_kinds)
+        if self.additive_mask:
+            mask = as_additive(mask, self.model.dtype)
         out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
                          **{_cache_argument(self.model): steps})
         logits = out.logits if hasattr(out, "logits") else out[0]

@@ -35,6 +35,31 @@ def test_greedy_generation_equals_hf_generate(kind):
     assert torch.equal(out, hf_greedy(model, ids, mask, 16))
 
 
+@pytest.mark.parametrize("kind, window", [("llama", None), ("gpt2", None), ("qwen2", 4)])
+def test_eager_attention_generates_as_hf_does(kind, window):
+    """HF's eager attention adds its 4-D mask to the scores: the step's boolean mask, added as 0 and 1,
+    masked nothing (every token saw the ones after it), so it is handed an additive mask."""
+    model = small_causal_lm(kind, seed=5, sliding_window=window)
+    model.config._attn_implementation = "eager"
+    ids, mask = padded_prompts([5, 9, 1, 7], seed=6)
+    cm = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
+    real = mask.bool()
+    assert torch.allclose(cm(ids, mask)[real], expected[real], atol=1e-5)
+    assert torch.equal(cm.generate(ids, max_new_tokens=12, attention_mask=mask, eos_token_id=None),
+                       hf_greedy(model, ids, mask, 12))
+
+
+def test_an_attention_kernel_that_takes_no_ready_mask_is_refused_by_name():
+    model = small_causal_lm("llama")
+    model.config._attn_implementation = "flex_attention"
+    ids, mask = padded_prompts([5, 3])
+    with pytest.raises(bevel.errors.CaptureError, match="flex_attention.*attn_implementation='sdpa'"):
+        bevel.compile(model, "cleanup", example_inputs=(ids, mask))
+    assert model.config._attn_implementation == "flex_attention"
+
+
 @pytest.mark.parametrize("kind", ["mistral", "qwen2"])
 def test_a_sliding_window_is_kept_in_prefill_and_generation(kind):
     # a window of 4 over prompts of up to 11 tokens and 12 new ones: most keys fall out of it
