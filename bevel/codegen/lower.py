@@ -28,6 +28,8 @@ def check_device(device: str | torch.device) -> torch.device:
         parsed = torch.device(device)
     except (RuntimeError, TypeError) as error:
         raise BevelError(f"device={device!r} is not a device torch knows (try 'cpu' or 'cuda'): {error}") from None
+    if parsed.type not in ("cpu", "cuda"):  # the runtime and its kernels know these two
+        raise BevelError(f"device={device!r}: bevel compiles for 'cpu' or 'cuda', not {parsed.type!r}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise BevelError(f"device={device!r} was asked for but this machine has no CUDA GPU; use device='cpu'")
     return parsed

@@ -39,6 +39,9 @@ def test_place_moves_weights_and_factory_ops():
 def test_check_device_names_the_problem():
     with pytest.raises(BevelError, match="not a device torch knows"):
         check_device("gpu0")
+    for other in ("meta", "mps", "xpu"):  # devices torch knows but bevel's runtime does not run on
+        with pytest.raises(BevelError, match=f"'cpu' or 'cuda', not '{other}'"):
+            check_device(other)
     if not torch.cuda.is_available():
         with pytest.raises(BevelError, match="no CUDA GPU"):
             check_device("cuda")

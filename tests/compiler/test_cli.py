@@ -292,6 +292,7 @@ def test_pipeline_errors_show_the_caret(tmp_path, pipeline, expected):
     (["export", SMALL, "--out", "unused", "--calibration", "builtin"], "--calibration builtin needs a built-in MODEL"),
     (["export", SMALL, "--out", "unused", "--calibration", "missing.pt"], "--calibration 'missing.pt': no such file"),
     (["export", SMALL, "--out", "unused", "--device", "tpu9"], "device='tpu9' is not a device torch knows"),
+    (["export", SMALL, "--out", "unused", "--device", "meta"], "bevel compiles for 'cpu' or 'cuda', not 'meta'"),
     (["export", SMALL], "Missing option '--out'"),
     (["export", SMALL, "--out", "unused", "--opset", "11"], "Invalid value for '--opset'"),
     (["export", SMALL, "--out", "unused", "--opset", "99"], "opset=99 is newer than the installed onnx package knows"),
