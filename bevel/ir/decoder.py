@@ -86,7 +86,7 @@ class DecoderSpec:
     head_dim: int
     vocab_size: int
     max_cache_len: int
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # several where the model ends text with any of them
     pad_token_id: int = 0
     cache_dtype: str = "float32"
     cache_policy: CachePolicy = CachePolicy()
@@ -102,6 +102,8 @@ class DecoderSpec:
     def from_json(cls, data: dict[str, Any]) -> "DecoderSpec":
         """The spec :meth:`to_json` wrote (artifacts written before cache policies existed have none)."""
         fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
+        if isinstance(fields.get("eos_token_id"), list):  # JSON has no tuples
+            fields["eos_token_id"] = tuple(fields["eos_token_id"])
         fields["cache_policy"] = CachePolicy.from_json(data.get("cache_policy"))
         return cls(**fields)
 
@@ -158,12 +160,25 @@ def decoder_spec(model: torch.nn.Module, max_cache_len: int | None = None) -> De
         max_cache_len = int(limit)
     if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or not 2 <= max_cache_len:
         raise BevelError(f"max_cache_len={max_cache_len!r} must be an integer of at least 2 (tokens per sequence)")
-    eos = text.eos_token_id if isinstance(text.eos_token_id, int) else None
-    pad = text.pad_token_id if isinstance(getattr(text, "pad_token_id", None), int) else (eos or 0)
+    eos = end_tokens(text.eos_token_id)
+    first_eos = eos[0] if isinstance(eos, tuple) else eos
+    pad = text.pad_token_id if isinstance(getattr(text, "pad_token_id", None), int) else (first_eos or 0)
     dtype = next(model.parameters()).dtype
     return DecoderSpec(num_layers=int(layers), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
                        vocab_size=int(text.vocab_size), max_cache_len=max_cache_len, eos_token_id=eos,
                        pad_token_id=int(pad), cache_dtype=str(dtype).replace("torch.", ""))
+
+
+def end_tokens(eos: Any) -> int | tuple[int, ...] | None:
+    """A config's ``eos_token_id`` as the spec keeps it: one id, a tuple of several (HF lists them
+    where a model ends text with any), or None where it names none."""
+    if isinstance(eos, (list, tuple)) and eos and all(_is_id(i) for i in eos):
+        return tuple(int(i) for i in eos) if len(eos) > 1 else int(eos[0])
+    return int(eos) if _is_id(eos) else None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class StepCache:

@@ -264,8 +264,9 @@ def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
     for key in _DECODER_INTEGERS:
         if key in decoder and not _is_int(decoder[key]):
             raise bad(f"decoder.{key}", "an integer", decoder[key])
-    if decoder.get("eos_token_id") is not None and not _is_int(decoder["eos_token_id"]):
-        raise bad("decoder.eos_token_id", "an integer or null", decoder["eos_token_id"])
+    eos = decoder.get("eos_token_id")
+    if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and eos and all(map(_is_int, eos))):
+        raise bad("decoder.eos_token_id", "an integer, a list of integers or null", eos)
     dtype = decoder.get("cache_dtype", "float32")
     if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise bad("decoder.cache_dtype", "the name of a torch dtype, such as \"float32\"", dtype)

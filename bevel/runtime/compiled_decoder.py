@@ -3,6 +3,7 @@ over a preallocated KV cache (see :mod:`bevel.ir.decoder` for the step graph).""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -118,12 +119,12 @@ class CompiledDecoder(CompiledModule):
         left-padded in the result, as HF returns them. ``temperature=0`` decodes greedily; above 0
         it samples from the softmax of logits/temperature, restricted to the ``top_k`` most likely
         tokens if given (``seed`` makes sampling reproducible). A row that emits ``eos_token_id``
-        (default: the model's; None never stops) is finished and padded with the pad token; the
+        (a token id or a list of them; default: the model's; None never stops) is finished and padded with the pad token; the
         loop stops when every row is.
         """
         ids = self._check_ids(input_ids)
         self._check_settings(max_new_tokens, temperature, top_k)
-        eos = self.spec.eos_token_id if eos_token_id is MODEL_EOS else eos_token_id
+        eos = self._end_tokens(self.spec.eos_token_id if eos_token_id is MODEL_EOS else eos_token_id, ids.device)
         mask = None if attention_mask is None else attention_mask.to(ids.device)
         if mask is not None and (mask.shape != ids.shape or not bool(mask.bool().any(dim=1).all())):
             raise GenerateError(f"attention_mask must have the prompts' shape {tuple(ids.shape)} and mark at least "
@@ -139,7 +140,7 @@ class CompiledDecoder(CompiledModule):
                 token = torch.where(finished, torch.full_like(token, self.spec.pad_token_id), token)
                 new_tokens.append(token)
                 if eos is not None:
-                    finished |= token == eos
+                    finished |= torch.isin(token, eos)
                 if index == max_new_tokens - 1 or bool(finished.all()):
                     break
                 logits = stream.step(token)
@@ -201,10 +202,22 @@ class CompiledDecoder(CompiledModule):
     def _check_settings(max_new_tokens: Any, temperature: Any, top_k: Any) -> None:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerateError(f"max_new_tokens={max_new_tokens!r} must be an integer of at least 1")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise GenerateError(f"temperature={temperature!r} must be a number >= 0 (0 decodes greedily)")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not 0 <= temperature < math.inf):  # NaN fails the comparison too
+            raise GenerateError(f"temperature={temperature!r} must be a finite number >= 0 (0 decodes greedily)")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise GenerateError(f"top_k={top_k!r} must be None or an integer of at least 1")
+
+    def _end_tokens(self, eos: Any, device: torch.device) -> torch.Tensor | None:
+        """``eos_token_id`` (None, an id, or a list or tuple of ids) as a tensor of ids, checked."""
+        if eos is None:
+            return None
+        ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.spec.vocab_size
+                              for i in ids):
+            raise GenerateError(f"eos_token_id={eos!r} must be None, a token id or a list of token ids in "
+                                f"[0, {self.spec.vocab_size})")
+        return torch.tensor(ids, device=device)
 
     def manifest_extra(self) -> dict[str, Any]:
         """What an artifact needs beyond the graph to rebuild this: the cache geometry."""

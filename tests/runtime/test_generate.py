@@ -182,6 +182,24 @@ def test_the_decode_step_runs_in_onnxruntime_with_the_cache_as_inputs_and_output
     assert abs(got[1][:, :, 5] - expected["present_key_0"][:, :, 5].numpy()).max() < 1e-4  # the new entry
 
 
+def test_a_model_with_several_end_tokens_stops_on_any_and_keeps_them_through_save_and_load(tmp_path):
+    """HF configs list several ids where a model ends text with any of them (Llama 3's, for one)."""
+    model = small_causal_lm("llama", seed=5)
+    ids, mask = padded_prompts([5, 9, 1, 7], seed=6)
+    free = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                          pad_token_id=PAD)[:, ids.shape[1]:]
+    ends = [int(free[0, 2]), int(free[1, 5])]  # tokens rows 0 and 1 emit, so both rows stop early
+    model.config.eos_token_id = ends
+    cm = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
+    assert cm.spec.eos_token_id == tuple(ends)
+    expected = hf_greedy(model, ids, mask, 12, eos=ends)
+    assert torch.equal(cm.generate(ids, max_new_tokens=12, attention_mask=mask), expected)
+    assert (expected[0, ids.shape[1] + 3:] == PAD).all()  # row 0 did stop at its end token
+    loaded = bevel.load(cm.save(str(tmp_path / "artifact")))
+    assert loaded.spec.eos_token_id == tuple(ends)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=12, attention_mask=mask), expected)
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda cm, ids: cm.generate(torch.zeros(2, 0, dtype=torch.long), 4), "the prompt is empty"),
     (lambda cm, ids: cm.generate(ids, 0), "max_new_tokens=0 must be an integer of at least 1"),
@@ -193,7 +211,11 @@ def test_the_decode_step_runs_in_onnxruntime_with_the_cache_as_inputs_and_output
     (lambda cm, ids: cm.generate(ids.float(), 4), "input_ids must be an integer tensor"),
     (lambda cm, ids: cm.generate([1, 2, 3], 4), "input_ids must be an integer tensor of token ids, got list"),
     (lambda cm, ids: cm.generate(ids + 1000, 4), "outside the vocabulary \\[0, 300\\)"),
-    (lambda cm, ids: cm.generate(ids, 4, temperature=-1.0), "temperature=-1.0 must be a number >= 0"),
+    (lambda cm, ids: cm.generate(ids, 4, temperature=-1.0), "temperature=-1.0 must be a finite number >= 0"),
+    (lambda cm, ids: cm.generate(ids, 4, temperature=float("nan")), "temperature=nan must be a finite number"),
+    (lambda cm, ids: cm.generate(ids, 4, eos_token_id="2"), "eos_token_id='2' must be None, a token id or a list"),
+    (lambda cm, ids: cm.generate(ids, 4, eos_token_id=[5, 300]), "eos_token_id=\\[5, 300\\] must be None"),
+    (lambda cm, ids: cm.generate(ids, 4, eos_token_id=[]), "eos_token_id=\\[\\] must be None"),
     (lambda cm, ids: cm.generate(ids, 4, temperature=1.0, top_k=0), "top_k=0"),
     (lambda cm, ids: cm.generate(ids, 4, attention_mask=torch.zeros_like(ids)), "at least one real token per row"),
     (lambda cm, ids: cm.generate(ids.unsqueeze(0), 4), "must be \\[batch, tokens\\]"),
