@@ -111,6 +111,8 @@ def compare(reference: list[list[_Leaf]], candidate: list[list[_Leaf]],
                 raise ValueError(f"output {ref.path or '[0]'} changed shape from {tuple(ref.value.shape)} "
                                  f"to {tuple(new.value.shape)}")
             ref_value, new_value = _real_positions_only(ref.value, mask), _real_positions_only(new.value, mask)
+            if ref_value.numel() == 0:  # an empty batch: nothing to compare (and no rows to reshape into)
+                continue
             a = ref_value.reshape(ref_value.shape[0], -1) if ref_value.dim() > 1 else ref_value.reshape(1, -1)
             b = new_value.reshape(a.shape)
             finite = _finite_parts(a, b)

@@ -154,6 +154,16 @@ def test_dynamic_recompile_matches(mlp):
     assert [(s.kind, s.index, s.dim) for s in slots if s.kind == "size"] == [("size", 0, 0)]
 
 
+def test_an_empty_batch_gives_an_empty_output_as_eager_does(mlp):
+    """Dynamo compiles a graph for the batch of size 0; its fidelity check has no rows to compare."""
+    fn = torch.compile(mlp, backend="bevel")
+    fn(torch.randn(4, 16, generator=seeded(1)))
+    empty = torch.randn(0, 16)
+    assert fn(empty).shape == mlp(empty).shape == (0, 8)
+    x = torch.randn(5, 16, generator=seeded(2))
+    torch.testing.assert_close(fn(x), mlp(x), atol=1e-6, rtol=0)
+
+
 def test_python_int_input_recompiles_per_value():
     # A Python int argument becomes a SymInt graph input on dynamo's recompile; torch.export fixes its
     # value, so the backend compiles once per value it sees.
