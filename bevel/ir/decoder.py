@@ -250,7 +250,7 @@ def additive_mask(model: torch.nn.Module) -> bool:
         return False
     if implementation == "eager":
         return True
-    raise CaptureError(f"{type(model).__name__} runs attention_implementation={implementation!r}, which takes no "
+    raise CaptureError(f"{type(model).__name__} runs attn_implementation={implementation!r}, which takes no "
                        f"ready 4-D mask; load the model with attn_implementation='sdpa' (or 'eager') to compile it")
 
 
