@@ -90,6 +90,8 @@ class DecoderSpec:
     pad_token_id: int = 0
     cache_dtype: str = "float32"
     cache_policy: CachePolicy = CachePolicy()
+    # where position embeddings are a table (GPT-2, OPT), its rows: no token may sit at a later position
+    max_positions: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable dict of the fields (the cache policy only when it is not the default,
@@ -160,13 +162,29 @@ def decoder_spec(model: torch.nn.Module, max_cache_len: int | None = None) -> De
         max_cache_len = int(limit)
     if isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or not 2 <= max_cache_len:
         raise BevelError(f"max_cache_len={max_cache_len!r} must be an integer of at least 2 (tokens per sequence)")
+    table = position_table_rows(model, int(limit))
+    if table is not None and max_cache_len > table:
+        raise BevelError(f"max_cache_len={max_cache_len} is beyond the {table} positions of {type(model).__name__}'s "
+                         f"position embedding table; give at most {table}")
     eos = end_tokens(text.eos_token_id)
     first_eos = eos[0] if isinstance(eos, tuple) else eos
     pad = text.pad_token_id if isinstance(getattr(text, "pad_token_id", None), int) else (first_eos or 0)
     dtype = next(model.parameters()).dtype
     return DecoderSpec(num_layers=int(layers), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
                        vocab_size=int(text.vocab_size), max_cache_len=max_cache_len, eos_token_id=eos,
-                       pad_token_id=int(pad), cache_dtype=str(dtype).replace("torch.", ""))
+                       pad_token_id=int(pad), cache_dtype=str(dtype).replace("torch.", ""), max_positions=table)
+
+
+def position_table_rows(model: torch.nn.Module, limit: int) -> int | None:
+    """The positions an HF model's learned position embeddings cover (``limit``, its config's maximum),
+    where it has such a table (GPT-2's ``wpe``, OPT's ``embed_positions`` with its offset of 2); None
+    where positions are computed (rotary, ALiBi) and a token may sit at any position."""
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Embedding) and (last == "wpe" or "position" in last) \
+                and module.num_embeddings in (limit, limit + 2):
+            return limit
+    return None
 
 
 def end_tokens(eos: Any) -> int | tuple[int, ...] | None:

@@ -264,6 +264,8 @@ def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
     for key in _DECODER_INTEGERS:
         if key in decoder and not _is_int(decoder[key]):
             raise bad(f"decoder.{key}", "an integer", decoder[key])
+    if decoder.get("max_positions") is not None and not _is_int(decoder["max_positions"]):
+        raise bad("decoder.max_positions", "an integer or null", decoder["max_positions"])
     eos = decoder.get("eos_token_id")
     if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and eos and all(map(_is_int, eos))):
         raise bad("decoder.eos_token_id", "an integer, a list of integers or null", eos)

@@ -168,6 +168,11 @@ class CompiledDecoder(CompiledModule):
             raise GenerateError(f"the prompt plus max_new_tokens ({prompt_len} + {max_new_tokens} = {total} "
                                 f"tokens) does not fit the KV cache of {limit} tokens per sequence; ask for at most "
                                 f"{limit - prompt_len} new tokens or compile with a larger max_cache_len")
+        table = self.spec.max_positions
+        if table is not None and total > table:  # a bounded cache still counts positions up
+            raise GenerateError(f"the prompt plus max_new_tokens ({prompt_len} + {max_new_tokens} = {total} tokens) "
+                                f"goes past the model's {table} positions (a table of position embeddings); ask "
+                                f"for at most {table - prompt_len} new tokens")
         return DecodeStream(self.spec, self.prefill_graph, self.decode_graph, ids, mask, max_new_tokens)
 
     @staticmethod

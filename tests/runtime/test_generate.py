@@ -200,6 +200,23 @@ def test_a_model_with_several_end_tokens_stops_on_any_and_keeps_them_through_sav
     assert torch.equal(loaded.generate(ids, max_new_tokens=12, attention_mask=mask), expected)
 
 
+def test_a_model_with_a_table_of_position_embeddings_is_held_to_its_positions(tmp_path):
+    """GPT-2's positions index a table of max_positions rows: past it, the lookup failed inside torch
+    (a windowed cache, which never fills, still counts positions up). Rotary models have no table."""
+    model = small_causal_lm("gpt2", max_positions=32)
+    ids, mask = padded_prompts([5, 3])
+    with pytest.raises(bevel.errors.BevelError, match="max_cache_len=40 is beyond the 32 positions of GPT2LMHead"):
+        bevel.compile(model, "cleanup", example_inputs=(ids, mask), max_cache_len=40)
+    windowed = bevel.compile(model, "attention.window(window=8, sinks=2)", example_inputs=(ids, mask))
+    assert windowed.generate(ids, 27, attention_mask=mask, eos_token_id=None).shape == (2, 32)
+    loaded = bevel.load(windowed.save(str(tmp_path / "artifact")))
+    for compiled in (windowed, loaded):
+        with pytest.raises(GenerateError, match="5 \\+ 28 = 33 tokens\\) goes past the model's 32 positions"):
+            compiled.generate(ids, 28, attention_mask=mask)
+    rotary = bevel.compile(small_causal_lm("llama", max_positions=32), "cleanup", example_inputs=(ids, mask))
+    assert rotary.spec.max_positions is None
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda cm, ids: cm.generate(torch.zeros(2, 0, dtype=torch.long), 4), "the prompt is empty"),
     (lambda cm, ids: cm.generate(ids, 0), "max_new_tokens=0 must be an integer of at least 1"),
