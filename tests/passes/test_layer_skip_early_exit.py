@@ -356,3 +356,18 @@ def test_a_model_without_a_usable_head_says_what_is_missing():
     cm = bevel.compile(pooled, "layer_skip.early_exit", example_inputs=(torch.randn(2, 5, 8), torch.ones(2, 5)))
     entry = cm.report.passes[0]
     assert entry.status == "no change" and "(computed from the input mask)" in entry.notes[0], entry.notes
+
+
+def test_after_a_removed_block_a_threshold_no_token_reaches_changes_nothing():
+    """Blocks are counted as they run: with layers.1 removed, layers.3 is the last of three. Numbered by
+    module, the exit after it froze every token at layers.2's output (logits off by 0.38)."""
+    model = small_causal_lm("llama", layers=4)
+    ids, mask = padded_prompts([8, 5], seed=2)
+    captured = bevel.capture(model, example_inputs=(ids, mask))
+    removed = bevel.compile(captured, "layer_skip.static(layers=[1])")
+    both = bevel.compile(captured, "layer_skip.static(layers=[1]) | layer_skip.early_exit(threshold=1.0)")
+    assert both.report.passes[1].status == "applied"
+    real = mask.bool()
+    torch.testing.assert_close(both(ids, mask)[real], removed(ids, mask)[real], atol=1e-6, rtol=0)
+    assert torch.equal(both.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=None),
+                       removed.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=None))

@@ -21,6 +21,7 @@ batches (padding excluded for a decoder's prompts) and the share of tokens leavi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,9 @@ class EarlyExit(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         """Insert the exit heads, decisions and freezes; measure the depth on the calibration batches."""
-        blocks = find_blocks(graph)
+        # numbered by position, not by module (after layer_skip.static removed layers.1, layers.2 is the
+        # second block): depths, exits and the runtime's stages count blocks that run
+        blocks = [dataclasses.replace(block, index=i) for i, block in enumerate(find_blocks(graph))]
         if not blocks:
             return PassResult(changed=False, notes=["no repeated blocks (transformer layers) found: nothing changed"])
         problems = [f"block {b.index} ({b.path}): {b.problem}" for b in blocks if b.problem]
