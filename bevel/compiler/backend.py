@@ -10,8 +10,8 @@ What a user should know:
   later in-place changes to the model's weights are not seen by the compiled code (the model itself
   is never modified). Dynamo decides when to recompile (new shapes, dtypes, ...); each recompile
   runs the pipeline again and keeps its own copy of the rewritten weights.
-- Inference only: the compiled code runs without gradients; compile a model in eval mode (a graph
-  traced in training mode keeps its dropout).
+- Inference only: the compiled code runs without gradients; a model in training mode (dropout or
+  batch norm in training mode in the graph) is refused: call ``model.eval()`` first.
 - A bevel error raised while compiling (a bad pipeline, an unknown option, a model torch.export
   cannot capture) reaches the caller of the compiled model as that same bevel error type
   (``bevel.PipelineError``, ``bevel.BevelError``, ...), not as dynamo's ``BackendCompilerFailed``
@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import collections
 import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.fx as fx
+import torch.nn.functional as F
 
 from bevel.codegen.lower import check_device
 from bevel.compiler.compile import check_fidelity_budget
@@ -100,9 +102,32 @@ def bevel_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[s
     """
     try:
         settings = parse_options(options, mode)
+        check_inference_mode(gm)
         return BevelCompiledGraph(WrappedGraph(gm, example_inputs), settings)
     except BevelError as error:
         raise surface_to_user(error) from None
+
+
+# functional ops whose ``training`` argument, when true, makes them behave as in training
+_TRAINING_OPS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                 F.batch_norm)
+
+
+def check_inference_mode(gm: fx.GraphModule) -> None:
+    """Refuse a graph dynamo traced from a model in training mode (dropout active, batch norm reading the
+    batch's statistics): bevel compiles for inference, and ``bevel.compile`` puts its copy in eval mode,
+    which a torch.compile backend cannot do for the model."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _TRAINING_OPS:
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+            bound.apply_defaults()
+            if bound.arguments.get("training") is True:
+                found.append(node.target.__name__)
+    if found:
+        raise BevelError(f"the model is in training mode ({', '.join(sorted(set(found)))} in training mode in the "
+                         f"graph): the bevel backend compiles for inference; call model.eval() before "
+                         f"torch.compile(model, backend='bevel')")
 
 
 @dataclass

@@ -154,6 +154,21 @@ def test_dynamic_recompile_matches(mlp):
     assert [(s.kind, s.index, s.dim) for s in slots if s.kind == "size"] == [("size", 0, 0)]
 
 
+def test_a_model_in_training_mode_is_refused_and_left_as_it_was():
+    """Dynamo traces dropout and batch norm as the model's mode has them; the backend cannot put the
+    model in eval mode as bevel.compile does with its copy, so it says what to do."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(8))
+    before = state_copy(model)
+    with pytest.raises(bevel.BevelError, match=r"training mode \(batch_norm, dropout in training.*model\.eval\(\)"):
+        torch.compile(model, backend="bevel")(torch.randn(4, 8))
+    assert_state_unchanged(model, before)
+    assert model.training
+    model.eval()
+    x = torch.randn(4, 8, generator=seeded(3))
+    torch.testing.assert_close(torch.compile(model, backend="bevel")(x), model(x), atol=1e-6, rtol=0)
+
+
 def test_an_empty_batch_gives_an_empty_output_as_eager_does(mlp):
     """Dynamo compiles a graph for the batch of size 0; its fidelity check has no rows to compare."""
     fn = torch.compile(mlp, backend="bevel")
