@@ -236,6 +236,10 @@ def test_bad_specs(spec, words: str) -> None:
      "passes 'kv.quantize' and 'attention.block_sparse' cannot be in the same pipeline"),
     # twice, the step graph would round the cache twice and the decode loop once
     ("kv.quantize(bits=8) | kv.quantize(bits=4)", "pass 'kv.quantize' can appear only once in a pipeline"),
+    # twice, the second window or budget replaced the first (the last won), while both reported "applied"
+    ("attention.window(window=8) | attention.window(window=32)",
+     "pass 'attention.window' can appear only once in a pipeline"),
+    ("kv.evict(budget=8) | kv.evict(budget=32)", "pass 'kv.evict' can appear only once in a pipeline"),
 ])
 def test_a_pipeline_of_conflicting_passes_is_refused_when_built(text: str, words: str) -> None:
     with pytest.raises(PipelineError, match=words):

@@ -25,7 +25,8 @@ class Window(Pass):
     """Each query sees the last `window` tokens and the first `sinks` (StreamingLLM); decode keeps a
     ring buffer of sinks + window cache slots."""
 
-    conflicts = ("attention.heads", "kv.evict")
+    # a second window would replace the first one (the last wins), not narrow it
+    conflicts = ("attention.heads", "kv.evict", "attention.window")
 
     @dataclass
     class Params(PassParams):

@@ -30,7 +30,7 @@ class KVEvict(Pass):
     """Decode keeps a fixed budget of cache entries: the recent tokens and the heavy hitters with the
     most accumulated attention (H2O)."""
 
-    conflicts = ("attention.window",)
+    conflicts = ("attention.window", "kv.evict")  # a second budget would replace the first
 
     @dataclass
     class Params(PassParams):
