@@ -25,6 +25,18 @@ def hf_greedy(model, ids, mask, new, eos=None):
                           pad_token_id=PAD)
 
 
+def assert_prefill_and_generation_match_hf(model, ids, mask):
+    """The compiled model's prefill logits at real tokens (1e-5: float32 summation order) and its greedy
+    continuation equal the model's own."""
+    cm = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
+    real = mask.bool()
+    assert torch.allclose(cm(ids, mask)[real], expected[real], atol=1e-5)
+    assert torch.equal(cm.generate(ids, max_new_tokens=12, attention_mask=mask, eos_token_id=None),
+                       hf_greedy(model, ids, mask, 12))
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
 def test_greedy_generation_equals_hf_generate(kind):
     model = small_causal_lm(kind, seed=5)
@@ -42,13 +54,7 @@ def test_eager_attention_generates_as_hf_does(kind, window):
     model = small_causal_lm(kind, seed=5, sliding_window=window)
     model.config._attn_implementation = "eager"
     ids, mask = padded_prompts([5, 9, 1, 7], seed=6)
-    cm = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
-    with torch.no_grad():
-        expected = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
-    real = mask.bool()
-    assert torch.allclose(cm(ids, mask)[real], expected[real], atol=1e-5)
-    assert torch.equal(cm.generate(ids, max_new_tokens=12, attention_mask=mask, eos_token_id=None),
-                       hf_greedy(model, ids, mask, 12))
+    assert_prefill_and_generation_match_hf(model, ids, mask)
 
 
 def test_an_attention_kernel_that_takes_no_ready_mask_is_refused_by_name():
@@ -67,13 +73,7 @@ def test_a_sliding_window_is_kept_in_prefill_and_generation(kind):
     if kind == "qwen2":
         assert model.config.layer_types == ["full_attention", "sliding_attention"]
     ids, mask = padded_prompts([11, 4, 8], seed=4)
-    cm = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
-    with torch.no_grad():
-        expected = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
-    real = mask.bool()
-    assert torch.allclose(cm(ids, mask)[real], expected[real], atol=1e-5)
-    assert torch.equal(cm.generate(ids, max_new_tokens=12, attention_mask=mask, eos_token_id=None),
-                       hf_greedy(model, ids, mask, 12))
+    assert_prefill_and_generation_match_hf(model, ids, mask)
 
 
 def test_prefill_and_decode_graphs_share_the_weights_and_write_the_cache_in_place(llama):
