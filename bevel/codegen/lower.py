@@ -63,8 +63,9 @@ def retarget_devices(module: fx.GraphModule, device: torch.device) -> None:
 def place(module: fx.GraphModule, device: str | torch.device, copy_first: bool = False) -> fx.GraphModule:
     """``module`` with its weights and its tensor-creating ops on ``device``; with ``copy_first`` a
     moved copy, leaving ``module`` as it is. The copy's weights are made directly on ``device``, so
-    copying a GPU model to the CPU never holds two copies of its weights on the GPU."""
-    target = check_device(device)
+    copying a GPU model to the CPU never holds two copies of its weights on the GPU. The device is
+    the caller's to check (:func:`check_device` at the entry points), so any torch device places."""
+    target = torch.device(device)
     if copy_first:
         memo: dict[int, Any] = {}
         for tensor in list(module.parameters()) + list(module.buffers()):
