@@ -11,7 +11,7 @@ from bevel.codegen.lower import check_device, lower
 from bevel.compiler.captured import (CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes, copy_model,
                                      plain_forward_copy)
 from bevel.compiler.compile_decoder import compile_decoder
-from bevel.compiler.fidelity import Fidelity, compare, run_batches
+from bevel.compiler.fidelity import Fidelity, compare, copied, run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures
 from bevel.compiler.pipeline import build_pipeline
 from bevel.compiler.report import Report
@@ -87,8 +87,9 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
     """Rewrite ``model`` with the pipeline ``passes`` and return a CompiledModule to call, save or export.
 
     Args:
-        model: the nn.Module to optimize; it is copied, never modified. Or a CapturedModel from
-            ``bevel.capture``, to compile a model captured once with several pipelines: then
+        model: the nn.Module to optimize; it is copied, never modified (nor are the input tensors
+            given: it runs on copies). Or a CapturedModel from ``bevel.capture``, to compile a model
+            captured once with several pipelines: then
             ``example_inputs``, ``dynamic_shapes`` and ``decoder`` are the capture's and not given here.
         passes: a pipeline string (``"cleanup | prune.magnitude(sparsity=0.3)"``), a Pass, or a list
             of strings and Pass instances. Errors in it are raised before any work.
@@ -139,7 +140,9 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
         if not batches:
             raise BevelError("bevel.compile needs example_inputs=(...) (or calibration batches) to capture the model")
         example_inputs = batches[0]
-    example_inputs = as_input_tuple(example_inputs, "example_inputs")
+    # the user's tensors are never written: a model that changes its inputs in place changes copies
+    example_inputs = copied(as_input_tuple(example_inputs, "example_inputs"))
+    batches = [copied(batch) for batch in batches]
     check_order(pipeline, has_calibration=bool(batches))
     # a captured model is already a copy: its compiles only run it, and rewrite a copy of its graph
     if is_decoder:

@@ -63,10 +63,16 @@ def flatten_outputs(outputs: Any) -> list[_Leaf]:
             if isinstance(value, torch.Tensor) and value.is_floating_point()]
 
 
+def copied(batch: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``batch`` with its tensors cloned: a model that changes its inputs in place (``x.mul_(2)``)
+    changes the copy, and every run starts from the same values."""
+    return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in batch)
+
+
 def run_batches(fn: Callable[..., Any], batches: list[tuple[Any, ...]]) -> list[list[_Leaf]]:
-    """Call ``fn`` on every batch without gradients and keep the flattened float outputs."""
+    """Call ``fn`` on a copy of every batch without gradients and keep the flattened float outputs."""
     with torch.no_grad():
-        return [flatten_outputs(fn(*batch)) for batch in batches]
+        return [flatten_outputs(fn(*copied(batch))) for batch in batches]
 
 
 def _is_logits(leaf: _Leaf, single_output: bool) -> bool:

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from torch import nn
 
 import bevel
 from bevel.errors import BevelError, CaptureError, ParamError, PipelineError
@@ -182,3 +183,40 @@ def test_an_input_given_as_none_does_not_stop_the_passes():
     other = torch.randn(4, 16)
     with torch.no_grad():
         assert (compiled(other, None) - model(other, None)).abs().max() < 0.05  # as for the dict input above
+
+
+class DoublesItsInput(nn.Module):
+    """Changes its input in place, as some preprocessing code does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2)
+        return self.linear(x)
+
+
+def test_a_model_that_changes_its_input_in_place_compiles_on_copies():
+    """bevel.compile runs the model and its graph several times (reference, capture check, each pass's
+    check): on the user's tensor, x.mul_(2) piled up (x became 8x) and the runs compared different
+    inputs. They run on copies; calling the compiled model changes its input once, as eager does."""
+    torch.manual_seed(0)
+    model = DoublesItsInput().eval()
+    x = torch.ones(2, 8)
+    compiled = bevel.compile(model, "cleanup", example_inputs=(x,), calibration=[(x,), (x + 1,)])
+    assert torch.equal(x, torch.ones(2, 8))
+    assert compiled.report.capture_fidelity.max_abs_error == 0.0
+    assert compiled.report.fidelity.max_abs_error == 0.0
+    mine, theirs = torch.ones(2, 8), torch.ones(2, 8)
+    torch.testing.assert_close(compiled(mine), model(theirs), atol=1e-6, rtol=0)
+    assert torch.equal(mine, theirs)  # both doubled once
+
+
+def test_torch_compile_of_a_model_that_changes_its_input_runs_it_once_per_call():
+    torch.manual_seed(0)
+    model = DoublesItsInput().eval()
+    x = torch.ones(2, 8)
+    y = torch.compile(model, backend="bevel")(x)
+    torch.testing.assert_close(y, model.linear(torch.full((2, 8), 2.0)), atol=1e-6, rtol=0)
+    assert torch.equal(x, torch.full((2, 8), 2.0))
