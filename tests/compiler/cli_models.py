@@ -71,3 +71,10 @@ def padded_bert() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     ids = torch.randint(1, 1000, (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
     return BertModel(config).eval(), (ids * mask, mask)
+
+
+def decoder_lm() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A random 2-layer Llama on two padded prompts: a causal LM, exported with its KV cache."""
+    from tests.decoders import padded_prompts, small_causal_lm
+
+    return small_causal_lm("llama"), padded_prompts([5, 3])

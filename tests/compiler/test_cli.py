@@ -312,6 +312,21 @@ def test_user_errors_exit_2_with_one_line(args, expected):
     assert not Path("unused").exists()
 
 
+def test_export_of_a_causal_lm_writes_a_generating_artifact_and_the_step_graph_with_its_cache(tmp_path):
+    result = bevel("export", "cli_models:decoder_lm", "--passes", "cleanup", "--out", str(tmp_path))
+    import onnx
+
+    import bevel as package
+
+    assert result.exit_code == 0, result.output
+    loaded = package.load(str(tmp_path / "artifact"))
+    ids = torch.tensor([[5, 7, 9]])
+    assert loaded.generate(ids, max_new_tokens=4).shape == (1, 3 + 4)
+    names = [i.name for i in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.input]
+    assert names[:4] == ["input_ids", "position_ids", "cache_position", "kv_positions"]
+    assert names[4:] == ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+
+
 def test_a_module_that_exits_while_imported_is_named(tmp_path, monkeypatch):
     (tmp_path / "exits_on_import.py").write_text("import sys\nsys.exit(3)\n")
     monkeypatch.chdir(tmp_path)

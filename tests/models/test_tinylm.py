@@ -107,19 +107,3 @@ def test_the_training_script_is_deterministic(tmp_path):
     a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], tinylm.build_untrained().model.embed_tokens.weight)
-
-
-def test_the_cli_exports_tinylm_with_its_cache(tmp_path):
-    from typer.testing import CliRunner
-
-    from bevel.compiler.cli import app
-
-    result = CliRunner().invoke(app, ["export", "tinylm", "--passes", "cleanup", "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    loaded = bevel.load(str(tmp_path / "artifact"))
-    ids, mask = tinylm.prompts(["The"])
-    assert loaded.generate(ids, max_new_tokens=4).shape == (1, ids.shape[1] + 4)
-    import onnx
-
-    names = [i.name for i in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.input]
-    assert names[:4] == ["input_ids", "position_ids", "cache_position", "kv_positions"] and "past_value_11" in names
