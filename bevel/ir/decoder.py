@@ -190,12 +190,13 @@ def position_table_rows(model: torch.nn.Module, limit: int) -> int | None:
 def end_tokens(eos: Any) -> int | tuple[int, ...] | None:
     """A config's ``eos_token_id`` as the spec keeps it: one id, a tuple of several (HF lists them
     where a model ends text with any), or None where it names none."""
-    if isinstance(eos, (list, tuple)) and eos and all(_is_id(i) for i in eos):
+    if isinstance(eos, (list, tuple)) and eos and all(is_token_id(i) for i in eos):
         return tuple(int(i) for i in eos) if len(eos) > 1 else int(eos[0])
-    return int(eos) if _is_id(eos) else None
+    return int(eos) if is_token_id(eos) else None
 
 
-def _is_id(value: Any) -> bool:
+def is_token_id(value: Any) -> bool:
+    """Whether ``value`` can name a token: an int (not a bool) of at least 0."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

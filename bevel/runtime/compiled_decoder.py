@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from bevel.compiler.report import Report
 from bevel.errors import BevelError
-from bevel.ir.decoder import CachePolicy, DecoderSpec, cache_names, left_pad_order
+from bevel.ir.decoder import CachePolicy, DecoderSpec, cache_names, is_token_id, left_pad_order
 from bevel.runtime.cache_graph import params_names, storage_graph
 from bevel.runtime.compiled_module import CompiledModule
 from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
@@ -219,7 +219,7 @@ class CompiledDecoder(CompiledModule):
         if eos is None:
             return None
         ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
-        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        if not ids or not all(map(is_token_id, ids)):
             raise GenerateError(f"eos_token_id={eos!r} must be None, a token id or a list of token ids (integers "
                                 f">= 0)")
         return torch.tensor(ids, device=device)
