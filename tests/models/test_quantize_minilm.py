@@ -26,10 +26,12 @@ PIPELINES = {
     # 8-bit codes on every CPU (the pass's default is 7 on CPUs without VNNI, measured beside it)
     "int8_dynamic": "quantize.int8_dynamic(smooth=0.5, activation_bits=8)",
     "int8_dynamic_7bit": "quantize.int8_dynamic(smooth=0.5, activation_bits=7)",
-    "int4_gptq": 'quantize.int4_weight(group_size=64, method="gptq")',
+    # with 4-bit embedding tables: the token table alone is 11.7 MB in int8, more than half of a 20% file.
+    # One GPTQ compile (a minute) serves the cosine, the file size and the fresh-process checks; against
+    # round-to-nearest with int8 tables it is the harder comparison (on these sentences GPTQ's minimum
+    # cosine was 0.974 with int8 tables, 0.976 with 4-bit ones)
+    "int4_gptq": 'quantize.int4_weight(group_size=64, method="gptq", embedding_bits=4)',
     "int4_rtn": 'quantize.int4_weight(group_size=64, method="rtn")',
-    # 4-bit embedding tables: the token table alone is 11.7 MB in int8, more than half of a 20% file
-    "int4_gptq_4bit_tables": 'quantize.int4_weight(group_size=64, method="gptq", embedding_bits=4)',
 }
 
 
@@ -108,15 +110,14 @@ def rtn_min_cosine(quantized, held_out, reference_embeddings) -> float:
     return min_cosine(quantized("int4_rtn"), held_out, reference_embeddings)
 
 
-@pytest.mark.parametrize("name", ["int4_gptq", "int4_gptq_4bit_tables"])
 def test_int4_gptq_keeps_the_embeddings_and_beats_round_to_nearest(quantized, held_out, reference_embeddings,
-                                                                  rtn_min_cosine, name):
-    """The target is a minimum cosine of 0.97 with groups of 64; the 4-bit tables are the configuration
-    that also meets the 20% file size below. Mean cosines are printed too: the minimum is one short
-    sentence, where quantization noise averages over few tokens."""
-    embeddings = minilm_model.sentence_embeddings(quantized(name), held_out)
+                                                                  rtn_min_cosine):
+    """The target is a minimum cosine of 0.97 with groups of 64, in the configuration that also meets the
+    20% file size below. Mean cosines are printed too: the minimum is one short sentence, where
+    quantization noise averages over few tokens."""
+    embeddings = minilm_model.sentence_embeddings(quantized("int4_gptq"), held_out)
     cosines = torch.nn.functional.cosine_similarity(embeddings, reference_embeddings)
-    print(f"{PIPELINES[name]}: min cosine {float(cosines.min()):.5f} (mean {float(cosines.mean()):.5f}); "
+    print(f"{PIPELINES['int4_gptq']}: min cosine {float(cosines.min()):.5f} (mean {float(cosines.mean()):.5f}); "
           f"round-to-nearest with int8 tables {rtn_min_cosine:.5f}")
     assert float(cosines.min()) > rtn_min_cosine
     assert float(cosines.min()) >= 0.97
@@ -135,7 +136,7 @@ def fp32_onnx_size(minilm, minilm_inputs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name, size_limit", [("int8_weight", 0.30), ("int8_dynamic", 0.30),
-                                              ("int4_gptq_4bit_tables", 0.20)])
+                                              ("int4_gptq", 0.20)])
 def test_onnx_export_runs_in_onnxruntime_agrees_and_is_small(quantized, name, size_limit, fp32_onnx_size,
                                                              held_out, tmp_path):
     compiled = quantized(name)
