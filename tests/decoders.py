@@ -59,3 +59,24 @@ def padded_prompts(lengths: list[int], seed: int = 0, vocab: int = VOCAB) -> tup
 def positions_of(mask: torch.Tensor) -> torch.Tensor:
     """Each token's position within its own (left-padded) sequence, as HF generate computes it."""
     return (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def hf_greedy(model, ids, mask, new, eos=None):
+    """HF's own greedy continuation of a left-padded batch."""
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                          pad_token_id=PAD)
+
+
+def assert_prefill_and_generation_match_hf(model, ids, mask, pipeline="cleanup", **compile_args):
+    """The model compiled with ``pipeline``: its prefill logits at real tokens (1e-5: float32 summation
+    order) and its greedy continuation equal the model's own; returns the compiled model."""
+    import bevel
+
+    cm = bevel.compile(model, pipeline, example_inputs=(ids, mask), **compile_args)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
+    real = mask.bool()
+    assert torch.allclose(cm(ids, mask)[real], expected[real], atol=1e-5)
+    assert torch.equal(cm.generate(ids, max_new_tokens=12, attention_mask=mask, eos_token_id=None),
+                       hf_greedy(model, ids, mask, 12))
+    return cm

@@ -3,7 +3,10 @@ after the step's write, scale, per-head windows, block table), and rewritten as 
 
 Attention passes and the decode runtime both start here: :func:`decoder_attention` reads the sites
 :func:`bevel.ir.decoder.attention_sites` finds, whether they are still the captured SDPA or already
-a bevel attention op, and :func:`rewrite_sparse` puts the sparse op in a site's place.
+a bevel attention op, and :func:`rewrite_sparse` puts the sparse op in a site's place. A captured SDPA
+reads as windowed where the model slides its own window (Mistral's, Qwen2's sliding layers): its mask
+was built from the positions with that window, and a pass that asks for a wider window or none keeps
+it (:func:`narrowed`), since replacing the mask would let the layer see tokens it never saw.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from bevel.ir.decoder import AttentionSite, attention_sites
+from bevel.ir.decoder import NATIVE_WINDOWS, AttentionSite, attention_sites
 from bevel.ir.graph import Graph
 
 aten = torch.ops.aten
@@ -68,8 +71,9 @@ def _ancestor_inputs(node: fx.Node) -> set[str]:
     return names
 
 
-def read_site(site: AttentionSite) -> Attention | str:
-    """What ``site`` computes, or why it cannot be rewritten (a sentence)."""
+def read_site(site: AttentionSite, native_window: int = 0) -> Attention | str:
+    """What ``site`` computes, or why it cannot be rewritten (a sentence); ``native_window`` is the
+    model's own sliding window at this layer (0: none), which a captured SDPA's mask holds."""
     node = site.attention
     key_shape = _shape(site.key_write)
     q = node.args[0]
@@ -89,8 +93,8 @@ def read_site(site: AttentionSite) -> Attention | str:
             return (f"layer {site.layer}: the mask of {node.name} reads more than the positions (a model with its own "
                     f"attention pattern, such as a native sliding window)")
         scale = node.kwargs.get("scale")
-        return Attention(**common, scale=float(scale) if scale is not None else head_dim ** -0.5, window=[0],
-                         sinks=[0], table=None, block=64)
+        return Attention(**common, scale=float(scale) if scale is not None else head_dim ** -0.5,
+                         window=[native_window], sinks=[0], table=None, block=64)
     if node.target == torch.ops.bevel.sparse_attention.default:
         window, sinks, table, block, scale = node.args[5:10]
         return Attention(**common, scale=float(scale), window=list(window), sinks=list(sinks), table=table,
@@ -108,9 +112,27 @@ def decoder_attention(graph: Graph) -> list[Attention] | str:
     sites = attention_sites(graph)
     if not sites:
         return "the step graph has no attention that reads the KV cache"
-    found = [read_site(site) for site in sites]
+    native = graph.module.meta.get(NATIVE_WINDOWS) or []
+    found = [read_site(site, native[site.layer] if site.layer < len(native) else 0) for site in sites]
     problems = [f for f in found if isinstance(f, str)]
     return problems[0] if problems else found
+
+
+def narrowed(attention: Attention, window: int, sinks: int,
+             streaming: list[bool] | None = None) -> tuple[list[int], list[int]]:
+    """The windows and sinks, per head (one pair for all when the attention has one and ``streaming`` is
+    None), of ``attention`` once a pass gives its heads (those ``streaming`` marks, else all) the last
+    ``window`` tokens and the first ``sinks``: a head whose own window (the model's sliding window) is
+    already at most ``window`` keeps it and its sinks, since the pass would widen what the head sees."""
+    count = attention.heads if streaming is not None or len(attention.window) > 1 else 1
+    own_windows = attention.window * count if len(attention.window) == 1 else list(attention.window)
+    own_sinks = attention.sinks * count if len(attention.sinks) == 1 else list(attention.sinks)
+    windows, kept_sinks = [], []
+    for own_window, own_sink, applies in zip(own_windows, own_sinks, streaming or [True] * count):
+        narrower = applies and (own_window == 0 or own_window > window)
+        windows.append(window if narrower else own_window)
+        kept_sinks.append(sinks if narrower else own_sink)
+    return windows, kept_sinks
 
 
 def positions(graph: Graph) -> tuple[fx.Node, fx.Node]:

@@ -75,6 +75,9 @@ class CachePolicy:
 
 
 GRAPH_POLICY = "bevel_kv_cache"  # GraphModule.meta key where passes record the cache policy they need
+# GraphModule.meta key of the model's own sliding window per layer (0: full attention), which attention
+# passes may narrow but must not widen
+NATIVE_WINDOWS = "bevel_native_windows"
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,15 @@ def sliding_window(model: torch.nn.Module) -> tuple[int | None, tuple[str, ...] 
     return window, kinds
 
 
+def native_windows(model: torch.nn.Module, num_layers: int) -> list[int]:
+    """Per layer, the window of the model's own sliding-window attention, 0 where a layer attends to
+    every earlier token."""
+    window, kinds = sliding_window(model)
+    if window is None:
+        return [0] * num_layers
+    return [window if kinds is None or kinds[i] == "sliding_attention" else 0 for i in range(num_layers)]
+
+
 def step_masks(position_ids: torch.Tensor, kv_positions: torch.Tensor, window: int | None,
                kinds: tuple[str, ...] | None) -> torch.Tensor | dict[str, torch.Tensor]:
     """The attention mask the model is called with: :func:`step_mask`, narrowed to the last ``window``
@@ -368,6 +380,7 @@ def capture_decoder(model: torch.nn.Module, spec: DecoderSpec, input_ids: torch.
                tuple(cache_shape for _ in range(2 * spec.num_layers)))
     graph = capture(DecoderStep(model, spec), args, dynamic_shapes=dynamic, defer_guards=True)
     name_inputs(graph.module, list(STEP_INPUTS) + cache_names(spec.num_layers))
+    graph.module.meta[NATIVE_WINDOWS] = native_windows(model, spec.num_layers)
     return graph
 
 

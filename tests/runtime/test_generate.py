@@ -10,7 +10,7 @@ import torch
 import bevel
 from bevel.ir.decoder import cache_names, prefill_inputs
 from bevel.runtime.compiled_decoder import GenerateError
-from tests.decoders import PAD, padded_prompts, positions_of, small_causal_lm
+from tests.decoders import PAD, assert_prefill_and_generation_match_hf, hf_greedy, padded_prompts, small_causal_lm
 
 
 @pytest.fixture(scope="module")
@@ -18,23 +18,6 @@ def llama():
     model = small_causal_lm("llama", layers=3)
     ids, mask = padded_prompts([8, 3, 6])
     return model, bevel.compile(model, "cleanup", example_inputs=(ids, mask), max_cache_len=48)
-
-
-def hf_greedy(model, ids, mask, new, eos=None):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos,
-                          pad_token_id=PAD)
-
-
-def assert_prefill_and_generation_match_hf(model, ids, mask):
-    """The compiled model's prefill logits at real tokens (1e-5: float32 summation order) and its greedy
-    continuation equal the model's own."""
-    cm = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
-    with torch.no_grad():
-        expected = model(ids, attention_mask=mask, position_ids=positions_of(mask)).logits
-    real = mask.bool()
-    assert torch.allclose(cm(ids, mask)[real], expected[real], atol=1e-5)
-    assert torch.equal(cm.generate(ids, max_new_tokens=12, attention_mask=mask, eos_token_id=None),
-                       hf_greedy(model, ids, mask, 12))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from bevel.errors import ParamError, PassError
-from bevel.ir.attention import Attention, decoder_attention, record_policy, rewrite_sparse
+from bevel.ir.attention import Attention, decoder_attention, narrowed, record_policy, rewrite_sparse
 from bevel.ir.graph import Graph
 from bevel.passes.attention.common import block_param, check_block
 from bevel.passes.attention.probe import visit_attention
@@ -64,8 +64,11 @@ class Heads(Pass):
                             f"prompts or a smaller window")
         streaming = self._choose(coverage)
         for attention, heads in zip(attentions, streaming.tolist()):
-            rewrite_sparse(graph, attention, [window if s else 0 for s in heads], [sinks if s else 0 for s in heads],
-                           attention.table, attention.block if attention.table is not None else self.params.block)
+            # retrieval heads keep what they saw (all tokens, or the model's own sliding window), and so do
+            # streaming heads whose own window is narrower than the pass's
+            windows, head_sinks = narrowed(attention, window, sinks, heads)
+            rewrite_sparse(graph, attention, windows, head_sinks, attention.table,
+                           attention.block if attention.table is not None else self.params.block)
         graph.refresh()
         count, total = int(streaming.sum()), streaming.numel()
         if count == total:

@@ -5,14 +5,16 @@ Every layer's attention becomes ``bevel::sparse_attention`` where each query see
 most recent tokens (itself included) and the first ``sinks`` tokens of its sequence, by position, in
 the prefill and in every decode step. The decode loop then keeps a ring buffer of ``sinks + window``
 slots per sequence and layer (see ``bevel.runtime.kv_cache``): memory stops growing with the
-generated length while every token keeps its true position.
+generated length while every token keeps its true position. A layer whose model slides a window of
+its own at most ``window`` wide keeps that window, without sinks (the pass narrows attention, never
+widens it); the report names those layers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bevel.ir.attention import decoder_attention, record_policy, rewrite_sparse
+from bevel.ir.attention import decoder_attention, narrowed, record_policy, rewrite_sparse
 from bevel.ir.graph import Graph
 from bevel.passes.attention.common import block_param, check_block
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
@@ -44,15 +46,23 @@ class Window(Pass):
         if isinstance(attentions, str):
             return PassResult(changed=False, notes=[f"nothing changed: {attentions}"])
         window, sinks = self.params.window, self.params.sinks
+        own = {}  # layer -> the narrower window of its own that it keeps
         for attention in attentions:
+            windows, layer_sinks = narrowed(attention, window, sinks)
+            if windows != [window]:
+                own[attention.layer] = windows[0]
             # a block table from attention.block_sparse stays: the window applies inside its blocks
-            rewrite_sparse(graph, attention, [window], [sinks], attention.table,
+            rewrite_sparse(graph, attention, windows, layer_sinks, attention.table,
                            attention.block if attention.table is not None else self.params.block)
         graph.refresh()
+        # the ring buffer holds the pass's window and sinks; a layer keeping a narrower window reads less of it
         record_policy(graph, window=window, sinks=sinks)
         density = {str(n): round(positional_density(n, [window], [sinks], 1), 4) for n in (1024, 4096, 32768)}
+        kept = [f"layers {', '.join(map(str, own))} keep the model's own sliding window "
+                f"({', '.join(sorted({str(w) for w in own.values()}))} tokens, no wider than {window}), without sinks"]
         return PassResult(changed=True, notes=[
             f"{len(attentions)} layers: each query sees its last {window} tokens and the first {sinks}; decode keeps a "
             f"ring buffer of {window + sinks} cache slots per sequence; share of causal attention computed at "
-            f"1K / 4K / 32K tokens: {density['1024']} / {density['4096']} / {density['32768']}"],
-            stats={"layers": len(attentions), "ring_slots": window + sinks, "density": density})
+            f"1K / 4K / 32K tokens: {density['1024']} / {density['4096']} / {density['32768']}", *(kept if own else [])],
+            stats={"layers": len(attentions), "ring_slots": window + sinks, "density": density,
+                   "own_window_layers": sorted(own)})
