@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any, Callable, Iterable
 
@@ -56,6 +57,11 @@ def check_fidelity_budget(max_fidelity_drop: Any) -> None:
                          f"(a drop in cosine similarity)", key="max_fidelity_drop")
 
 
+# more calibration batches than any pass reads (each is run several times per compile); an iterable
+# that gives more is taken for an endless one (a cycling data loader), which would never be read out
+MAX_CALIBRATION_BATCHES = 4096
+
+
 def calibration_batches(calibration: Iterable[Any] | None, what: str = "calibration") -> list[tuple[Any, ...]]:
     """The calibration batches as a list of input tuples (empty for None); ``what`` names them in errors."""
     if calibration is None:
@@ -63,7 +69,11 @@ def calibration_batches(calibration: Iterable[Any] | None, what: str = "calibrat
     if isinstance(calibration, (torch.Tensor, str, bytes)) or not isinstance(calibration, Iterable):
         raise BevelError(f"{what} must be an iterable of input tuples (a list of batches), "
                          f"got {type(calibration).__name__}")
-    return [as_input_tuple(batch, f"{what}: batch {index}") for index, batch in enumerate(calibration)]
+    batches = list(itertools.islice(calibration, MAX_CALIBRATION_BATCHES + 1))
+    if len(batches) > MAX_CALIBRATION_BATCHES:
+        raise BevelError(f"{what} gave more than {MAX_CALIBRATION_BATCHES} batches (an endless iterator?): give a "
+                         f"list of batches, e.g. list(itertools.islice(batches, 32))")
+    return [as_input_tuple(batch, f"{what}: batch {index}") for index, batch in enumerate(batches)]
 
 
 def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: list) -> Fidelity:

@@ -16,8 +16,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "a float", "an int"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def input_specs(module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list[dict[str, Any]]:
-    """Name, dtype and shape of each graph input; symbolic dimensions are given by their symbol name."""
+    """Name, dtype and shape of each graph input; symbolic dimensions are given by their symbol name.
+    A Python number input (torch.export fixes its value into the graph) also has its ``value``."""
     specs = []
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     for node, example in zip(placeholders, example_inputs):
@@ -25,6 +31,8 @@ def input_specs(module: fx.GraphModule, example_inputs: tuple[Any, ...]) -> list
         if isinstance(val, torch.Tensor):
             shape = [int(d) if is_concrete_int(d) else str(d) for d in val.shape]
             specs.append({"name": node.name, "dtype": _dtype_name(val.dtype), "shape": shape})
+        elif isinstance(val, (bool, int, float)):
+            specs.append({"name": node.name, "dtype": type(val).__name__, "shape": None, "value": val})
         else:
             specs.append({"name": node.name, "dtype": type(val).__name__, "shape": None})
     return specs
@@ -36,12 +44,15 @@ def input_mismatch(specs: list[dict[str, Any]], args: tuple[Any, ...]) -> str | 
         names = ", ".join(spec["name"] for spec in specs)
         return f"it takes {len(specs)} positional input{'s' if len(specs) != 1 else ''} ({names}), got {len(args)}"
     for i, (spec, arg) in enumerate(zip(specs, args)):
+        where = f"input {i} ({spec['name']})"
+        if "value" in spec and arg != spec["value"]:
+            return (f"{where} is a Python number, which the capture fixed into the graph as {spec['value']!r}; got "
+                    f"{arg!r}: compile the model with that value, or make it a tensor input")
         if spec["shape"] is None:
             continue
-        where = f"input {i} ({spec['name']})"
         expected = "[" + ", ".join(str(d) for d in spec["shape"]) + "]"
         if not isinstance(arg, torch.Tensor):
-            return f"{where} should be a {spec['dtype']} tensor of shape {expected}, got a {type(arg).__name__}"
+            return f"{where} should be a {spec['dtype']} tensor of shape {expected}, got {_a(type(arg).__name__)}"
         if _dtype_name(arg.dtype) != spec["dtype"]:
             return f"{where} should be {spec['dtype']}, got {_dtype_name(arg.dtype)}"
         shape = spec["shape"]
@@ -134,9 +145,14 @@ class CompiledModule(torch.nn.Module):
         """Only a compiled causal LM generates; this one says so."""
         from bevel.ir.decoder import NotACausalLMError
 
+        model = self.report.model if self.report else "a model"
+        if model.endswith(("ForCausalLM", "LMHeadModel")):  # the class name is all a report keeps of it
+            raise NotACausalLMError(f"generate() needs a compiled decoder; this {model} was compiled with "
+                                    f"decoder=False, as its plain forward (tokens -> logits): compile it with "
+                                    f"decoder=True (the default) to generate")
         raise NotACausalLMError(f"generate() needs a compiled causal language model; this one was compiled from "
-                                f"{self.report.model if self.report else 'a model'}, which is not one (bevel "
-                                f"captures HF '...ForCausalLM' / '...LMHeadModel' models as decoders)")
+                                f"{model}, which is not one (bevel captures HF '...ForCausalLM' / '...LMHeadModel' "
+                                f"models as decoders)")
 
     def manifest_extra(self) -> dict[str, Any]:
         """Fields a subclass adds to a saved artifact's manifest (none here)."""

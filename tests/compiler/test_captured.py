@@ -9,6 +9,7 @@ import torch
 
 import bevel
 from bevel.errors import BevelError, CaptureError
+from bevel.ir.decoder import NotACausalLMError
 from bevel.runtime.compiled_module import CompiledModule
 from tests.decoders import padded_prompts, small_causal_lm
 from tests.models_zoo import MaskedEncoder, padded_tokens, seeded
@@ -79,7 +80,11 @@ def test_a_captured_causal_lm_compiles_to_the_same_decoder(tmp_path):
     # its plain forward: the copy is told not to return a transformers cache object, the model is not
     assert model.config.use_cache
     plain = bevel.capture(model, prompts[0], decoder=False)
-    assert not plain.decoder and isinstance(bevel.compile(plain, "cleanup"), CompiledModule)
+    plain_compiled = bevel.compile(plain, "cleanup")
+    assert not plain.decoder and isinstance(plain_compiled, CompiledModule)
+    # it said the model was no causal LM
+    with pytest.raises(NotACausalLMError, match="this LlamaForCausalLM was compiled with decoder=False"):
+        plain_compiled.generate(ids, 6)
     assert model.config.use_cache
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -108,6 +109,15 @@ def test_bad_types_for_budget_and_calibration_are_clear():
         bevel.compile(model, "cleanup", example_inputs=x, calibration=5)
 
 
+def test_an_endless_calibration_iterator_is_refused_instead_of_read_forever():
+    model = MLP().eval()
+    before = snapshot(model)
+    endless = itertools.repeat((torch.randn(2, 16),))  # a cycling data loader
+    with pytest.raises(BevelError, match=r"calibration gave more than 4096 batches \(an endless iterator\?\)"):
+        bevel.compile(model, "cleanup", calibration=endless)
+    assert_untouched(model, before, training=False)
+
+
 def test_calibration_that_does_not_fit_static_shapes_is_named_before_any_pass():
     model = MLP().eval()
     with pytest.raises(CaptureError, match=r"calibration batch 1 \(input shapes \[\(5, 16\)\]\)"):
@@ -128,7 +138,7 @@ def test_capture_fidelity_is_exact_and_reported():
     ((torch.randn(3, 2, 16),), "input 0 (x) should have shape [s0, 16]"),
     ((torch.randn(3, 16, dtype=torch.float64),), "input 0 (x) should be float32, got float64"),
     ((torch.randn(3, 16), torch.randn(1)), "it takes 1 positional input (x), got 2"),
-    ((3,), "input 0 (x) should be a float32 tensor of shape [s0, 16], got a int"),
+    ((3,), "input 0 (x) should be a float32 tensor of shape [s0, 16], got an int"),
 ])
 def test_a_compiled_module_called_with_inputs_it_cannot_take_says_which(args, fragment):
     cm = bevel.compile(MLP().eval(), "cleanup", example_inputs=(torch.randn(2, 16),))
@@ -138,6 +148,31 @@ def test_a_compiled_module_called_with_inputs_it_cannot_take_says_which(args, fr
     assert message.startswith("the compiled MLP cannot take these inputs: ")
     assert re.sub(r"\bs\d+\b", "s0", fragment) in re.sub(r"\bs\d+\b", "s0", message)  # symbol names vary
     assert cm(torch.randn(5, 16)).shape == (5, 8)  # a good call after a bad one
+
+
+class Scaled(torch.nn.Module):
+    """A model taking a Python number beside its tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        return self.linear(x) * scale
+
+
+def test_a_python_number_input_other_than_the_captured_one_is_named(tmp_path):
+    """torch.export fixes a Python number into the graph; another value failed on a bare guard assertion."""
+    model = Scaled().eval()
+    cm = bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 16), 2.0))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = model(x, 2.0)
+    for compiled in (cm, bevel.load(cm.save(str(tmp_path / "artifact")))):
+        with pytest.raises(BevelError, match=r"input 1 \(scale\) is a Python number, which the capture fixed into "
+                                             r"the graph as 2.0; got 3.0: compile the model with that value"):
+            compiled(x, 3.0)
+        assert torch.allclose(compiled(x, 2.0), expected, atol=1e-6)
 
 
 class DictInput(torch.nn.Module):
