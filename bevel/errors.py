@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 
 def first_line(error: BaseException | str) -> str:
-    """The first non-empty line of an error or message, for one-line reports of underlying failures."""
-    lines = str(error).strip().splitlines()
+    """The first non-empty line of an error or message, for one-line reports of underlying failures
+    (terminal colour codes, which some libraries put in their messages, taken out)."""
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
     return lines[0] if lines else (type(error).__name__ if isinstance(error, BaseException) else "")
 
 

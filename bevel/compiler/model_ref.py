@@ -9,6 +9,7 @@ import difflib
 import importlib
 import os
 import sys
+import zipfile
 from typing import Any, Iterator
 
 import torch
@@ -164,8 +165,13 @@ def _calibration_file(path: str) -> list[tuple[Any, ...]]:
     try:
         batches = torch.load(path, weights_only=True)
     except Exception as error:  # a corrupt file or one holding objects weights_only refuses
-        raise BevelError(f"--calibration '{path}' could not be loaded with torch.load(weights_only=True): "
-                         f"{first_line(error)}; save a list of tuples of tensors with torch.save") from error
+        # some of torch.load's errors say little alone (a text file gives "KeyError: 101")
+        kind, message = type(error).__name__, first_line(error)
+        reason = kind if message == kind else f"{kind}: {message}"
+        if not zipfile.is_zipfile(path):
+            reason += "; the file is not the zip archive torch.save writes"
+        raise BevelError(f"--calibration '{path}' could not be loaded with torch.load(weights_only=True) ({reason}); "
+                         f"save a list of tuples of tensors with torch.save") from error
     if not isinstance(batches, (list, tuple)):
         raise BevelError(f"--calibration '{path}' holds a {type(batches).__name__}; it must hold a list of input "
                          f"tuples (torch.save([(ids, mask), ...], path))")

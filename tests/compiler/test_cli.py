@@ -6,8 +6,10 @@ directory); the last two tests run the real MiniLM end to end (about a minute to
 
 from __future__ import annotations
 
+import fractions
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -402,6 +404,23 @@ def test_calibration_from_callable_file_and_builtin(tmp_path):
         resolve_calibration(str(tmp_path / "empty.pt"), SMALL)
     with pytest.raises(BevelError, match="has no attribute 'calibraton'; did you mean 'calibration'"):
         resolve_calibration("cli_models:calibraton", SMALL)
+
+
+def test_a_calibration_file_torch_cannot_load_is_explained(tmp_path):
+    """torch.load's own words were a bare "101" for a text file, and terminal colour codes for objects
+    weights_only refuses."""
+    (tmp_path / "text.pt").write_text("hello, not a tensor file")
+    with pytest.raises(BevelError) as caught:
+        resolve_calibration(str(tmp_path / "text.pt"), SMALL)
+    # torch reads a text file as an old-format pickle and fails on a byte it takes for a key
+    assert re.fullmatch(
+        r"--calibration '.*text\.pt' could not be loaded with torch\.load\(weights_only=True\) \(KeyError: \d+; "
+        r"the file is not the zip archive torch\.save writes\); save a list of tuples of tensors with torch\.save",
+        str(caught.value))
+    torch.save([(fractions.Fraction(1, 2),)], tmp_path / "object.pt")
+    with pytest.raises(BevelError, match=r"\(UnpicklingError: Weights only load failed\.") as caught:
+        resolve_calibration(str(tmp_path / "object.pt"), SMALL)
+    assert "\x1b" not in str(caught.value)
 
 
 def test_export_with_calibration_gives_a_bare_module_its_inputs(tmp_path):
