@@ -102,7 +102,8 @@ def test_kept_weights_are_the_largest_of_each_block_and_outputs_follow():
 
 def test_n_equal_to_m_changes_nothing():
     model, example = bert()
-    graph, _ = prune(model, example, n=4, m=4)
+    graph, result = prune(model, example, n=4, m=4)
+    assert not result.changed and result.notes == ["n = m = 4 keeps every weight: nothing pruned"]  # was "applied"
     ids = torch.randint(0, 120, (3, 9), generator=seeded(5))
     fresh = (ids, torch.ones_like(ids))
     assert torch.equal(graph(*fresh).last_hidden_state, model(*fresh).last_hidden_state)

@@ -68,6 +68,8 @@ class NMSparsity(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         n, m = self.params.n, self.params.m
+        if n == m:
+            return PassResult(changed=False, notes=[f"n = m = {m} keeps every weight: nothing pruned"])
         if self.params.importance == "activation":
             require_calibration(self.name, ctx)
         sites, notes = find_sites(graph, self.params.skip, embeddings=False, left="left dense")
