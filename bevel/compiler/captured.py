@@ -80,6 +80,19 @@ def as_input_tuple(batch: Any, what: str) -> tuple[Any, ...]:
     raise BevelError(f"{what} must be a tuple of positional inputs (or one tensor), got {type(batch).__name__}")
 
 
+def check_examples_not_empty(example_inputs: tuple[Any, ...], dynamic_shapes: Any) -> None:
+    """Refuse example tensors with a dimension of size 0 where sizes should vary (``dynamic_shapes``
+    None): torch.export fixes such a dimension, so the graph would take only empty inputs, and the
+    fidelity checks would compare nothing."""
+    if dynamic_shapes is not None:
+        return
+    for index, leaf in enumerate(torch.utils._pytree.tree_leaves(example_inputs)):
+        if isinstance(leaf, torch.Tensor) and 0 in leaf.shape:
+            raise BevelError(f"example input tensor {index} has shape {list(leaf.shape)}: a dimension of size 0 "
+                             f"would be fixed into the graph (it would take only empty inputs) and nothing could be "
+                             f"checked on it; give example inputs that are not empty")
+
+
 def check_dynamic_shapes(dynamic_shapes: Any) -> None:
     """Refuse a ``dynamic_shapes`` that is not None, "static" or a torch.export spec (dict, tuple, list)."""
     if dynamic_shapes is not None and dynamic_shapes != "static" and not isinstance(dynamic_shapes,
@@ -135,6 +148,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
     example_inputs = tuple(x.clone() if isinstance(x, torch.Tensor) else x
                            for x in as_input_tuple(example_inputs, "example_inputs"))
     check_dynamic_shapes(dynamic_shapes)
+    check_examples_not_empty(example_inputs, dynamic_shapes)
     is_decoder = as_decoder(model, decoder, dynamic_shapes)
     spec = decoder_spec(model) if is_decoder else None
     prompt = prompt_batch(example_inputs, "example_inputs") if is_decoder else None

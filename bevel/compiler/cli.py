@@ -204,6 +204,15 @@ def inspect_command(
         typer.echo(str(captured))
 
 
+def _check_static_shapes(model: Any, static_shapes: bool) -> None:
+    """Refuse --static-shapes for a causal LM by the flag's name (bevel.compile names its own argument)."""
+    from bevel.ir.decoder import is_causal_lm
+
+    if static_shapes and is_causal_lm(model):
+        raise BevelError("--static-shapes does not apply to a causal LM: its step graph keeps the batch, the tokens "
+                         "per step and the cache length symbolic")
+
+
 def _capture_for_inspection(model: Any, example_inputs: tuple, static_shapes: bool) -> tuple[Any, str]:
     """The graph passes would rewrite: a causal LM's step graph (as ``bevel.compile`` captures it, with
     a note saying so), any other model's forward."""
@@ -211,11 +220,9 @@ def _capture_for_inspection(model: Any, example_inputs: tuple, static_shapes: bo
     from bevel.ir.capture import capture
     from bevel.ir.decoder import capture_decoder, decoder_spec, is_causal_lm
 
+    _check_static_shapes(model, static_shapes)
     if not is_causal_lm(model):
         return capture(model, example_inputs, dynamic_shapes=_dynamic_shapes(static_shapes)), ""
-    if static_shapes:
-        raise BevelError("--static-shapes does not apply to a causal LM: its step graph keeps the batch, the tokens "
-                         "per step and the cache length symbolic")
     spec = decoder_spec(model)
     ids, _ = prompt_batch(example_inputs, "the example inputs")
     return capture_decoder(model, spec, ids), ("a causal LM: its step graph (prefill and decode steps, with the KV "
@@ -296,6 +303,7 @@ def export_command(
     batches = resolve_calibration(calibration, model_ref)
     check_order(pipeline, has_calibration=bool(batches))
     model, example_inputs = resolve_model(model_ref, example_inputs=batches[0] if batches else None)
+    _check_static_shapes(model, static_shapes)
     made = _make_output_dir(out)  # before the compile: a directory that cannot be made fails first
     try:
         compiled = _compile_with_progress(model, pipeline, example_inputs, batches, device=device,

@@ -9,8 +9,8 @@ from typing import Any, Callable, Iterable
 import torch
 
 from bevel.codegen.lower import check_device, lower
-from bevel.compiler.captured import (CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes, copy_model,
-                                     plain_forward_copy)
+from bevel.compiler.captured import (CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes,
+                                     check_examples_not_empty, copy_model, plain_forward_copy)
 from bevel.compiler.compile_decoder import compile_decoder
 from bevel.compiler.fidelity import Fidelity, compare, copied, run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures
@@ -152,6 +152,8 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
         example_inputs = batches[0]
     # the user's tensors are never written: a model that changes its inputs in place changes copies
     example_inputs = copied(as_input_tuple(example_inputs, "example_inputs"))
+    if captured is None:
+        check_examples_not_empty(example_inputs, dynamic_shapes)
     batches = [copied(batch) for batch in batches]
     check_order(pipeline, has_calibration=bool(batches))
     # a captured model is already a copy: its compiles only run it, and rewrite a copy of its graph

@@ -327,6 +327,10 @@ def test_export_of_a_causal_lm_writes_a_generating_artifact_and_the_step_graph_w
     names = [i.name for i in onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph.input]
     assert names[:4] == ["input_ids", "position_ids", "cache_position", "kv_positions"]
     assert names[4:] == ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
+    # the flag is named (the error named bevel.compile's dynamic_shapes argument); nothing is written
+    static = bevel("export", "cli_models:decoder_lm", "--static-shapes", "--out", str(tmp_path / "static"))
+    assert static.exit_code == 2 and "--static-shapes does not apply to a causal LM" in error_line(static)
+    assert not (tmp_path / "static").exists()
 
 
 def test_a_module_that_exits_while_imported_is_named(tmp_path, monkeypatch):

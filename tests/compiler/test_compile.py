@@ -109,6 +109,18 @@ def test_bad_types_for_budget_and_calibration_are_clear():
         bevel.compile(model, "cleanup", example_inputs=x, calibration=5)
 
 
+def test_an_empty_example_is_refused_where_sizes_should_vary():
+    """It compiled a graph that took only empty inputs, and reported a cosine of 1.0 over nothing."""
+    model = MLP().eval()
+    before = snapshot(model)
+    message = r"example input tensor 0 has shape \[0, 16\]: a dimension of size 0 would be fixed into the graph"
+    with pytest.raises(BevelError, match=message):
+        bevel.compile(model, "cleanup", example_inputs=(torch.randn(0, 16),))
+    with pytest.raises(BevelError, match=message):
+        bevel.capture(model, (torch.randn(0, 16),))
+    assert_untouched(model, before, training=False)
+
+
 def test_an_endless_calibration_iterator_is_refused_instead_of_read_forever():
     model = MLP().eval()
     before = snapshot(model)
