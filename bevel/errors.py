@@ -46,3 +46,8 @@ class ModelLoadError(BevelError):
 
 class ExportError(BevelError):
     """The compiled graph could not be written as ONNX."""
+
+
+class GenerateError(BevelError):
+    """``generate`` (or a decode stream) was given a prompt, a length, a token or a sampling setting it
+    cannot run."""

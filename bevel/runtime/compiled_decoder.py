@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from bevel.compiler.report import Report
-from bevel.errors import BevelError
+from bevel.errors import BevelError, GenerateError
 from bevel.ir.decoder import CachePolicy, DecoderSpec, cache_names, is_token_id, left_pad_order
 from bevel.runtime.cache_graph import params_names, storage_graph
 from bevel.runtime.compiled_module import CompiledModule
@@ -19,10 +19,6 @@ from bevel.runtime.kv_cache import DecodeStream
 
 
 MODEL_EOS = object()  # generate's default end-of-text token: the one the model's config names
-
-
-class GenerateError(BevelError):
-    """``generate`` was given a prompt, a length or a sampling setting it cannot run."""
 
 
 aten = torch.ops.aten

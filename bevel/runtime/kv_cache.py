@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 
+from bevel.errors import GenerateError
 from bevel.ir.decoder import CachePolicy, DecoderSpec, prefill_inputs
 from bevel.runtime.cache_graph import StorageLayout
 from bevel.runtime.ops.kv_quant import code_width, params_per_group
@@ -104,6 +105,7 @@ class DecodeStream:
         prompt, positions, slots, kv_positions = prefill_inputs(spec, input_ids, attention_mask)[:4]
         self.prompt, self.prompt_positions, self.prompt_slots = prompt, positions, slots
         self.batch, self.length = prompt.shape
+        self.max_new_tokens, self.steps, self.prefilled = max_new_tokens, 0, False
         total = self.length + max_new_tokens
         self.mode = "every"  # also for a prefill alone (no token follows: nothing to keep short)
         if max_new_tokens == 0:
@@ -130,6 +132,9 @@ class DecodeStream:
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; the logits of each one's last token [B, V] (all of them in ``logits``)."""
+        if self.prefilled:
+            raise GenerateError("prefill() already ran on this stream; open a new stream for other prompts")
+        self.prefilled = True
         out = self._run(self.prefill_graph, self.prompt, self.prompt_positions, self.prompt_slots, self.length)
         self.logits = out[0]
         if self.mode == "ring":
@@ -140,6 +145,8 @@ class DecodeStream:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence [B]; the logits that follow it [B, V]."""
+        self._check_step(token)
+        self.steps += 1
         self.position = self.position + 1
         slot, length = self._next_slot()
         self.kv_positions[:, slot] = self.position
@@ -153,6 +160,25 @@ class DecodeStream:
         elif self.mode == "evict":
             self._evict(out)
         return out[0][:, -1]
+
+    def _check_step(self, token: Any) -> None:
+        """Refuse a step the stream cannot take: before the prefill, past the tokens its cache was
+        made for, or a token that is not one id per sequence in the vocabulary."""
+        if not self.prefilled:
+            raise GenerateError("step() before prefill(): run the prompts with stream.prefill() first")
+        if self.steps == self.max_new_tokens:
+            raise GenerateError(f"this stream was opened for {self.max_new_tokens} new tokens and all were fed; open "
+                                f"one with a larger max_new_tokens")
+        if (not isinstance(token, torch.Tensor) or token.is_floating_point() or token.is_complex()
+                or tuple(token.shape) != (self.batch,)):
+            got = (f"{token.dtype} of shape {tuple(token.shape)}" if isinstance(token, torch.Tensor)
+                   else type(token).__name__)
+            raise GenerateError(f"step() takes one token id per sequence, an integer tensor of shape ({self.batch},); "
+                                f"got {got}")
+        if bool(((token < 0) | (token >= self.spec.vocab_size)).any()):  # one device sync per step, not two
+            low, high = int(token.min()), int(token.max())
+            raise GenerateError(f"step() was given token {low if low < 0 else high}, outside the vocabulary "
+                                f"[0, {self.spec.vocab_size})")
 
     # -- running -----------------------------------------------------------------------------------
 

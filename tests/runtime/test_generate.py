@@ -225,3 +225,26 @@ def test_bad_generate_calls_are_named(llama, call, message):
     ids = torch.randint(3, 300, (2, 5))
     with pytest.raises(GenerateError, match=message):
         call(cm, ids)
+
+
+def test_a_decode_stream_driven_out_of_order_says_how(llama):
+    """Before, a step before the prefill ran on an empty cache silently, a second prefill ran again,
+    and a bad token or a step past the stream's length failed inside torch (embedding, index_copy)."""
+    _, cm = llama
+    ids = torch.randint(3, 300, (2, 5))
+    stream = cm.stream(ids, 2)
+    with pytest.raises(GenerateError, match=r"step\(\) before prefill\(\)"):
+        stream.step(torch.tensor([4, 5]))
+    stream.prefill()
+    with pytest.raises(GenerateError, match=r"prefill\(\) already ran on this stream"):
+        stream.prefill()
+    for token, message in [(torch.tensor([4.0, 5.0]), r"an integer tensor of shape \(2,\); got torch.float32"),
+                           (torch.tensor([4]), r"of shape \(2,\); got torch.int64 of shape \(1,\)"),
+                           ([4, 5], "got list"),
+                           (torch.tensor([4, 300]), r"token 300, outside the vocabulary \[0, 300\)")]:
+        with pytest.raises(GenerateError, match=message):
+            stream.step(token)
+    first, second = stream.step(torch.tensor([4, 5])), stream.step(torch.tensor([6, 7]))
+    assert first.shape == second.shape == (2, 300)
+    with pytest.raises(GenerateError, match="opened for 2 new tokens and all were fed"):
+        stream.step(torch.tensor([8, 9]))
