@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import sympy
 import torch
 import torch.fx as fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode, free_unbacked_symbols
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -109,7 +110,10 @@ def propagate(graph: "Graph") -> None:
     allow = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True  # weights are real tensors read through get_attr
     try:
-        _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
+        # as torch.export traces: ops whose C++ composite kernels need concrete sizes (upsample's
+        # ``.vec`` forms, given an output size computed from a symbolic input size) decompose in Python
+        with enable_python_dispatcher():
+            _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
     finally:
         mode.allow_non_fake_inputs = allow
     _record_data_dependent_sizes(graph)

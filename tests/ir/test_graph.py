@@ -107,3 +107,32 @@ def test_linear_attention_and_matmul_values_match_the_fake_kernels_on_symbolic_s
         expected = node.meta["val"]
         assert (value.shape, value.stride(), value.dtype) == (expected.shape, expected.stride(), expected.dtype)
         assert isinstance(value.shape[0], torch.SymInt)  # the batch stays symbolic
+
+
+class Upsampled(torch.nn.Module):
+    """A conv whose output is resized to twice its own (symbolic) size, as segmentation heads do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        size = (2 * y.shape[2], 2 * y.shape[3])
+        return (torch.nn.functional.interpolate(y, size=size, mode="bilinear")
+                + torch.nn.functional.interpolate(y, size=size, mode="nearest"))
+
+
+def test_values_propagate_through_a_resize_to_a_symbolic_size():
+    """upsample's C++ composite kernel needs concrete sizes: every refresh failed, so every pass (even
+    cleanup) was rolled back on such models; it decomposes in Python now, as under torch.export."""
+    model = Upsampled().eval()
+    graph = capture(model, (torch.randn(2, 3, 16, 16),))
+    graph.refresh()
+    resized = list(graph.nodes(op="call_function", target=(aten.upsample_bilinear2d.vec, aten.upsample_nearest2d.vec)))
+    assert len(resized) == 2
+    for node in resized:
+        assert all(isinstance(d, torch.SymInt) for d in node.meta["val"].shape[::2])  # batch and height
+    x = torch.randn(3, 3, 24, 32)
+    with torch.no_grad():
+        assert torch.allclose(graph.module(x), model(x))
