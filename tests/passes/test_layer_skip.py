@@ -8,6 +8,8 @@ removed without loss only with ``compensate``, which fits that map (least square
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
@@ -163,6 +165,53 @@ def test_numbered_layers_that_are_not_residual_blocks_are_not_removed():
     fresh = torch.randn(5, 16)
     with torch.no_grad():
         assert torch.equal(cm(fresh), model(fresh))
+
+
+class SequentialMlp(torch.nn.Module):
+    """A residual block whose MLP is a numbered Sequential with dropouts (torchvision's MLPBlock)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                                       torch.nn.Linear(2 * width, width), torch.nn.Dropout(0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(x)
+
+
+class StemNamedStack(torch.nn.Module):
+    """Blocks named after a stem, as torchvision names its encoder layers (``layers.encoder_layer_2``)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.Sequential(collections.OrderedDict(
+            (f"encoder_layer_{i}", SequentialMlp(width)) for i in range(3)))
+        self.head = torch.nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(x))
+
+
+def test_blocks_named_after_a_stem_are_the_blocks_not_the_dropouts_inside_them():
+    """The stem-named layers were not seen as a list, so the MLP's Sequential was taken for the blocks,
+    and its eval-mode Dropout (which adds nothing to the stream) was "removed", status applied."""
+    model = StemNamedStack().eval()
+    batches = [(torch.randn(8, 5, 16),) for _ in range(2)]
+    cm = bevel.compile(model, "layer_skip.static(layers=[1])", calibration=batches)
+    entry = cm.report.passes[0]
+    assert entry.status == "applied" and entry.stats["removed"] == [1]
+    assert any("(layers.encoder_layer_1)" in note for note in entry.notes)
+    fresh = torch.randn(4, 7, 16)
+    with torch.no_grad():
+        expected = model.head(model.layers.encoder_layer_2(model.layers.encoder_layer_0(fresh)))
+    assert (cm(fresh) - expected).abs().max().item() < 1e-5
+    # a lone MLP Sequential has no block to remove: its dropouts are no residual blocks either
+    lone = torch.nn.Sequential(SequentialMlp(16).mlp).eval()
+    entry = bevel.compile(lone, "layer_skip.static(n=1)", calibration=batches).report.passes[0]
+    assert entry.status == "no change"
+    assert [note.startswith(f"block {i} cannot be removed") for i, note in enumerate(entry.notes)] == [True] * 5
+    assert "0.2 is not a residual block: its output dropout is not its input gelu" in entry.notes[2]
 
 
 class DictLayer(torch.nn.Module):

@@ -3,14 +3,17 @@ and leaves each one.
 
 torch.export records, for every node, the stack of modules it was traced in (``nn_module_stack``). A
 block is a child of a module list with at least two numbered children (``encoder.layer.3``,
-``model.layers.7``, ``blocks.0``, ``h.2``, or ``layers.0`` of ``layers.0.attn`` where the block is a
-ModuleDict that is never called itself); the outermost such list is taken. A block can be removed
+``model.layers.7``, ``blocks.0``, ``h.2``, ``layers.0`` of ``layers.0.attn`` where the block is a
+ModuleDict that is never called itself, or children numbered after a common stem, as torchvision names
+them: ``encoder.layers.encoder_layer_4``); the outermost such list with a block that can be removed
+is taken (a list of plain layers, such as an MLP's Sequential, has none). A block can be removed
 when its nodes hand exactly one tensor to the rest of the graph, the hidden state, besides writes
 into a KV cache input (a decoder's step graph); the hidden state entering it is the one outside
 tensor it reads with that same shape and dtype; and the hidden state leaving it is the one entering
-plus what the block adds, through residual adds, norms and casts only (see :func:`_residual`). A list of
-plain layers (an ``nn.Sequential`` of Linear and ReLU) is not a list of blocks: dropping one of its
-layers would not leave the residual stream as it was.
+plus what the block adds, through at least one residual add, and norms and casts (see :func:`_residual`).
+A list of plain layers (an ``nn.Sequential`` of Linear, GELU and Dropout) is not a list of blocks:
+dropping one of its layers would not leave the residual stream as it was (a Dropout hands its input on
+unchanged but adds nothing to it either: it is no residual block).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import torch.fx as fx
 
 from bevel.ir.graph import Graph
 
-# a numbered path segment: the list is the path before it, the block the path up to it
-_NUMBERED = re.compile(r"\.(\d+)(?=\.|$)")
+# a numbered path segment, its number alone or after a stem ("encoder_layer_4"): the list is the path
+# up to the number, the block the path with it
+_NUMBERED = re.compile(r"\.(?:[A-Za-z_]\w*_)?(\d+)(?=\.|$)")
 aten = torch.ops.aten
 # ops through which the hidden state leaving a residual block still carries the one entering it
 _RESIDUAL_ADDS = (aten.add.Tensor,)
@@ -62,17 +66,18 @@ def find_blocks(graph: Graph) -> list[Block]:
         seen = set()
         for path in _module_paths(node):
             for found in _NUMBERED.finditer(path):
-                prefix, index = path[:found.start()], int(found.group(1))
+                prefix, index = path[:found.start(1)], int(found.group(1))
                 if (prefix, index) not in seen:  # a node is one member of a block however deep its module
                     seen.add((prefix, index))
                     members[prefix][index].append(node)
                     depth[prefix] = prefix.count(".")
-    lists = [prefix for prefix, children in members.items() if len(children) >= 2]
-    if not lists:
-        return []
-    prefix = min(lists, key=lambda p: (depth[p], -len(members[p])))  # the outermost list
-    return [_bounded(Block(index, f"{prefix}.{index}", nodes))
-            for index, nodes in sorted(members[prefix].items())]
+    lists = sorted((prefix for prefix, children in members.items() if len(children) >= 2),
+                   key=lambda p: (depth[p], -len(members[p])))  # the outermost first
+    found_blocks = [[_bounded(Block(index, f"{prefix}{index}", nodes))
+                     for index, nodes in sorted(members[prefix].items())] for prefix in lists]
+    # the outermost list with a removable block; else the outermost, whose problems the passes report
+    return next((blocks for blocks in found_blocks if any(not b.problem for b in blocks)),
+                found_blocks[0] if found_blocks else [])
 
 
 def _is_cache_write(node: fx.Node) -> bool:
@@ -109,18 +114,20 @@ def _bounded(block: Block) -> Block:
 def _residual(out: fx.Node, hidden_in: fx.Node, inside: set[fx.Node]) -> bool:
     """Whether ``out`` carries ``hidden_in`` through the block's residual adds, norms and casts alone (a
     transformer layer: ``x + f(x)``, or a norm of it as in post-norm BERT), not through a layer that
-    transforms it (a Linear, an activation)."""
-    frontier = [out]
+    transforms it (a Linear, an activation), and through at least one add (a lone Dropout adds nothing)."""
+    frontier = [(out, False)]  # a node, and whether the way from ``out`` to it passed a residual add
     while frontier:
-        node = frontier.pop()
+        node, added = frontier.pop()
         if node is hidden_in:
-            return True
+            if added:
+                return True
+            continue
         if node not in inside or node.op != "call_function":
             continue
         if node.target in _RESIDUAL_ADDS:
-            frontier += [a for a in node.args[:2] if isinstance(a, fx.Node)]
+            frontier += [(a, True) for a in node.args[:2] if isinstance(a, fx.Node)]
         elif node.target in _NORMS or node.target in _SAME_VALUE:
-            frontier.append(node.args[0])
+            frontier.append((node.args[0], added))
     return False
 
 
