@@ -612,7 +612,8 @@ class _Pass:
             if layout.batched:
                 raise Unsupported("splits channels folded into the batch")
             piece = Segment(segment.group, Layout(layout.outer // len(sizes), layout.units, layout.per))
-            self.shape_args.setdefault(self.root[segment.group], []).append(ShapeArg(node, None, 0, piece.layout))
+            if node.target == aten.split.Tensor:  # its argument is a piece's size; chunk's, the piece count, stays
+                self.shape_args.setdefault(self.root[segment.group], []).append(ShapeArg(node, None, 0, piece.layout))
             return [Track(dim, (piece,))] * len(sizes)
         offsets = track.offsets() + [total]
         if node.target != aten.split_with_sizes.default or \

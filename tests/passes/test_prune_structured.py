@@ -11,6 +11,7 @@ attention, for one, runs through another decomposition), a few float32 roundings
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 from torch import nn
@@ -212,6 +213,40 @@ def test_mean_of_removed_neurons_is_folded_into_the_next_bias():
         errors[compensate] = diff.mean(dim=0).abs().max().item()
     print(f"mean output error over calibration rows: folded {errors[True]:.2e}, not folded {errors[False]:.2e}")
     assert errors[True] <= 1e-5 < errors[False]
+
+
+class GatedConv(nn.Module):
+    """A conv whose channels are halved by chunk into a value and a gate (GLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.a(x).chunk(2, dim=1)
+        return self.c(value * torch.sigmoid(gate))
+
+
+def test_channels_halved_by_chunk_go_in_pairs_and_chunk_keeps_its_count():
+    """chunk's argument is the number of pieces, which was rewritten as if it were a piece's size (chunk
+    into 0 pieces: the pass failed). A pruned unit is a value channel with its gate: the pruned model
+    equals the original with those value channels zeroed (without compensation), 1e-5."""
+    torch.manual_seed(0)
+    model = GatedConv().eval()
+    graph = capture(model, (torch.randn(2, 3, 8, 8, generator=seeded(0)),))
+    result = run_pass(graph, lambda g: (torch.randn(2, 3, 8, 8, generator=g),), ratio=0.5, target="conv",
+                      compensate=False)
+    assert result.changed and result.stats["groups"]["a.weight"]["widths"]["a.weight"] == [16, 8]
+    kept = graph.param("a.weight")
+    rows = [next(i for i in range(16) if torch.equal(model.a.weight[i], row)) for row in kept]
+    assert rows[4:] == [r + 8 for r in rows[:4]]  # the same units in the value half and the gate half
+    oracle = copy.deepcopy(model)
+    with torch.no_grad():
+        for channel in set(range(8)) - set(rows[:4]):
+            oracle.a.weight[channel] = 0
+            oracle.a.bias[channel] = 0
+        fresh = torch.randn(3, 3, 10, 6, generator=seeded(9))
+        assert (graph(fresh) - oracle(fresh)).abs().max() <= 1e-5
 
 
 def test_a_refit_to_fewer_rows_than_input_channels_is_named():
