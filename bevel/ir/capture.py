@@ -10,6 +10,7 @@ import io
 import os
 import sys
 import traceback
+import warnings
 from typing import Any
 
 import torch
@@ -69,7 +70,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
         raise CaptureError(f"expected a torch.nn.Module to capture, got {type(model).__name__}")
     if not isinstance(example_inputs, tuple):
         example_inputs = tuple(example_inputs) if isinstance(example_inputs, list) else (example_inputs,)
-    if dynamic_shapes is None:
+    automatic = dynamic_shapes is None
+    if automatic:
         dynamic_shapes = auto_dynamic_shapes(example_inputs, model)
     elif dynamic_shapes == "static":
         dynamic_shapes = None
@@ -89,7 +91,37 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     sys.stderr.write(printed.getvalue())
     module = program.module()
     set_inference_flags(module)  # eval() is refused on exported modules; the flag still matters to exporters
+    if automatic:
+        _warn_of_sizes_fixed_at_one(module, example_inputs)
     return Graph(module, example_inputs)
+
+
+def _warn_of_sizes_fixed_at_one(module: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+    """Warn where an example input's dimension of size 1 came out fixed: torch.export takes sizes 0
+    and 1 for constants, so a batch-1 example gives a graph that takes batches of 1 only."""
+    leaves = pytree.tree_leaves(example_inputs)
+    placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+    if len(leaves) != len(placeholders):
+        return
+    fixed = []
+    for index, (leaf, node) in enumerate(zip(leaves, placeholders)):
+        value = node.meta.get("val")
+        if isinstance(leaf, torch.Tensor) and isinstance(value, torch.Tensor):
+            fixed += [f"input {index} dimension {dim}" for dim, size in enumerate(value.shape)
+                      if leaf.shape[dim] == 1 and isinstance(size, int)]
+    if fixed:
+        warnings.warn(f"the example inputs fix {', '.join(fixed)} at 1 (torch.export takes a size of 1 for a "
+                      f"constant): the result takes only 1 there; capture with 2 or more in it (a batch of 2) to "
+                      f"keep it variable", stacklevel=_first_caller_outside_bevel())
+
+
+def _first_caller_outside_bevel() -> int:
+    """The ``stacklevel`` that points a warning at the user's line: the first caller outside this package."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1  # level 1: the function that warns
+    while frame is not None and frame.f_code.co_filename.startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def export_compiled(module: torch.nn.Module, example_inputs: tuple[Any, ...], dynamic_shapes: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -31,6 +33,17 @@ def test_every_node_carries_shape_and_dtype_with_symbolic_batch():
     assert graph.dtype(inp) == torch.float32
     # the captured graph serves other batch sizes and lengths
     assert graph(torch.randn(5, 3, 16)).shape == (5, 3, 16)
+
+
+def test_an_example_dimension_of_size_1_fixed_by_the_capture_is_named():
+    """torch.export fixes a batch of 1; the user was told only when a larger batch failed."""
+    with pytest.warns(UserWarning, match=r"the example inputs fix input 0 dimension 0 at 1 .*capture with 2 or more"):
+        graph = capture(SDPABlock().eval(), (torch.randn(1, 6, 16),))
+    assert graph.shape(graph.inputs()[0])[0] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none where nothing is fixed by the example, or fixing was asked for
+        capture(SDPABlock().eval(), (torch.randn(2, 6, 16),))
+        capture(SDPABlock().eval(), (torch.randn(1, 6, 16),), dynamic_shapes="static")
 
 
 def test_static_capture_fixes_shapes():
