@@ -246,6 +246,31 @@ def reference_classifier_exit(model, ids, mask, threshold, min_layer):
             handle.remove()
 
 
+def test_an_encoders_average_depth_counts_its_real_tokens_only():
+    """A masked LM exits per token; its padded positions were counted in the report's depth."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                       intermediate_size=64, initializer_range=0.2)).eval()
+    generator = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids, mask = torch.randint(5, 100, (4, 12), generator=generator), torch.ones(4, 12, dtype=torch.long)
+        mask[1, 3:], mask[2, 5:], mask[3, 8:] = 0, 0, 0
+        return ids, mask
+
+    calibration = [batch() for _ in range(2)]
+    cm = bevel.compile(model, "layer_skip.early_exit(threshold=0.05, min_layer=1)", example_inputs=batch(),
+                       calibration=calibration)
+    entry = cm.report.passes[0]
+    real = sum(int(mask.sum()) for _, mask in calibration)
+    assert entry.stats["tokens"] == real == 56  # of 96 positions
+    assert f"on {real} calibration tokens" in entry.notes[0]
+    depths = torch.cat([exit_depths(cm.graph_module, b)[b[1].bool()] for b in calibration])
+    assert entry.stats["average_depth"] == pytest.approx(float(depths.double().mean()), abs=1e-6)
+
+
 def test_a_classifier_exits_per_sample_and_exited_samples_leave_the_batch():
     from transformers import BertConfig, BertForSequenceClassification
 
