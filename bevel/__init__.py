@@ -13,6 +13,7 @@ from bevel.errors import (ArtifactError, BevelError, CaptureError, ExportError, 
 from bevel.runtime.artifact import load  # noqa: E402
 
 __all__ = ["capture", "compile", "CapturedModel", "load", "Pipeline", "passes", "ArtifactError", "BevelError",
-           "CaptureError", "ExportError", "GenerateError", "ModelLoadError", "ParamError", "PassError", "PipelineError", "__version__"]
+           "CaptureError", "ExportError", "GenerateError", "ModelLoadError", "ParamError", "PassError", "PipelineError",
+           "__version__"]
 
 _register_backend()  # backend="bevel" for torch.compile, also when the entry point is not installed

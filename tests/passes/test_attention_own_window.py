@@ -40,5 +40,6 @@ def test_per_head_patterns_keep_the_models_window_on_every_head():
     model = small_causal_lm("mistral", seed=3, sliding_window=OWN_WINDOW)
     ids, mask = padded_prompts([28, 25], seed=6)
     cm = assert_prefill_and_generation_match_hf(
-        model, ids, mask, "attention.heads(window=16, sinks=4, retrieval_share=0.5, block=16)", calibration=[(ids, mask)])
+        model, ids, mask, "attention.heads(window=16, sinks=4, retrieval_share=0.5, block=16)",
+        calibration=[(ids, mask)])
     assert 0 < cm.report.passes[-1].stats["streaming_heads"] < cm.report.passes[-1].stats["heads"]

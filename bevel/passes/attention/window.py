@@ -63,6 +63,7 @@ class Window(Pass):
         return PassResult(changed=True, notes=[
             f"{len(attentions)} layers: each query sees its last {window} tokens and the first {sinks}; decode keeps a "
             f"ring buffer of {window + sinks} cache slots per sequence; share of causal attention computed at "
-            f"1K / 4K / 32K tokens: {density['1024']} / {density['4096']} / {density['32768']}", *(kept if own else [])],
+            f"1K / 4K / 32K tokens: {density['1024']} / {density['4096']} / {density['32768']}",
+            *(kept if own else [])],
             stats={"layers": len(attentions), "ring_slots": window + sinks, "density": density,
                    "own_window_layers": sorted(own)})
