@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from bevel.compiler.report import Report
-from bevel.errors import BevelError, GenerateError
+from bevel.errors import GenerateError
 from bevel.ir.decoder import CachePolicy, DecoderSpec, cache_names, is_token_id, left_pad_order
 from bevel.runtime.cache_graph import params_names, storage_graph
 from bevel.runtime.compiled_module import CompiledModule
