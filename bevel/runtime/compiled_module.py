@@ -92,10 +92,14 @@ class CompiledModule(torch.nn.Module):
                 self.early_exit = early_exit_state(graph_module)
                 self._exit_runner = EarlyExitRunner(runtime_graph(graph_module, 0), self.early_exit, decode=False)
 
-    def forward(self, *args: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled graph on ``args`` (the original model's positional inputs), without
-        gradients. Inputs it cannot take (their number, a tensor's rank, dtype or a fixed size) are a
-        BevelError naming the input and what the graph expects."""
+        gradients. Inputs it cannot take (their number, a tensor's rank, dtype or a fixed size, or
+        keyword arguments) are a BevelError naming the input and what the graph expects."""
+        if kwargs:
+            names = ", ".join(spec["name"] for spec in self.input_specs)
+            raise BevelError(f"the compiled {self.report.model} takes its inputs by position, as it was captured "
+                             f"({names}); got keyword arguments {', '.join(kwargs)}")
         try:
             with torch.no_grad():
                 if self._exit_runner is not None:
