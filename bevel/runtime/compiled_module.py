@@ -45,9 +45,10 @@ def input_mismatch(specs: list[dict[str, Any]], args: tuple[Any, ...]) -> str | 
         return f"it takes {len(specs)} positional input{'s' if len(specs) != 1 else ''} ({names}), got {len(args)}"
     for i, (spec, arg) in enumerate(zip(specs, args)):
         where = f"input {i} ({spec['name']})"
-        if "value" in spec and arg != spec["value"]:
+        if "value" in spec and (not isinstance(arg, (bool, int, float)) or arg != spec["value"]):
+            got = repr(arg) if isinstance(arg, (bool, int, float)) else _a(type(arg).__name__)
             return (f"{where} is a Python number, which the capture fixed into the graph as {spec['value']!r}; got "
-                    f"{arg!r}: compile the model with that value, or make it a tensor input")
+                    f"{got}: compile the model with that value, or make it a tensor input")
         if spec["shape"] is None:
             continue
         expected = "[" + ", ".join(str(d) for d in spec["shape"]) + "]"

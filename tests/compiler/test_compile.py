@@ -184,6 +184,8 @@ def test_a_python_number_input_other_than_the_captured_one_is_named(tmp_path):
         with pytest.raises(BevelError, match=r"input 1 \(scale\) is a Python number, which the capture fixed into "
                                              r"the graph as 2.0; got 3.0: compile the model with that value"):
             compiled(x, 3.0)
+        with pytest.raises(BevelError, match=r"fixed into the graph as 2.0; got a Tensor"):
+            compiled(x, torch.tensor([2.0, 3.0]))
         # keyword arguments were a bare TypeError
         with pytest.raises(BevelError, match=r"takes its inputs by position, as it was captured \(x, scale\); got "
                                              r"keyword arguments scale"):
