@@ -148,8 +148,9 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
     example_inputs = tuple(x.clone() if isinstance(x, torch.Tensor) else x
                            for x in as_input_tuple(example_inputs, "example_inputs"))
     check_dynamic_shapes(dynamic_shapes)
-    check_examples_not_empty(example_inputs, dynamic_shapes)
     is_decoder = as_decoder(model, decoder, dynamic_shapes)
+    if not is_decoder:  # a decoder's prompts are checked as prompts
+        check_examples_not_empty(example_inputs, dynamic_shapes)
     spec = decoder_spec(model) if is_decoder else None
     prompt = prompt_batch(example_inputs, "example_inputs") if is_decoder else None
     original = copy_model(model) if is_decoder else plain_forward_copy(model)
