@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import bevel
 from bevel.compiler.fidelity import compare, flatten_outputs
 
 
@@ -100,3 +101,36 @@ def test_an_encoders_padded_positions_are_left_out_of_every_pass_fidelity(minilm
           f"{min(whole):.5f} with the padded ones")
     assert got == pytest.approx(min(masked), abs=1e-6)
     assert min(whole) < min(masked) - 0.01  # what the padded positions would have cost
+
+
+def test_an_encoder_whose_attention_is_not_sdpa_is_compared_at_real_positions_only():
+    """DeBERTa's attention (matmuls, its own softmax) gave the blocks' matcher no padding mask, so its
+    padded positions were compared: removing a block reported cosine 0.150 where real tokens keep
+    0.9997, and a fidelity budget rolled the pass back. Its ``attention_mask`` input is the mask."""
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    torch.manual_seed(0)
+    model = DebertaV2Model(DebertaV2Config(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=128)).eval()
+    generator = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids, mask = torch.randint(5, 500, (4, 16), generator=generator), torch.ones(4, 16, dtype=torch.long)
+        mask[1, 3:], mask[2, 9:], mask[3, 12:] = 0, 0, 0
+        return ids.masked_fill(mask == 0, 0), mask
+
+    example, calibration = batch(), [batch() for _ in range(3)]
+    cm = bevel.compile(model, "layer_skip.static(layers=[0])", example_inputs=example, calibration=calibration,
+                       max_fidelity_drop=0.01)
+    entry = cm.report.passes[0]
+    real, every = [], []
+    with torch.no_grad():
+        for ids, mask in calibration:
+            got, want = cm(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state
+            for row in range(4):
+                kept = mask[row].bool()
+                real.append(torch.nn.functional.cosine_similarity(got[row][kept].flatten(), want[row][kept].flatten(),
+                                                                  dim=0))
+                every.append(torch.nn.functional.cosine_similarity(got[row].flatten(), want[row].flatten(), dim=0))
+    assert min(every) < 0.5 < 0.999 < min(real)  # padding alone would fail the budget
+    assert entry.status == "applied" and entry.fidelity.cosine == pytest.approx(float(min(real)), abs=1e-4)
