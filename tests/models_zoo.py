@@ -125,6 +125,17 @@ def padded_tokens(g: torch.Generator, batch: int = 2, length: int = 7) -> tuple[
     return torch.randn(batch, length, 32, generator=g), mask
 
 
+def right_padded_ids(g: torch.Generator, vocab: int, lengths: list[int],
+                     width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder's ``(input_ids, attention_mask)``: random ids in [5, vocab), one row per length, each
+    padded on the right to ``width`` with id 0."""
+    ids, mask = torch.randint(5, vocab, (len(lengths), width), generator=g), torch.zeros(len(lengths), width,
+                                                                                        dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
 class DataDependent(nn.Module):
     """Branches on a tensor's value: torch.export cannot capture it."""
 

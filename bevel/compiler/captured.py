@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from bevel.compiler.compile_decoder import prompt_batch
+from bevel.compiler.fidelity import copied
 from bevel.errors import BevelError, CaptureError, ParamError, first_line
 from bevel.ir.capture import capture as capture_graph
 from bevel.ir.decoder import DecoderStep, capture_decoder, decoder_spec, is_causal_lm, prefill_inputs
@@ -145,8 +146,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
     if example_inputs is None:
         raise BevelError("bevel.capture needs example_inputs=(...): the inputs to capture the model with")
     # a copy, so that changing the user's tensors later does not change what the compiles take as examples
-    example_inputs = tuple(x.clone() if isinstance(x, torch.Tensor) else x
-                           for x in as_input_tuple(example_inputs, "example_inputs"))
+    example_inputs = copied(as_input_tuple(example_inputs, "example_inputs"))
     check_dynamic_shapes(dynamic_shapes)
     is_decoder = as_decoder(model, decoder, dynamic_shapes)
     if not is_decoder:  # a decoder's prompts are checked as prompts

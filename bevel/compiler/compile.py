@@ -76,21 +76,6 @@ def calibration_batches(calibration: Iterable[Any] | None, what: str = "calibrat
     return [as_input_tuple(batch, f"{what}: batch {index}") for index, batch in enumerate(batches)]
 
 
-def padding_input(graph: Graph) -> int | None:
-    """The flat input holding an encoder's padding mask, whose zeros the fidelity checks skip: the
-    [batch, tokens] input its attention blocks build their masks from, else an input of that rank named
-    ``attention_mask`` (HF's name for it: encoders whose eager attention the blocks' matcher does not
-    read, such as DeBERTa's and MPNet's); None where there is neither."""
-    found = padding_mask_input(graph)
-    if found is not None:
-        return found
-    for index, node in enumerate(graph.inputs()):
-        shape = graph.shape(node)
-        if node.name == "attention_mask" and shape is not None and len(shape) == 2:
-            return index
-    return None
-
-
 def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: list) -> Fidelity:
     """Run the captured graph on every calibration batch before any pass; its fidelity to the eager
     model should be exact. A batch it cannot take (shapes fixed by ``dynamic_shapes="static"`` or by
@@ -199,6 +184,6 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
                     capture_fidelity=check_graph_runs(graph, ctx.calibration, reference))
     # outputs at an encoder's padded positions mean nothing: every pass's fidelity check skips them
     manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end,
-                          padding=padding_input(graph))
+                          padding=padding_mask_input(graph))
     graph, report.passes = manager.run(graph)
     return CompiledModule(lower(graph, device), example_inputs, report, report.pipeline)

@@ -203,6 +203,15 @@ def is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def outside_vocabulary(ids: torch.Tensor, vocab_size: int) -> int | None:
+    """An id of ``ids`` outside [0, vocab_size) (the lowest if one is negative, else the highest), or
+    None: one device sync when every id is inside."""
+    if not bool(((ids < 0) | (ids >= vocab_size)).any()):
+        return None
+    low = int(ids.min())
+    return low if low < 0 else int(ids.max())
+
+
 class StepCache:
     """An HF-style cache over explicit tensors: ``update`` writes the new keys and values at the
     step's slots (out of place, so the graph stays functional) and returns the whole layer cache."""

@@ -11,7 +11,8 @@ import torch.fx as fx
 
 from bevel.compiler.report import Report
 from bevel.errors import GenerateError
-from bevel.ir.decoder import CachePolicy, DecoderSpec, cache_names, is_token_id, left_pad_order
+from bevel.ir.decoder import (CachePolicy, DecoderSpec, cache_names, is_token_id, left_pad_order,
+                              outside_vocabulary)
 from bevel.runtime.cache_graph import params_names, storage_graph
 from bevel.runtime.compiled_module import CompiledModule
 from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
@@ -193,10 +194,9 @@ class CompiledDecoder(CompiledModule):
         if ids.numel() == 0:
             raise GenerateError(f"the prompt is empty (input_ids of shape {tuple(ids.shape)}): give at least one token "
                                 f"per sequence")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= self.spec.vocab_size:
-            raise GenerateError(f"input_ids hold token {low if low < 0 else high}, outside the vocabulary "
-                                f"[0, {self.spec.vocab_size})")
+        outside = outside_vocabulary(ids, self.spec.vocab_size)
+        if outside is not None:
+            raise GenerateError(f"input_ids hold token {outside}, outside the vocabulary [0, {self.spec.vocab_size})")
         return ids.to(self.device).long()
 
     @staticmethod

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from bevel.errors import GenerateError
-from bevel.ir.decoder import CachePolicy, DecoderSpec, prefill_inputs
+from bevel.ir.decoder import CachePolicy, DecoderSpec, outside_vocabulary, prefill_inputs
 from bevel.runtime.cache_graph import StorageLayout
 from bevel.runtime.ops.kv_quant import code_width, params_per_group
 
@@ -175,10 +175,9 @@ class DecodeStream:
                    else type(token).__name__)
             raise GenerateError(f"step() takes one token id per sequence, an integer tensor of shape ({self.batch},); "
                                 f"got {got}")
-        if bool(((token < 0) | (token >= self.spec.vocab_size)).any()):  # one device sync per step, not two
-            low, high = int(token.min()), int(token.max())
-            raise GenerateError(f"step() was given token {low if low < 0 else high}, outside the vocabulary "
-                                f"[0, {self.spec.vocab_size})")
+        outside = outside_vocabulary(token, self.spec.vocab_size)
+        if outside is not None:
+            raise GenerateError(f"step() was given token {outside}, outside the vocabulary [0, {self.spec.vocab_size})")
 
     # -- running -----------------------------------------------------------------------------------
 

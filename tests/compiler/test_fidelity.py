@@ -7,6 +7,7 @@ import torch
 
 import bevel
 from bevel.compiler.fidelity import compare, flatten_outputs
+from tests.models_zoo import right_padded_ids
 
 
 def fidelity(reference, candidate):
@@ -113,13 +114,7 @@ def test_an_encoder_whose_attention_is_not_sdpa_is_compared_at_real_positions_on
     model = DebertaV2Model(DebertaV2Config(vocab_size=500, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                            intermediate_size=128, max_position_embeddings=128)).eval()
     generator = torch.Generator().manual_seed(0)
-
-    def batch():
-        ids, mask = torch.randint(5, 500, (4, 16), generator=generator), torch.ones(4, 16, dtype=torch.long)
-        mask[1, 3:], mask[2, 9:], mask[3, 12:] = 0, 0, 0
-        return ids.masked_fill(mask == 0, 0), mask
-
-    example, calibration = batch(), [batch() for _ in range(3)]
+    example, *calibration = [right_padded_ids(generator, 500, [16, 3, 9, 12], 16) for _ in range(4)]
     cm = bevel.compile(model, "layer_skip.static(layers=[0])", example_inputs=example, calibration=calibration,
                        max_fidelity_drop=0.01)
     entry = cm.report.passes[0]

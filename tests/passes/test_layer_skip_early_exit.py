@@ -26,6 +26,7 @@ from bevel.ir.decoder import prefill_inputs
 from bevel.passes import get_pass
 from bevel.passes.layer_skip.early_exit import exit_depths
 from tests.decoders import padded_prompts, positions_of, small_causal_lm
+from tests.models_zoo import right_padded_ids
 
 LAYERS = 4
 
@@ -256,9 +257,7 @@ def test_an_encoders_average_depth_counts_its_real_tokens_only():
     generator = torch.Generator().manual_seed(0)
 
     def batch():
-        ids, mask = torch.randint(5, 100, (4, 12), generator=generator), torch.ones(4, 12, dtype=torch.long)
-        mask[1, 3:], mask[2, 5:], mask[3, 8:] = 0, 0, 0
-        return ids, mask
+        return right_padded_ids(generator, 100, [12, 3, 5, 8], 12)
 
     calibration = [batch() for _ in range(2)]
     cm = bevel.compile(model, "layer_skip.early_exit(threshold=0.05, min_layer=1)", example_inputs=batch(),

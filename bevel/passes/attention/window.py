@@ -58,12 +58,13 @@ class Window(Pass):
         # the ring buffer holds the pass's window and sinks; a layer keeping a narrower window reads less of it
         record_policy(graph, window=window, sinks=sinks)
         density = {str(n): round(positional_density(n, [window], [sinks], 1), 4) for n in (1024, 4096, 32768)}
-        kept = [f"layers {', '.join(map(str, own))} keep the model's own sliding window "
-                f"({', '.join(sorted({str(w) for w in own.values()}))} tokens, no wider than {window}), without sinks"]
-        return PassResult(changed=True, notes=[
-            f"{len(attentions)} layers: each query sees its last {window} tokens and the first {sinks}; decode keeps a "
-            f"ring buffer of {window + sinks} cache slots per sequence; share of causal attention computed at "
-            f"1K / 4K / 32K tokens: {density['1024']} / {density['4096']} / {density['32768']}",
-            *(kept if own else [])],
+        notes = [f"{len(attentions)} layers: each query sees its last {window} tokens and the first {sinks}; "
+                 f"decode keeps a ring buffer of {window + sinks} cache slots per sequence; share of causal attention "
+                 f"computed at 1K / 4K / 32K tokens: {density['1024']} / {density['4096']} / {density['32768']}"]
+        if own:
+            notes.append(f"layers {', '.join(map(str, own))} keep the model's own sliding window "
+                         f"({', '.join(sorted({str(w) for w in own.values()}))} tokens, no wider than {window}), "
+                         f"without sinks")
+        return PassResult(changed=True, notes=notes,
             stats={"layers": len(attentions), "ring_slots": window + sinks, "density": density,
                    "own_window_layers": sorted(own)})

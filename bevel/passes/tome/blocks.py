@@ -148,9 +148,15 @@ def find_blocks(graph: Graph) -> tuple[list[AttentionBlock], list[tuple[str, str
 
 def padding_mask_input(graph: Graph) -> int | None:
     """The flat position of the graph input that is an encoder's padding mask: the [batch, tokens]
-    input the attention masks of its transformer blocks are built from; None for a model without
-    one (no recognized block, no mask, a causal decoder)."""
+    input the attention masks of its transformer blocks are built from, else an input of that rank
+    named ``attention_mask`` (HF's name for it: encoders whose attention is not SDPA, which the blocks
+    here do not read, such as DeBERTa's and MPNet's); None for a model without one (no mask, a causal
+    decoder)."""
     blocks, _ = find_blocks(graph)
-    if not blocks or blocks[0].padding is None:
-        return None
-    return graph.inputs().index(blocks[0].padding)
+    if blocks and blocks[0].padding is not None:
+        return graph.inputs().index(blocks[0].padding)
+    for index, node in enumerate(graph.inputs()):
+        shape = graph.shape(node)
+        if node.name == "attention_mask" and shape is not None and len(shape) == 2:
+            return index
+    return None
