@@ -153,9 +153,28 @@ def _unique_tensors(graph: "Graph") -> list[torch.Tensor]:
     return tensors
 
 
+# ops that read tensors of two 4-bit values per byte (codes and zero points), by their argument positions
+PACKED_INT4_SLOTS = {"bevel::int4_weight_linear": (1, 3), "bevel::int4_embedding": (0, 2)}
+
+
+def _packed_int4_weights(graph: "Graph") -> set[tuple[Any, ...]]:
+    """The storage keys of the stored tensors that hold two 4-bit values per byte."""
+    packed = set()
+    for node in graph.nodes(op="call_function"):
+        name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else None
+        for slot in PACKED_INT4_SLOTS.get(name, ()):
+            arg = node.args[slot] if len(node.args) > slot else None
+            if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                packed.add(storage_key(graph.param(arg.target)))
+    return packed
+
+
 def param_count(graph: "Graph") -> int:
-    """Number of stored weight elements (parameters and buffers, shared tensors counted once)."""
-    return sum(t.numel() for t in _unique_tensors(graph))
+    """Number of stored weight values (parameters and buffers, shared tensors counted once): a packed
+    4-bit tensor holds two per byte, so quantizing adds to the count only the groups' scales and zero
+    points."""
+    packed = _packed_int4_weights(graph)
+    return sum(t.numel() * (2 if storage_key(t) in packed else 1) for t in _unique_tensors(graph))
 
 
 def param_bytes(graph: "Graph") -> int:

@@ -77,6 +77,16 @@ def test_int4_rtn_equals_the_model_with_dequantized_weights(reference_kernels, g
     assert entry.stats["method"] == "rtn" and entry.stats["quantized"] == 2
 
 
+def test_the_report_counts_each_packed_4_bit_weight_as_two_values():
+    """Quantizing keeps every weight value (it only adds the groups' scales and zero points), so the
+    params column may not drop, while the bytes do."""
+    cm = bevel.compile(mlp(), 'quantize.int4_weight(group_size=32, method="rtn")', example_inputs=batches()[0])
+    entry = cm.report.passes[0]
+    groups = 128 * 64 // 32 + 32 * 128 // 32  # one scale and one zero point each
+    assert entry.after.params == entry.before.params + 2 * groups
+    assert entry.after.bytes < 0.3 * entry.before.bytes
+
+
 def per_token_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """W8A8 written out independently of bevel's code: per-token asymmetric int8 (each token's range,
     widened to hold 0, over 255 steps; the zero point is the code of 0) and per-channel symmetric
