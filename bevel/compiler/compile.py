@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from bevel.codegen.lower import check_device, lower
 from bevel.compiler.captured import (CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes,
@@ -183,7 +184,9 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
                     calibration_batches=len(ctx.calibration), max_fidelity_drop=max_fidelity_drop,
                     capture_fidelity=check_graph_runs(graph, ctx.calibration, reference))
     # outputs at an encoder's padded positions mean nothing: every pass's fidelity check skips them
-    manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end,
-                          padding=padding_mask_input(graph))
+    padding = padding_mask_input(graph)
+    if padding is not None:
+        ctx.padding_masks = [tree_flatten(batch)[0][padding] for batch in ctx.calibration]
+    manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end)
     graph, report.passes = manager.run(graph)
     return CompiledModule(lower(graph, device), example_inputs, report, report.pipeline)

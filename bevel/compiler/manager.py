@@ -13,7 +13,6 @@ import traceback
 from typing import Callable
 
 import torch
-from torch.utils._pytree import tree_flatten
 
 from bevel.compiler.fidelity import Fidelity, compare, run_batches
 from bevel.compiler.pipeline import check_composition
@@ -49,15 +48,13 @@ class PassManager:
 
     def __init__(self, passes: list[Pass], ctx: PassContext, reference_outputs: list,
                  on_start: ProgressHook | None = None, on_end: ProgressHook | None = None,
-                 evaluate: Callable[[Graph], dict[str, float]] | None = None, padding: int | None = None) -> None:
+                 evaluate: Callable[[Graph], dict[str, float]] | None = None) -> None:
         self.passes = passes
         self.evaluate = evaluate  # task measures (held-out perplexity) after each applied pass
         self.ctx = ctx
         self.reference = reference_outputs
         self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
         self.unused: frozenset[int] = frozenset()  # flat outputs an applied pass made meaningless
-        # each calibration batch's padding mask (the flat input ``padding``, found at capture), if the model has one
-        self.masks = None if padding is None else [tree_flatten(batch)[0][padding] for batch in ctx.calibration]
         self.on_start = on_start
         self.on_end = on_end
 
@@ -128,7 +125,8 @@ class PassManager:
                  unused: frozenset[int] = frozenset()) -> Fidelity:
         """The graph's outputs on the calibration batches against the original model's (per-token
         outputs at real positions only, where the model has a padding mask)."""
-        return compare(self.reference, run_batches(graph, self.ctx.calibration), reshaped, unused, self.masks)
+        outputs = run_batches(graph, self.ctx.calibration)
+        return compare(self.reference, outputs, reshaped, unused, self.ctx.padding_masks)
 
 
 def _exception_text(error: BaseException) -> str:

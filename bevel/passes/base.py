@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 from bevel.errors import ParamError
 
 if typing.TYPE_CHECKING:
+    import torch
+
     from bevel.ir.graph import Graph
 
 _MISSING = dataclasses.MISSING
@@ -178,7 +180,9 @@ class PassContext:
     ``example_inputs`` the inputs the graph was captured with, ``device`` the target device,
     ``seed`` the seed for any randomness, and ``max_fidelity_drop`` the budget the pass manager
     enforces after each pass (None: no budget). ``calibrated`` says whether ``calibration`` holds
-    batches the user gave (False: it is only the example inputs).
+    batches the user gave (False: it is only the example inputs). ``padding_masks`` holds each
+    calibration batch's padding mask [B, N] (nonzero at real tokens) where the model is an encoder
+    with one, else None: outputs at padded positions mean nothing, so measures leave them out.
     """
 
     calibration: list[tuple[Any, ...]]
@@ -187,6 +191,7 @@ class PassContext:
     seed: int = 0
     max_fidelity_drop: float | None = None
     calibrated: bool = True
+    padding_masks: list[torch.Tensor] | None = None
 
 
 @dataclass

@@ -295,3 +295,24 @@ def test_an_encoder_block_goes_too():
     entry = cm.report.passes[0]
     assert entry.status == "applied" and len(entry.stats["removed"]) == 1
     assert entry.after.params < entry.before.params
+
+
+def test_an_encoders_padded_tokens_change_neither_the_scores_nor_the_probe():
+    """Outputs at an encoder's padded positions mean nothing (its attention never reads them): the
+    blocks' scores and the fidelity of removing each must come from the real tokens alone, so
+    calibration batches that differ only in their padded tokens' ids give the same report."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=100)).eval()
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.arange(10) < torch.tensor([10, 6, 3, 7])[:, None]).long()
+    ids = torch.randint(1, 100, (4, 10), generator=g)
+    other = torch.where(mask.bool(), ids, torch.randint(1, 100, (4, 10), generator=g))
+    reports = [bevel.compile(bert, "layer_skip.static(n=1)", example_inputs=(ids, mask),
+                             calibration=[(batch, mask)]).report.passes[0].stats["per_block"]
+               for batch in (ids, other)]
+    for block, figures in reports[0].items():
+        for key in ("cosine", "rel_l2", "cosine_without_it"):
+            assert figures[key] == pytest.approx(reports[1][block][key], abs=2e-6), (block, key)

@@ -76,7 +76,7 @@ class StaticLayerSkip(Pass):
         notes = [f"block {b.index} cannot be removed: {b.problem}" for b in blocks if b.problem]
         if not usable:
             return PassResult(changed=False, notes=notes)
-        stats = measure_blocks(graph, usable, ctx.calibration)
+        stats = measure_blocks(graph, usable, ctx.calibration, ctx.padding_masks)
         ranking = sorted(usable, key=lambda b: -stats[b.index]["cosine"] if self.params.score == "cosine"
                          else stats[b.index]["rel_l2"])
         for rank, block in enumerate(ranking):
@@ -153,6 +153,7 @@ class _Recorder(fx.Interpreter):
         self.inputs = {b.hidden_in for b in blocks}
         self.kept: dict[fx.Node, torch.Tensor] = {}  # the interpreter frees a value after its last reader
         self.sums: dict[int, dict[str, Any]] = {b.index: {} for b in blocks}
+        self.mask: torch.Tensor | None = None  # the running batch's padding mask [B, N], if the model has one
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -160,8 +161,10 @@ class _Recorder(fx.Interpreter):
             self.kept[n] = result
         block = self.watch.get(n)
         if block is not None:
-            x = self.kept[block.hidden_in].detach().double().reshape(-1, result.shape[-1])
-            y = result.detach().double().reshape(-1, result.shape[-1])
+            x, y = self.kept[block.hidden_in].detach().double(), result.detach().double()
+            if self.mask is not None and tuple(y.shape[:2]) == tuple(self.mask.shape):
+                x, y = x[self.mask.bool()], y[self.mask.bool()]  # an encoder's padded tokens mean nothing
+            x, y = x.reshape(-1, y.shape[-1]), y.reshape(-1, y.shape[-1])
             s = self.sums[block.index]
             # all-zero rows (padding tokens whose embedding is zero) have no direction to compare
             nonzero = (x.abs().amax(-1) > 0) & (y.abs().amax(-1) > 0)
@@ -174,12 +177,15 @@ class _Recorder(fx.Interpreter):
         return result
 
 
-def measure_blocks(graph: Graph, blocks: list[Block], batches: list[tuple[Any, ...]]) -> dict[int, dict[str, Any]]:
+def measure_blocks(graph: Graph, blocks: list[Block], batches: list[tuple[Any, ...]],
+                   masks: list[torch.Tensor] | None = None) -> dict[int, dict[str, Any]]:
     """Per block: mean input-output cosine, relative L2 change, and the least-squares per-channel
-    affine map from its input to its output (``(a, b)``), over every token of ``batches``."""
+    affine map from its input to its output (``(a, b)``), over every token of ``batches`` (the real
+    ones only where ``masks`` gives each batch's padding mask)."""
     recorder = _Recorder(graph.module, blocks)
     with torch.no_grad():
-        for batch in batches:
+        for index, batch in enumerate(batches):
+            recorder.mask = None if masks is None else masks[index]
             recorder.run(*batch)
     stats = {}
     for block in blocks:
@@ -237,7 +243,7 @@ def _fidelity(graph: Graph, blocks: list[Block], affine: dict, ctx: PassContext,
                    names[b.hidden_out.name], [names[n.name] for n in b.cache_writes]) for b in blocks]
     unwritten = frozenset(cache_outputs(trial, moved))
     remove_blocks(trial, moved, affine, shapes=False)
-    return compare(reference, run_batches(trial, ctx.calibration), unused=unwritten)
+    return compare(reference, run_batches(trial, ctx.calibration), unused=unwritten, padding=ctx.padding_masks)
 
 
 def cache_outputs(graph: Graph, blocks: list[Block]) -> list[int]:
