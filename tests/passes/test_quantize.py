@@ -395,6 +395,18 @@ def test_a_model_without_linear_layers_is_reported_unchanged():
     entry = cm.report.passes[0]
     assert entry.status != "applied"
     assert any("no Linear layers to quantize" in note for note in entry.notes)
+    assert "1 convolution layer left in float: the quantize passes rewrite Linear layers and embedding tables " \
+           "only" in entry.notes
+
+
+def test_the_convolutions_a_quantized_cnn_keeps_in_float_are_counted():
+    """Only the head of a CNN is a Linear layer: the report says the convolutions (1x1 ones too) stay in float."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 1), nn.Flatten(), nn.Linear(8 * 36, 5))
+    cm = bevel.compile(model.eval(), "quantize.int8_weight", example_inputs=(torch.randn(2, 3, 8, 8),))
+    entry = cm.report.passes[0]
+    assert entry.status == "applied" and entry.stats["quantized"] == 1
+    assert "2 convolution layers left in float: the quantize passes rewrite Linear layers and embedding tables " \
+           "only" in entry.notes
 
 
 class TiedLM(nn.Module):

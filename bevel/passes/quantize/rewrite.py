@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
+from bevel.ir.analysis import CONV_OPS, layer_weight
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.quantize.calibration import (InputStats, Resume, collect_input_stats, few_rows_note,
@@ -72,6 +73,14 @@ def int8_embedding_table(site: EmbeddingSite) -> tuple[Quantized, float]:
                                                               INPUT)), error
 
 
+def _convolutions_note(graph: Graph) -> list[str]:
+    """Says how many convolutions stay in float: the quantize passes rewrite Linear layers and
+    embedding tables, so a CNN keeps most of its work in float (a 1x1 convolution included)."""
+    count = sum(1 for n in graph.nodes(op="call_function", target=CONV_OPS) if layer_weight(graph, n) is not None)
+    return [f"{count} convolution layer{'s' if count > 1 else ''} left in float: the quantize passes rewrite "
+            f"Linear layers and embedding tables only"] if count else []
+
+
 class QuantizePass(Pass):
     """Base of the quantize passes; subclasses implement :meth:`quantize_linear`. Their Params must
     have ``skip``, ``embeddings`` and ``max_layer_error``."""
@@ -105,6 +114,7 @@ class QuantizePass(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         sites, notes = find_sites(graph, self.params.skip, self.params.embeddings)
+        notes += _convolutions_note(graph)
         if not any(isinstance(s, LinearSite) for s in sites):
             notes += rewritten_layers_note(graph, self.name)
             notes.append("no Linear layers to quantize: the graph is unchanged")
