@@ -233,8 +233,9 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     """
     import onnx
 
-    from bevel.runtime.ops import ONNX_TRANSLATIONS
+    from bevel.runtime.ops import onnx_translations
 
+    translations = onnx_translations()
     check_opset(opset)
     path = _file_path(path)
     nested = [i for i, x in enumerate(compiled.example_inputs) if isinstance(x, (dict, list, tuple))]
@@ -244,7 +245,7 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
                           f"ONNX export takes tensors (or None) as the model's positional inputs; wrap the model "
                           f"in a module that takes the tensors one by one")
     module = _layouts_copied(compiled.cpu_graph_module())
-    _check_translations(module, ONNX_TRANSLATIONS)
+    _check_translations(module, translations)
     existed = os.path.exists(path)
     target = _check_writable(path)
     args = compiled.cpu_example_inputs()
@@ -257,7 +258,7 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
                           dynamic_shapes=_export_dynamic_shapes(axes),
                           input_names=[name for name, _ in tensors],
                           output_names=output_names(module, args), opset_version=opset,
-                          custom_translation_table=dict(ONNX_TRANSLATIONS) or None, verbose=False)
+                          custom_translation_table=dict(translations) or None, verbose=False)
     except Exception as error:  # the exporter raises many types; report one clear error
         if not existed and os.path.isfile(target) and os.path.getsize(target) == 0:
             os.remove(target)  # the empty file the writability check left

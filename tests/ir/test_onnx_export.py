@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -326,3 +328,18 @@ def test_a_dict_input_is_refused_by_name(tmp_path):
     with pytest.raises(ExportError, match="input 0 is a dict of tensors, and the ONNX export takes tensors"):
         compiled.export_onnx(str(tmp_path / "model.onnx"))
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_onnxscript_loads_with_the_first_export_not_with_bevel(tmp_path):
+    """The ONNX translations import onnxscript (a second or two): ``import bevel``, and so every CLI
+    command, goes without it until something is exported."""
+    code = ("import sys, torch, bevel\n"
+            "loaded = 'onnxscript' in sys.modules\n"
+            "cm = bevel.compile(torch.nn.Linear(4, 2), 'cleanup', example_inputs=(torch.randn(2, 4),))\n"
+            "cm.export_onnx(sys.argv[1])\n"
+            "print(loaded, 'onnxscript' in sys.modules)\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "linear.onnx")], capture_output=True,
+                          text=True, timeout=300, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "True"]

@@ -1,10 +1,10 @@
 """``bevel::semi_structured_linear``: a linear whose weight is 2:4 sparse, stored dense with its zeros.
 
 ``y = x @ weight.T + bias``. CPU: the dense linear it means (there is no CPU sparse kernel); CUDA:
-PyTorch's cuSPARSELt GEMM on the weight compressed once to its layout; ONNX: ``MatMul`` of the
-transposed dense weight (ONNX has no sparse GEMM). Keeping the weight dense in the graph is what
-lets the saved artifact and the ONNX export hold ordinary tensors. ``prune.nm`` inserts the op
-only where it measured the sparse kernel faster.
+PyTorch's cuSPARSELt GEMM on the weight compressed once to its layout; ONNX (``semi_structured_onnx``):
+``MatMul`` of the transposed dense weight (ONNX has no sparse GEMM). Keeping the weight dense in the
+graph is what lets the saved artifact and the ONNX export hold ordinary tensors. ``prune.nm`` inserts
+the op only where it measured the sparse kernel faster.
 """
 
 from __future__ import annotations
@@ -13,11 +13,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from onnxscript import opset18 as op
-from onnxscript.onnx_types import TensorType
 
 from bevel.ir.analysis import matmul_flops, register_flops
-from bevel.runtime.ops import ONNX_TRANSLATIONS
 
 # id(weight) -> (the weight's version when compressed, its cuSPARSELt form)
 _compressed: dict[int, tuple[int, torch.Tensor]] = {}
@@ -54,11 +51,4 @@ def _compressed_weight(weight: torch.Tensor) -> torch.Tensor:
     return _compressed[id(weight)][1]
 
 
-def semi_structured_linear_onnx(x: TensorType, weight: TensorType, bias: TensorType | None) -> TensorType:
-    """``MatMul(x, Transpose(weight)) + bias``: ONNX has no sparse GEMM, the weight stays dense."""
-    out = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
-    return out if bias is None else op.Add(out, bias)
-
-
 register_flops(semi_structured_linear._opoverload, matmul_flops)
-ONNX_TRANSLATIONS[torch.ops.bevel.semi_structured_linear.default] = semi_structured_linear_onnx
