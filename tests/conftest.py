@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MiniLM model, real sentences as inputs, and one compiled MiniLM reused across tests."""
+"""Shared fixtures: the real MiniLM model, real sentences as inputs, one compiled MiniLM reused across
+tests, and the shipped tinylm with its one capture."""
 
 from __future__ import annotations
 
@@ -50,3 +51,22 @@ def minilm_pruned(minilm, minilm_inputs, minilm_calibration):
     import bevel
 
     return bevel.compile(minilm, PRUNE_PIPELINE, example_inputs=minilm_inputs, calibration=minilm_calibration)
+
+
+@pytest.fixture(scope="session")
+def tinylm_model():
+    """The shipped tinylm (a 12-layer byte-level llama). Tests must not modify it."""
+    from bevel.models import tinylm
+
+    return tinylm.load_tinylm()
+
+
+@pytest.fixture(scope="session")
+def tinylm_captured(tinylm_model):
+    """tinylm captured once (``bevel.capture``: about 10 s, the same for every pipeline) on two prompts;
+    each compile of it rewrites a copy of the graph."""
+    import bevel
+    from bevel.models import tinylm
+
+    return bevel.capture(tinylm_model, tinylm.prompts(["The object model", "A function"]))
+

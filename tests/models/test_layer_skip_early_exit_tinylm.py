@@ -27,8 +27,8 @@ BLOCKS = tinylm.CONFIG["num_hidden_layers"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tinylm.load_tinylm()
+def model(tinylm_model):
+    return tinylm_model
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,8 @@ def calibration():
 
 
 @pytest.fixture(scope="module")
-def compiled(model, calibration):
-    captured = bevel.capture(model, calibration[0])  # once for the three thresholds
-    return {threshold: bevel.compile(captured, f"layer_skip.early_exit(threshold={threshold})",
+def compiled(tinylm_captured, calibration):
+    return {threshold: bevel.compile(tinylm_captured, f"layer_skip.early_exit(threshold={threshold})",
                                      calibration=calibration, max_cache_len=1024)
             for threshold in THRESHOLDS}
 

@@ -14,8 +14,8 @@ HELD_OUT_BYTES = 8192  # a slice of the held-out split, scored with 512 bytes of
 
 
 @pytest.fixture(scope="module")
-def setup():
-    model = tinylm.load_tinylm()
+def setup(tinylm_model):
+    model = tinylm_model
     text = tinylm.held_out_text()[:HELD_OUT_BYTES]
     calibration = tinylm.text_windows(count=4, batch_size=4, length=256)
     return model, text, calibration
@@ -26,10 +26,10 @@ def _compiled_perplexity(captured, text, calibration, pipeline):
     return cm, perplexity(cm, text, context=512, stride=256)
 
 
-def test_the_ranking_predicts_the_damage_and_compensation_helps(setup):
+def test_the_ranking_predicts_the_damage_and_compensation_helps(setup, tinylm_captured):
     model, text, calibration = setup
     original = perplexity(model, text, context=512, stride=256)
-    captured = bevel.capture(model, calibration[0])  # once for the three pipelines below
+    captured = tinylm_captured  # captured once for every pipeline
     top, ppl_top = _compiled_perplexity(captured, text, calibration, "layer_skip.static(n=2)")
     entry = top.report.passes[0]
     print("\n" + "\n".join(entry.notes))

@@ -18,14 +18,13 @@ HELD_OUT_BYTES = 16384
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tinylm.load_tinylm()
+def model(tinylm_model):
+    return tinylm_model
 
 
 @pytest.fixture(scope="module")
-def compiled(model):
-    return bevel.compile(model, "cleanup", example_inputs=tinylm.prompts(["The object model", "A function"]),
-                         max_cache_len=1024)
+def compiled(tinylm_captured):
+    return bevel.compile(tinylm_captured, "cleanup", max_cache_len=1024)
 
 
 def test_tinylm_loads_offline_with_its_shipped_size(model):
@@ -73,10 +72,9 @@ def test_prefill_and_decode_match_the_eager_model(model, compiled):
     assert (out["logits"][:, -1] - full).abs().max().item() < 1e-4
 
 
-def test_the_report_gives_held_out_perplexity_before_and_after_each_pass(model):
+def test_the_report_gives_held_out_perplexity_before_and_after_each_pass(model, tinylm_captured):
     text = corpus.held_out_text()[:4096]
-    cm = bevel.compile(model, "cleanup | quantize.int8_weight", example_inputs=tinylm.prompts(["The object"]),
-                       eval_text=text, max_cache_len=1024)
+    cm = bevel.compile(tinylm_captured, "cleanup | quantize.int8_weight", eval_text=text, max_cache_len=1024)
     before = cm.report.quality["perplexity"]
     after = cm.report["quantize.int8_weight"].quality["perplexity"]
     print(f"\nheld-out perplexity: original {before:.4f}, after int8 weights {after:.4f}")

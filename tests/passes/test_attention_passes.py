@@ -35,8 +35,9 @@ WINDOW, SINKS = 16, 4
 
 
 @pytest.fixture(scope="module")
-def model():
-    return tinylm.load_tinylm()
+def model(tinylm_model, tinylm_captured):
+    CAPTURED[tinylm_model] = tinylm_captured
+    return tinylm_model
 
 
 @pytest.fixture(scope="module")
