@@ -254,6 +254,12 @@ def test_a_model_without_repeated_blocks_is_left_unchanged():
     assert entry.status == "no change" and "no repeated blocks" in entry.notes[0]
 
 
+@pytest.fixture(scope="module")
+def four_layers(calibration):
+    """A 4-layer llama captured once for the tests of counts it cannot take."""
+    return bevel.capture(small_causal_lm("llama", layers=4), calibration[0])
+
+
 @pytest.mark.parametrize("pipeline, message", [
     ("layer_skip.static(n=4)", "n=4.*has 4 repeated blocks; n must be smaller"),
     ("layer_skip.static(n=9)", "n=9"),
@@ -261,10 +267,8 @@ def test_a_model_without_repeated_blocks_is_left_unchanged():
     ("layer_skip.static(layers=[1, 1])", "distinct block indices"),
     ("layer_skip.static(layers=[0, 1, 2, 3])", "fewer than the 4 blocks"),
 ])
-def test_counts_the_graph_cannot_take_fail_the_pass_with_a_reason(pipeline, message, calibration):
-    model = small_causal_lm("llama", layers=4)
-    ids, mask = calibration[0]
-    cm = bevel.compile(model, pipeline, example_inputs=(ids, mask))
+def test_counts_the_graph_cannot_take_fail_the_pass_with_a_reason(pipeline, message, four_layers):
+    cm = bevel.compile(four_layers, pipeline)
     entry = cm.report.passes[0]
     assert entry.status == "failed"
     assert __import__("re").search(message, entry.reason), entry.reason
@@ -310,9 +314,9 @@ def test_an_encoders_padded_tokens_change_neither_the_scores_nor_the_probe():
     mask = (torch.arange(10) < torch.tensor([10, 6, 3, 7])[:, None]).long()
     ids = torch.randint(1, 100, (4, 10), generator=g)
     other = torch.where(mask.bool(), ids, torch.randint(1, 100, (4, 10), generator=g))
-    reports = [bevel.compile(bert, "layer_skip.static(n=1)", example_inputs=(ids, mask),
-                             calibration=[(batch, mask)]).report.passes[0].stats["per_block"]
-               for batch in (ids, other)]
+    captured = bevel.capture(bert, (ids, mask))
+    reports = [bevel.compile(captured, "layer_skip.static(n=1)", calibration=[(batch, mask)]).report.passes[0]
+               .stats["per_block"] for batch in (ids, other)]
     for block, figures in reports[0].items():
         for key in ("cosine", "rel_l2", "cosine_without_it"):
             assert figures[key] == pytest.approx(reports[1][block][key], abs=2e-6), (block, key)
