@@ -83,11 +83,11 @@ def bert():
     return BertModel(config).eval(), inputs
 
 
-def vit():
+def vit(depth: int = 2):
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=depth,
                               num_heads=4, num_classes=5)
     return model.eval(), lambda g, b=2: (torch.randn(b, 3, 32, 32, generator=g),)
 
@@ -320,8 +320,9 @@ def test_a_merging_compiled_module_runs_through_inductor():
     """``torch.compile`` (Inductor) of the CompiledModule, as the GPU benchmark times it: Inductor
     generates code for the ops around bevel's matching and merging ops and calls those as they are
     (their fake implementations give it the merged lengths). The same outputs, up to the order of
-    float32 sums in Inductor's fused kernels (1e-5)."""
-    model, make_inputs = vit()
+    float32 sums in Inductor's fused kernels (1e-5). One block: Inductor compiles C++ for each kernel,
+    and a block shows every kind of op a merging model has."""
+    model, make_inputs = vit(depth=1)
     (x,) = make_inputs(seeded(0))
     compiled = bevel.compile(model, "cleanup | tome(r=3)", example_inputs=(x,), dynamic_shapes="static")
     inductor = torch.compile(compiled, fullgraph=True)  # one graph: no part left to eager PyTorch
