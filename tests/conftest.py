@@ -69,4 +69,3 @@ def tinylm_captured(tinylm_model):
     from bevel.models import tinylm
 
     return bevel.capture(tinylm_model, tinylm.prompts(["The object model", "A function"]))
-

@@ -8,7 +8,7 @@ import torch
 from onnxscript import opset18 as op
 from onnxscript.onnx_types import TensorType
 
-from bevel.runtime.early_exit_ops import CRITERIA  # noqa: F401  (registers the ops)
+import bevel.runtime.early_exit_ops  # noqa: F401  (registers torch.ops.bevel.early_exit_*)
 from bevel.runtime.ops import ONNX_TRANSLATIONS
 
 Tensor = TensorType  # the translations' annotations: any tensor type; at export they receive ir.Values
