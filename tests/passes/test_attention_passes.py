@@ -358,6 +358,20 @@ def test_a_group_size_that_does_not_divide_the_head_is_refused_by_name(model):
     assert cm.spec.cache_policy.bits is None  # nothing of the failed pass is left
 
 
+@pytest.mark.parametrize("pipeline, cache_bytes, smallest", [("kv.quantize(bits=4, group_size=2)", 576, 4),
+                                                             ("kv.quantize(bits=8, group_size=1)", 640, 2)])
+def test_groups_too_small_to_save_memory_are_refused_naming_the_smallest_that_does(model, pipeline, cache_bytes,
+                                                                                   smallest):
+    """tinylm's float32 heads of 32 channels: 4-bit codes in groups of 2 carry a scale and a low end per
+    group, 9 bytes for every 2 channels where float32 takes 8 (576 bytes per token and layer against 512)."""
+    cm = compile_pass(model, pipeline)
+    entry = cm.report.passes[-1]
+    assert entry.status == "failed" and "take more memory than the codes save" in entry.reason, entry.reason
+    assert f"use group_size={smallest} or larger" in entry.reason
+    assert f"{cache_bytes} bytes per token and layer against 512 unquantized" in entry.reason
+    assert cm.spec.cache_policy.bits is None
+
+
 def test_a_rolled_back_pass_leaves_no_cache_policy(model):
     cm = compile_pass(model, f"attention.window(window={WINDOW}, sinks={SINKS}, block=16)", max_fidelity_drop=1e-6,
                       calibration=tinylm.text_windows(count=1, batch_size=2, length=64))

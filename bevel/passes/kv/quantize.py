@@ -51,14 +51,21 @@ class KVQuantize(Pass):
             raise PassError(f"kv.quantize(group_size={group}): the group size must divide the head dimension {dim}"
                             + (" and be even (two 4-bit codes per byte)" if bits == 4 else "")
                             + f"; try group_size={dim} or a divisor of it")
+        kv_heads, dtype = attentions[0].kv_heads, attentions[0].key.meta["val"].dtype
+        before = 2 * kv_heads * dim * dtype.itemsize
+        after = _cache_bytes(kv_heads, dim, bits, group)
+        if after >= before:  # small groups: their scales take more than the codes save
+            smallest = min((g for g in range(1, dim + 1) if not dim % g and not (bits == 4 and g % 2)
+                            and _cache_bytes(kv_heads, dim, bits, g) < before), default=None)
+            raise PassError(f"kv.quantize(bits={bits}, group_size={group}): the groups' scales take more memory than "
+                            f"the codes save: the cache would hold {after} bytes per token and layer against {before} "
+                            f"unquantized; " + (f"use group_size={smallest} or larger" if smallest else
+                                                f"no group size saves memory on heads of {dim} channels"))
         for attention in attentions:
             for write in (attention.site.key_write, attention.site.value_write):
                 _round_write(graph, write, bits, group)
         graph.refresh()
         record_policy(graph, bits=bits, group_size=group)
-        kv_heads, dtype = attentions[0].kv_heads, attentions[0].key.meta["val"].dtype
-        before = 2 * kv_heads * dim * dtype.itemsize
-        after = 2 * kv_heads * (code_width(dim, bits) + 4 * params_per_group(bits) * (dim // group))
         return PassResult(changed=True, notes=[
             f"{len(attentions)} layers: keys and values rounded to {bits}-bit codes in groups of {group} channels; "
             f"the decode loop's cache holds {after} bytes per token and layer instead of {before} "
@@ -79,3 +86,7 @@ def _round_write(graph: Graph, write: fx.Node, bits: int, group: int) -> None:
                                                                                       dtype))
     write.args = (*write.args[:3], values)
 
+
+def _cache_bytes(kv_heads: int, dim: int, bits: int, group: int) -> int:
+    """Bytes of a quantized cache per token and layer: keys and values, codes and float32 group parameters."""
+    return 2 * kv_heads * (code_width(dim, bits) + 4 * params_per_group(bits) * (dim // group))
