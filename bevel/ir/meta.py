@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -111,7 +113,8 @@ def propagate(graph: "Graph") -> None:
     mode.allow_non_fake_inputs = True  # weights are real tensors read through get_attr
     try:
         try:
-            _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
+            with _fake_kernel_errors_unlogged():
+                _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
         except RuntimeError as error:
             if "expected to contain only concrete integers" not in str(error):
                 raise
@@ -123,6 +126,20 @@ def propagate(graph: "Graph") -> None:
     finally:
         mode.allow_non_fake_inputs = allow
     _record_data_dependent_sizes(graph)
+
+
+@contextlib.contextmanager
+def _fake_kernel_errors_unlogged():
+    """Keep torch's fake tensors from logging a failing kernel at ERROR level: the error is raised
+    anyway, and the one a resize raises is expected and retried (its traceback printed on every
+    compile, though the compile succeeded)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # shape env -> {unbacked symbol: its value on the example inputs}; weak, so it dies with its graph
