@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +149,13 @@ def text_config(model: torch.nn.Module) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+def uses_alibi(model: torch.nn.Module) -> bool:
+    """Whether an HF causal LM adds ALiBi position biases (Bloom, MPT, Falcon with ``alibi=True``): its
+    modelling module builds them with ``build_alibi_tensor``, unless its config turns them off."""
+    module = sys.modules.get(type(model).__module__)
+    return hasattr(module, "build_alibi_tensor") and bool(getattr(text_config(model), "alibi", True))
+
+
 def decoder_spec(model: torch.nn.Module, max_cache_len: int | None = None) -> DecoderSpec:
     """The cache geometry of an HF causal LM, read from its config; ``max_cache_len`` defaults to
     the model's ``max_position_embeddings`` (or ``n_positions``)."""
@@ -155,6 +163,11 @@ def decoder_spec(model: torch.nn.Module, max_cache_len: int | None = None) -> De
         raise NotACausalLMError(f"{type(model).__name__} is not a causal language model (an HF '...ForCausalLM' or "
                                 f"'...LMHeadModel' with generate()): decoder capture and generate() need one")
     text = text_config(model)
+    if uses_alibi(model):
+        raise CaptureError(f"{type(model).__name__} adds ALiBi position biases, which it builds from a [batch, "
+                           f"tokens] attention mask, and bevel's decoder step hands a model its ready 4-D mask: "
+                           f"ALiBi decoders cannot be compiled with a KV cache; compile with decoder=False to "
+                           f"capture the forward as it is (without generate())")
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head")
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
     kv_heads = getattr(text, "num_key_value_heads", None) or heads

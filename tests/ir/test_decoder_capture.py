@@ -142,6 +142,25 @@ def test_bad_prompt_batches_are_named():
         bevel.compile(model, "cleanup", calibration=[(ids, mask), (ids, mask[:, :2])])
 
 
+def test_an_alibi_decoder_is_refused_by_name_and_compiles_without_a_cache():
+    """Bloom builds its ALiBi biases from a [batch, tokens] mask; the step hands it a 4-D one, which
+    failed inside Bloom with "too many values to unpack"."""
+    import transformers
+
+    from bevel.errors import CaptureError
+
+    torch.manual_seed(0)
+    bloom = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=1,
+                                                                   n_head=4)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    with pytest.raises(CaptureError, match="BloomForCausalLM adds ALiBi position biases.*decoder=False"):
+        bevel.compile(bloom, "cleanup", example_inputs=(ids,))
+    cm = bevel.compile(bloom, "cleanup", example_inputs=(ids,), decoder=False)
+    fresh = torch.randint(0, 100, (3, 5))
+    with torch.no_grad():
+        assert torch.allclose(cm(fresh)["logits"], bloom(fresh).logits, atol=1e-5)
+
+
 def test_a_sliding_window_beside_layers_of_another_kind_is_refused_by_name():
     from types import SimpleNamespace
 
