@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bevel.errors import CaptureError
 from bevel.ir.attributes import set_inference_flags
 from bevel.ir.graph import Graph
-from bevel.ir.meta import OLD_FAKE_KERNELS
+from bevel.ir.meta import OLD_FAKE_KERNELS, quiet_logger
 
 
 def auto_dynamic_shapes(example_inputs: tuple[Any, ...], model: torch.nn.Module | None = None) -> tuple[Any, ...]:
@@ -77,7 +77,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
         dynamic_shapes = None
     printed = io.StringIO()
     try:
-        with _quiet_torch_logs(), contextlib.redirect_stderr(printed):
+        # torch's log warnings are silenced: a failure is reported once, as a CaptureError
+        with quiet_logger("torch", logging.ERROR), contextlib.redirect_stderr(printed):
             try:
                 program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
             except Exception as error:
@@ -140,18 +141,6 @@ def export_compiled(module: torch.nn.Module, example_inputs: tuple[Any, ...], dy
             raise
     with sdpa_kernel([SDPBackend.MATH]):
         return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
-
-
-@contextlib.contextmanager
-def _quiet_torch_logs():
-    """Silence torch's log warnings while exporting: a failure is reported once, as a CaptureError."""
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -113,7 +113,9 @@ def propagate(graph: "Graph") -> None:
     mode.allow_non_fake_inputs = True  # weights are real tensors read through get_attr
     try:
         try:
-            with _fake_kernel_errors_unlogged():
+            # torch's fake tensors log a failing kernel at ERROR level; the error is raised anyway, and the
+            # one below is expected and retried (its traceback was printed on every successful refresh)
+            with quiet_logger("torch._subclasses.fake_tensor", logging.CRITICAL):
                 _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
         except RuntimeError as error:
             if "expected to contain only concrete integers" not in str(error):
@@ -129,17 +131,15 @@ def propagate(graph: "Graph") -> None:
 
 
 @contextlib.contextmanager
-def _fake_kernel_errors_unlogged():
-    """Keep torch's fake tensors from logging a failing kernel at ERROR level: the error is raised
-    anyway, and the one a resize raises is expected and retried (its traceback printed on every
-    compile, though the compile succeeded)."""
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+def quiet_logger(name: str, level: int):
+    """Raise the logger ``name`` to ``level`` for the block (records below it are dropped)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(before)
 
 
 # shape env -> {unbacked symbol: its value on the example inputs}; weak, so it dies with its graph

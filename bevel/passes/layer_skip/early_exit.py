@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from bevel.errors import ParamError
 from bevel.ir.analysis import descendants
@@ -35,7 +34,6 @@ from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.layer_skip.blocks import Block, find_blocks
 from bevel.passes.registry import register_pass
-from bevel.passes.tome.blocks import padding_mask_input
 from bevel.runtime.early_exit_ops import CRITERIA
 
 aten = torch.ops.aten
@@ -78,10 +76,9 @@ class EarlyExit(Pass):
             return PassResult(changed=False, notes=[f"no final norm and head to exit through: {head}; nothing changed"])
         total = len(blocks)
         first = self._min_layer(total)
-        padding = padding_mask_input(graph)  # an encoder's [batch, tokens] mask, found before the rewrite
         insert_exits(graph, blocks, head, first, self.params.every, self.params.threshold, self.params.criterion,
                      self.params.mode == "skipdecode")
-        depths = measure_depths(graph, ctx.calibration, padding)
+        depths = measure_depths(graph, ctx.calibration, ctx.padding_masks)
         counts = torch.bincount(depths, minlength=total + 1)[first:].tolist() if depths.numel() else []
         average = float(depths.double().mean()) if depths.numel() else float(total)
         shares = {str(first + i): round(c / max(depths.numel(), 1), 6) for i, c in enumerate(counts) if c}
@@ -228,19 +225,20 @@ def exit_depths(module: fx.GraphModule, inputs: tuple[Any, ...]) -> torch.Tensor
     return recorder.depth
 
 
-def measure_depths(graph: Graph, batches: list[tuple[Any, ...]], padding: int | None = None) -> torch.Tensor:
+def measure_depths(graph: Graph, batches: list[tuple[Any, ...]],
+                   masks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The exit depth of every token of ``batches`` (1-D), real tokens only: for a decoder's step
-    inputs padding slots hold position -1; an encoder's tokens are those its padding mask (the flat
-    input ``padding``, when it has one) marks."""
+    inputs padding slots hold position -1; an encoder's tokens are those its padding masks (one per
+    batch, when it has one) mark."""
     names = [n.name for n in graph.inputs()]
     found = []
-    for batch in batches:
+    for index, batch in enumerate(batches):
         depth = exit_depths(graph.module, batch)
         if "kv_positions" in names and "cache_position" in names and depth.dim() == 2:
             positions = batch[names.index("kv_positions")].index_select(1, batch[names.index("cache_position")])
             depth = depth[positions >= 0]
-        elif padding is not None and depth.dim() == 2:
-            mask = pytree.tree_leaves(batch)[padding]
+        elif masks is not None and depth.dim() == 2:
+            mask = masks[index]
             if mask.shape == depth.shape:
                 depth = depth[mask.bool()]
         found.append(depth.reshape(-1).cpu())
