@@ -257,6 +257,11 @@ def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
     if not isinstance(types, list) or not all(isinstance(t, dict) and isinstance(t.get("type"), str)
                                               and isinstance(t.get("module"), str) for t in types):
         raise bad("container_types", "a list of {\"type\", \"module\"} objects", types)
+    linears = manifest.get("cpu_linears", [])
+    if not isinstance(linears, list) or not all(
+            isinstance(e, list) and len(e) == 4 and all(map(_is_int, e[:3])) and e[3] in ("aten", "onednn")
+            for e in linears):
+        raise bad("cpu_linears", "a list of [rows, inputs, outputs, \"aten\" or \"onednn\"]", linears)
     decoder = manifest.get("decoder", {})
     if not isinstance(decoder, dict):
         raise bad("decoder", "an object (a decoder spec)", decoder)
@@ -424,6 +429,8 @@ def load(path: str) -> CompiledModule:
                                for i in range(count))
     except KeyError as error:
         raise ArtifactError(f"{INPUTS} in '{path}' lacks example input {error}") from None
+    # the kernel each shape of linear ran on the CPU when saved, so that the loaded module computes the same
+    kernels = {tuple(entry[:3]): entry[3] for entry in manifest.get("cpu_linears", [])}
     if "decoder" in manifest:
         from bevel.ir.decoder import DecoderSpec
         from bevel.runtime.compiled_decoder import CompiledDecoder
@@ -434,7 +441,7 @@ def load(path: str) -> CompiledModule:
             raise ArtifactError(f"{MANIFEST} in '{path}' is invalid: \"decoder\" is not a decoder spec "
                                 f"({error})") from None
         return CompiledDecoder(module, example_inputs, report, manifest.get("pipeline", ""), spec)
-    return CompiledModule(module, example_inputs, report, manifest.get("pipeline", ""))
+    return CompiledModule(module, example_inputs, report, manifest.get("pipeline", ""), kernels)
 
 
 class _ErrorRecords(logging.Handler):

@@ -222,4 +222,4 @@ class CompiledDecoder(CompiledModule):
 
     def manifest_extra(self) -> dict[str, Any]:
         """What an artifact needs beyond the graph to rebuild this: the cache geometry."""
-        return {"decoder": self.spec.to_json()}
+        return {**super().manifest_extra(), "decoder": self.spec.to_json()}

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
+from bevel.codegen.cpu_linear import ShapeChoice, cpu_runner
 from bevel.compiler.report import Report
 from bevel.errors import BevelError
 
@@ -62,6 +63,15 @@ def input_mismatch(specs: list[dict[str, Any]], args: tuple[Any, ...]) -> str | 
     return None
 
 
+def _on_cpu(module: fx.GraphModule, kernels: dict[tuple[int, int, int], str] | None
+            ) -> tuple[fx.GraphModule, list[ShapeChoice]]:
+    """What runs ``module`` on the CPU (:func:`bevel.codegen.cpu_linear.cpu_runner`); on another device
+    the module itself."""
+    from bevel.codegen.lower import graph_devices
+
+    return cpu_runner(module, kernels) if graph_devices(module) <= {"cpu"} else (module, [])
+
+
 class CompiledModule(torch.nn.Module):
     """A rewritten model. Call it with the same positional inputs as the original; it returns the
     same output structure.
@@ -70,13 +80,16 @@ class CompiledModule(torch.nn.Module):
     inputs it was compiled with. ``save(dir)`` writes an artifact for ``bevel.load``;
     ``export_onnx(path)`` writes an ONNX model. After ``layer_skip.early_exit`` the graph runs block
     by block, samples that exited leaving the batch, and ``early_exit`` counts their depths
-    (:class:`~bevel.runtime.early_exit.EarlyExitState`); otherwise it is None.
+    (:class:`~bevel.runtime.early_exit.EarlyExitState`); otherwise it is None. On the CPU its
+    float32 linears run on the library measured faster for their shape (:mod:`bevel.codegen.cpu_linear`);
+    ``cpu_linears`` lists the choices (``cpu_linear_kernels`` gives them instead, as a loaded
+    artifact does).
     """
 
     _runs_early_exit_here = True  # a compiled decoder runs its own step graphs instead
 
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
-                 pipeline: str) -> None:
+                 pipeline: str, cpu_linear_kernels: dict[tuple[int, int, int], str] | None = None) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.example_inputs = tuple(example_inputs)
@@ -84,6 +97,10 @@ class CompiledModule(torch.nn.Module):
         self.pipeline = pipeline
         self.early_exit = None
         self._exit_runner = None
+        self.cpu_linears: list[ShapeChoice] = []
+        # what forward runs: the graph itself, or on the CPU a copy sharing its weights whose linears run
+        # on the faster library (kept out of the submodules, so that state_dict and .to() see one copy)
+        object.__setattr__(self, "_runner", graph_module)
         if self._runs_early_exit_here:
             from bevel.runtime.compiled_decoder import runtime_graph
             from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
@@ -91,7 +108,11 @@ class CompiledModule(torch.nn.Module):
             if has_early_exit(graph_module):
                 # samples that exited skip the blocks after their exit (same outputs as the graph)
                 self.early_exit = early_exit_state(graph_module)
-                self._exit_runner = EarlyExitRunner(runtime_graph(graph_module, 0), self.early_exit, decode=False)
+                runner, self.cpu_linears = _on_cpu(runtime_graph(graph_module, 0), cpu_linear_kernels)
+                self._exit_runner = EarlyExitRunner(runner, self.early_exit, decode=False)
+            else:
+                runner, self.cpu_linears = _on_cpu(graph_module, cpu_linear_kernels)
+                object.__setattr__(self, "_runner", runner)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled graph on ``args`` (the original model's positional inputs), without
@@ -106,7 +127,7 @@ class CompiledModule(torch.nn.Module):
                 if self._exit_runner is not None:
                     codegen = self.graph_module.graph._codegen  # the model's input and output structure
                     return codegen.process_outputs(self._exit_runner(*codegen.process_inputs(*args)))
-                return self.graph_module(*args)
+                return self._runner(*args)
         except (AssertionError, AttributeError, RuntimeError, TypeError, ValueError) as error:
             # explained only after a failure, so that a good call pays nothing for the check
             problem = input_mismatch(self.input_specs, args)
@@ -160,8 +181,9 @@ class CompiledModule(torch.nn.Module):
                                 f"models as decoders)")
 
     def manifest_extra(self) -> dict[str, Any]:
-        """Fields a subclass adds to a saved artifact's manifest (none here)."""
-        return {}
+        """Fields beyond the graph a saved artifact's manifest needs: the kernel each shape of linear
+        runs on the CPU, where one was chosen (see :mod:`bevel.codegen.cpu_linear`)."""
+        return {"cpu_linears": [[*c.key, c.kernel] for c in self.cpu_linears]} if self.cpu_linears else {}
 
     def extra_repr(self) -> str:
         return f"pipeline={self.pipeline!r}"

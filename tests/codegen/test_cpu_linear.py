@@ -1,0 +1,158 @@
+"""CPU linears on oneDNN: the kernel against ``F.linear``, the choice per shape, the runner sharing the
+graph's weights, what save/load and ONNX export see.
+
+Timing never decides a test: the choice is checked with ``onednn_speedup`` replaced by fixed figures
+(or forced with BEVEL_CPU_LINEAR); what the two libraries measure is in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bevel
+from bevel.codegen import cpu_linear
+from bevel.codegen.cpu_linear import CHOICE_VARIABLE, cpu_runner, onednn_linear
+from bevel.errors import BevelError
+from bevel.ir import capture
+
+ONEDNN = torch.ops.mkldnn._linear_pointwise.default
+LINEAR = torch.ops.aten.linear.default
+
+
+class TwoShapes(torch.nn.Module):
+    """Linears of two shapes: 16 -> 32 (twice, one without bias) and 32 -> 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 32)
+        self.up_again = torch.nn.Linear(16, 32, bias=False)
+        self.down = torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x) + self.up_again(x)))
+
+
+def targets(module: torch.fx.GraphModule) -> list:
+    return [n.target for n in module.graph.nodes if n.target in (LINEAR, ONEDNN)]
+
+
+@pytest.fixture
+def no_forcing(monkeypatch):
+    monkeypatch.delenv(CHOICE_VARIABLE, raising=False)
+
+
+@pytest.mark.parametrize("shape", [(5, 40), (3, 7, 40), (2, 3, 4, 40), (0, 40), (3, 0, 40)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_f_linear(shape, bias):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=generator)
+    weight, b = torch.randn(24, 40, generator=generator), torch.randn(24, generator=generator) if bias else None
+    # the same float32 products summed in another order: rounding differs by a few ulps of the sums
+    torch.testing.assert_close(onednn_linear(x, weight, b), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    transposed = torch.randn(40, 6, generator=generator).t()  # a non-contiguous input
+    torch.testing.assert_close(onednn_linear(transposed, weight, b), F.linear(transposed, weight, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_each_shape_takes_the_kernel_measured_faster(monkeypatch, no_forcing):
+    graph = capture(TwoShapes().eval(), (torch.randn(4, 16),))
+    timed = []
+
+    def speedup(rows, inputs, outputs):
+        timed.append((rows, inputs, outputs))
+        return 1.3 if outputs == 32 else cpu_linear.ONEDNN_MIN_SPEEDUP - 0.01
+
+    monkeypatch.setattr(cpu_linear, "onednn_speedup", speedup)
+    runner, choices = cpu_runner(graph.module)
+    # one timing per distinct shape (with or without a bias), at the example inputs' rows
+    assert sorted(timed) == [(4, 16, 32), (4, 32, 16)]
+    assert {(c.key, c.kernel) for c in choices} == {((4, 16, 32), "onednn"), ((4, 32, 16), "aten")}
+    assert targets(runner) == [ONEDNN, ONEDNN, LINEAR]
+    assert targets(graph.module) == [LINEAR] * 3  # the graph itself is left as it is
+    # the runner shares the graph's weights: no copy, and a later change to one shows in the other
+    assert {p.data_ptr() for p in runner.parameters()} == {p.data_ptr() for p in graph.module.parameters()}
+    x = torch.randn(9, 16)
+    torch.testing.assert_close(runner(x), graph.module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_faster_leaves_the_graph_module_itself(monkeypatch, no_forcing):
+    graph = capture(TwoShapes().eval(), (torch.randn(4, 16),))
+    monkeypatch.setattr(cpu_linear, "onednn_speedup", lambda *shape: 1.0)
+    runner, choices = cpu_runner(graph.module)
+    assert runner is graph.module and {c.kernel for c in choices} == {"aten"}
+
+
+def test_timings_are_kept_for_the_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_linear, "_speedups", {})
+    monkeypatch.setattr(cpu_linear, "REPEATS", 1)
+    real_linear = cpu_linear.onednn_linear
+
+    def counted(*args):
+        calls.append(1)
+        return real_linear(*args)
+
+    monkeypatch.setattr(cpu_linear, "onednn_linear", counted)
+    first = cpu_linear.onednn_speedup(8, 16, 32)
+    assert first > 0 and len(calls) == cpu_linear.WARMUP + 1
+    assert cpu_linear.onednn_speedup(8, 16, 32) == first and len(calls) == cpu_linear.WARMUP + 1
+    # products of other sizes are timed at one of two row counts, so compiles at other sizes choose alike
+    assert cpu_linear.onednn_speedup(40, 16, 32) == first and len(calls) == cpu_linear.WARMUP + 1
+    cpu_linear.onednn_speedup(1600, 16, 32)
+    cpu_linear.onednn_speedup(3200, 16, 32)
+    assert len(calls) == 2 * (cpu_linear.WARMUP + 1)
+
+
+def test_a_bad_choice_variable_is_named(monkeypatch):
+    graph = capture(TwoShapes().eval(), (torch.randn(4, 16),))
+    monkeypatch.setenv(CHOICE_VARIABLE, "fastest")
+    with pytest.raises(BevelError, match=f"{CHOICE_VARIABLE}='fastest'.*'auto'.*'aten'.*'onednn'"):
+        cpu_runner(graph.module)
+
+
+@pytest.fixture
+def compiled_on_onednn(monkeypatch):
+    """TwoShapes compiled with every linear forced onto oneDNN."""
+    monkeypatch.setenv(CHOICE_VARIABLE, "onednn")
+    torch.manual_seed(0)
+    model = TwoShapes().eval()
+    return model, bevel.compile(model, "cleanup", example_inputs=(torch.randn(4, 16),))
+
+
+def test_a_compiled_module_runs_its_linears_on_onednn_and_exports_aten(compiled_on_onednn, tmp_path):
+    model, compiled = compiled_on_onednn
+    assert {(c.key, c.kernel) for c in compiled.cpu_linears} == {((4, 16, 32), "onednn"), ((4, 32, 16), "onednn")}
+    x = torch.randn(6, 16)
+    got = compiled(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    assert targets(compiled._runner) == [ONEDNN] * 3 and targets(compiled.graph_module) == [LINEAR] * 3
+    # one copy of the weights in the module's state
+    assert set(compiled.state_dict()) == {f"graph_module.{n}" for n in compiled.graph_module.state_dict()}
+    path = compiled.export_onnx(str(tmp_path / "model.onnx"))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(onnx_out), got, rtol=1e-5, atol=1e-5)
+
+
+def test_a_loaded_artifact_runs_the_kernels_it_was_saved_with(compiled_on_onednn, monkeypatch, tmp_path):
+    _, compiled = compiled_on_onednn
+    path = compiled.save(str(tmp_path / "art"))
+    with open(os.path.join(path, "manifest.json")) as f:
+        assert sorted(json.load(f)["cpu_linears"]) == [[4, 16, 32, "onednn"], [4, 32, 16, "onednn"]]
+    monkeypatch.delenv(CHOICE_VARIABLE)
+
+    def no_timing(*shape):
+        raise AssertionError("a loaded artifact timed a shape its manifest gives")
+
+    monkeypatch.setattr(cpu_linear, "onednn_speedup", no_timing)
+    loaded = bevel.load(path)
+    assert [(c.key, c.kernel) for c in loaded.cpu_linears] == [(c.key, c.kernel) for c in compiled.cpu_linears]
+    x = torch.randn(5, 16)
+    assert torch.equal(loaded(x), compiled(x))
