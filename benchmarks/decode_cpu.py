@@ -9,6 +9,7 @@ generated tokens on which bevel's output equals HF's (the fidelity: 1.0 means id
 
     python benchmarks/decode_cpu.py
     python benchmarks/decode_cpu.py --pipeline "cleanup | quantize.int8_dynamic" --new 32
+    BEVEL_CPU_LINEAR=aten python benchmarks/decode_cpu.py   # every float linear on MKL, as eager
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
     for name, build in (("tinylm", tinylm.load_tinylm), ("llama-6x512", llama_6x512)):
         model = build()
         cm = bevel.compile(model, args.pipeline, example_inputs=prompts(name, 2), max_cache_len=1024)
+        for choice in cm.cpu_linears:  # the CPU kernel of each linear shape (bevel.codegen.cpu_linear)
+            print(f"  {name}: {choice}")
         for batch in (1, 8):
             ids, mask = prompts(name, batch)
 

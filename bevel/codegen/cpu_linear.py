@@ -110,9 +110,9 @@ class ShapeChoice:
                 f"{self.kernel}{measured}")
 
 
-def _linear_shape(module: fx.GraphModule, node: fx.Node) -> tuple[int, int, int] | None:
+def _linear_shape(module: fx.GraphModule, node: fx.Node, rows: int | None) -> tuple[int, int, int] | None:
     """(rows, in, out) of a float32 linear on a weight of the module's, or None where the node is
-    not one or its sizes are not known."""
+    not one or its sizes are not known. ``rows`` given replaces the example inputs' row count."""
     if node.op != "call_function" or node.target != aten.linear.default or len(node.args) < 2:
         return None
     x, weight = node.args[0], node.args[1]
@@ -124,12 +124,13 @@ def _linear_shape(module: fx.GraphModule, node: fx.Node) -> tuple[int, int, int]
         return None
     if val.dtype != torch.float32 or tensor.dtype != val.dtype or tensor.device.type != "cpu" or val.dim() < 2:
         return None
-    try:
-        rows = 1
-        for dim in val.shape[:-1]:
-            rows *= concrete(dim)
-    except ValueError:  # a size without an example value
-        return None
+    if rows is None:
+        try:
+            rows = 1
+            for dim in val.shape[:-1]:
+                rows *= concrete(dim)
+        except ValueError:  # a size without an example value
+            return None
     return rows, tensor.shape[1], tensor.shape[0]
 
 
@@ -148,17 +149,18 @@ def _forced_kernel() -> str | None:
     return None if choice == "auto" else choice
 
 
-def cpu_runner(module: fx.GraphModule, kernels: dict[tuple[int, int, int], str] | None = None
-               ) -> tuple[fx.GraphModule, list[ShapeChoice]]:
+def cpu_runner(module: fx.GraphModule, kernels: dict[tuple[int, int, int], str] | None = None,
+               rows: int | None = None) -> tuple[fx.GraphModule, list[ShapeChoice]]:
     """The module to run on the CPU: ``module`` itself where every linear keeps ``aten.linear``, else a
     copy of its graph sharing its weights with the chosen linears on oneDNN; and the choice per shape.
     ``kernels`` (as :attr:`ShapeChoice.key` -> kernel, what a saved artifact records) are used instead
     of timing, so that a loaded module computes exactly what the saved one did; shapes missing from
-    them keep ``aten``."""
+    them keep ``aten``. ``rows`` given, every linear is taken to multiply that many rows (a decode
+    step multiplies one token per sequence) rather than as many as the example inputs give."""
     forced = _forced_kernel()
     shapes: dict[tuple[int, int, int], list[fx.Node]] = {}
     for node in module.graph.nodes:
-        shape = _linear_shape(module, node)
+        shape = _linear_shape(module, node, rows)
         if shape is not None:
             shapes.setdefault(shape, []).append(node)
     if not shapes or not onednn_available():

@@ -440,7 +440,7 @@ def load(path: str) -> CompiledModule:
         except (TypeError, KeyError) as error:
             raise ArtifactError(f"{MANIFEST} in '{path}' is invalid: \"decoder\" is not a decoder spec "
                                 f"({error})") from None
-        return CompiledDecoder(module, example_inputs, report, manifest.get("pipeline", ""), spec)
+        return CompiledDecoder(module, example_inputs, report, manifest.get("pipeline", ""), spec, kernels)
     return CompiledModule(module, example_inputs, report, manifest.get("pipeline", ""), kernels)
 
 

@@ -14,7 +14,7 @@ from bevel.errors import GenerateError
 from bevel.ir.decoder import (CachePolicy, DecoderSpec, cache_names, is_token_id, left_pad_order,
                               outside_vocabulary)
 from bevel.runtime.cache_graph import params_names, storage_graph
-from bevel.runtime.compiled_module import CompiledModule
+from bevel.runtime.compiled_module import CompiledModule, on_cpu
 from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
 from bevel.runtime.kv_cache import DecodeStream
 
@@ -62,7 +62,9 @@ class CompiledDecoder(CompiledModule):
     and ``decode_graph`` are the two graphs generate runs (see :func:`runtime_graph`); they share
     the weights, write the cache in place and return ``(logits, present_key_0, ...)``. ``spec``
     holds the cache geometry and how the loop keeps the cache (its ``cache_policy``, which the
-    attention and KV-cache passes set); ``stream`` runs the loop one token at a time. After
+    attention and KV-cache passes set); ``stream`` runs the loop one token at a time. On the CPU
+    each graph's float32 linears run on the library timed faster at its rows (``cpu_linears``, see
+    :mod:`bevel.codegen.cpu_linear`): a decode step multiplies one token per sequence. After
     ``layer_skip.early_exit`` both run block by block (:class:`~bevel.runtime.early_exit.EarlyExitRunner`),
     and ``early_exit`` counts the depth of the tokens they ran (``early_exit.average_depth``,
     ``early_exit.reset()``); otherwise it is None.
@@ -71,11 +73,17 @@ class CompiledDecoder(CompiledModule):
     _runs_early_exit_here = False  # the prefill and decode graphs below do
 
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
-                 pipeline: str, spec: DecoderSpec) -> None:
+                 pipeline: str, spec: DecoderSpec, cpu_linear_kernels: dict[tuple[int, int, int], str] | None = None
+                 ) -> None:
         super().__init__(graph_module, example_inputs, report, pipeline)
         self.spec = spec.with_policy(graph_module)
-        self.prefill_graph = runtime_graph(graph_module, self.spec.num_layers, self.spec.cache_policy)
-        self.decode_graph = runtime_graph(graph_module, self.spec.num_layers, self.spec.cache_policy)
+        # on the CPU the linears of each graph run on the library timed faster at its rows: a decode step
+        # multiplies one token per sequence (the example's batch), a prefill the example's prompts
+        self.prefill_graph, prefill = on_cpu(runtime_graph(graph_module, self.spec.num_layers, self.spec.cache_policy),
+                                             cpu_linear_kernels)
+        self.decode_graph, decode = on_cpu(runtime_graph(graph_module, self.spec.num_layers, self.spec.cache_policy),
+                                           cpu_linear_kernels, rows=example_inputs[0].shape[0])
+        self.cpu_linears = list({c.key: c for c in prefill + decode}.values())
         if has_early_exit(graph_module):
             # exited rows skip the blocks after their exit (same outputs as the graph)
             self.early_exit = early_exit_state(graph_module)

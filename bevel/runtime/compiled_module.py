@@ -63,13 +63,13 @@ def input_mismatch(specs: list[dict[str, Any]], args: tuple[Any, ...]) -> str | 
     return None
 
 
-def _on_cpu(module: fx.GraphModule, kernels: dict[tuple[int, int, int], str] | None
-            ) -> tuple[fx.GraphModule, list[ShapeChoice]]:
+def on_cpu(module: fx.GraphModule, kernels: dict[tuple[int, int, int], str] | None, rows: int | None = None
+           ) -> tuple[fx.GraphModule, list[ShapeChoice]]:
     """What runs ``module`` on the CPU (:func:`bevel.codegen.cpu_linear.cpu_runner`); on another device
     the module itself."""
     from bevel.codegen.lower import graph_devices
 
-    return cpu_runner(module, kernels) if graph_devices(module) <= {"cpu"} else (module, [])
+    return cpu_runner(module, kernels, rows) if graph_devices(module) <= {"cpu"} else (module, [])
 
 
 class CompiledModule(torch.nn.Module):
@@ -108,10 +108,10 @@ class CompiledModule(torch.nn.Module):
             if has_early_exit(graph_module):
                 # samples that exited skip the blocks after their exit (same outputs as the graph)
                 self.early_exit = early_exit_state(graph_module)
-                runner, self.cpu_linears = _on_cpu(runtime_graph(graph_module, 0), cpu_linear_kernels)
+                runner, self.cpu_linears = on_cpu(runtime_graph(graph_module, 0), cpu_linear_kernels)
                 self._exit_runner = EarlyExitRunner(runner, self.early_exit, decode=False)
             else:
-                runner, self.cpu_linears = _on_cpu(graph_module, cpu_linear_kernels)
+                runner, self.cpu_linears = on_cpu(graph_module, cpu_linear_kernels)
                 object.__setattr__(self, "_runner", runner)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

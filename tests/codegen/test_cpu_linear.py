@@ -156,3 +156,29 @@ def test_a_loaded_artifact_runs_the_kernels_it_was_saved_with(compiled_on_onednn
     assert [(c.key, c.kernel) for c in loaded.cpu_linears] == [(c.key, c.kernel) for c in compiled.cpu_linears]
     x = torch.randn(5, 16)
     assert torch.equal(loaded(x), compiled(x))
+
+
+def test_a_decoder_times_its_decode_step_at_one_token_per_sequence(monkeypatch, no_forcing, tmp_path):
+    from tests.decoders import hf_greedy, padded_prompts, small_causal_lm
+
+    model = small_causal_lm("llama")
+    ids, mask = padded_prompts([5, 3, 6])
+    timed = []
+
+    def speedup(rows, inputs, outputs):
+        timed.append(rows)
+        return 1.2  # oneDNN everywhere
+
+    monkeypatch.setattr(cpu_linear, "onednn_speedup", speedup)
+    compiled = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
+    # the prefill's linears multiply the example's 3 x 6 tokens, the decode step's 3 rows, one per prompt
+    assert set(timed) == {18, 3} and {c.rows for c in compiled.cpu_linears} == {18, 3}
+    for graph in (compiled.prefill_graph, compiled.decode_graph):
+        assert targets(graph) and set(targets(graph)) == {ONEDNN}
+    assert set(targets(compiled.graph_module)) == {LINEAR}
+    # the same greedy tokens as the model's own generate (the two libraries' rounding moves no argmax here)
+    generated = compiled.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=None)
+    assert torch.equal(generated, hf_greedy(model, ids, mask, 8))
+    loaded = bevel.load(compiled.save(str(tmp_path / "lm")))
+    assert set(targets(loaded.decode_graph)) == {ONEDNN}
+    assert torch.equal(loaded.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=None), generated)
