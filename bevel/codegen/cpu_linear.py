@@ -1,4 +1,4 @@
-"""On the CPU, float linears run through oneDNN's matrix product where it was measured faster than
+"""On the CPU, float32 linears run through oneDNN's matrix product where it was measured faster than
 PyTorch's own (MKL's GEMM), shape by shape, on the machine that runs them.
 
 Which library multiplies faster depends on the CPU, not on the model. On a 2-core AMD EPYC with
@@ -48,7 +48,7 @@ _speedups: dict[tuple[int, int, int, int], float] = {}
 
 
 def onednn_available() -> bool:
-    """Whether this torch has oneDNN's linear (built with MKLDNN, as the x86 and ARM wheels are)."""
+    """Whether this torch was built with oneDNN's linear (PyTorch's x86 wheels are)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
