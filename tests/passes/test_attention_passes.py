@@ -193,6 +193,18 @@ def test_heads_by_coverage_streams_exactly_the_heads_above_it(model):
     assert torch.equal(torch.tensor(stats["streaming"]), torch.tensor(stats["coverage"]) >= 0.8)
 
 
+@pytest.mark.parametrize("setting, named", [(f"retrieval_share=1.0, window={WINDOW}, sinks={SINKS}",
+                                              "retrieval_share=1.0 keeps every head"),
+                                             ("coverage=1.0, window=1, sinks=0", "no head reaches coverage=1.0")])
+def test_heads_that_all_keep_full_attention_leave_the_graph_as_it_was(model, setting, named):
+    calibration = tinylm.text_windows(count=1, batch_size=2, length=96)
+    cm = compile_pass(model, f"attention.heads({setting}, block=16)", calibration=calibration)
+    entry = cm.report.passes[-1]
+    assert entry.status == "no change" and named in entry.notes[0], entry.notes
+    assert entry.stats["streaming_heads"] == 0
+    assert not [n for n in cm.graph_module.graph.nodes if "bevel" in str(n.target)]  # no sparse attention op
+
+
 # -- attention.block_sparse -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,15 @@ class Heads(Pass):
                             f"{window + sinks}, so no head's coverage can be measured; give longer calibration "
                             f"prompts or a smaller window")
         streaming = self._choose(coverage)
+        if not bool(streaming.any()):  # every head would keep full attention: a rewrite would only add work
+            layer, head = divmod(int(coverage.argmax()), coverage.shape[1])
+            why = (f"retrieval_share={self.params.retrieval_share} keeps every head on full attention"
+                   if self.params.retrieval_share is not None else
+                   f"no head reaches coverage={self.params.coverage} (the highest, {float(coverage.max()):.3f}, is "
+                   f"layer {layer}'s head {head}); lower coverage, widen the window or give retrieval_share")
+            return PassResult(changed=False, notes=[f"nothing changed: {why}"],
+                              stats={"streaming_heads": 0, "heads": streaming.numel(),
+                                     "coverage": [c.tolist() for c in coverage]})
         for attention, heads in zip(attentions, streaming.tolist()):
             # retrieval heads keep what they saw (all tokens, or the model's own sliding window), and so do
             # streaming heads whose own window is narrower than the pass's
