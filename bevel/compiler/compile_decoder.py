@@ -59,7 +59,7 @@ def compile_decoder(model: torch.nn.Module, pipeline: list[Pass], example_inputs
                              f"{spec.max_cache_len}")
     steps = [prefill_inputs(spec, ids, mask) for ids, mask in prompts]
     ctx = PassContext(calibration=steps, example_inputs=steps[0], device=device, calibrated=bool(batches),
-                      seed=seed, max_fidelity_drop=max_fidelity_drop)
+                      seed=seed, max_fidelity_drop=max_fidelity_drop, max_cache_len=spec.max_cache_len)
     eager_step = DecoderStep(model, spec)
     try:
         reference = run_batches(eager_step, steps)

@@ -183,6 +183,7 @@ class PassContext:
     batches the user gave (False: it is only the example inputs). ``padding_masks`` holds each
     calibration batch's padding mask [B, N] (nonzero at real tokens) where the model is an encoder
     with one, else None: outputs at padded positions mean nothing, so measures leave them out.
+    ``max_cache_len`` is a decoder's cache length (None for other models).
     """
 
     calibration: list[tuple[Any, ...]]
@@ -192,6 +193,7 @@ class PassContext:
     max_fidelity_drop: float | None = None
     calibrated: bool = True
     padding_masks: list[torch.Tensor] | None = None
+    max_cache_len: int | None = None
 
 
 @dataclass

@@ -322,6 +322,15 @@ def test_evict_with_a_budget_the_sequence_fits_in_equals_the_full_model(model, r
     assert stream.mode == "every"
 
 
+@pytest.mark.parametrize("budget", [64, 100])
+def test_evict_with_a_budget_of_the_whole_cache_changes_nothing_and_says_so(model, budget):
+    cm = compile_pass(model, f"kv.evict(budget={budget})", max_cache_len=64)
+    entry = cm.report.passes[-1]
+    assert entry.status == "no change", entry.notes
+    assert f"budget={budget} keeps all max_cache_len=64" in entry.notes[0]
+    assert cm.spec.cache_policy.budget is None  # the decode loop keeps every token, as without the pass
+
+
 # -- every pass: generate and save/load -------------------------------------------------------------
 
 @pytest.mark.parametrize("pipeline", ["windowed", "heads", "block_sparse", "kv.evict(budget=16)",

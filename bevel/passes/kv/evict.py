@@ -53,6 +53,10 @@ class KVEvict(Pass):
         if isinstance(attentions, str):
             return PassResult(changed=False, notes=[f"nothing changed: {attentions}"])
         budget, recent = self.params.budget, self.params.recent
+        if isinstance(budget, int) and ctx.max_cache_len is not None and budget >= ctx.max_cache_len:
+            return PassResult(changed=False, notes=[
+                f"nothing changed: budget={budget} keeps all max_cache_len={ctx.max_cache_len} cache entries, so "
+                f"nothing is ever evicted; give a budget below {ctx.max_cache_len} (or a share, such as 0.25)"])
         record_policy(graph, budget=budget, recent=recent)
         size = f"{budget} entries" if isinstance(budget, int) else f"{budget:g} of max_cache_len"
         return PassResult(changed=True, notes=[
