@@ -21,8 +21,6 @@ skips the timing and runs every linear one way.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +28,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from bevel.errors import BevelError
+from bevel.ir.attributes import get_tensor
 from bevel.ir.meta import concrete
+from bevel.runtime.timing import median_latencies_ms
 
 aten = torch.ops.aten
 
@@ -68,15 +68,8 @@ def onednn_speedup(rows: int, inputs: int, outputs: int) -> float:
         weight = torch.randn(outputs, inputs, generator=generator)
         b = torch.randn(outputs, generator=generator)
         calls = {"aten": lambda: F.linear(x, weight, b), "onednn": lambda: onednn_linear(x, weight, b)}
-        samples: dict[str, list[float]] = {name: [] for name in calls}
-        with torch.no_grad():
-            for i in range(WARMUP + REPEATS):
-                for name, call in calls.items():
-                    start = time.perf_counter()
-                    call()
-                    if i >= WARMUP:
-                        samples[name].append(time.perf_counter() - start)
-        _speedups[key] = statistics.median(samples["aten"]) / statistics.median(samples["onednn"])
+        latency = median_latencies_ms(calls, (), runs=REPEATS, warmup=WARMUP)
+        _speedups[key] = latency["aten"] / latency["onednn"]
     return _speedups[key]
 
 
@@ -119,8 +112,11 @@ def _linear_shape(module: fx.GraphModule, node: fx.Node, rows: int | None) -> tu
     if not isinstance(weight, fx.Node) or weight.op != "get_attr":
         return None
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
-    tensor = _attr(module, weight.target)
-    if not isinstance(val, torch.Tensor) or not isinstance(tensor, torch.Tensor) or tensor.dim() != 2:
+    try:
+        tensor = get_tensor(module, weight.target)
+    except KeyError:
+        return None
+    if not isinstance(val, torch.Tensor) or tensor.dim() != 2:
         return None
     if val.dtype != torch.float32 or tensor.dtype != val.dtype or tensor.device.type != "cpu" or val.dim() < 2:
         return None
@@ -132,14 +128,6 @@ def _linear_shape(module: fx.GraphModule, node: fx.Node, rows: int | None) -> tu
         except ValueError:  # a size without an example value
             return None
     return rows, tensor.shape[1], tensor.shape[0]
-
-
-def _attr(module: torch.nn.Module, target: str) -> object:
-    """The module's attribute at a dotted ``target``, None if there is none."""
-    found: object = module
-    for part in target.split("."):
-        found = getattr(found, part, None)
-    return found
 
 
 def _forced_kernel() -> str | None:
