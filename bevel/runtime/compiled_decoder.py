@@ -75,18 +75,25 @@ class CompiledDecoder(CompiledModule):
     def __init__(self, graph_module: fx.GraphModule, example_inputs: tuple[Any, ...], report: Report,
                  pipeline: str, spec: DecoderSpec, cpu_linear_kernels: dict[tuple[int, int, int], str] | None = None
                  ) -> None:
-        super().__init__(graph_module, example_inputs, report, pipeline)
+        super().__init__(graph_module, example_inputs, report, pipeline, cpu_linear_kernels)
         self.spec = spec.with_policy(graph_module)
-        # on the CPU the linears of each graph run on the library timed faster at its rows: a decode step
-        # multiplies one token per sequence (the example's batch), a prefill the example's prompts
-        self.prefill_graph, prefill = on_cpu(runtime_graph(graph_module, self.spec.num_layers, self.spec.cache_policy),
-                                             cpu_linear_kernels)
-        self.decode_graph, decode = on_cpu(runtime_graph(graph_module, self.spec.num_layers, self.spec.cache_policy),
-                                           cpu_linear_kernels, rows=example_inputs[0].shape[0])
-        self.cpu_linears = list({c.key: c for c in prefill + decode}.values())
+        self._decode_rows = example_inputs[0].shape[0]
         if has_early_exit(graph_module):
-            # exited rows skip the blocks after their exit (same outputs as the graph)
             self.early_exit = early_exit_state(graph_module)
+        self._build_runners()
+
+    def _build_runners(self) -> None:
+        """Make the prefill and decode graphs for the weights where they are now. On the CPU the
+        linears of each run on the library timed faster at its rows: a decode step multiplies one token
+        per sequence (the example's batch), a prefill the example's prompts. After
+        ``layer_skip.early_exit`` exited rows skip the blocks after their exit (same outputs)."""
+        kernels, policy = self._cpu_linear_kernels, self.spec.cache_policy
+        self.prefill_graph, prefill = on_cpu(runtime_graph(self.graph_module, self.spec.num_layers, policy), kernels)
+        self.decode_graph, decode = on_cpu(runtime_graph(self.graph_module, self.spec.num_layers, policy), kernels,
+                                           rows=self._decode_rows)
+        self.cpu_linears = list({c.key: c for c in prefill + decode}.values())
+        self._keep_kernels()
+        if self.early_exit is not None:
             self.prefill_graph = EarlyExitRunner(self.prefill_graph, self.early_exit, decode=False)
             self.decode_graph = EarlyExitRunner(self.decode_graph, self.early_exit, decode=True)
 

@@ -83,7 +83,7 @@ class CompiledModule(torch.nn.Module):
     (:class:`~bevel.runtime.early_exit.EarlyExitState`); otherwise it is None. On the CPU its
     float32 linears run on the library measured faster for their shape (:mod:`bevel.codegen.cpu_linear`);
     ``cpu_linears`` lists the choices (``cpu_linear_kernels`` gives them instead, as a loaded
-    artifact does).
+    artifact does). ``.to(device)`` moves it, graph and runners; its dtype stays the captured one.
     """
 
     _runs_early_exit_here = True  # a compiled decoder runs its own step graphs instead
@@ -98,21 +98,60 @@ class CompiledModule(torch.nn.Module):
         self.early_exit = None
         self._exit_runner = None
         self.cpu_linears: list[ShapeChoice] = []
+        # the kernel of each linear shape once chosen (None: time them), reused when the weights come back
+        # to the CPU after a move
+        self._cpu_linear_kernels = cpu_linear_kernels
         # what forward runs: the graph itself, or on the CPU a copy sharing its weights whose linears run
         # on the faster library (kept out of the submodules, so that state_dict and .to() see one copy)
         object.__setattr__(self, "_runner", graph_module)
         if self._runs_early_exit_here:
-            from bevel.runtime.compiled_decoder import runtime_graph
-            from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
+            from bevel.runtime.early_exit import early_exit_state, has_early_exit
 
             if has_early_exit(graph_module):
-                # samples that exited skip the blocks after their exit (same outputs as the graph)
                 self.early_exit = early_exit_state(graph_module)
-                runner, self.cpu_linears = on_cpu(runtime_graph(graph_module, 0), cpu_linear_kernels)
-                self._exit_runner = EarlyExitRunner(runner, self.early_exit, decode=False)
-            else:
-                runner, self.cpu_linears = on_cpu(graph_module, cpu_linear_kernels)
-                object.__setattr__(self, "_runner", runner)
+            self._build_runners()
+
+    def _build_runners(self) -> None:
+        """Make what forward runs for the weights where they are now (:func:`on_cpu`): the graph, or
+        after ``layer_skip.early_exit`` a runner in which samples that exited skip the blocks after
+        their exit (same outputs as the graph)."""
+        from bevel.runtime.compiled_decoder import runtime_graph
+        from bevel.runtime.early_exit import EarlyExitRunner
+
+        if self.early_exit is not None:
+            runner, self.cpu_linears = on_cpu(runtime_graph(self.graph_module, 0), self._cpu_linear_kernels)
+            self._exit_runner = EarlyExitRunner(runner, self.early_exit, decode=False)
+        else:
+            runner, self.cpu_linears = on_cpu(self.graph_module, self._cpu_linear_kernels)
+            object.__setattr__(self, "_runner", runner)
+        self._keep_kernels()
+
+    def _keep_kernels(self) -> None:
+        if self.cpu_linears:
+            self._cpu_linear_kernels = {c.key: c.kernel for c in self.cpu_linears}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> CompiledModule:
+        """What ``.to()``, ``.cuda()``, ``.cpu()``, ``.half()`` and the like call: the weights may move
+        to another device, where the graph then makes its tensors and runs (with the CPU linear choice
+        only on the CPU); a change of dtype is a BevelError and leaves the module as it was, since the
+        captured graph keeps its casts and constants in the dtype it was captured in."""
+        from bevel.codegen.lower import retarget_devices
+
+        tensors = list(self.graph_module.parameters()) + list(self.graph_module.buffers())
+        floating = [t for t in tensors if t.is_floating_point()]
+        if floating and fn(floating[0]).dtype != floating[0].dtype:
+            raise BevelError(f"the compiled {self.report.model if self.report else 'model'} computes in "
+                             f"{str(floating[0].dtype).replace('torch.', '')}, the dtype it was captured in, and "
+                             f"cannot be converted to {str(fn(floating[0]).dtype).replace('torch.', '')} (its "
+                             f"graph keeps that dtype's casts and constants): convert the model before "
+                             f"bevel.compile instead")
+        before = tensors[0].device if tensors else None
+        super()._apply(fn, recurse)
+        after = next(iter(list(self.graph_module.parameters()) + list(self.graph_module.buffers())), None)
+        if after is not None and after.device != before:
+            retarget_devices(self.graph_module, after.device)
+            self._build_runners()
+        return self
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the compiled graph on ``args`` (the original model's positional inputs), without

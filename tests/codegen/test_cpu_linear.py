@@ -182,3 +182,73 @@ def test_a_decoder_times_its_decode_step_at_one_token_per_sequence(monkeypatch, 
     loaded = bevel.load(compiled.save(str(tmp_path / "lm")))
     assert set(targets(loaded.decode_graph)) == {ONEDNN}
     assert torch.equal(loaded.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=None), generated)
+
+
+def test_a_change_of_dtype_is_refused_and_leaves_the_module_as_it_was(compiled_on_onednn):
+    model, compiled = compiled_on_onednn
+    for convert in (lambda m: m.to(torch.float64), lambda m: m.half(), lambda m: m.bfloat16()):
+        with pytest.raises(BevelError, match="computes in float32, the dtype it was captured in, and cannot be "
+                                             "converted to (float64|float16|bfloat16)"):
+            convert(compiled)
+    assert compiled.float() is compiled  # no change of dtype: nothing to refuse
+    assert {p.dtype for p in compiled.state_dict().values()} == {torch.float32}
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class Positions(torch.nn.Module):
+    """TwoShapes plus a tensor the graph makes itself (on the capture's device) and a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = TwoShapes()
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        return self.inner(x) * self.scale + torch.arange(x.shape[0], dtype=x.dtype, device=x.device)[:, None]
+
+
+def test_moving_the_weights_moves_what_runs_and_back_on_the_cpu_the_kernels_chosen(monkeypatch):
+    monkeypatch.setenv(CHOICE_VARIABLE, "onednn")
+    torch.manual_seed(0)
+    model = Positions().eval()
+    compiled = bevel.compile(model, "cleanup", example_inputs=(torch.randn(4, 16),))
+    x = torch.randn(6, 16)
+    before, state = compiled(x), {k: v.clone() for k, v in compiled.state_dict().items()}
+    compiled.to("meta")  # another device, as a GPU is: the graph makes its tensors there, on aten's kernels
+    assert compiled._runner is compiled.graph_module and compiled.cpu_linears == []
+    out = compiled(x.to("meta"))
+    assert out.device.type == "meta" and out.shape == (6, 16)
+    monkeypatch.delenv(CHOICE_VARIABLE)
+
+    def no_timing(*shape):
+        raise AssertionError("a module moved back to the CPU timed a shape it had chosen a kernel for")
+
+    monkeypatch.setattr(cpu_linear, "onednn_speedup", no_timing)
+    compiled.to_empty(device="cpu")  # back to the CPU (a meta tensor has no values to copy back)
+    compiled.load_state_dict(state)
+    assert targets(compiled._runner) == [ONEDNN] * 3
+    assert {(c.key, c.kernel) for c in compiled.cpu_linears} == {((4, 16, 32), "onednn"), ((4, 32, 16), "onednn")}
+    assert torch.equal(compiled(x), before)
+
+
+def test_a_decoder_moved_away_and_back_generates_as_before_on_its_kernels(monkeypatch):
+    from tests.decoders import hf_greedy, padded_prompts, small_causal_lm
+
+    monkeypatch.setenv(CHOICE_VARIABLE, "onednn")
+    model = small_causal_lm("llama")
+    ids, mask = padded_prompts([5, 3, 6])
+    compiled = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
+    with pytest.raises(BevelError, match="cannot be converted to bfloat16"):
+        compiled.bfloat16()
+    state = {k: v.clone() for k, v in compiled.state_dict().items()}
+    compiled.to("meta")
+    assert set(targets(compiled.decode_graph)) == {LINEAR} and compiled.device.type == "meta"
+    monkeypatch.delenv(CHOICE_VARIABLE)
+    compiled.to_empty(device="cpu")
+    compiled.load_state_dict(state)
+    for graph in (compiled.prefill_graph, compiled.decode_graph):
+        assert set(targets(graph)) == {ONEDNN}
+    generated = compiled.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=None)
+    assert torch.equal(generated, hf_greedy(model, ids, mask, 8))
