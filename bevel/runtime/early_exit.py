@@ -310,10 +310,16 @@ class EarlyExitRunner(torch.nn.Module):
                 _write_rows(env[w.cache], w.dim, env[w.slots], source, rest)
 
     def _record(self, depth: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
+        from bevel.passes.token_rows import token_mask
+
         real = None
         if "kv_positions" in self.names and "cache_position" in self.names and depth.dim() == 2:
+            # a decoder step: padding slots hold position -1
             positions = inputs[self.names.index("kv_positions")]
             real = positions.index_select(1, inputs[self.names.index("cache_position")]) >= 0
+        elif depth.dim() == 2:  # an encoder's tokens: those its attention mask marks
+            mask = token_mask(inputs)
+            real = mask if mask is not None and mask.shape == depth.shape else None
         self.state.record(depth, real, self.decode)
 
     def _depth_of_whole(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

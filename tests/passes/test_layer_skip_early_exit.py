@@ -268,6 +268,12 @@ def test_an_encoders_average_depth_counts_its_real_tokens_only():
     assert f"on {real} calibration tokens" in entry.notes[0]
     depths = torch.cat([exit_depths(cm.graph_module, b)[b[1].bool()] for b in calibration])
     assert entry.stats["average_depth"] == pytest.approx(float(depths.double().mean()), abs=1e-6)
+    # and so does the counter of what the compiled module ran
+    cm.early_exit.reset()
+    for ids, mask in calibration:
+        cm(ids, mask)
+    assert cm.early_exit.tokens == real
+    assert cm.early_exit.average_depth == pytest.approx(entry.stats["average_depth"], abs=1e-6)
 
 
 def test_a_classifier_exits_per_sample_and_exited_samples_leave_the_batch():
