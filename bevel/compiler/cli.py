@@ -280,6 +280,10 @@ def export_command(
         None, "--calibration", "-c",
         help="Calibration batches: package.module:callable, a .pt file holding a list of input tuples, or 'builtin' "
              "(the built-in model's own; the default for built-in models)."),
+    validation: Optional[str] = typer.Option(
+        None, "--validation",
+        help="Held-out batches no pass reads (package.module:callable or a .pt file, as for --calibration): the "
+             "report gives the fidelity on them after each pass. Not for causal LMs."),
     max_fidelity_drop: Optional[float] = typer.Option(
         None, "--max-fidelity-drop", min=0.0, max=2.0,
         help="Roll back any pass that lowers the cosine similarity to the original by more than this (e.g. 0.01)."),
@@ -293,7 +297,7 @@ def export_command(
     DIR/artifact/, DIR/report.md and DIR/report.json."""
     from bevel.codegen.lower import check_device
     from bevel.compiler.manager import check_order
-    from bevel.compiler.model_ref import resolve_calibration, resolve_model
+    from bevel.compiler.model_ref import resolve_calibration, resolve_model, resolve_validation
     from bevel.compiler.pipeline import build_pipeline
 
     pipeline = build_pipeline(passes)  # bad arguments fail before the model loads
@@ -301,13 +305,14 @@ def export_command(
     check_opset(opset)
     _check_output_dir(out)
     batches = resolve_calibration(calibration, model_ref)
+    held_out = resolve_validation(validation)
     check_order(pipeline, has_calibration=bool(batches))
     model, example_inputs = resolve_model(model_ref, example_inputs=batches[0] if batches else None)
     _check_static_shapes(model, static_shapes)
     made = _make_output_dir(out)  # before the compile: a directory that cannot be made fails first
     try:
         compiled = _compile_with_progress(model, pipeline, example_inputs, batches, device=device,
-                                          max_fidelity_drop=max_fidelity_drop,
+                                          max_fidelity_drop=max_fidelity_drop, validation=held_out,
                                           dynamic_shapes=_dynamic_shapes(static_shapes))
     except BaseException:
         for directory in made:  # leave nothing behind where nothing was written (if nothing else did)

@@ -13,7 +13,7 @@ from bevel.codegen.lower import check_device, lower
 from bevel.compiler.captured import (CapturedModel, as_decoder, as_input_tuple, check_dynamic_shapes,
                                      check_examples_not_empty, copy_model, plain_forward_copy)
 from bevel.compiler.compile_decoder import compile_decoder
-from bevel.compiler.fidelity import Fidelity, compare, copied, run_batches
+from bevel.compiler.fidelity import Fidelity, HeldOut, compare, copied, run_batches
 from bevel.compiler.manager import PassManager, ProgressHook, check_order, measure_figures
 from bevel.compiler.pipeline import build_pipeline
 from bevel.compiler.report import Report
@@ -77,13 +77,18 @@ def calibration_batches(calibration: Iterable[Any] | None, what: str = "calibrat
     return [as_input_tuple(batch, f"{what}: batch {index}") for index, batch in enumerate(batches)]
 
 
+def captured_outputs(graph: Graph, batches: list[tuple[Any, ...]], what: str = "calibration") -> list:
+    """The captured graph's outputs on ``batches``; one it cannot take is a CaptureError naming it."""
+    return _run_each(graph, batches, lambda index, batch, error: (
+        f"the captured graph fails on {what} batch {index} (input shapes {_shapes(batch)}): {error} (a batch "
+        f"whose shapes differ from the example inputs' must fit the shapes the graph was captured with)"))
+
+
 def check_graph_runs(graph: Graph, batches: list[tuple[Any, ...]], reference: list) -> Fidelity:
     """Run the captured graph on every calibration batch before any pass; its fidelity to the eager
     model should be exact. A batch it cannot take (shapes fixed by ``dynamic_shapes="static"`` or by
     the model) is a user error, named here rather than blamed on every pass."""
-    outputs = _run_each(graph, batches, lambda index, batch, error: (
-        f"the captured graph fails on calibration batch {index} (input shapes {_shapes(batch)}): {error} (a batch "
-        f"whose shapes differ from the example inputs' must fit the shapes the graph was captured with)"))
+    outputs = captured_outputs(graph, batches)
     try:
         return compare(reference, outputs)
     except ValueError as error:  # the captured graph returns other outputs than the model
@@ -94,7 +99,8 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
             example_inputs: Any = None, calibration: Iterable[Any] | None = None, device: str = "cpu",
             max_fidelity_drop: float | None = None, dynamic_shapes: Any = None, seed: int = 0,
             on_pass_start: ProgressHook | None = None, on_pass_end: ProgressHook | None = None,
-            max_cache_len: int | None = None, eval_text: Any = None, decoder: bool | None = None) -> CompiledModule:
+            max_cache_len: int | None = None, eval_text: Any = None, decoder: bool | None = None,
+            validation: Iterable[Any] | None = None) -> CompiledModule:
     """Rewrite ``model`` with the pipeline ``passes`` and return a CompiledModule to call, save or export.
 
     Args:
@@ -125,6 +131,13 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
             False to capture a causal LM's plain forward instead (tokens -> logits, no cache):
             structured pruning of attention heads needs that graph, since a decoder's cache inputs
             fix its KV head count.
+        validation: held-out input batches (like calibration's) that no pass reads: the report gives
+            the fidelity on them (``held-out cosine``, the smallest per-sample cosine to the original
+            model, and ``held-out top-1`` for logits) after capture and after each applied pass, beside
+            the calibration figures. Passes that fit layers to the calibration batches (GPTQ, the
+            refits of ``prune.structured`` and ``lowrank``) look better on those than on new inputs.
+            The fidelity budget stays on the calibration batches. Not for causal LMs (``eval_text``
+            gives their held-out perplexity).
 
     A causal LM (an HF ``...ForCausalLM`` or ``...LMHeadModel``) is captured as a step graph with an
     explicit KV cache and comes back as a CompiledDecoder with ``generate()``; its example inputs
@@ -147,6 +160,7 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
     is_decoder = captured.decoder if captured is not None else as_decoder(model, decoder, dynamic_shapes)
     check_device(device)
     batches = calibration_batches(calibration)
+    held_out = [copied(batch) for batch in calibration_batches(validation, what="validation")]
     if example_inputs is None:
         if not batches:
             raise BevelError("bevel.compile needs example_inputs=(...) (or calibration batches) to capture the model")
@@ -157,6 +171,9 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
         check_examples_not_empty(example_inputs, dynamic_shapes)
     batches = [copied(batch) for batch in batches]
     check_order(pipeline, has_calibration=bool(batches))
+    if is_decoder and validation is not None:
+        raise BevelError(f"validation batches apply to models that are not causal LMs; {type(model).__name__} is "
+                         f"compiled as a decoder: give eval_text for its held-out perplexity instead")
     # a captured model is already a copy: its compiles only run it, and rewrite a copy of its graph
     if is_decoder:
         return compile_decoder(copy_model(model) if captured is None else captured.model, pipeline, example_inputs,
@@ -173,6 +190,9 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
         f"{type(model).__name__} fails on "
         + (f"calibration batch {index} (input shapes {_shapes(batch)})" if batches else "its example inputs")
         + f" before capture: {error}"))
+    held_out_reference = _run_each(original, held_out, lambda index, batch, error: (
+        f"{type(model).__name__} fails on validation batch {index} (input shapes {_shapes(batch)}) before capture: "
+        f"{error}"))
     if captured is None:
         start = time.perf_counter()
         graph = capture(original, example_inputs, dynamic_shapes)
@@ -187,6 +207,12 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
     padding = padding_mask_input(graph)
     if padding is not None:
         ctx.padding_masks = [tree_flatten(batch)[0][padding] for batch in ctx.calibration]
-    manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end)
+    validation_set = None
+    if held_out:
+        validation_set = HeldOut(held_out, held_out_reference,
+                                 None if padding is None else [tree_flatten(batch)[0][padding] for batch in held_out])
+        report.quality = validation_set.quality(captured_outputs(graph, held_out, "validation"))
+    manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end,
+                          held_out=validation_set)
     graph, report.passes = manager.run(graph)
     return CompiledModule(lower(graph, device), example_inputs, report, report.pipeline)

@@ -163,3 +163,28 @@ def _min_row_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     cos = torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
     cos = torch.where(both_zero, torch.ones_like(cos), cos)  # two zero rows agree exactly
     return float(cos.min().clamp(-1.0, 1.0))
+
+
+@dataclass
+class HeldOut:
+    """Validation batches no pass reads, the original model's outputs on them and their padding masks
+    (None where the model has none): what a graph keeps of the model on inputs it was not fitted to
+    (``bevel.compile``'s ``validation``)."""
+
+    batches: list[tuple[Any, ...]]
+    reference: list[list[_Leaf]]
+    padding: list[torch.Tensor] | None
+
+    def quality(self, outputs: list[list[_Leaf]], reshaped: frozenset[int] = frozenset(),
+                unused: frozenset[int] = frozenset()) -> dict[str, float]:
+        """``held-out cosine`` (the smallest per-sample cosine) of ``outputs`` on the batches, and
+        ``held-out top-1`` where outputs are logits."""
+        fidelity = compare(self.reference, outputs, reshaped, unused, self.padding)
+        figures = {"held-out cosine": fidelity.cosine}
+        if fidelity.top1_agreement is not None:
+            figures["held-out top-1"] = fidelity.top1_agreement
+        return figures
+
+    def measure(self, fn: Callable[..., Any], reshaped: frozenset[int], unused: frozenset[int]) -> dict[str, float]:
+        """:meth:`quality` of ``fn`` (a graph) run on the batches."""
+        return self.quality(run_batches(fn, self.batches), reshaped, unused)

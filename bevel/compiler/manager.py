@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from bevel.compiler.fidelity import Fidelity, compare, run_batches
+from bevel.compiler.fidelity import Fidelity, HeldOut, compare, run_batches
 from bevel.compiler.pipeline import check_composition
 from bevel.compiler.report import GraphFigures, PassReport
 from bevel.errors import PipelineError
@@ -48,9 +48,11 @@ class PassManager:
 
     def __init__(self, passes: list[Pass], ctx: PassContext, reference_outputs: list,
                  on_start: ProgressHook | None = None, on_end: ProgressHook | None = None,
-                 evaluate: Callable[[Graph], dict[str, float]] | None = None) -> None:
+                 evaluate: Callable[[Graph], dict[str, float]] | None = None, held_out: HeldOut | None = None
+                 ) -> None:
         self.passes = passes
         self.evaluate = evaluate  # task measures (held-out perplexity) after each applied pass
+        self.held_out = held_out  # validation batches: the fidelity on them after each applied pass
         self.ctx = ctx
         self.reference = reference_outputs
         self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
@@ -67,7 +69,7 @@ class PassManager:
                 self.on_start(index, len(self.passes), p)
             graph, entry = self._run_one(p, graph, figures)
             if self.evaluate is not None and entry.status == "applied":
-                entry.quality = self.evaluate(graph)
+                entry.quality.update(self.evaluate(graph))
             figures = entry.after
             log.info("%s: %s in %.2f s%s", entry.name, entry.status, entry.seconds,
                      f" ({entry.reason})" if entry.reason else "")
@@ -110,10 +112,22 @@ class PassManager:
             return snapshot, PassReport(name, "rolled back", seconds, before, before, fidelity=fidelity,
                                         check_seconds=check_seconds, reason=reason, stats=result.stats,
                                         notes=result.notes)
+        quality = {}
+        if self.held_out is not None and result.changed:
+            try:
+                quality = self.held_out.measure(graph, reshaped, unused)
+            except Exception as error:  # runs on the calibration batches, not on the validation ones
+                return snapshot, PassReport(name, "rolled back", seconds, before, before, fidelity=fidelity,
+                                            check_seconds=time.perf_counter() - start, stats=result.stats,
+                                            notes=result.notes,
+                                            reason=f"the rewritten graph fails on the validation batches: "
+                                                   f"{_exception_text(error)}")
+            check_seconds = time.perf_counter() - start
         status = "applied" if result.changed else "no change"
         self.reshaped, self.unused = reshaped, unused
         return graph, PassReport(name, status, seconds, before, after, fidelity=fidelity,
-                                 check_seconds=check_seconds, stats=result.stats, notes=result.notes)
+                                 check_seconds=check_seconds, stats=result.stats, notes=result.notes,
+                                 quality=quality)
 
     @staticmethod
     def _failed(name: str, error: Exception, seconds: float, before: GraphFigures) -> PassReport:

@@ -1,5 +1,6 @@
-"""Resolve the CLI's MODEL and ``--calibration`` arguments: built-in names, ``package.module:callable``
-references and ``.pt`` files, each failing with a ModelLoadError or BevelError that says what to fix.
+"""Resolve the CLI's MODEL, ``--calibration`` and ``--validation`` arguments: built-in names,
+``package.module:callable`` references and ``.pt`` files, each failing with a ModelLoadError or
+BevelError that says what to fix.
 """
 
 from __future__ import annotations
@@ -72,12 +73,31 @@ def resolve_calibration(ref: str | None, model_ref: str) -> list[tuple[Any, ...]
             raise BevelError(f"--calibration builtin needs a built-in MODEL ({', '.join(sorted(BUILTIN_MODELS))}), "
                              f"not '{model_ref}'; give package.module:callable or a .pt file instead")
         return _builtin_calibration(model_ref)
+    return _batches(ref, "--calibration", ", or 'builtin'")
+
+
+def resolve_validation(ref: str | None) -> list[tuple[Any, ...]] | None:
+    """The held-out batches named by ``--validation`` (None: none given): ``package.module:callable`` or
+    a ``.pt`` file, as for ``--calibration``. A built-in model's own batches are its calibration
+    batches, not held out, so ``builtin`` is refused."""
+    if ref is None:
+        return None
+    if not isinstance(ref, str) or not ref.strip():
+        raise BevelError(f"--validation {ref!r} is empty; give package.module:callable or a .pt file")
+    if ref == "builtin":
+        raise BevelError("--validation builtin: a built-in model's own batches are its calibration batches, not "
+                         "held out; give package.module:callable or a .pt file")
+    return _batches(ref, "--validation", "")
+
+
+def _batches(ref: str, flag: str, also: str) -> list[tuple[Any, ...]]:
+    """The batches ``flag`` names by a callable or a ``.pt`` file; ``also`` names its other forms."""
     if ref.endswith(".pt"):
-        return _calibration_file(ref)
+        return _batches_file(ref, flag)
     if ":" in ref:
-        function = load_object(ref, what=f"--calibration '{ref}'", error=BevelError)
+        function = load_object(ref, what=f"{flag} '{ref}'", error=BevelError)
         if not callable(function):
-            raise BevelError(f"--calibration '{ref}' is a {type(function).__name__}, not a callable returning "
+            raise BevelError(f"{flag} '{ref}' is a {type(function).__name__}, not a callable returning "
                              f"input tuples")
         with _cwd_on_path():
             try:
@@ -85,11 +105,11 @@ def resolve_calibration(ref: str | None, model_ref: str) -> list[tuple[Any, ...]
             except BevelError:
                 raise
             except (Exception, SystemExit) as error:
-                raise BevelError(f"--calibration '{ref}': calling it raised {type(error).__name__}: "
+                raise BevelError(f"{flag} '{ref}': calling it raised {type(error).__name__}: "
                                  f"{first_line(error)}") from error
-        return as_batches(batches, f"--calibration '{ref}'")
-    raise BevelError(f"--calibration '{ref}' is not understood: give package.module:callable, a .pt file holding "
-                     f"a list of input tuples, or 'builtin'")
+        return as_batches(batches, f"{flag} '{ref}'")
+    raise BevelError(f"{flag} '{ref}' is not understood: give package.module:callable, a .pt file holding "
+                     f"a list of input tuples{also}")
 
 
 def load_object(ref: str, what: str, error: type[BevelError] = ModelLoadError) -> Any:
@@ -159,9 +179,9 @@ def _builtin_calibration(model_ref: str) -> list[tuple[Any, ...]]:
     return as_batches(function(), f"the calibration batches of '{model_ref}'")
 
 
-def _calibration_file(path: str) -> list[tuple[Any, ...]]:
+def _batches_file(path: str, flag: str) -> list[tuple[Any, ...]]:
     if not os.path.isfile(path):
-        raise BevelError(f"--calibration '{path}': no such file")
+        raise BevelError(f"{flag} '{path}': no such file")
     try:
         batches = torch.load(path, weights_only=True)
     except Exception as error:  # a corrupt file or one holding objects weights_only refuses
@@ -170,12 +190,12 @@ def _calibration_file(path: str) -> list[tuple[Any, ...]]:
         reason = kind if message == kind else f"{kind}: {message}"
         if not zipfile.is_zipfile(path):
             reason += "; the file is not the zip archive torch.save writes"
-        raise BevelError(f"--calibration '{path}' could not be loaded with torch.load(weights_only=True) ({reason}); "
+        raise BevelError(f"{flag} '{path}' could not be loaded with torch.load(weights_only=True) ({reason}); "
                          f"save a list of tuples of tensors with torch.save") from error
     if not isinstance(batches, (list, tuple)):
-        raise BevelError(f"--calibration '{path}' holds a {type(batches).__name__}; it must hold a list of input "
+        raise BevelError(f"{flag} '{path}' holds a {type(batches).__name__}; it must hold a list of input "
                          f"tuples (torch.save([(ids, mask), ...], path))")
-    return as_batches(batches, f"--calibration '{path}'")
+    return as_batches(batches, f"{flag} '{path}'")
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ class PassReport:
     reason: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    quality: dict[str, float] = field(default_factory=dict)  # task measures after the pass (perplexity)
+    quality: dict[str, float] = field(default_factory=dict)  # after the pass: perplexity, validation fidelity
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable dict of this entry."""
@@ -61,7 +61,7 @@ class Report:
     passes: list[PassReport] = field(default_factory=list)
     max_fidelity_drop: float | None = None
     capture_fidelity: Fidelity | None = None  # the captured graph against the eager model, before any pass
-    quality: dict[str, float] = field(default_factory=dict)  # task measures of the original model
+    quality: dict[str, float] = field(default_factory=dict)  # the same before the passes
 
     @property
     def final(self) -> GraphFigures:
@@ -155,7 +155,7 @@ class Report:
     def _reasons(self) -> str:
         lines = []
         if self.quality:
-            lines.append(f"\n- held-out quality: original {_quality(self.quality)}")
+            lines.append(f"\n- held-out quality: before the passes {_quality(self.quality)}")
             lines += [f"; after {p.name} {_quality(p.quality)}" for p in self.passes if p.quality]
         lines += [f"\n- {p.name}: {p.status}: {p.reason}" for p in self.passes if p.reason]
         lines += [f"\n- {p.name}: {note}" for p in self.passes for note in p.notes]

@@ -82,7 +82,7 @@ def test_every_command_has_help():
         assert result.exit_code == 0, result.output
         assert "Usage" in result.stdout
     export_help = bevel("export", "--help").stdout
-    for flag in ("--passes", "--out", "--calibration", "--max-fidelity-drop", "--opset", "--device",
+    for flag in ("--passes", "--out", "--calibration", "--validation", "--max-fidelity-drop", "--opset", "--device",
                  "--static-shapes"):
         assert flag in export_help
     assert "--static-shapes" in bevel("inspect", "--help").stdout
@@ -293,6 +293,12 @@ def test_pipeline_errors_show_the_caret(tmp_path, pipeline, expected):
     (["export", SMALL, "--out", "unused", "--calibration", "nonsense"], "--calibration 'nonsense' is not understood"),
     (["export", SMALL, "--out", "unused", "--calibration", "builtin"], "--calibration builtin needs a built-in MODEL"),
     (["export", SMALL, "--out", "unused", "--calibration", "missing.pt"], "--calibration 'missing.pt': no such file"),
+    (["export", SMALL, "--out", "unused", "--validation", "builtin"], "--validation builtin: a built-in model's own "
+                                                                       "batches are its calibration batches"),
+    (["export", SMALL, "--out", "unused", "--validation", "missing.pt"], "--validation 'missing.pt': no such file"),
+    (["export", SMALL, "--out", "unused", "--validation", "nonsense"], "--validation 'nonsense' is not understood: "
+                                                                       "give package.module:callable, a .pt file "
+                                                                       "holding a list of input tuples"),
     (["export", SMALL, "--out", "unused", "--device", "tpu9"], "device='tpu9' is not a device torch knows"),
     (["export", SMALL, "--out", "unused", "--device", "meta"], "bevel compiles for 'cpu' or 'cuda', not 'meta'"),
     (["export", SMALL], "Missing option '--out'"),
@@ -433,6 +439,19 @@ def test_export_with_calibration_gives_a_bare_module_its_inputs(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["calibration_batches"] == 3 and report["max_fidelity_drop"] == 0.5
+
+
+def test_export_with_validation_batches_reports_their_fidelity(tmp_path):
+    path = tmp_path / "held_out.pt"
+    torch.save([(torch.randn(5, 16),), (torch.randn(7, 16),)], path)
+    result = bevel("export", SMALL, "--passes", "prune.magnitude(sparsity=0.5)", "--calibration",
+                   "cli_models:calibration", "--validation", str(path), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["quality"]["held-out cosine"] == pytest.approx(1.0, abs=1e-6)  # the captured graph
+    held_out = report["passes"][0]["quality"]["held-out cosine"]
+    assert 0 < held_out < 1
+    assert f"held-out cosine {held_out:.4g}" in result.stdout
 
 
 # --- the real model, end to end (slow: about a minute together) ------------------------------------
