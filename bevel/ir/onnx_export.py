@@ -78,6 +78,29 @@ def _export_dynamic_shapes(axes: tuple[dict[int, str] | None, ...]) -> tuple[dic
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def _type_advice(message: str, opset: int) -> str:
+    """For a checker failure on an op that has no form for a tensor type at ``opset`` (a bfloat16
+    Conv before opset 22), the first opset that has one, and what else to do; else nothing. (A newer
+    opset is no sure way out: onnxruntime's CPU provider runs no bfloat16 Conv at opset 22.)"""
+    import onnx
+
+    found = re.search(r"op_type:(\w+).*unsupported type: (tensor\(\w+\))", message, re.S)
+    if found is None:
+        return ""
+    op, dtype = found.groups()
+    later = ""
+    for version in range(opset + 1, onnx.defs.onnx_opset_version() + 1):
+        try:
+            schema = onnx.defs.get_schema(op, version)
+        except onnx.defs.SchemaError:
+            break  # the op left the standard
+        if any(dtype in c.allowed_type_strs for c in schema.type_constraints):
+            later = f"opset={schema.since_version} has one, though a runtime may lack its kernel; "
+            break
+    return f". {op} has no {dtype[7:-1]} form in ONNX opset {opset}: {later}compile the model in float32 to export it"
+
+
+
 def _describe(error: BaseException) -> str:
     """``Type: first line`` of the error, and of its root cause when it has one (the exporter wraps
     the real failure in a generic "Failed to export" error)."""
@@ -272,5 +295,6 @@ def export_onnx(compiled: "CompiledModule", path: str, opset: int = DEFAULT_OPSE
     try:
         onnx.checker.check_model(target, full_check=True)
     except Exception as error:
-        raise ExportError(f"the ONNX model written to '{path}' fails onnx.checker: {error}") from error
+        raise ExportError(f"the ONNX model written to '{path}' fails onnx.checker: {error}"
+                          f"{_type_advice(str(error), opset)}") from error
     return path

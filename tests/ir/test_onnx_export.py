@@ -234,6 +234,19 @@ def test_a_newer_opset_is_written_or_refused_but_never_mislabelled(tmp_path):
         assert written[""] == opset
 
 
+def test_an_op_without_a_form_for_the_dtype_names_the_opset_that_has_one_and_float32(tmp_path):
+    """A bfloat16 Conv is no ONNX op before opset 22; the checker's own words only said the type was
+    unsupported. At opset 22 the checker accepts it (onnxruntime's CPU provider still has no kernel)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval().to(torch.bfloat16)
+    compiled = bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16),))
+    with pytest.raises(ExportError, match=r"has unsupported type: tensor\(bfloat16\)\. Conv has no bfloat16 form "
+                                          r"in ONNX opset 18: opset=22 has one, though a runtime may lack its "
+                                          r"kernel; compile the model in float32 to export it"):
+        compiled.export_onnx(str(tmp_path / "bf16.onnx"))
+    path = compiled.export_onnx(str(tmp_path / "bf16_22.onnx"), opset=22)  # passes the checker
+    assert {e.domain: e.version for e in onnx.load(path, load_external_data=False).opset_import}[""] == 22
+
+
 def test_the_default_opset_is_written(small_compiled, tmp_path):
     # DEFAULT_OPSET is the one place the opset is chosen: what CompiledModule.export_onnx and the CLI default to.
     from typer.testing import CliRunner
