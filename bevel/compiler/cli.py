@@ -107,7 +107,15 @@ def passes_command(as_json: bool = typer.Option(False, "--json", help="Print the
             needs.append("may need --calibration, depending on its parameters")
         if entry["requires"]:
             needs.append("after " + ", ".join(entry["requires"]))
-        console.print(f"[bold]{escape(entry['name'])}[/bold]" + escape(f"  ({'; '.join(needs)})" if needs else ""))
+        if entry["not_followed_by"]:
+            needs.append("not before " + ", ".join(entry["not_followed_by"]))
+        others = [name for name in entry["conflicts"] if name != entry["name"]]
+        if others:
+            needs.append("not with " + ", ".join(others))
+        if entry["name"] in entry["conflicts"]:
+            needs.append("once per pipeline")
+        console.print(f"[bold]{escape(entry['name'])}[/bold]" + escape(f"  ({'; '.join(needs)})" if needs else ""),
+                      soft_wrap=True)
         console.print(f"  {escape(entry['doc'])}", soft_wrap=True)
         if entry["params"]:
             rows = [(p["name"], p["type"], format_value(p["default"]), p["range"], p["doc"]) for p in entry["params"]]
@@ -128,7 +136,8 @@ def _describe_pass(name: str, cls: Any) -> dict[str, Any]:
     doc = pyinspect.getdoc(cls) or ""
     summary = " ".join(doc.split("\n\n")[0].split())  # the first paragraph, on one line
     return {"name": name, "doc": summary, "needs_calibration": _needs_calibration(cls),
-            "requires": list(cls.requires), "conflicts": list(cls.conflicts), "params": cls.Params.describe()}
+            "requires": list(cls.requires), "conflicts": list(cls.conflicts),
+            "not_followed_by": [name for name, _ in cls.not_followed_by], "params": cls.Params.describe()}
 
 
 def _needs_calibration(cls: Any) -> bool | None:

@@ -93,8 +93,9 @@ def build_pipeline(spec: str | Pass | Pipeline | list[str | Pass] | tuple[str | 
 
 
 def check_composition(passes: list[Pass]) -> None:
-    """Refuse passes whose declared requirements (a pass that must come earlier) or conflicts (passes
-    that may not share a pipeline; a pass conflicting with itself may appear only once) are not met."""
+    """Refuse passes whose declared requirements (a pass that must come earlier), conflicts (passes
+    that may not share a pipeline; a pass conflicting with itself may appear only once) or order (a
+    pass that may not come after another) are not met."""
     names = [p.name for p in passes]
     for i, p in enumerate(passes):
         for required in p.requires:
@@ -106,6 +107,10 @@ def check_composition(passes: list[Pass]) -> None:
                 raise PipelineError(f"pass '{p.name}' can appear only once in a pipeline")
             if other != p.name and other in names:
                 raise PipelineError(f"passes '{p.name}' and '{other}' cannot be in the same pipeline")
+        for later, why in p.not_followed_by:
+            if later in names[i + 1:]:
+                raise PipelineError(f"pass '{later}' cannot come after '{p.name}' ({why}); write "
+                                    f"'{later} | {p.name}'")
 
 
 class Pipeline:

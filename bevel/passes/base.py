@@ -210,7 +210,9 @@ class Pass:
 
     Class attributes a pass may declare, checked by the pass manager before anything runs:
     ``needs_calibration`` (real calibration batches are required), ``requires`` (names of passes
-    that must come earlier in the pipeline) and ``conflicts`` (passes that may not share a pipeline).
+    that must come earlier in the pipeline), ``conflicts`` (passes that may not share a pipeline)
+    and ``not_followed_by`` (passes that may only come earlier, each with why: what this pass makes
+    of the graph is what they cannot rewrite).
     """
 
     name: ClassVar[str] = ""
@@ -218,6 +220,7 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
     conflicts: ClassVar[tuple[str, ...]] = ()
+    not_followed_by: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, params: PassParams | None = None, **kwargs: Any) -> None:
         if params is not None and kwargs:

@@ -113,6 +113,16 @@ def test_passes_say_needs_calibration_only_where_the_default_params_need_it():
     assert passes["quantize.int4_weight"]["needs_calibration"] is False
 
 
+def test_passes_say_which_passes_each_cannot_share_a_pipeline_with_or_precede():
+    out = bevel("passes").stdout
+    headers = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert headers["kv.quantize"] == ("kv.quantize  (not before layer_skip.static, layer_skip.early_exit; not with "
+                                      "attention.block_sparse; once per pipeline)")
+    assert headers["attention.heads"] == "attention.heads  (not with attention.window)"
+    passes = {entry["name"]: entry for entry in json.loads(bevel("passes", "--json").stdout)}
+    assert passes["kv.quantize"]["not_followed_by"] == ["layer_skip.static", "layer_skip.early_exit"]
+
+
 def test_needs_calibration_of_a_pass_that_has_no_default_instance():
     from bevel.compiler.cli import _needs_calibration
     from bevel.errors import ParamError

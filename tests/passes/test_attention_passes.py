@@ -364,12 +364,26 @@ def test_generation_runs_and_survives_save_and_load(model, tmp_path, request, pi
     ("attention.window | kv.evict", "kv.evict"),
     ("attention.heads | attention.window", "attention.window"),
     ("kv.quantize | attention.block_sparse(density=0.5)", "attention.block_sparse"),
+    ("kv.quantize | layer_skip.static(n=1)", r"pass 'layer_skip.static' cannot come after 'kv.quantize' \(its "
+                                             r"cache codes.*write 'layer_skip.static \| kv.quantize'"),
+    ("kv.quantize | cleanup | layer_skip.early_exit", "write 'layer_skip.early_exit | kv.quantize'"),
 ])
 def test_bad_parameters_fail_before_any_work_and_leave_the_model_alone(model, pipeline, words):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(BevelError, match=words):
         bevel.compile(model, pipeline, example_inputs=example())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_layer_skipping_before_kv_quantize_applies_both(model):
+    """The order the refusal above asks for: after kv.quantize layer skipping found no block it could
+    remove (each handed its cache codes on) and changed nothing."""
+    cm = compile_pass(model, "layer_skip.static(n=1) | kv.quantize(bits=8)",
+                      calibration=tinylm.text_windows(count=1, batch_size=2, length=64))
+    assert [e.status for e in cm.report.passes] == ["applied", "applied"]
+    layers = model.config.num_hidden_layers - 1  # one block removed: its layer's cache is no longer written
+    assert cm.report.passes[1].notes[0].startswith(f"{layers} layers: keys and values rounded to 8-bit codes")
+    assert cm.spec.cache_policy.bits == 8
 
 
 def test_a_group_size_that_does_not_divide_the_head_is_refused_by_name(model):

@@ -32,6 +32,9 @@ class KVQuantize(Pass):
 
     # run twice, the step graph would round the cache twice while the decode loop rounds it once
     conflicts = ("attention.block_sparse", "kv.quantize")
+    not_followed_by = tuple((name, "its cache codes and scales leave every block beside the hidden state, and "
+                                   "layer skipping needs each block to hand on the hidden state alone")
+                            for name in ("layer_skip.static", "layer_skip.early_exit"))
 
     @dataclass
     class Params(PassParams):
