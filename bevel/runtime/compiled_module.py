@@ -127,6 +127,7 @@ class CompiledModule(torch.nn.Module):
         self._keep_kernels()
 
     def _keep_kernels(self) -> None:
+        """Remember the kernels chosen, for when the weights come back to the CPU."""
         if self.cpu_linears:
             self._cpu_linear_kernels = {c.key: c.kernel for c in self.cpu_linears}
 
@@ -139,12 +140,12 @@ class CompiledModule(torch.nn.Module):
 
         tensors = list(self.graph_module.parameters()) + list(self.graph_module.buffers())
         floating = [t for t in tensors if t.is_floating_point()]
-        if floating and fn(floating[0]).dtype != floating[0].dtype:
+        wanted = fn(floating[0]).dtype if floating else None
+        if floating and wanted != floating[0].dtype:
             raise BevelError(f"the compiled {self.report.model if self.report else 'model'} computes in "
                              f"{str(floating[0].dtype).replace('torch.', '')}, the dtype it was captured in, and "
-                             f"cannot be converted to {str(fn(floating[0]).dtype).replace('torch.', '')} (its "
-                             f"graph keeps that dtype's casts and constants): convert the model before "
-                             f"bevel.compile instead")
+                             f"cannot be converted to {str(wanted).replace('torch.', '')} (its graph keeps that "
+                             f"dtype's casts and constants): convert the model before bevel.compile instead")
         before = tensors[0].device if tensors else None
         super()._apply(fn, recurse)
         after = next(iter(list(self.graph_module.parameters()) + list(self.graph_module.buffers())), None)
