@@ -100,7 +100,6 @@ def _type_advice(message: str, opset: int) -> str:
     return f". {op} has no {dtype[7:-1]} form in ONNX opset {opset}: {later}compile the model in float32 to export it"
 
 
-
 def _describe(error: BaseException) -> str:
     """``Type: first line`` of the error, and of its root cause when it has one (the exporter wraps
     the real failure in a generic "Failed to export" error)."""
