@@ -167,7 +167,9 @@ class CompiledModule(torch.nn.Module):
                 if self._exit_runner is not None:
                     codegen = self.graph_module.graph._codegen  # the model's input and output structure
                     return codegen.process_outputs(self._exit_runner(*codegen.process_inputs(*args)))
-                return self._runner(*args)
+                # traced by torch.compile, the graph itself: Inductor picks its own kernels, and it lowers
+                # oneDNN's linear only for constant (frozen) weights
+                return (self.graph_module if torch.compiler.is_compiling() else self._runner)(*args)
         except (AssertionError, AttributeError, RuntimeError, TypeError, ValueError) as error:
             # explained only after a failure, so that a good call pays nothing for the check
             problem = input_mismatch(self.input_specs, args)

@@ -316,12 +316,16 @@ def test_the_torch_compile_backend_merges_like_bevel_compile():
     assert (got - original).abs().max() > 1e-4  # tokens were merged: not the original model
 
 
-def test_a_merging_compiled_module_runs_through_inductor():
+def test_a_merging_compiled_module_runs_through_inductor(monkeypatch):
     """``torch.compile`` (Inductor) of the CompiledModule, as the GPU benchmark times it: Inductor
     generates code for the ops around bevel's matching and merging ops and calls those as they are
     (their fake implementations give it the merged lengths). The same outputs, up to the order of
     float32 sums in Inductor's fused kernels (1e-5). One block: Inductor compiles C++ for each kernel,
-    and a block shows every kind of op a merging model has."""
+    and a block shows every kind of op a merging model has. The CPU linears are forced onto oneDNN,
+    which Inductor lowers only for constant weights: it traced them whenever they were timed faster."""
+    from bevel.codegen.cpu_linear import CHOICE_VARIABLE
+
+    monkeypatch.setenv(CHOICE_VARIABLE, "onednn")
     model, make_inputs = vit(depth=1)
     (x,) = make_inputs(seeded(0))
     compiled = bevel.compile(model, "cleanup | tome(r=3)", example_inputs=(x,), dynamic_shapes="static")
