@@ -197,6 +197,22 @@ def test_a_change_of_dtype_is_refused_and_leaves_the_module_as_it_was(compiled_o
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every parameter and buffer, the non-persistent ones too (which ``state_dict`` leaves
+    out: a rotary embedding's frequencies)."""
+    named = dict(module.named_parameters()) | dict(module.named_buffers())
+    return {name: t.detach().clone() for name, t in named.items()}
+
+
+def restore(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Write :func:`tensors`' copies back (after ``to_empty``, whose memory is uninitialized)."""
+    named = dict(module.named_parameters()) | dict(module.named_buffers())
+    assert named.keys() == saved.keys()
+    with torch.no_grad():
+        for name, t in named.items():
+            t.copy_(saved[name])
+
+
 class Positions(torch.nn.Module):
     """TwoShapes plus a tensor the graph makes itself (on the capture's device) and a buffer."""
 
@@ -215,7 +231,7 @@ def test_moving_the_weights_moves_what_runs_and_back_on_the_cpu_the_kernels_chos
     model = Positions().eval()
     compiled = bevel.compile(model, "cleanup", example_inputs=(torch.randn(4, 16),))
     x = torch.randn(6, 16)
-    before, state = compiled(x), {k: v.clone() for k, v in compiled.state_dict().items()}
+    before, state = compiled(x), tensors(compiled)
     compiled.to("meta")  # another device, as a GPU is: the graph makes its tensors there, on aten's kernels
     assert compiled._runner is compiled.graph_module and compiled.cpu_linears == []
     out = compiled(x.to("meta"))
@@ -227,7 +243,7 @@ def test_moving_the_weights_moves_what_runs_and_back_on_the_cpu_the_kernels_chos
 
     monkeypatch.setattr(cpu_linear, "onednn_speedup", no_timing)
     compiled.to_empty(device="cpu")  # back to the CPU (a meta tensor has no values to copy back)
-    compiled.load_state_dict(state)
+    restore(compiled, state)
     assert targets(compiled._runner) == [ONEDNN] * 3
     assert {(c.key, c.kernel) for c in compiled.cpu_linears} == {((4, 16, 32), "onednn"), ((4, 32, 16), "onednn")}
     assert torch.equal(compiled(x), before)
@@ -242,12 +258,12 @@ def test_a_decoder_moved_away_and_back_generates_as_before_on_its_kernels(monkey
     compiled = bevel.compile(model, "cleanup", example_inputs=(ids, mask))
     with pytest.raises(BevelError, match="cannot be converted to bfloat16"):
         compiled.bfloat16()
-    state = {k: v.clone() for k, v in compiled.state_dict().items()}
+    state = tensors(compiled)
     compiled.to("meta")
     assert set(targets(compiled.decode_graph)) == {LINEAR} and compiled.device.type == "meta"
     monkeypatch.delenv(CHOICE_VARIABLE)
     compiled.to_empty(device="cpu")
-    compiled.load_state_dict(state)
+    restore(compiled, state)
     for graph in (compiled.prefill_graph, compiled.decode_graph):
         assert set(targets(graph)) == {ONEDNN}
     generated = compiled.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=None)
