@@ -554,8 +554,8 @@ def test_calibration_without_a_real_token_fails_the_pass_naming_it():
                        calibration=[(ids, torch.zeros_like(mask))])
     entry = cm.report["prune.structured"]
     assert entry.status == "failed" and "calibration batches hold no real token" in entry.reason
-    with torch.no_grad():
-        assert torch.equal(cm(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state)
+    with torch.no_grad():  # the graph as captured (cm itself may run its linears on another library)
+        assert torch.equal(cm.graph_module(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state)
 
 
 def test_a_skip_pattern_is_matched_against_every_weight_even_in_groups_left_alone():
