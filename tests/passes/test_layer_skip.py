@@ -164,7 +164,7 @@ def test_numbered_layers_that_are_not_residual_blocks_are_not_removed():
     assert len(entry.notes) == 6 and all("is not a residual block" in note for note in entry.notes)
     fresh = torch.randn(5, 16)
     with torch.no_grad():
-        assert torch.equal(cm(fresh), model(fresh))
+        assert torch.equal(cm.graph_module(fresh), model(fresh))  # the graph: cm may run its linears on oneDNN
 
 
 class SequentialMlp(torch.nn.Module):
