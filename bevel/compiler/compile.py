@@ -43,6 +43,11 @@ def _shapes(batch: tuple[Any, ...]) -> list:
     return [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in batch]
 
 
+def _padding_masks(batches: list[tuple[Any, ...]], padding: int) -> list[torch.Tensor]:
+    """Each batch's padding mask: its flat input at position ``padding``."""
+    return [tree_flatten(batch)[0][padding] for batch in batches]
+
+
 def check_seed(seed: Any) -> None:
     """Refuse a ``seed`` that torch.manual_seed cannot take: not an int, or outside 64 bits."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**64:
@@ -206,11 +211,11 @@ def compile(model: torch.nn.Module | CapturedModel, passes: str | Pass | list[st
     # outputs at an encoder's padded positions mean nothing: every pass's fidelity check skips them
     padding = padding_mask_input(graph)
     if padding is not None:
-        ctx.padding_masks = [tree_flatten(batch)[0][padding] for batch in ctx.calibration]
+        ctx.padding_masks = _padding_masks(ctx.calibration, padding)
     validation_set = None
     if held_out:
         validation_set = HeldOut(held_out, held_out_reference,
-                                 None if padding is None else [tree_flatten(batch)[0][padding] for batch in held_out])
+                                 None if padding is None else _padding_masks(held_out, padding))
         report.quality = validation_set.quality(captured_outputs(graph, held_out, "validation"))
     manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end,
                           held_out=validation_set)

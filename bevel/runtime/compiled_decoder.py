@@ -77,7 +77,6 @@ class CompiledDecoder(CompiledModule):
                  ) -> None:
         super().__init__(graph_module, example_inputs, report, pipeline, cpu_linear_kernels)
         self.spec = spec.with_policy(graph_module)
-        self._decode_rows = example_inputs[0].shape[0]
         if has_early_exit(graph_module):
             self.early_exit = early_exit_state(graph_module)
         self._build_runners()
@@ -90,7 +89,7 @@ class CompiledDecoder(CompiledModule):
         kernels, policy = self._cpu_linear_kernels, self.spec.cache_policy
         self.prefill_graph, prefill = on_cpu(runtime_graph(self.graph_module, self.spec.num_layers, policy), kernels)
         self.decode_graph, decode = on_cpu(runtime_graph(self.graph_module, self.spec.num_layers, policy), kernels,
-                                           rows=self._decode_rows)
+                                           rows=self.example_inputs[0].shape[0])
         self.cpu_linears = list({c.key: c for c in prefill + decode}.values())
         self._keep_kernels()
         if self.early_exit is not None:
