@@ -31,6 +31,10 @@ Where the channels meet an op this module has no rule for, reach the model's out
 something that cannot be cut (an embedding table, channels normalized together by a LayerNorm, a
 weight read by two ops), the group is *blocked*: it is left alone, and :attr:`ChannelGroup.blocked`
 names the node and why. A transformer's residual stream is blocked this way, by its LayerNorms.
+
+A depthwise convolution (one group per channel, MobileNet's and EfficientNet's blocks) is no producer:
+it filters each channel of its input on its own, so its output carries its input's channels, and its
+filters, bias and ``groups`` argument are cut with them. Other grouped convolutions block.
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ _UNARY = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.gelu_.d
           aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default, aten.hardtanh.default,
           aten.hardtanh_.default, aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
           aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.relu6.default,
-          aten.dropout.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
+          aten.dropout.default, aten.dropout_.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
           aten.detach.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
           aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar,
           aten.lift_fresh_copy.default, aten.type_as.default}
@@ -255,6 +259,8 @@ class _Pass:
         target = node.target
         inputs = {a: self.tracks.get(a) for a in node.all_input_nodes}
         tracked = {a: t for a, t in inputs.items() if t is not None}
+        if target in CONV_OPS and is_depthwise(self.graph, node):
+            return self.depthwise(node, tracked)
         if target in LINEAR_OPS or target in CONV_OPS:
             return self.layer(node, tracked)
         if not tracked:
@@ -304,7 +310,7 @@ class _Pass:
         weight = node.args[1]
         conv = node.target in CONV_OPS
         usable = self.graph.is_parameter(weight) and self.a.readers.get(weight.target, 0) == 1
-        groups = node.args[6] if conv and len(node.args) > 6 else 1
+        groups = _conv_groups(node)[1] if conv else 1
         if tracked:
             try:
                 self.consume(node, tracked, usable, groups)
@@ -315,7 +321,7 @@ class _Pass:
         if producer is None:
             return None
         if not usable or groups != 1:
-            why = "is a grouped convolution" if groups != 1 else (
+            why = _grouped_why(groups) if groups != 1 else (
                 f"its weight '{weight.target}' is read by {self.a.readers.get(weight.target, 0)} ops (shared "
                 f"between layers), and cutting it for one would cut it for all")
             self.blocked.setdefault(self.root[producer], []).append((node.name, why))
@@ -336,6 +342,29 @@ class _Pass:
                 self.add_slice(segment, 0, bias.target, 0, "producer", node)
         return Track(1 if conv else len(_shape(node)) - 1, (segment,))
 
+    def depthwise(self, node: fx.Node, tracked: dict[fx.Node, Track]) -> Track | None:
+        """A depthwise convolution filters each channel on its own, so its channels are its input's: its
+        filters, bias and ``groups`` are cut with them (MobileNet's and EfficientNet's blocks)."""
+        if not tracked:
+            return None
+        x, weight, bias = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else None
+        track = tracked.get(x)
+        if len(tracked) > 1 or track is None:
+            raise Unsupported("its weight or bias carries pruned channels")
+        if track.dim != 1:
+            raise Unsupported("reads the channels along a dimension it does not filter")
+        own = [t for t in (weight, bias) if t is not None]
+        if not all(self.graph.is_tensor_attr(t) and self.a.readers.get(t.target, 0) == 1 for t in own):
+            raise Unsupported("is a depthwise convolution whose weight or bias is not a tensor of its own")
+        index = _conv_groups(node)[0]
+        for segment, offset in zip(track.segments, track.offsets()):
+            for tensor in own:
+                self.add_slice(segment, offset, tensor.target, 0, "attached", node)
+            if segment.group is not None:  # groups counts the channels: each run cut takes its share off
+                self.shape_args.setdefault(self.root[segment.group], []).append(
+                    ShapeArg(node, None, offset, segment.layout, arg=index))
+        return Track(1, track.segments)
+
     def consume(self, node: fx.Node, tracked: dict[fx.Node, Track], usable: bool, groups: int) -> None:
         x, weight = node.args[0], node.args[1]
         conv = node.target in CONV_OPS
@@ -348,7 +377,7 @@ class _Pass:
             raise Unsupported(f"its weight '{getattr(weight, 'target', weight)}' is not a parameter read by "
                               f"this layer alone")
         if groups != 1:
-            raise Unsupported("is a grouped convolution")
+            raise Unsupported(_grouped_why(groups))
         for segment, offset in zip(track.segments, track.offsets()):
             self.add_slice(segment, offset, weight.target, 1, "consumer", node)
             if segment.group is not None:
@@ -713,6 +742,29 @@ def _static_factor(size: fx.Node, channels: int) -> int | None:
     return ints[0] if len(ints) == 1 and size.args[ints[0]] == channels else None
 
 
+def _conv_groups(node: fx.Node) -> tuple[int, Any]:
+    """A convolution's ``groups``: its position in the node's args and its value (1 when not given). A
+    transposed ``aten.convolution`` gives None: its weight is laid out [in, out], which no rule here reads."""
+    index = 8 if node.target == aten.convolution.default else 6
+    if node.target == aten.convolution.default and node.args[6]:
+        return index, None
+    return index, node.args[index] if len(node.args) > index else 1
+
+
+def _grouped_why(groups: Any) -> str:
+    return "is a transposed convolution" if groups is None else "is a grouped convolution"
+
+
+def is_depthwise(graph: Graph, node: fx.Node) -> bool:
+    """Whether a convolution node filters every channel on its own with a stored weight: as many groups
+    as input and output channels, given positionally (so that a cut can change it)."""
+    index, groups = _conv_groups(node)
+    if not (isinstance(groups, int) and groups > 1 and len(node.args) > index and graph.is_tensor_attr(node.args[1])):
+        return False
+    weight, x = graph.param(node.args[1].target).shape, _shape(node.args[0])
+    return x is not None and weight[0] == groups and weight[1] == 1 and x[1] == groups
+
+
 def _single(tracked: dict[fx.Node, Track]) -> Track:
     if len(tracked) != 1:
         raise Unsupported("takes channels of more than one tensor")
@@ -761,8 +813,9 @@ class DependencyAnalysis:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self.readers = read_counts(graph)
+        # a depthwise convolution passes its input's channels on (see _Pass.depthwise): not a producer
         producers = [n for n in graph.nodes(op="call_function", target=LINEAR_OPS + CONV_OPS)
-                     if graph.is_parameter(n.args[1])]
+                     if graph.is_parameter(n.args[1]) and not (n.target in CONV_OPS and is_depthwise(graph, n))]
         self.producer_ids = {node: i for i, node in enumerate(producers)}
         self.producers = producers
         self.units: dict[int, tuple[int, int]] = {i: (1, 1) for i in self.producer_ids.values()}

@@ -142,3 +142,19 @@ def test_an_unflatten_beside_the_channels_and_an_unbind_without_a_dim_are_follow
         assert result.changed, result.notes
         with torch.no_grad():
             assert graph(torch.cat([example, example])).shape[0] == 4
+
+
+def test_an_in_place_dropout_passes_its_channels_on_and_other_grouped_convs_block():
+    """An in-place dropout (what torchvision's classifiers use) is an identity at inference, as the
+    plain one; a depthwise conv passes its input's channels on (it is no producer), while a conv with
+    2 channels per group cannot be cut channel by channel."""
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2, inplace=True), nn.Linear(16, 4))
+    _, groups = groups_of(mlp, torch.randn(2, 8))
+    assert not groups["0.weight"].blocked and groups["0.weight"].units == 16
+    convs = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 3, groups=4),
+                          nn.Conv2d(8, 2, 1))
+    _, groups = groups_of(convs, torch.randn(2, 3, 8, 8))
+    assert sorted(groups) == ["0.weight", "2.weight", "3.weight"]
+    assert groups["0.weight"].blocked == [("conv2d_2", "is a grouped convolution")]
+    assert {("1.weight", 0), ("1.bias", 0)} <= {(s.param, s.dim) for s in groups["0.weight"].slices}
+    assert groups["2.weight"].blocked == [("conv2d_2", "is a grouped convolution")]

@@ -1,5 +1,6 @@
 """prune.structured on random models covering each coupling: an MLP, a conv-BatchNorm net with a
-residual block, HF BERT, HF Llama with grouped-query attention, timm ViT and timm ResNet.
+residual block, a net of inverted-residual blocks (depthwise convs, squeeze-and-excitation), HF BERT,
+HF Llama with grouped-query attention, timm ViT, timm ResNet and torchvision's MobileNetV3.
 
 After the pass every model runs on fresh inputs, every weight the report lists is physically
 smaller, and the parameter count is the one the dependency analysis predicts for the removed units.
@@ -43,6 +44,34 @@ class ResidualConvNet(nn.Module):
         return self.head(self.down(x).mean(dim=(2, 3)))
 
 
+class InvertedResidualNet(nn.Module):
+    """MobileNet's blocks: a 1x1 expansion, a depthwise 3x3, squeeze-and-excitation, a 1x1 projection
+    (added to the block's input in the first block, strided in the second), then a Linear head."""
+
+    def __init__(self, width: int = 8, expand: int = 4, classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        hidden = width * expand
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.ModuleList()
+        for stride, out in ((1, width), (2, 2 * width)):
+            self.blocks.append(nn.ModuleDict({
+                "expand": nn.Sequential(nn.Conv2d(width, hidden, 1), nn.BatchNorm2d(hidden), nn.Hardswish()),
+                "depthwise": nn.Sequential(nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden,
+                                                     bias=False), nn.BatchNorm2d(hidden), nn.Hardswish()),
+                "squeeze": nn.Sequential(nn.Conv2d(hidden, hidden // 4, 1), nn.ReLU(),
+                                         nn.Conv2d(hidden // 4, hidden, 1), nn.Hardsigmoid()),
+                "project": nn.Sequential(nn.Conv2d(hidden, out, 1), nn.BatchNorm2d(out))}))
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            h = block["depthwise"](block["expand"](x))
+            h = block["project"](h * block["squeeze"](h.mean(dim=(2, 3), keepdim=True)))
+            x = x + h if h.shape == x.shape else h
+        return self.head(x.mean(dim=(2, 3)))
+
+
 def randomized_batch_norms(model: nn.Module) -> nn.Module:
     """Give BatchNorm layers non-trivial statistics, so pruning them wrongly would show."""
     generator = seeded(5)
@@ -81,6 +110,14 @@ def vit():
     return model.eval(), lambda g: (torch.randn(2, 3, 32, 32, generator=g),)
 
 
+def mobilenet():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomized_batch_norms(torchvision.models.mobilenet_v3_small(num_classes=5))
+    return model, lambda g: (torch.randn(2, 3, 32, 32, generator=g),)
+
+
 def resnet():
     import timm
 
@@ -108,6 +145,11 @@ def transformer_encoder():
     return PaddedEncoder().eval(), padded_tokens
 
 
+def inverted_residual():
+    torch.manual_seed(0)
+    return randomized_batch_norms(InvertedResidualNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
+
+
 def mlp():
     torch.manual_seed(0)
     return MLP((16, 48, 32, 8)).eval(), lambda g: (torch.randn(4, 16, generator=g),)
@@ -118,11 +160,12 @@ def conv_net():
     return randomized_batch_norms(ResidualConvNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
 
 
-MODELS = {"mlp": mlp, "conv_residual": conv_net, "bert": bert, "llama_gqa": llama_gqa, "vit": vit, "resnet": resnet,
+MODELS = {"mlp": mlp, "conv_residual": conv_net, "inverted_residual": inverted_residual, "bert": bert,
+          "llama_gqa": llama_gqa, "vit": vit, "resnet": resnet, "mobilenet": mobilenet,
           "transformer_encoder": transformer_encoder}
 # the target whose coupling each model exercises; "all" prunes every group the analysis allows
-TARGETS = {"mlp": "all", "conv_residual": "conv", "bert": "all", "llama_gqa": "all", "vit": "all",
-           "resnet": "conv", "transformer_encoder": "all"}
+TARGETS = {"mlp": "all", "conv_residual": "conv", "inverted_residual": "conv", "bert": "all", "llama_gqa": "all",
+           "vit": "all", "resnet": "conv", "mobilenet": "conv", "transformer_encoder": "all"}
 
 
 def compile_pruned(model, make_inputs, passes, calibrated=True):
@@ -247,6 +290,37 @@ def test_channels_halved_by_chunk_go_in_pairs_and_chunk_keeps_its_count():
             oracle.a.bias[channel] = 0
         fresh = torch.randn(3, 3, 10, 6, generator=seeded(9))
         assert (graph(fresh) - oracle(fresh)).abs().max() <= 1e-5
+
+
+def test_a_depthwise_conv_loses_the_filters_of_the_channels_removed_before_it():
+    """A depthwise conv filters each channel on its own: removing expansion channels takes its filters,
+    its BatchNorm's statistics and as many of its groups. Without compensation the pruned graph equals
+    the original model with those channels zeroed after the depthwise conv's activation, where the
+    squeeze-and-excitation and the projection read them (float rounding apart: 1e-5)."""
+    model, make_inputs = inverted_residual()
+    graph = capture(model, make_inputs(seeded(0)))
+    # only the expansion channels: the stem's (with the first projection's), the second projection's
+    # and the squeezes' are skipped
+    result = run_pass(graph, make_inputs, ratio=0.5, target="conv", compensate=False,
+                      skip=("stem.0.bias", "blocks.1.project.0.bias", "blocks.*.squeeze.0.bias"))
+    assert result.changed, result.notes
+    groups = result.stats["groups"]
+    assert sorted(groups) == ["blocks.0.expand.0.weight", "blocks.1.expand.0.weight"]
+    for i, hidden in ((0, 32), (1, 32)):
+        assert groups[f"blocks.{i}.expand.0.weight"]["units"] == [hidden, hidden // 2]
+        assert graph.param(f"blocks.{i}.depthwise.0.weight").shape == (hidden // 2, 1, 3, 3)
+        assert graph.param(f"blocks.{i}.depthwise.1.running_var").shape == (hidden // 2,)
+    depthwise = [n for n in graph.fx_graph.nodes if n.target == torch.ops.aten.conv2d.default and len(n.args) > 6]
+    assert [n.args[6] for n in depthwise] == [16, 16]
+    oracle = copy.deepcopy(model)
+    for i in range(2):
+        kept = graph.param(f"blocks.{i}.expand.0.weight")
+        rows = [next(r for r in range(32) if torch.equal(model.blocks[i]["expand"][0].weight[r], row)) for row in kept]
+        gone = torch.tensor(sorted(set(range(32)) - set(rows)))
+        oracle.blocks[i]["depthwise"][2].register_forward_hook(lambda m, a, out, gone=gone: out.index_fill(1, gone, 0))
+    fresh = make_inputs(seeded(9))
+    with torch.no_grad():
+        assert (graph(*fresh) - oracle(*fresh)).abs().max() <= 1e-5
 
 
 def test_a_refit_to_fewer_rows_than_input_channels_is_named():
