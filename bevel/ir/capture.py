@@ -93,27 +93,44 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     module = program.module()
     set_inference_flags(module)  # eval() is refused on exported modules; the flag still matters to exporters
     if automatic:
-        _warn_of_sizes_fixed_at_one(module, example_inputs)
+        _warn_of_sizes_fixed_at_one(model, module, example_inputs)
     return Graph(module, example_inputs)
 
 
-def _warn_of_sizes_fixed_at_one(module: torch.fx.GraphModule, example_inputs: tuple[Any, ...]) -> None:
+def _warn_of_sizes_fixed_at_one(model: torch.nn.Module, module: torch.fx.GraphModule,
+                                example_inputs: tuple[Any, ...]) -> None:
     """Warn where an example input's dimension of size 1 came out fixed: torch.export takes sizes 0
-    and 1 for constants, so a batch-1 example gives a graph that takes batches of 1 only."""
-    leaves = pytree.tree_leaves(example_inputs)
+    and 1 for constants, so a batch-1 example gives a graph that takes batches of 1 only. A dimension
+    the model itself fixes at 1 (the channel of grayscale images a conv reads) is not named: the model
+    is run once with that dimension at 2 (and the same dimension of the other inputs fixed at 1 with
+    it, as a batch of ids and its mask are), and a failure says the model allows nothing else."""
+    leaves, spec = pytree.tree_flatten(example_inputs)
     placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
     if len(leaves) != len(placeholders):
         return
-    fixed = []
+    ones = []
     for index, (leaf, node) in enumerate(zip(leaves, placeholders)):
         value = node.meta.get("val")
         if isinstance(leaf, torch.Tensor) and isinstance(value, torch.Tensor):
-            fixed += [f"input {index} dimension {dim}" for dim, size in enumerate(value.shape)
-                      if leaf.shape[dim] == 1 and isinstance(size, int)]
+            ones += [(index, dim) for dim, size in enumerate(value.shape) if leaf.shape[dim] == 1
+                     and isinstance(size, int)]
+    fixed = [f"input {index} dimension {dim}" for index, dim in ones
+             if _model_takes_two(model, leaves, spec, [i for i, d in ones if d == dim], dim)]
     if fixed:
         warnings.warn(f"the example inputs fix {', '.join(fixed)} at 1 (torch.export takes a size of 1 for a "
                       f"constant): the result takes only 1 there; capture with 2 or more in it (a batch of 2) to "
                       f"keep it variable", stacklevel=_first_caller_outside_bevel())
+
+
+def _model_takes_two(model: torch.nn.Module, leaves: list[Any], spec: Any, indices: list[int], dim: int) -> bool:
+    """Whether ``model`` runs with the input leaves ``indices`` repeated to size 2 along ``dim``."""
+    probe = [torch.cat([leaf] * 2, dim=dim) if i in indices else leaf for i, leaf in enumerate(leaves)]
+    try:
+        with torch.no_grad():
+            model(*pytree.tree_unflatten(probe, spec))
+    except Exception:  # the model refuses the size, with whatever error its ops raise
+        return False
+    return True
 
 
 def _first_caller_outside_bevel() -> int:

@@ -46,6 +46,31 @@ def test_an_example_dimension_of_size_1_fixed_by_the_capture_is_named():
         capture(SDPABlock().eval(), (torch.randn(1, 6, 16),), dynamic_shapes="static")
 
 
+def test_a_size_1_the_model_fixes_itself_is_not_named_and_a_batch_of_1_is_named_once_per_input():
+    """Grayscale images (one channel, which the first conv fixes) were named as if a larger size
+    could be kept by capturing with it; a batch of 1 shared by two inputs (ids and their mask) is
+    still named in both."""
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    conv(torch.randn(1, 1, 6, 6))
+    with pytest.warns(UserWarning) as caught:
+        capture(conv.eval(), (torch.randn(1, 1, 6, 6),))
+    (message,) = [str(w.message) for w in caught if "example inputs fix" in str(w.message)]
+    assert "fix input 0 dimension 0 at 1 (" in message and "dimension 1" not in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        capture(conv.eval(), (torch.randn(2, 1, 6, 6),))
+    model = MaskedMean().eval()
+    with pytest.warns(UserWarning, match=r"fix input 0 dimension 0, input 1 dimension 0 at 1 "):
+        capture(model, (torch.randn(1, 5, 4), torch.ones(1, 5)))
+
+
+class MaskedMean(torch.nn.Module):
+    """The mean of the rows a mask keeps: its two inputs share their batch and length."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (x * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+
+
 def test_static_capture_fixes_shapes():
     graph = capture(MLP().eval(), (torch.randn(3, 16),), dynamic_shapes="static")
     assert graph.shape(graph.inputs()[0]) == (3, 16)
