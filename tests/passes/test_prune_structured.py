@@ -486,6 +486,18 @@ def test_bad_input_is_refused_or_reported():
     assert entry.status == "no change"
     assert any("no prunable attention heads" in note for note in entry.notes)
     assert any("has no scaled_dot_product_attention" in note for note in entry.notes)
+    # a ratio too small to remove a whole unit says which ratio would (48 neurons in steps of 32: 16 go
+    # at 0.34, not 0.33, whose 48 * 0.33 rounds down to 15)
+    entry = compile_pruned(model, make_inputs, "prune.structured(ratio=0.2, round_to=32)").report.passes[0]
+    assert entry.status == "no change"
+    assert entry.notes[-1] == ("ratio=0.2 removes no whole unit of any group (round_to=32): group 'layers.0.weight' "
+                               "has 48 neurons, taken 32 at a time; ratio=0.34 or more removes some")
+    model, make_inputs = vit()
+    entry = compile_pruned(model, make_inputs, 'prune.structured(ratio=0.2, target="heads")').report.passes[0]
+    assert entry.status == "no change"
+    assert entry.notes[-1].endswith("has 4 heads, taken 1 at a time; ratio=0.25 or more removes some")
+    entry = compile_pruned(model, make_inputs, 'prune.structured(ratio=0.25, target="heads")').report.passes[0]
+    assert entry.status == "applied"
 
 
 def test_multihead_attention_heads_go_as_if_their_output_were_zeroed():

@@ -134,7 +134,8 @@ class StructuredPrune(Pass):
         removed = {name: units for name, units in removed.items() if units}
         if not removed:
             return PassResult(changed=False, stats={"groups": {}}, notes=notes + [
-                f"ratio={p.ratio} removes no whole unit of any group (round_to={p.round_to})"])
+                f"ratio={p.ratio} removes no whole unit of any group (round_to={p.round_to}): "
+                + _smallest_ratio_note(candidates, steps)])
 
         graph.remove_unused_params()  # so that the count before holds only what the graph reads
         before = param_count(graph)
@@ -285,6 +286,22 @@ def _select(groups: list[ChannelGroup], scores: dict[str, torch.Tensor], steps: 
         order = torch.argsort(scores[g.name], stable=True)
         removed[g.name] = sorted(int(u) for u in order[:drop])
     return removed
+
+
+def _smallest_ratio_note(groups: list[ChannelGroup], steps: dict[str, int]) -> str:
+    """Says how large a ratio removes something: the smallest that takes a step of units off a group."""
+    def needed(group: ChannelGroup) -> float:
+        count = next((c for c in range(1, group.units) if _kept(group.units, c, steps[group.name]) < group.units),
+                     None)
+        # rounded up, so that int(ratio * units) reaches the count; past 1 where one step is the whole group
+        return 2.0 if count is None else math.ceil(count / group.units * 100) / 100
+
+    group = min(groups, key=needed)
+    if needed(group) >= 1:
+        return f"every group is a single step of round_to={steps[group.name]} units wide"
+    units = {"heads": "heads", "conv": "channels", "mlp": "neurons"}.get(group.kind, "units")
+    return (f"group '{group.name}' has {group.units} {units}, taken {steps[group.name]} at a time; ratio="
+            f"{needed(group)} or more removes some")
 
 
 def _kept(units: int, count: int, step: int) -> int:
