@@ -9,6 +9,7 @@ import inspect
 import io
 import os
 import sys
+import threading
 import traceback
 import warnings
 from typing import Any
@@ -78,7 +79,8 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     printed = io.StringIO()
     try:
         # torch's log warnings are silenced: a failure is reported once, as a CaptureError
-        with quiet_logger("torch", logging.ERROR), contextlib.redirect_stderr(printed):
+        with quiet_logger("torch", logging.ERROR), _slow_capture_hint(model, dynamic_shapes is not None), \
+                contextlib.redirect_stderr(printed):
             try:
                 program = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
             except Exception as error:
@@ -95,6 +97,36 @@ def capture(model: torch.nn.Module, example_inputs: tuple[Any, ...],
     if automatic:
         _warn_of_sizes_fixed_at_one(model, module, example_inputs)
     return Graph(module, example_inputs)
+
+
+# after this long, a capture with symbolic sizes says that fixed sizes may be far faster
+SLOW_CAPTURE_SECONDS = 60.0
+
+
+@contextlib.contextmanager
+def _slow_capture_hint(model: torch.nn.Module, symbolic: bool) -> Any:
+    """While torch.export runs, say on stderr once it has taken :data:`SLOW_CAPTURE_SECONDS`. With
+    symbolic sizes, a model that computes much with its input's sizes can take many minutes to capture,
+    silently (torchvision's Swin-T, which partitions its feature maps into windows: 4 minutes on a
+    2-core CPU at 64x64 images, 2 s with fixed sizes)."""
+    stream = sys.stderr  # taken before torch's own output is redirected
+
+    def hint() -> None:
+        stream.write(f"bevel: capturing {type(model).__name__} with torch.export has taken "
+                     f"{SLOW_CAPTURE_SECONDS:.0f} s so far"
+                     + (": with symbolic input sizes, a model that computes with its sizes (window partitions, "
+                        "size-dependent reshapes) can take many minutes; fixed sizes (dynamic_shapes=\"static\", "
+                        "or --static-shapes on the command line) may capture in seconds" if symbolic else "")
+                     + "\n")
+        stream.flush()
+
+    timer = threading.Timer(SLOW_CAPTURE_SECONDS, hint)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _warn_of_sizes_fixed_at_one(model: torch.nn.Module, module: torch.fx.GraphModule,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -62,6 +63,23 @@ def test_a_size_1_the_model_fixes_itself_is_not_named_and_a_batch_of_1_is_named_
     model = MaskedMean().eval()
     with pytest.warns(UserWarning, match=r"fix input 0 dimension 0, input 1 dimension 0 at 1 "):
         capture(model, (torch.randn(1, 5, 4), torch.ones(1, 5)))
+
+
+def test_a_slow_capture_says_so_and_with_symbolic_sizes_suggests_fixed_ones(monkeypatch, capsys):
+    """torch.export gave no sign of life for 4 minutes on Swin-T with symbolic sizes (2 s with fixed ones); a
+    capture taking longer than SLOW_CAPTURE_SECONDS (set to 0 here, so every capture is slow) says so."""
+    # the module, not the function bevel.ir exports under the same name
+    monkeypatch.setattr(importlib.import_module("bevel.ir.capture"), "SLOW_CAPTURE_SECONDS", 0.0)
+    capture(SDPABlock().eval(), (torch.randn(2, 6, 16),))
+    err = capsys.readouterr().err
+    assert "bevel: capturing SDPABlock with torch.export has taken 0 s so far: with symbolic input sizes" in err
+    assert 'dynamic_shapes="static"' in err and "--static-shapes" in err
+    capture(SDPABlock().eval(), (torch.randn(2, 6, 16),), dynamic_shapes="static")
+    err = capsys.readouterr().err
+    assert "has taken 0 s so far\n" in err and "symbolic" not in err
+    monkeypatch.undo()
+    capture(SDPABlock().eval(), (torch.randn(2, 6, 16),))
+    assert "bevel: capturing" not in capsys.readouterr().err
 
 
 class MaskedMean(torch.nn.Module):
