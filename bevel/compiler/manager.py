@@ -19,7 +19,7 @@ from bevel.compiler.pipeline import check_composition
 from bevel.compiler.report import GraphFigures, PassReport
 from bevel.errors import PipelineError
 from bevel.ir import analysis
-from bevel.ir.graph import Graph
+from bevel.ir.graph import MADE_BY, Graph
 from bevel.passes.base import Pass, PassContext
 
 log = logging.getLogger("bevel")
@@ -64,6 +64,8 @@ class PassManager:
         """Run every pass; returns the final graph (a rolled-back pass leaves its input) and the entries."""
         entries = []
         figures = measure_figures(graph)
+        for node in graph.fx_graph.nodes:  # captured: made by no pass
+            node.meta.setdefault(MADE_BY, None)
         for index, p in enumerate(self.passes):
             if self.on_start:
                 self.on_start(index, len(self.passes), p)
@@ -88,6 +90,8 @@ class PassManager:
         except Exception as error:  # a failing pass must not take the compile down with it
             return snapshot, self._failed(name, error, time.perf_counter() - start, before)
         seconds = time.perf_counter() - start
+        for node in graph.fx_graph.nodes:  # the nodes this pass made, for errors that name their pass
+            node.meta.setdefault(MADE_BY, p.name)
         start = time.perf_counter()
         try:
             problems = graph.lint()

@@ -10,6 +10,10 @@ import torch.fx as fx
 
 from bevel.ir import attributes, meta
 
+# node.meta key: the name of the pass that made the node (None for captured nodes), for errors that
+# name it; set by the pass manager, kept by graph copies
+MADE_BY = "bevel_made_by"
+
 
 class Graph:
     """A model captured by torch.export, held as an fx GraphModule with its weights as attributes.

@@ -16,6 +16,7 @@ import torch
 from torch.utils._pytree import tree_flatten_with_path
 
 from bevel.errors import ExportError
+from bevel.ir.graph import MADE_BY
 from bevel.ir.printer import output_path
 
 if TYPE_CHECKING:
@@ -202,8 +203,10 @@ def _check_translations(module: torch.fx.GraphModule, translations: dict[Any, An
     for node in module.graph.nodes:
         target = node.target
         if node.op == "call_function" and getattr(target, "namespace", None) == "bevel" and target not in translations:
+            made_by = node.meta.get(MADE_BY)
             raise ExportError(f"cannot export to ONNX: node '{node.name}' is {target.name()}, which has no ONNX form; "
-                              f"compile without the pass that put it there to export this model")
+                              + (f"`{made_by}` put it there: compile without it to export this model" if made_by
+                                 else "compile without the pass that put it there to export this model"))
 
 
 def _layouts_copied(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
