@@ -12,6 +12,7 @@ import inspect as pyinspect
 import json
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -117,18 +118,14 @@ def passes_command(as_json: bool = typer.Option(False, "--json", help="Print the
         console.print(f"[bold]{escape(entry['name'])}[/bold]" + escape(f"  ({'; '.join(needs)})" if needs else ""),
                       soft_wrap=True)
         console.print(f"  {escape(entry['doc'])}", soft_wrap=True)
-        if entry["params"]:
-            rows = [(p["name"], p["type"], format_value(p["default"]), p["range"], p["doc"]) for p in entry["params"]]
-            table = Table(box=None, padding=(0, 2), show_edge=False)
-            for index, column in enumerate(("param", "type", "default")):
-                # a name, type or default cut short would be wrong: these never shrink, range and help wrap
-                widest = max(len(column), *(len(row[index]) for row in rows))
-                table.add_column(column, no_wrap=True, min_width=widest)
-            for column in ("range", "help"):
-                table.add_column(column, overflow="fold")
-            for row in rows:
-                table.add_row(*(escape(text) for text in row))
-            console.print(table)
+        # one line per parameter (name, type, default, range) and its help below it, wrapped at the
+        # terminal's width: as table columns, the help was squeezed to a few letters a line
+        for p in entry["params"]:
+            head = f"  {p['name']}  {p['type']} = {format_value(p['default'])}" + (f"  in {p['range']}" if p["range"]
+                                                                                   else "")
+            console.print(escape(head), soft_wrap=True)
+            for line in textwrap.wrap(p["doc"], width=max(40, console.width - 6), break_long_words=False):
+                console.print(escape("      " + line), soft_wrap=True)
         console.print()
 
 

@@ -151,6 +151,24 @@ def test_passes_table_shows_every_param_name_type_and_default_whole():
         assert name in cells, name
 
 
+def test_passes_give_each_param_a_line_and_its_help_in_whole_words_below_it():
+    """As a table, the help column of a pass with a long type was squeezed to eight letters a line
+    ("decrea", "sing"); each parameter now has a line of its own, its help wrapped below it."""
+    out = bevel("passes").stdout
+    lines = out.splitlines()
+    start = lines.index("token_prune")
+    at = lines.index("  r  int | tuple[int | str, ...] = 8", start)
+    help_lines = []
+    for line in lines[at + 1:]:
+        if not line.startswith("      "):
+            break
+        help_lines.append(line.strip())
+    assert " ".join(help_lines) == ('tokens removed per block: an int, a list of one per block, or [r, "decreasing"] '
+                                    '(2r in the first block down to 0)')
+    assert len(help_lines) > 1 and all(len(line) + 6 <= 80 for line in help_lines)  # at the terminal's width
+    assert "  protect  int = 1  in [0, inf)" in lines
+
+
 def test_passes_json():
     result = bevel("passes", "--json")
     assert result.exit_code == 0, result.output
