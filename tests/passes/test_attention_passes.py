@@ -235,6 +235,27 @@ def test_block_sparse_prefill_equals_dense_attention_over_the_estimated_blocks(b
     assert block_sparse.report.passes[-1].stats["density"] < 0.9
 
 
+def test_block_sparse_on_prompts_too_short_to_skip_a_block_says_so(model):
+    """Applied to prompts of 40 tokens in blocks of 16, every key block is a sink, diagonal or local
+    one: the graph changed but computes all that dense attention does, which the report said only as a
+    density of 1.0000."""
+    short = compile_pass(model, "attention.block_sparse(block=16, density=0.3)",
+                         calibration=tinylm.text_windows(count=1, batch_size=2, length=40))
+    entry = short.report.passes[-1]
+    assert entry.status == "applied" and entry.stats["density"] == 1.0
+    assert entry.notes[-1] == ("no key block was skipped on the calibration prompts (up to 40 tokens): the sink, "
+                               "diagonal and local blocks are all there is in prompts up to 48 tokens, so only "
+                               "longer prompts compute less than dense attention; calibrate on prompts as long as "
+                               "those served to see the share they compute")
+    dense = compile_pass(model, "attention.block_sparse(block=16, density=1.0)",
+                         calibration=tinylm.text_windows(count=1, batch_size=2, length=96))
+    assert dense.report.passes[-1].notes[-1].endswith("the density 1.0 kept every key block; a lower one skips some")
+
+
+def test_block_sparse_that_skips_blocks_adds_no_such_note(block_sparse):
+    assert len(block_sparse.report.passes[-1].notes) == 1
+
+
 # -- kv.quantize ------------------------------------------------------------------------------------
 
 def quantized_rule(bits, group):

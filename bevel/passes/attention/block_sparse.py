@@ -66,10 +66,18 @@ class BlockSparse(Pass):
         graph.refresh()
         density = measure_density(graph, attentions, ctx.calibration)
         rule = f"density {p.density}" if p.density is not None else f"threshold {p.threshold}"
-        return PassResult(changed=True, notes=[
-            f"{len(attentions)} layers: blocks of {p.block} tokens chosen by {rule} (sink and diagonal blocks and "
-            f"{p.local} local block(s) always kept); share of causal attention computed on the calibration batches: "
-            f"{density:.4f}"], stats={"layers": len(attentions), "density": round(density, 6)})
+        notes = [f"{len(attentions)} layers: blocks of {p.block} tokens chosen by {rule} (sink and diagonal blocks "
+                 f"and {p.local} local block(s) always kept); share of causal attention computed on the calibration "
+                 f"batches: {density:.4f}"]
+        if density == 1.0:  # applied, yet computing all that dense attention does
+            longest = max(batch[0].shape[-1] for batch in ctx.calibration)
+            always = (-(-p.sinks // p.block) + p.local + 1) * p.block  # tokens the kept blocks always cover
+            notes.append(f"no key block was skipped on the calibration prompts (up to {longest} tokens): " + (
+                f"the sink, diagonal and local blocks are all there is in prompts up to {always} tokens, so only "
+                f"longer prompts compute less than dense attention; calibrate on prompts as long as those served "
+                f"to see the share they compute" if longest <= always else
+                f"the {rule} kept every key block; a lower one skips some"))
+        return PassResult(changed=True, notes=notes, stats={"layers": len(attentions), "density": round(density, 6)})
 
 
 def measure_density(graph: Graph, attentions: list[Attention], batches: list[tuple]) -> float:
