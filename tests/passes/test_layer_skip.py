@@ -288,6 +288,35 @@ def test_bad_params_are_refused_before_any_work(text, message):
         bevel.compile(small_causal_lm("llama"), text, example_inputs=(torch.randint(3, 300, (2, 4)),))
 
 
+def test_an_opt_layer_whose_ffn_runs_on_flattened_rows_goes_as_if_deleted():
+    """OPT runs its FFN on ``[batch * tokens, hidden]`` rows and views the sum back: its layers were
+    taken for non-residual ones. Removing layer 1 (uncompensated) gives the logits of the same model
+    with that layer deleted (1e-5: float rounding of the captured ops)."""
+    import copy
+
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(num_hidden_layers=3, hidden_size=32, ffn_dim=64, num_attention_heads=2, vocab_size=100,
+                       word_embed_proj_dim=32, max_position_embeddings=64)
+    model = OPTForCausalLM(config).eval()
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    # the plain forward (tokens -> logits), to compare with HF's on a fresh prompt
+    cm = bevel.compile(model, "layer_skip.static(layers=[1], compensate=false)", example_inputs=(ids,),
+                       decoder=False)
+    entry = cm.report.passes[0]
+    assert entry.status == "applied" and entry.stats["removed"] == [1], entry.notes
+    shorter = copy.deepcopy(model)
+    del shorter.model.decoder.layers[1]
+    fresh = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, full = shorter(fresh).logits, model(fresh).logits
+        logits = cm(fresh)
+    logits = logits if isinstance(logits, torch.Tensor) else logits[0]
+    assert (logits - expected).abs().max().item() < 1e-5
+    assert (logits - full).abs().max().item() > 0.1  # the layer did something
+
+
 def test_an_encoder_block_goes_too():
     from transformers import BertConfig, BertModel
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from bevel.ir.analysis import VIEW_OPS
 from bevel.ir.graph import Graph
 
 # a numbered path segment, its number alone or after a stem ("encoder_layer_4"): the list is the path
@@ -104,8 +105,8 @@ def _bounded(block: Block) -> Block:
         return block
     if not _residual(out, same[0], inside):
         block.problem = (f"{block.path} is not a residual block: its output {out.name} is not its input "
-                         f"{same[0].name} plus what it computes (through adds, norms and casts), so removing it would "
-                         f"change what the next layer reads")
+                         f"{same[0].name} plus what it computes (through adds, norms, casts and views that keep the "
+                         f"hidden size), so removing it would change what the next layer reads")
         return block
     block.hidden_in, block.hidden_out = same[0], out
     return block
@@ -126,9 +127,19 @@ def _residual(out: fx.Node, hidden_in: fx.Node, inside: set[fx.Node]) -> bool:
             continue
         if node.target in _RESIDUAL_ADDS:
             frontier += [(a, True) for a in node.args[:2] if isinstance(a, fx.Node)]
-        elif node.target in _NORMS or node.target in _SAME_VALUE:
+        elif node.target in _NORMS or node.target in _SAME_VALUE or _keeps_rows(node):
             frontier.append((node.args[0], added))
     return False
+
+
+def _keeps_rows(node: fx.Node) -> bool:
+    """A view that keeps the last dimension: OPT runs its FFN on ``[batch * tokens, hidden]`` rows and
+    views the sum back to ``[batch, tokens, hidden]``; every element keeps its value and its hidden unit."""
+    if node.target not in VIEW_OPS:
+        return False
+    before, after = node.args[0].meta.get("val"), node.meta.get("val")
+    return (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and before.dim() >= 1
+            and after.dim() >= 1 and str(before.shape[-1]) == str(after.shape[-1]))
 
 
 def _same_kind(a: object, b: object) -> bool:
