@@ -33,8 +33,9 @@ NETS = {"residual": lambda: ResidualConvNet(width=48, classes=10),
 
 def train_digits_net(images: torch.Tensor, labels: torch.Tensor, net: str = "residual",
                      epochs: int = 10) -> torch.nn.Module:
-    # fixed seeds so the test is deterministic; the accuracy kept after pruning varies by about a point
-    # from seed to seed (within the 2 points on every seed tried)
+    # fixed seeds so the test is deterministic; the residual net's accuracy kept after pruning varies by
+    # about a point from seed to seed (within the 2 points on every seed tried; the inverted-residual
+    # net's: see its test)
     torch.manual_seed(0)
     model = NETS[net]()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -87,10 +88,13 @@ def test_pruned_digits_cnn_keeps_its_accuracy_and_reports_flops():
 
 def test_pruned_inverted_residual_net_keeps_its_accuracy():
     """The channels of a depthwise conv are its input's: removing a quarter of each block's expansion
-    channels takes their depthwise filters too, and keeps the held-out accuracy within 2 points. So
-    does a quarter of every conv group ranked by activation; ranked by magnitude (printed, not
-    asserted) this net lost 4 points (2 of them with only the channels the residual add ties to the stem),
-    and more at a smaller width (32 channels: 18 points, against 4 ranked by activation)."""
+    channels takes their depthwise filters too, and keeps the held-out accuracy within 2 points (within
+    half a point on this seed and three others tried).
+
+    A quarter of every conv group is printed, not asserted: this small net is sensitive in the channels
+    the residual add ties to the stem and in its squeeze-and-excitation. Ranked by activation it lost
+    1.3 points on this seed, 2.5 to 3.3 on three others; by magnitude 4 (2 of them in the stem's
+    channels alone), and 18 at a width of 32 channels."""
     (train_x, train_y), (test_x, test_y) = digits_split()
 
     def accuracy(m) -> float:
@@ -116,4 +120,3 @@ def test_pruned_inverted_residual_net_keeps_its_accuracy():
     weights = dict(compiled["expansion"].graph_module.named_parameters())
     assert [tuple(weights[f"blocks.{i}.depthwise.0.weight"].shape) for i in range(2)] == [(144, 1, 3, 3)] * 2
     assert after["expansion"] >= before - 0.02
-    assert after["activation"] >= before - 0.02
