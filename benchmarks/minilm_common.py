@@ -14,9 +14,8 @@ from bevel.models import minilm
 from bevel.runtime.timing import median_latencies_ms
 
 
-def onnxruntime_callable(path: str, threads: int) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
-    """The ONNX model at ``path`` in ONNX Runtime's CPU provider with ``threads`` intra-op threads,
-    called like MiniLM: ``run(ids, mask)`` -> its outputs as tensors."""
+def onnxruntime_session(path: str, threads: int) -> Any:
+    """An ONNX Runtime CPU session of the ONNX model at ``path`` with ``threads`` intra-op threads."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -26,7 +25,13 @@ def onnxruntime_callable(path: str, threads: int) -> Callable[[torch.Tensor, tor
     # (prune_cpu's pair on 2 cores: 1.26x with spinning when torch's model ran in between, 1.32-1.36x
     # when only the two ran; 1.35-1.36x either way without spinning, and every call faster)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_callable(path: str, threads: int) -> Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]:
+    """The ONNX model at ``path`` in ONNX Runtime (:func:`onnxruntime_session`), called like MiniLM:
+    ``run(ids, mask)`` -> its outputs as tensors."""
+    session = onnxruntime_session(path, threads)
     names = [i.name for i in session.get_inputs()]
 
     def run(ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import bevel
 from bevel.runtime.timing import median_latencies_ms
+from minilm_common import onnxruntime_session
 
 MODELS = ("mobilenet_v3_large", "efficientnet_b0")
 
@@ -45,14 +46,9 @@ def warmed(name: str, size: int) -> torch.nn.Module:
     return model.eval()
 
 
-def onnxruntime_callable(path: str, threads: int):
-    """The ONNX model at ``path`` in ONNX Runtime's CPU provider, called with one image batch."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as in minilm_common
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+def onnxruntime_images(path: str, threads: int):
+    """The ONNX model at ``path`` in ONNX Runtime, called with one image batch."""
+    session = onnxruntime_session(path, threads)
     name = session.get_inputs()[0].name
     return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
 
@@ -76,7 +72,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {threads} threads, batch {tuple(timed[0].shape)}, median of {args.repeats} "
           f"runs after {args.warmup} warm-up; random weights: the cosine and top-1 agreement are with the random "
           f"original on 16 other random images")
-    print("GFLOPs of the 8 example images; ms per timed batch")
+    print(f"GFLOPs of the {len(calibration[0][0])} example images; ms per timed batch")
     print(f"{'model':44s} {'params':>8s} {'GFLOPs':>7s} {'ms':>8s} {'speed-up':>9s} {'cosine':>7s} {'top-1':>6s}")
     for name in args.models:
         model = warmed(name, args.size)
@@ -92,18 +88,18 @@ def main() -> None:
             for label, module in compiled.items():
                 runners[f"{name} torch {label}"] = model if label == "original" else module
                 path = module.export_onnx(os.path.join(folder, f"{label}.onnx"))
-                runners[f"{name} onnxruntime {label}"] = onnxruntime_callable(path, threads)
+                runners[f"{name} onnxruntime {label}"] = onnxruntime_images(path, threads)
             latency = median_latencies_ms(runners, timed, runs=args.repeats, warmup=args.warmup)
-            for runner, ms in latency.items():
-                label = runner.split(" ", 2)[2]
-                figures = compiled[label].report.final
-                base = latency[f"{name} {'torch' if ' torch ' in runner else 'onnxruntime'} original"]
-                with torch.no_grad():
-                    out = runners[runner](fresh)
-                cosine = float(F.cosine_similarity(out, reference).mean())
-                top1 = float((out.argmax(-1) == reference.argmax(-1)).float().mean())
-                print(f"{runner:44s} {figures.params / 1e6:7.2f}M {figures.flops / 1e9:7.2f} {ms:8.1f} "
-                      f"{base / ms:8.2f}x {cosine:7.4f} {top1:6.2f}")
+            for label, module in compiled.items():
+                figures = module.report.final
+                for runtime in ("torch", "onnxruntime"):
+                    key = f"{name} {runtime} {label}"
+                    with torch.no_grad():
+                        out = runners[key](fresh)
+                    cosine = float(F.cosine_similarity(out, reference).mean())
+                    top1 = float((out.argmax(-1) == reference.argmax(-1)).float().mean())
+                    print(f"{key:44s} {figures.params / 1e6:7.2f}M {figures.flops / 1e9:7.2f} {latency[key]:8.1f} "
+                          f"{latency[f'{name} {runtime} original'] / latency[key]:8.2f}x {cosine:7.4f} {top1:6.2f}")
 
 
 if __name__ == "__main__":

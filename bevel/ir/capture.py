@@ -146,8 +146,10 @@ def _warn_of_sizes_fixed_at_one(model: torch.nn.Module, module: torch.fx.GraphMo
         if isinstance(leaf, torch.Tensor) and isinstance(value, torch.Tensor):
             ones += [(index, dim) for dim, size in enumerate(value.shape) if leaf.shape[dim] == 1
                      and isinstance(size, int)]
-    fixed = [f"input {index} dimension {dim}" for index, dim in ones
-             if _model_takes_two(model, leaves, spec, [i for i, d in ones if d == dim], dim)]
+    # one probe per dimension number, with every input fixed at 1 there (ids and mask share a batch)
+    takes_two = {dim: _model_takes_two(model, leaves, spec, [i for i, d in ones if d == dim], dim)
+                 for dim in {d for _, d in ones}}
+    fixed = [f"input {index} dimension {dim}" for index, dim in ones if takes_two[dim]]
     if fixed:
         warnings.warn(f"the example inputs fix {', '.join(fixed)} at 1 (torch.export takes a size of 1 for a "
                       f"constant): the result takes only 1 there; capture with 2 or more in it (a batch of 2) to "

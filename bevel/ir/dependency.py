@@ -259,7 +259,7 @@ class _Pass:
         target = node.target
         inputs = {a: self.tracks.get(a) for a in node.all_input_nodes}
         tracked = {a: t for a, t in inputs.items() if t is not None}
-        if target in CONV_OPS and is_depthwise(self.graph, node):
+        if target in CONV_OPS and _is_depthwise(self.graph, node):
             return self.depthwise(node, tracked)
         if target in LINEAR_OPS or target in CONV_OPS:
             return self.layer(node, tracked)
@@ -755,7 +755,7 @@ def _grouped_why(groups: Any) -> str:
     return "is a transposed convolution" if groups is None else "is a grouped convolution"
 
 
-def is_depthwise(graph: Graph, node: fx.Node) -> bool:
+def _is_depthwise(graph: Graph, node: fx.Node) -> bool:
     """Whether a convolution node filters every channel on its own with a stored weight: as many groups
     as input and output channels, given positionally (so that a cut can change it)."""
     index, groups = _conv_groups(node)
@@ -815,7 +815,7 @@ class DependencyAnalysis:
         self.readers = read_counts(graph)
         # a depthwise convolution passes its input's channels on (see _Pass.depthwise): not a producer
         producers = [n for n in graph.nodes(op="call_function", target=LINEAR_OPS + CONV_OPS)
-                     if graph.is_parameter(n.args[1]) and not (n.target in CONV_OPS and is_depthwise(graph, n))]
+                     if graph.is_parameter(n.args[1]) and not (n.target in CONV_OPS and _is_depthwise(graph, n))]
         self.producer_ids = {node: i for i, node in enumerate(producers)}
         self.producers = producers
         self.units: dict[int, tuple[int, int]] = {i: (1, 1) for i in self.producer_ids.values()}
