@@ -34,7 +34,11 @@ names the node and why. A transformer's residual stream is blocked this way, by 
 
 A depthwise convolution (one group per channel, MobileNet's and EfficientNet's blocks) is no producer:
 it filters each channel of its input on its own, so its output carries its input's channels, and its
-filters, bias and ``groups`` argument are cut with them. Other grouped convolutions block.
+filters, bias and ``groups`` argument are cut with them. Another grouped convolution (``G`` groups of
+several channels: ResNeXt, RegNet) reads block ``g`` of its input only in block ``g`` of its output, and
+every block must keep the same width, so on both sides a unit is one channel position taken in all
+``G`` blocks (its unit's ``outer`` is a multiple of ``G``); its weight's input dimension, indexed
+within a block, loses that position once, and ``groups`` stays.
 """
 
 from __future__ import annotations
@@ -132,13 +136,15 @@ class ShapeArg:
 
 @dataclass
 class Consumer:
-    """A Linear or Conv layer reading the group's channels: its input ``source`` carries them along ``dim``."""
+    """A Linear or Conv layer reading the group's channels: its input ``source`` carries them along ``dim``
+    (``layout`` there); a grouped conv's weight holds ``groups`` blocks of input channels side by side."""
 
     node: fx.Node
     source: fx.Node
     dim: int
     offset: int
     layout: Layout
+    groups: int = 1
 
 
 @dataclass
@@ -314,20 +320,25 @@ class _Pass:
         if tracked:
             try:
                 self.consume(node, tracked, usable, groups)
+            except _Retry:
+                raise
             except Unsupported as why:
                 for track in tracked.values():
                     self.block(track, node, str(why))
         producer = self.a.producer_ids.get(node)
         if producer is None:
             return None
-        if not usable or groups != 1:
-            why = _grouped_why(groups) if groups != 1 else (
+        if not usable or groups is None:
+            why = "is a transposed convolution" if groups is None else (
                 f"its weight '{weight.target}' is read by {self.a.readers.get(weight.target, 0)} ops (shared "
                 f"between layers), and cutting it for one would cut it for all")
             self.blocked.setdefault(self.root[producer], []).append((node.name, why))
             return None
         width = self.graph.param(weight.target).shape[0]
         outer, per = self.a.units[producer]
+        if outer % groups:  # every block of a grouped conv's output keeps the same width
+            self.request_coarsen(producer, groups // math.gcd(outer, groups), 1)
+            raise _Retry
         if width % (outer * per):
             self.blocked.setdefault(self.root[producer], []).append(
                 (node.name, f"its {width} channels cannot be cut in units of {outer} x {per}"))
@@ -376,13 +387,33 @@ class _Pass:
         if not usable:
             raise Unsupported(f"its weight '{getattr(weight, 'target', weight)}' is not a parameter read by "
                               f"this layer alone")
+        if groups is None:
+            raise Unsupported("is a transposed convolution")
         if groups != 1:
-            raise Unsupported(_grouped_why(groups))
+            self.consume_grouped(node, track, groups)
+            return
         for segment, offset in zip(track.segments, track.offsets()):
             self.add_slice(segment, offset, weight.target, 1, "consumer", node)
             if segment.group is not None:
                 self.consumers.setdefault(self.root[segment.group], []).append(
                     Consumer(node, x, track.dim, offset, segment.layout))
+
+    def consume_grouped(self, node: fx.Node, track: Track, groups: int) -> None:
+        """A grouped conv reads each of its ``groups`` input blocks with its own filters, indexed within
+        the block: a unit must be the same positions in every block, and its weight loses them once."""
+        if len(track.segments) != 1:
+            raise Unsupported("is a grouped convolution reading channels of several runs")
+        segment = track.segments[0]
+        if segment.group is None:
+            return
+        layout = segment.layout
+        if layout.outer % groups:
+            self.request_coarsen(segment.group, groups // math.gcd(layout.outer, groups), 1)
+            raise _Retry
+        within = Segment(segment.group, Layout(layout.outer // groups, layout.units, layout.per, layout.batched))
+        self.add_slice(within, 0, node.args[1].target, 1, "consumer", node)
+        self.consumers.setdefault(self.root[segment.group], []).append(
+            Consumer(node, node.args[0], track.dim, 0, layout, groups))
 
     def keep(self, node: fx.Node, track: Track | None) -> Track:
         if track is None:
@@ -749,10 +780,6 @@ def _conv_groups(node: fx.Node) -> tuple[int, Any]:
     if node.target == aten.convolution.default and node.args[6]:
         return index, None
     return index, node.args[index] if len(node.args) > index else 1
-
-
-def _grouped_why(groups: Any) -> str:
-    return "is a transposed convolution" if groups is None else "is a grouped convolution"
 
 
 def _is_depthwise(graph: Graph, node: fx.Node) -> bool:

@@ -144,10 +144,10 @@ def test_an_unflatten_beside_the_channels_and_an_unbind_without_a_dim_are_follow
             assert graph(torch.cat([example, example])).shape[0] == 4
 
 
-def test_an_in_place_dropout_passes_its_channels_on_and_other_grouped_convs_block():
+def test_an_in_place_dropout_passes_its_channels_on_and_a_grouped_conv_cuts_every_block_alike():
     """An in-place dropout (what torchvision's classifiers use) is an identity at inference, as the
-    plain one; a depthwise conv passes its input's channels on (it is no producer), while a conv with
-    2 channels per group cannot be cut channel by channel."""
+    plain one; a depthwise conv passes its input's channels on (it is no producer), and a conv with
+    4 groups of 2 channels reads and writes units of one position in each of its blocks."""
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2, inplace=True), nn.Linear(16, 4))
     _, groups = groups_of(mlp, torch.randn(2, 8))
     assert not groups["0.weight"].blocked and groups["0.weight"].units == 16
@@ -155,6 +155,13 @@ def test_an_in_place_dropout_passes_its_channels_on_and_other_grouped_convs_bloc
                           nn.Conv2d(8, 2, 1))
     _, groups = groups_of(convs, torch.randn(2, 3, 8, 8))
     assert sorted(groups) == ["0.weight", "2.weight", "3.weight"]
-    assert groups["0.weight"].blocked == [("conv2d_2", "is a grouped convolution")]
-    assert {("1.weight", 0), ("1.bias", 0)} <= {(s.param, s.dim) for s in groups["0.weight"].slices}
-    assert groups["2.weight"].blocked == [("conv2d_2", "is a grouped convolution")]
+    for name in ("0.weight", "2.weight"):
+        assert not groups[name].blocked and groups[name].units == 2
+    first = {(s.param, s.dim): s.layout for s in groups["0.weight"].slices}
+    assert first[("0.weight", 0)] == first[("1.weight", 0)] == first[("1.bias", 0)] == Layout(4, 2, 1)
+    assert first[("2.weight", 1)] == Layout(1, 2, 1)  # indexed within a block: each unit once
+    assert [c.groups for c in groups["0.weight"].consumers] == [4]
+    assert {(s.param, s.dim): s.layout for s in groups["2.weight"].slices}[("2.weight", 0)] == Layout(4, 2, 1)
+    transposed = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ConvTranspose2d(8, 8, 3), nn.Conv2d(8, 2, 1))
+    _, groups = groups_of(transposed, torch.randn(2, 3, 8, 8))
+    assert groups["0.weight"].blocked and "conv_transpose2d" in groups["0.weight"].blocked[0][1]

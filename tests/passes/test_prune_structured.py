@@ -72,6 +72,25 @@ class InvertedResidualNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class GroupedBottleneckNet(nn.Module):
+    """ResNeXt's block: a 1x1 conv, a 3x3 conv in ``groups`` groups, a 1x1 conv added to the block's
+    input; then a Linear head."""
+
+    def __init__(self, width: int = 8, hidden: int = 16, groups: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.reduce = nn.Sequential(nn.Conv2d(width, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=groups), nn.BatchNorm2d(hidden),
+                                     nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv2d(hidden, width, 1), nn.BatchNorm2d(width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = F.relu(x + self.expand(self.grouped(self.reduce(x))))
+        return self.head(x.mean(dim=(2, 3)))
+
+
 def randomized_batch_norms(model: nn.Module) -> nn.Module:
     """Give BatchNorm layers non-trivial statistics, so pruning them wrongly would show."""
     generator = seeded(5)
@@ -150,6 +169,19 @@ def inverted_residual():
     return randomized_batch_norms(InvertedResidualNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
 
 
+def grouped_bottleneck():
+    torch.manual_seed(0)
+    return randomized_batch_norms(GroupedBottleneckNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
+
+
+def regnet():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = randomized_batch_norms(torchvision.models.regnet_y_400mf(num_classes=5))
+    return model, lambda g: (torch.randn(2, 3, 32, 32, generator=g),)
+
+
 def mlp():
     torch.manual_seed(0)
     return MLP((16, 48, 32, 8)).eval(), lambda g: (torch.randn(4, 16, generator=g),)
@@ -160,12 +192,13 @@ def conv_net():
     return randomized_batch_norms(ResidualConvNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
 
 
-MODELS = {"mlp": mlp, "conv_residual": conv_net, "inverted_residual": inverted_residual, "bert": bert,
-          "llama_gqa": llama_gqa, "vit": vit, "resnet": resnet, "mobilenet": mobilenet,
-          "transformer_encoder": transformer_encoder}
+MODELS = {"mlp": mlp, "conv_residual": conv_net, "inverted_residual": inverted_residual,
+          "grouped_bottleneck": grouped_bottleneck, "bert": bert, "llama_gqa": llama_gqa, "vit": vit,
+          "resnet": resnet, "mobilenet": mobilenet, "regnet": regnet, "transformer_encoder": transformer_encoder}
 # the target whose coupling each model exercises; "all" prunes every group the analysis allows
-TARGETS = {"mlp": "all", "conv_residual": "conv", "inverted_residual": "conv", "bert": "all", "llama_gqa": "all",
-           "vit": "all", "resnet": "conv", "mobilenet": "conv", "transformer_encoder": "all"}
+TARGETS = {"mlp": "all", "conv_residual": "conv", "inverted_residual": "conv", "grouped_bottleneck": "conv",
+           "bert": "all", "llama_gqa": "all", "vit": "all", "resnet": "conv", "mobilenet": "conv", "regnet": "conv",
+           "transformer_encoder": "all"}
 
 
 def compile_pruned(model, make_inputs, passes, calibrated=True):
@@ -258,6 +291,28 @@ def test_mean_of_removed_neurons_is_folded_into_the_next_bias():
     assert errors[True] <= 1e-5 < errors[False]
 
 
+def test_channels_a_grouped_conv_reads_as_constants_are_folded_into_its_bias():
+    """Channels that are the same on every input carry nothing activation importance can lose: in
+    front of a conv in 4 groups (no padding, so a constant input gives a constant output) they are
+    removed first, a position in every block, and their contribution folded into the bias leaves the
+    output as it was (float32 sums: 1e-5) on fresh inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=4), nn.Conv2d(8, 3, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[1::2] = 0  # the second position of each block: its bias, after the ReLU
+        model[0].bias[1::2] = torch.rand(4) + 0.5
+    batches = [(torch.randn(2, 2, 6, 6, generator=seeded(i)),) for i in range(3)]
+    # the grouped conv's own output channels are skipped: only the channels it reads are pruned
+    compiled = bevel.compile(model, 'prune.structured(ratio=0.5, target="conv", importance="activation", '
+                             'skip=["2.bias"])', example_inputs=batches[0], calibration=batches)
+    entry = compiled.report["prune.structured"]
+    assert list(entry.stats["groups"]) == ["0.weight"] and entry.stats["groups"]["0.weight"]["units"] == [2, 1]
+    assert torch.equal(compiled.graph_module.get_parameter("0.bias"), model[0].bias[0::2])
+    fresh = torch.randn(4, 2, 6, 6, generator=seeded(7))
+    with torch.no_grad():
+        assert (compiled(fresh) - model(fresh)).abs().max() <= 1e-5
+
+
 class GatedConv(nn.Module):
     """A conv whose channels are halved by chunk into a value and a gate (GLU)."""
 
@@ -318,6 +373,36 @@ def test_a_depthwise_conv_loses_the_filters_of_the_channels_removed_before_it():
         rows = [next(r for r in range(32) if torch.equal(model.blocks[i]["expand"][0].weight[r], row)) for row in kept]
         gone = torch.tensor(sorted(set(range(32)) - set(rows)))
         oracle.blocks[i]["depthwise"][2].register_forward_hook(lambda m, a, out, gone=gone: out.index_fill(1, gone, 0))
+    fresh = make_inputs(seeded(9))
+    with torch.no_grad():
+        assert (graph(*fresh) - oracle(*fresh)).abs().max() <= 1e-5
+
+
+def test_a_grouped_conv_loses_the_same_positions_in_every_block():
+    """A conv in 4 groups reads block g of its input only for block g of its output, and every block
+    keeps the same width: halving the channels before it and its own output channels takes the same
+    positions out of each block, its weight's within-block inputs, and leaves ``groups`` at 4. Without
+    compensation the pruned graph equals the original model with those channels zeroed after the
+    ReLUs around the grouped conv (float rounding apart: 1e-5)."""
+    model, make_inputs = grouped_bottleneck()
+    graph = capture(model, make_inputs(seeded(0)))
+    result = run_pass(graph, make_inputs, ratio=0.5, target="conv", compensate=False, skip=("stem.*",))
+    assert result.changed, result.notes
+    groups = result.stats["groups"]
+    assert sorted(groups) == ["grouped.0.weight", "reduce.0.weight"]
+    assert all(g["units"] == [4, 2] for g in groups.values())  # 16 channels: 4 blocks of 4 positions
+    assert graph.param("grouped.0.weight").shape == (8, 2, 3, 3)
+    conv = next(n for n in graph.fx_graph.nodes if n.target == torch.ops.aten.conv2d.default and len(n.args) > 6)
+    assert conv.args[6] == 4
+    oracle = copy.deepcopy(model)
+    for layer, activation in (("reduce", oracle.reduce[2]), ("grouped", oracle.grouped[2])):
+        kept = graph.param(f"{layer}.0.bias")  # the grouped conv's weight rows lost inputs: its bias did not
+        original = getattr(model, layer)[0].bias
+        rows = [next(r for r in range(16) if torch.equal(original[r], value)) for value in kept]
+        gone = sorted(set(range(16)) - set(rows))
+        assert len(gone) == 8 and len({r % 4 for r in gone}) == 2 and sorted(r // 4 for r in gone) == [0, 0, 1, 1,
+                                                                                                       2, 2, 3, 3]
+        activation.register_forward_hook(lambda m, a, out, gone=torch.tensor(gone): out.index_fill(1, gone, 0))
     fresh = make_inputs(seeded(9))
     with torch.no_grad():
         assert (graph(*fresh) - oracle(*fresh)).abs().max() <= 1e-5
@@ -645,8 +730,8 @@ def test_calibration_without_a_real_token_fails_the_pass_naming_it():
 
 
 def test_a_skip_pattern_is_matched_against_every_weight_even_in_groups_left_alone():
-    # the middle conv is grouped, so its channel groups are left alone: '2.*' still names its weights
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(),
+    # the middle conv is transposed, so its channel groups are left alone: '2.*' still names its weights
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 8, 3), nn.ReLU(),
                           nn.Conv2d(8, 4, 3)).eval()
     x = torch.randn(2, 3, 12, 12)
     for pattern, named in (("2.*", False), ("2", True)):

@@ -218,7 +218,7 @@ def _importance(graph: Graph, group: ChannelGroup, importance: str, stats: dict,
     score = torch.zeros(group.units)
     if importance == "activation":
         for consumer in group.consumers:
-            weight = graph.param(consumer.node.args[1].target).detach().float()
+            weight = _dense(graph.param(consumer.node.args[1].target).detach().float(), consumer.groups)
             column = weight.movedim(1, 0).reshape(weight.shape[1], -1).pow(2).sum(dim=1)
             seen = stats[consumer.source]
             energy = seen.squares - seen.count * seen.mean.pow(2) if centered else seen.squares
@@ -234,6 +234,19 @@ def _importance(graph: Graph, group: ChannelGroup, importance: str, stats: dict,
                 magnitude = magnitude * scale.pow(power).reshape(-1, *[1] * (magnitude.dim() - 1))
             score += _per_unit(magnitude, s.dim, s.offset, s.layout)
     return score
+
+
+def _dense(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv's weight ``[out, in / groups, ...]`` as the dense one it stands for, ``[out, in, ...]``:
+    block ``g`` of the output reads block ``g`` of the input, and nothing else (zeros there)."""
+    if groups == 1:
+        return weight
+    out, within = weight.shape[:2]
+    dense = weight.new_zeros(out, within * groups, *weight.shape[2:])
+    rows = out // groups
+    for g in range(groups):
+        dense[g * rows:(g + 1) * rows, g * within:(g + 1) * within] = weight[g * rows:(g + 1) * rows]
+    return dense
 
 
 def _batch_norm_scale(graph: Graph, layer: fx.Node) -> torch.Tensor | None:
@@ -397,7 +410,8 @@ def _compensate(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str
                 only_removed = mean * mask.reshape(-1, *[1] * (mean.dim() - 1))
                 with torch.no_grad():
                     out = node.target(only_removed.unsqueeze(0).to(weight.dtype), weight, None, *node.args[3:])
-                delta = _determined(out.mean(dim=(0, *range(2, out.dim()))), weight, gone, seen)
+                delta = _determined(out.mean(dim=(0, *range(2, out.dim()))), _dense(weight, consumer.groups), gone,
+                                    seen)
             else:
                 continue  # conv inputs of varying sizes: no one mean example
             bias = node.args[2] if len(node.args) > 2 else None
