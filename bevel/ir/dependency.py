@@ -150,7 +150,8 @@ class Consumer:
 @dataclass
 class ChannelGroup:
     """Channels that are pruned together. ``units`` is how many units each member has; ``name`` is the
-    weight of its first producer; ``kind`` is "heads" (it passes through attention), "conv" or "mlp"."""
+    weight of its first producer; ``kind`` is "heads" (it passes through attention), "conv" or "mlp";
+    ``blocks`` is how many blocks of equal width grouped convs split the channels into (1 if none)."""
 
     name: str
     kind: str
@@ -160,6 +161,7 @@ class ChannelGroup:
     shape_args: list[ShapeArg] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)  # (node name, why)
+    blocks: int = 1
 
     def widths(self) -> dict[str, int]:
         """Output channels of each producer, by weight name."""
@@ -889,6 +891,9 @@ class DependencyAnalysis:
                                  units=units.pop() if len(units) == 1 else 0, producers=producers,
                                  slices=slices, shape_args=sweep.shape_args.get(root, []),
                                  consumers=sweep.consumers.get(root, []), blocked=sweep.blocked.get(root, []))
+            group.blocks = math.lcm(*(c.groups for c in group.consumers),
+                                    *(g for p in producers if p.target in CONV_OPS
+                                      and isinstance(g := _conv_groups(p)[1], int)))
             if not group.consumers and not group.blocked:
                 group.blocked.append((producers[0].name, "its channels are never read by a layer"))
             if group.units == 0 and not group.blocked:

@@ -156,7 +156,7 @@ def test_an_in_place_dropout_passes_its_channels_on_and_a_grouped_conv_cuts_ever
     _, groups = groups_of(convs, torch.randn(2, 3, 8, 8))
     assert sorted(groups) == ["0.weight", "2.weight", "3.weight"]
     for name in ("0.weight", "2.weight"):
-        assert not groups[name].blocked and groups[name].units == 2
+        assert not groups[name].blocked and groups[name].units == 2 and groups[name].blocks == 4
     first = {(s.param, s.dim): s.layout for s in groups["0.weight"].slices}
     assert first[("0.weight", 0)] == first[("1.weight", 0)] == first[("1.bias", 0)] == Layout(4, 2, 1)
     assert first[("2.weight", 1)] == Layout(1, 2, 1)  # indexed within a block: each unit once

@@ -558,6 +558,25 @@ def test_round_to_keeps_widths_multiples_and_global_ranking_meets_the_ratio():
     assert before - after == int(0.5 * 80)
 
 
+def test_round_to_rounds_the_width_of_each_group_of_a_grouped_conv():
+    """Behind a conv in 2 groups of 8 channels, round_to=4 keeps each group's width a multiple of 4, not
+    only the layer's (a quarter removed would leave 6 of 8: nothing goes; half leaves 4), and round_to=16
+    leaves such a group alone, saying why."""
+    torch.manual_seed(0)
+    model = randomized_batch_norms(GroupedBottleneckNet(width=8, hidden=16, groups=2))
+    x = torch.randn(2, 1, 8, 8, generator=seeded(0))
+    inner = ("grouped.0.weight", "reduce.0.weight")
+    for ratio, kept in ((0.25, None), (0.5, 8)):
+        compiled = bevel.compile(model, f"prune.structured(ratio={ratio}, target='conv', round_to=4)",
+                                 example_inputs=(x,))
+        groups = compiled.report["prune.structured"].stats["groups"]
+        assert all((groups[name]["widths"][name][1] if name in groups else None) == kept for name in inner), groups
+    compiled = bevel.compile(model, "prune.structured(ratio=0.5, target='conv', round_to=16)", example_inputs=(x,))
+    notes = compiled.report["prune.structured"].notes
+    assert "left alone: group 'reduce.0.weight': round_to=16 leaves no narrower width for the 2 groups of its " \
+        "grouped convs, [8] channels each" in notes, notes
+
+
 def test_bad_input_is_refused_or_reported():
     model, make_inputs = mlp()
     with pytest.raises(ParamError, match="ratio"):
