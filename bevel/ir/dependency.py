@@ -178,7 +178,12 @@ _UNARY = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.gelu_.d
           aten.silu_.default, aten.sigmoid.default, aten.tanh.default, aten.neg.default, aten.abs.default,
           aten.exp.default, aten.erf.default, aten.sqrt.default, aten.rsqrt.default, aten.hardtanh.default,
           aten.hardtanh_.default, aten.hardswish.default, aten.hardswish_.default, aten.hardsigmoid.default,
-          aten.leaky_relu.default, aten.elu.default, aten.mish.default, aten.relu6.default,
+          aten.hardsigmoid_.default,
+          aten.leaky_relu.default, aten.leaky_relu_.default, aten.elu.default, aten.elu_.default,
+          aten.selu.default, aten.selu_.default, aten.celu.default, aten.celu_.default, aten.softplus.default,
+          aten.mish.default, aten.mish_.default, aten.relu6.default, aten.sigmoid_.default, aten.tanh_.default,
+          aten.threshold.default, aten.threshold_.default, aten.log_sigmoid.default, aten.softshrink.default,
+          aten.hardshrink.default, aten.rrelu.default,
           aten.dropout.default, aten.dropout_.default, aten.clone.default, aten.contiguous.default, aten.alias.default,
           aten.detach.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default,
           aten.pow.Tensor_Scalar, aten.mul.Scalar, aten.add.Scalar, aten.sub.Scalar, aten.div.Scalar,
@@ -284,6 +289,8 @@ class _Pass:
             return None
         if target in _UNARY:
             return self.keep(node, inputs[node.args[0]])
+        if target == aten.prelu.default:
+            return self.prelu(node, inputs[node.args[0]])
         if target in _ELEMENTWISE or target == aten.where.self:
             return self.elementwise(node, tracked)
         if target in _RESHAPES:
@@ -416,6 +423,21 @@ class _Pass:
         self.add_slice(within, 0, node.args[1].target, 1, "consumer", node)
         self.consumers.setdefault(self.root[segment.group], []).append(
             Consumer(node, node.args[0], track.dim, 0, layout, groups))
+
+    def prelu(self, node: fx.Node, track: Track | None) -> Track:
+        """PReLU: one learned slope per channel of dimension 1 (or one for all), cut with the channels."""
+        slopes = node.args[1]
+        if track is None:
+            raise Unsupported("carries the channels in its slopes")
+        if _shape(slopes) in ([1], []):
+            return track
+        if track.dim != 1:
+            raise Unsupported("applies its slopes along a dimension other than the channels")
+        if not (self.graph.is_tensor_attr(slopes) and self.a.readers.get(slopes.target, 0) == 1):
+            raise Unsupported(f"has slopes '{slopes.name}' that are not a tensor of its own")
+        for segment, offset in zip(track.segments, track.offsets()):
+            self.add_slice(segment, offset, slopes.target, 0, "attached", node)
+        return track
 
     def keep(self, node: fx.Node, track: Track | None) -> Track:
         if track is None:

@@ -165,3 +165,21 @@ def test_an_in_place_dropout_passes_its_channels_on_and_a_grouped_conv_cuts_ever
     transposed = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ConvTranspose2d(8, 8, 3), nn.Conv2d(8, 2, 1))
     _, groups = groups_of(transposed, torch.randn(2, 3, 8, 8))
     assert groups["0.weight"].blocked and "conv_transpose2d" in groups["0.weight"].blocked[0][1]
+
+
+def test_in_place_and_other_pointwise_activations_pass_channels_on_and_prelu_slopes_are_cut():
+    """CSPDarknet and YOLO-style nets apply LeakyReLU in place (``aten.leaky_relu_``), which left every
+    group of CSPDarknet-53 alone; a PReLU with a slope per channel has its slopes cut with them, one
+    with a single slope has nothing to cut."""
+    activations = [nn.LeakyReLU(0.1, inplace=True), nn.ELU(inplace=True), nn.SELU(inplace=True), nn.CELU(),
+                   nn.Softplus(), nn.Mish(inplace=True), nn.Hardsigmoid(inplace=True), nn.Threshold(0.1, 0.0),
+                   nn.LogSigmoid(), nn.Softshrink(), nn.Hardshrink(), nn.RReLU(), nn.PReLU(8), nn.PReLU()]
+    layers = [nn.Conv2d(3, 8, 1)]
+    for activation in activations:
+        layers += [activation, nn.Conv2d(8, 8, 1)]
+    model = nn.Sequential(*layers, nn.Conv2d(8, 2, 1))
+    _, groups = groups_of(model, torch.randn(2, 3, 4, 4))
+    free = [name for name, group in groups.items() if not group.blocked]
+    assert len(free) == len(activations) + 1, {name: g.blocked for name, g in groups.items()}
+    slopes = {s.param: s.role for g in groups.values() for s in g.slices if s.node.target == torch.ops.aten.prelu.default}
+    assert slopes == {"25.weight": "attached"}  # the single slope of '27' is shared by every channel

@@ -408,6 +408,27 @@ def test_a_grouped_conv_loses_the_same_positions_in_every_block():
         assert (graph(*fresh) - oracle(*fresh)).abs().max() <= 1e-5
 
 
+def test_prelu_slopes_go_with_their_channels():
+    """A PReLU with one slope per channel between two convs: pruned without compensation the graph
+    equals the original with the removed channels zeroed after the PReLU (float rounding apart: 1e-5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 4, 3)).eval()
+    with torch.no_grad():
+        model[1].weight.uniform_(-1, 1)  # slopes that differ from channel to channel
+    x = torch.randn(2, 3, 8, 8, generator=seeded(0))
+    graph = capture(model, (x,))
+    result = run_pass(graph, lambda g: (torch.randn(2, 3, 8, 8, generator=g),), ratio=0.5, target="conv",
+                      compensate=False)
+    assert result.stats["groups"]["0.weight"]["units"] == [8, 4]
+    kept = graph.param("1.weight")
+    gone = torch.tensor(sorted(set(range(8)) - {int((model[1].weight - v).abs().argmin()) for v in kept}))
+    assert kept.shape == (4,) and len(gone) == 4
+    model[1].register_forward_hook(lambda m, a, out: out.index_fill(1, gone, 0))
+    fresh = torch.randn(3, 3, 8, 8, generator=seeded(9))
+    with torch.no_grad():
+        assert (graph(fresh) - model(fresh)).abs().max() <= 1e-5
+
+
 def test_a_refit_to_fewer_rows_than_input_channels_is_named():
     """The least-squares refit of a Linear that read removed neurons fits its calibration rows; with
     fewer rows (96) than the layer's inputs (256) it may not hold elsewhere while the reported fidelity,
