@@ -196,8 +196,13 @@ _MOVES = (aten.transpose.int, aten.permute.default, aten.t.default, aten.unsquee
           aten.squeeze.default, aten.expand.default, aten.slice.Tensor)
 _INDEXING = (aten.select.int, aten.unbind.int)
 _RESHAPES = {*VIEW_OPS, aten.flatten.using_ints, aten.unflatten.int}
+# ops on the spatial dims of [B, C, ...] that treat each channel on its own: pools and resizes
 _CHANNEL_POOLS = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
-                  aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default}
+                  aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default,
+                  *(getattr(getattr(aten, op), overload) for overload in ("default", "vec") for op in (
+                      "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+                      "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d",
+                      "upsample_bilinear2d", "upsample_trilinear3d", "upsample_bicubic2d"))}
 _REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default}
 _IGNORED_READS = {aten._assert_tensor_metadata.default}
 BATCH_NORMS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
@@ -222,6 +227,7 @@ class _Pass:
         self.a = analysis
         self.graph = analysis.graph
         self.root = analysis.roots()
+        self.unsplittable = {self.root[member] for member in analysis.unsplittable}
         self.tracks: dict[fx.Node, Any] = {}
         self.coarsen: dict[int, tuple[int, int]] = {}
         self.couple: list[tuple[int, int]] = []
@@ -237,9 +243,21 @@ class _Pass:
         for group in _groups_of(track):
             self.blocked.setdefault(self.root[group], []).append((node.name, why))
 
-    def request_coarsen(self, group: int, outer: int, per: int) -> None:
-        a, b = self.coarsen.get(self.root[group], (1, 1))
-        self.coarsen[self.root[group]] = (math.lcm(a, outer), math.lcm(b, per))
+    def request_coarsen(self, group: int, outer: int, per: int) -> bool:
+        """Ask for the group's units to be ``outer`` x ``per`` times coarser in the next sweep; False
+        where the group is blocked for good and its units stay as they are (see DependencyAnalysis)."""
+        root = self.root[group]
+        if root in self.unsplittable:
+            return False
+        a, b = self.coarsen.get(root, (1, 1))
+        self.coarsen[root] = (math.lcm(a, outer), math.lcm(b, per))
+        return True
+
+    def retry_coarser(self, group: int, outer: int, per: int) -> None:
+        """Coarsen the group's units and follow this node again in the next sweep (raises)."""
+        if self.request_coarsen(group, outer, per):
+            raise _Retry
+        raise Unsupported(_TOO_COARSE)
 
     def add_slice(self, segment: Segment, offset: int, param: str, dim: int, role: str, node: fx.Node) -> None:
         if segment.group is not None and segment.layout.batched:
@@ -302,7 +320,7 @@ class _Pass:
         if target in _CHANNEL_POOLS or target == aten.max_pool2d_with_indices.default:
             track = _single(tracked)
             if track.dim != 1:
-                raise Unsupported("pools over the channel dimension")
+                raise Unsupported("pools or resizes along the channel dimension")
             return [track, track] if target == aten.max_pool2d_with_indices.default else track
         if target in BATCH_NORMS:
             return self.batch_norm(node, _single(tracked))
@@ -346,8 +364,10 @@ class _Pass:
         width = self.graph.param(weight.target).shape[0]
         outer, per = self.a.units[producer]
         if outer % groups:  # every block of a grouped conv's output keeps the same width
-            self.request_coarsen(producer, groups // math.gcd(outer, groups), 1)
-            raise _Retry
+            if self.request_coarsen(producer, groups // math.gcd(outer, groups), 1):
+                raise _Retry
+            self.blocked.setdefault(self.root[producer], []).append((node.name, _TOO_COARSE))
+            return None
         if width % (outer * per):
             self.blocked.setdefault(self.root[producer], []).append(
                 (node.name, f"its {width} channels cannot be cut in units of {outer} x {per}"))
@@ -417,8 +437,7 @@ class _Pass:
             return
         layout = segment.layout
         if layout.outer % groups:
-            self.request_coarsen(segment.group, groups // math.gcd(layout.outer, groups), 1)
-            raise _Retry
+            self.retry_coarser(segment.group, groups // math.gcd(layout.outer, groups), 1)
         within = Segment(segment.group, Layout(layout.outer // groups, layout.units, layout.per, layout.batched))
         self.add_slice(within, 0, node.args[1].target, 1, "consumer", node)
         self.consumers.setdefault(self.root[segment.group], []).append(
@@ -513,8 +532,7 @@ class _Pass:
         head = math.prod(static[d] for d in outs if d < chosen)
         tail = math.prod(static[d] for d in outs if d > chosen)
         if outer % head or per % tail:
-            self.request_coarsen(segment.group, math.lcm(outer, head) // outer, math.lcm(per, tail) // per)
-            raise _Retry
+            self.retry_coarser(segment.group, math.lcm(outer, head) // outer, math.lcm(per, tail) // per)
         new = Track(chosen, (Segment(segment.group, Layout(outer // head, layout.units, per // tail, batched)),))
         self.size_arg(node, chosen, new)
         return new
@@ -689,8 +707,7 @@ class _Pass:
             segment = track.segments[0]
             layout = segment.layout
             if layout.outer % len(sizes):
-                self.request_coarsen(segment.group, math.lcm(layout.outer, len(sizes)) // layout.outer, 1)
-                raise _Retry
+                self.retry_coarser(segment.group, math.lcm(layout.outer, len(sizes)) // layout.outer, 1)
             if node.target == aten.split_with_sizes.default:
                 raise Unsupported("splits the channels at fixed sizes")
             if layout.batched:
@@ -775,6 +792,9 @@ class _Pass:
                 sizes.append(ShapeArg(node, position, 0, layout))
             node = node.args[0]
         return None
+
+
+_TOO_COARSE = "the ops its channels pass ask for units coarser than its layers' widths"
 
 
 class _Retry(Unsupported):
@@ -870,6 +890,8 @@ class DependencyAnalysis:
         self.producer_ids = {node: i for i, node in enumerate(producers)}
         self.producers = producers
         self.units: dict[int, tuple[int, int]] = {i: (1, 1) for i in self.producer_ids.values()}
+        # producers whose group was asked for units coarser than some member's width can hold
+        self.unsplittable: set[int] = set()
         self.coupling = nx.Graph()
         self.coupling.add_nodes_from((i, {"node": node.name}) for node, i in self.producer_ids.items())
         self.groups = self._analyse()
@@ -889,16 +911,24 @@ class DependencyAnalysis:
             if not sweep.coarsen and not sweep.couple:
                 return self._groups(sweep)
             for root, (outer, per) in sweep.coarsen.items():
-                for member, member_root in sweep.root.items():
-                    if member_root == root:
-                        a, b = self.units[member]
-                        self.units[member] = (a * outer, b * per)
+                members = [member for member, member_root in sweep.root.items() if member_root == root]
+                coarser = {m: (self.units[m][0] * outer, self.units[m][1] * per) for m in members}
+                # Units that no longer divide a member's channels can never divide them again (they only
+                # grow): the group is left alone as it is, instead of coarsened sweep after sweep (a
+                # tie between one unit laid out as [192, 1, 1] and one as [1, 1, 192] never settles).
+                if any(self._width(m) % (a * b) for m, (a, b) in coarser.items()):
+                    self.unsplittable.update(members)
+                else:
+                    self.units.update(coarser)
             for a, b in sweep.couple:
                 self.coupling.add_edge(a, b, node="tied")
         groups = self._groups(sweep)
         for group in groups:  # never expected; leaving everything alone is always safe
             group.blocked.append((group.producers[0].name, "the analysis did not settle on a unit"))
         return groups
+
+    def _width(self, member: int) -> int:
+        return self.graph.param(self.producers[member].args[1].target).shape[0]
 
     def _groups(self, sweep: _Pass) -> list[ChannelGroup]:
         groups = []
@@ -916,6 +946,8 @@ class DependencyAnalysis:
             group.blocks = math.lcm(*(c.groups for c in group.consumers),
                                     *(g for p in producers if p.target in CONV_OPS
                                       and isinstance(g := _conv_groups(p)[1], int)))
+            if root in sweep.unsplittable:
+                group.blocked.append((producers[0].name, _TOO_COARSE))
             if not group.consumers and not group.blocked:
                 group.blocked.append((producers[0].name, "its channels are never read by a layer"))
             if group.units == 0 and not group.blocked:

@@ -91,6 +91,24 @@ class GroupedBottleneckNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class ResolutionFusionNet(nn.Module):
+    """HRNet's fusion: a full-resolution and a half-resolution branch, the latter upsampled (nearest and
+    bilinear) and added to the former, so both branches' channels are one group."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.high = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.low = nn.Sequential(nn.Conv2d(1, width, 3, stride=2, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.smooth = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.low(x)
+        fused = self.high(x) + F.interpolate(low, scale_factor=2.0, mode="nearest")
+        fused = F.relu(self.smooth(fused)) + F.interpolate(low, size=fused.shape[-2:], mode="bilinear")
+        return self.head(fused.mean(dim=(2, 3)))
+
+
 def randomized_batch_norms(model: nn.Module) -> nn.Module:
     """Give BatchNorm layers non-trivial statistics, so pruning them wrongly would show."""
     generator = seeded(5)
@@ -174,6 +192,11 @@ def grouped_bottleneck():
     return randomized_batch_norms(GroupedBottleneckNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
 
 
+def resolution_fusion():
+    torch.manual_seed(0)
+    return randomized_batch_norms(ResolutionFusionNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
+
+
 def regnet():
     import torchvision
 
@@ -193,10 +216,11 @@ def conv_net():
 
 
 MODELS = {"mlp": mlp, "conv_residual": conv_net, "inverted_residual": inverted_residual,
-          "grouped_bottleneck": grouped_bottleneck, "bert": bert, "llama_gqa": llama_gqa, "vit": vit,
+          "grouped_bottleneck": grouped_bottleneck, "resolution_fusion": resolution_fusion, "bert": bert, "llama_gqa": llama_gqa, "vit": vit,
           "resnet": resnet, "mobilenet": mobilenet, "regnet": regnet, "transformer_encoder": transformer_encoder}
 # the target whose coupling each model exercises; "all" prunes every group the analysis allows
 TARGETS = {"mlp": "all", "conv_residual": "conv", "inverted_residual": "conv", "grouped_bottleneck": "conv",
+           "resolution_fusion": "conv",
            "bert": "all", "llama_gqa": "all", "vit": "all", "resnet": "conv", "mobilenet": "conv", "regnet": "conv",
            "transformer_encoder": "all"}
 
