@@ -471,6 +471,11 @@ class _Pass:
             raise Unsupported("combines channels that lie along different dimensions")
         dim = dims.pop()
         tracks = [t for _, t in aligned.values()]
+        if len({tuple(s.layout.size for s in t.segments) for t in tracks}) > 1:
+            # runs of different lengths (GhostNet: a conv's 2L channels added to [A, A], a module's L
+            # channels and their depthwise filtering side by side) meet where each is cut into equal runs
+            cuts = {offset for t in tracks for offset in t.offsets()[1:]}
+            tracks = [self.refined(t, cuts) for t in tracks]
         first = tracks[0]
         for other in tracks[1:]:
             self.tie(first, other, node)
@@ -488,6 +493,28 @@ class _Pass:
                 raise Unsupported(f"adds or multiplies channels with '{arg.name}', which cannot be cut with them")
             self.add_slice(first.segments[0], 0, arg.target, own_dim, "attached", node)
         return Track(dim, first.segments)
+
+    def refined(self, track: Track, cuts: set[int]) -> Track:
+        """``track`` with its segments split at the offsets ``cuts``: a segment only into ``k`` runs of
+        equal length, each then ``outer / k`` of its outer index (the group is coarsened until ``outer``
+        is a multiple of ``k``), so that its unit ``u`` is channel ``u`` of every run."""
+        segments: list[Segment] = []
+        for segment, start in zip(track.segments, track.offsets()):
+            size, layout = segment.layout.size, segment.layout
+            inside = sorted(c - start for c in cuts if start < c < start + size)
+            k = len(inside) + 1
+            if k == 1:
+                segments.append(segment)
+                continue
+            if size % k or inside != [size * i // k for i in range(1, k)]:
+                raise Unsupported("combines channel runs of different lengths")
+            if segment.group is None:
+                segments += [Segment(None, Layout(1, size // k, 1))] * k
+                continue
+            if layout.outer % k:
+                self.retry_coarser(segment.group, k // math.gcd(layout.outer, k), 1)
+            segments += [Segment(segment.group, Layout(layout.outer // k, layout.units, layout.per, layout.batched))] * k
+        return Track(track.dim, tuple(segments))
 
     def tie(self, one: Track, other: Track, node: fx.Node) -> None:
         """Two tensors whose channels meet element by element: their segments must be cut alike."""

@@ -218,3 +218,21 @@ def test_an_upsampled_branch_added_to_another_is_one_group_with_it():
     fused = groups["low.0.weight"]  # named after its first producer in the graph
     assert not fused.blocked
     assert [p.args[1].target for p in fused.producers] == ["low.0.weight", "high.0.weight", "smooth.weight"]
+
+
+class UnevenRuns(nn.Module):
+    """A conv's 8 channels added to two convs' 3 and 5 side by side: no equal runs to cut them into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 5, 1), nn.Conv2d(2, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.cat([self.a(x), self.b(x)], dim=1) + self.c(x))
+
+
+def test_runs_of_different_lengths_meet_only_where_cut_into_equal_runs():
+    _, groups = groups_of(UnevenRuns(), torch.randn(2, 2, 4, 4))
+    for name in ("a.weight", "b.weight", "c.weight"):
+        assert groups[name].blocked == [("add", "combines channel runs of different lengths")]

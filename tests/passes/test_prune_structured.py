@@ -109,6 +109,43 @@ class ResolutionFusionNet(nn.Module):
         return self.head(fused.mean(dim=(2, 3)))
 
 
+class GhostNet(nn.Module):
+    """GhostNet's blocks: a ghost module makes half its channels with a conv and the other half by
+    filtering those with a depthwise conv, side by side ([A, A] in channel terms); squeeze-and-excitation
+    multiplies them by one conv's output, and the second ghost module's output is added to the stem's
+    channels (runs of different lengths meeting: each is cut into equal runs)."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.ghost1 = self.ghost_module(width, width, relu=True)
+        self.squeeze = nn.Sequential(nn.Conv2d(2 * width, width // 2, 1), nn.ReLU(), nn.Conv2d(width // 2, 2 * width, 1),
+                                     nn.Hardsigmoid())
+        self.ghost2 = self.ghost_module(2 * width, width // 2, relu=False)
+        self.head = nn.Linear(width, classes)
+
+    @staticmethod
+    def ghost_module(inputs: int, half: int, relu: bool) -> nn.ModuleDict:
+        def activation():
+            return nn.ReLU() if relu else nn.Identity()
+        return nn.ModuleDict({
+            "primary": nn.Sequential(nn.Conv2d(inputs, half, 1), nn.BatchNorm2d(half), activation()),
+            "cheap": nn.Sequential(nn.Conv2d(half, half, 3, padding=1, groups=half), nn.BatchNorm2d(half),
+                                   activation())})
+
+    @staticmethod
+    def ghost(module: nn.ModuleDict, x: torch.Tensor) -> torch.Tensor:
+        primary = module["primary"](x)
+        return torch.cat([primary, module["cheap"](primary)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        h = self.ghost(self.ghost1, x)
+        h = h * self.squeeze(h.mean(dim=(2, 3), keepdim=True))
+        x = x + self.ghost(self.ghost2, h)
+        return self.head(x.mean(dim=(2, 3)))
+
+
 def randomized_batch_norms(model: nn.Module) -> nn.Module:
     """Give BatchNorm layers non-trivial statistics, so pruning them wrongly would show."""
     generator = seeded(5)
@@ -197,6 +234,11 @@ def resolution_fusion():
     return randomized_batch_norms(ResolutionFusionNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
 
 
+def ghostnet():
+    torch.manual_seed(0)
+    return randomized_batch_norms(GhostNet()), lambda g: (torch.randn(2, 1, 8, 8, generator=g),)
+
+
 def regnet():
     import torchvision
 
@@ -216,11 +258,12 @@ def conv_net():
 
 
 MODELS = {"mlp": mlp, "conv_residual": conv_net, "inverted_residual": inverted_residual,
-          "grouped_bottleneck": grouped_bottleneck, "resolution_fusion": resolution_fusion, "bert": bert, "llama_gqa": llama_gqa, "vit": vit,
+          "grouped_bottleneck": grouped_bottleneck, "resolution_fusion": resolution_fusion, "ghostnet": ghostnet,
+          "bert": bert, "llama_gqa": llama_gqa, "vit": vit,
           "resnet": resnet, "mobilenet": mobilenet, "regnet": regnet, "transformer_encoder": transformer_encoder}
 # the target whose coupling each model exercises; "all" prunes every group the analysis allows
 TARGETS = {"mlp": "all", "conv_residual": "conv", "inverted_residual": "conv", "grouped_bottleneck": "conv",
-           "resolution_fusion": "conv",
+           "resolution_fusion": "conv", "ghostnet": "conv",
            "bert": "all", "llama_gqa": "all", "vit": "all", "resnet": "conv", "mobilenet": "conv", "regnet": "conv",
            "transformer_encoder": "all"}
 
@@ -397,6 +440,41 @@ def test_a_depthwise_conv_loses_the_filters_of_the_channels_removed_before_it():
         rows = [next(r for r in range(32) if torch.equal(model.blocks[i]["expand"][0].weight[r], row)) for row in kept]
         gone = torch.tensor(sorted(set(range(32)) - set(rows)))
         oracle.blocks[i]["depthwise"][2].register_forward_hook(lambda m, a, out, gone=gone: out.index_fill(1, gone, 0))
+    fresh = make_inputs(seeded(9))
+    with torch.no_grad():
+        assert (graph(*fresh) - oracle(*fresh)).abs().max() <= 1e-5
+
+
+def test_ghost_modules_lose_a_channel_and_its_depthwise_copy_together():
+    """Every conv group of a GhostNet block pruned at once, without compensation, equals the original
+    with the removed channels zeroed where the layers read them (a ghost module's output is [A, A], so
+    channel u goes at u and at u + half; float rounding apart: 1e-5)."""
+    model, make_inputs = ghostnet()
+    graph = capture(model, make_inputs(seeded(0)))
+    groups = {g.name: g for g in DependencyAnalysis(graph).groups if not g.blocked}
+    assert sorted(groups) == ["ghost1.primary.0.weight", "squeeze.0.weight", "stem.0.weight"]
+    # the stem's 8 channels meet [B, B] of the second ghost module (B: 4 channels), the squeeze's 16
+    # channels [A, A] of the first (A: 8): each unit is a channel of B or A, two channels of the other
+    assert [p.args[1].target for p in groups["stem.0.weight"].producers] == ["stem.0.weight",
+                                                                              "ghost2.primary.0.weight"]
+    assert groups["stem.0.weight"].units == 4 and groups["ghost1.primary.0.weight"].units == 8
+    original = {name: tensor.clone() for name, tensor in graph.tensors().items()}
+    result = run_pass(graph, make_inputs, ratio=0.5, target="conv", compensate=False)
+    assert sorted(result.stats["groups"]) == sorted(groups)
+    oracle, zeroed = copy.deepcopy(model), {}
+    for group in groups.values():
+        bias = next(s for s in group.slices if s.role == "producer" and s.param.endswith("bias"))
+        kept = set(graph.param(bias.param).tolist())
+        removed = [u for u in range(group.units)
+                   if not {original[bias.param][i].item() for i in bias.layout.indices([u], bias.offset)} <= kept]
+        assert len(removed) == group.units // 2
+        for consumer in group.consumers:
+            zeroed.setdefault(consumer.node.args[1].target.rsplit(".", 1)[0], []).extend(
+                consumer.layout.indices(removed, consumer.offset))
+    modules = dict(oracle.named_modules())
+    for path, channels in zeroed.items():
+        gone = torch.tensor(sorted(set(channels)))
+        modules[path].register_forward_pre_hook(lambda m, args, gone=gone: (args[0].index_fill(1, gone, 0),))
     fresh = make_inputs(seeded(9))
     with torch.no_grad():
         assert (graph(*fresh) - oracle(*fresh)).abs().max() <= 1e-5
