@@ -39,6 +39,12 @@ several channels: ResNeXt, RegNet) reads block ``g`` of its input only in block 
 every block must keep the same width, so on both sides a unit is one channel position taken in all
 ``G`` blocks (its unit's ``outer`` is a multiple of ``G``); its weight's input dimension, indexed
 within a block, loses that position once, and ``groups`` stays.
+
+Tensors whose channels lie in runs of different lengths meet (an add, a multiply) where each run can
+be cut into runs of equal length: GhostNet puts a conv's channels beside their depthwise-filtered
+copy ([A, A]) and adds that to a conv's 2A channels, whose unit then is a channel of each half. A
+group asked for units coarser than its layers' widths (two ops wanting the whole width as one unit,
+laid out differently) is left alone at once rather than coarsened without end.
 """
 
 from __future__ import annotations
@@ -513,7 +519,8 @@ class _Pass:
                 continue
             if layout.outer % k:
                 self.retry_coarser(segment.group, k // math.gcd(layout.outer, k), 1)
-            segments += [Segment(segment.group, Layout(layout.outer // k, layout.units, layout.per, layout.batched))] * k
+            piece = Layout(layout.outer // k, layout.units, layout.per, layout.batched)
+            segments += [Segment(segment.group, piece)] * k
         return Track(track.dim, tuple(segments))
 
     def tie(self, one: Track, other: Track, node: fx.Node) -> None:

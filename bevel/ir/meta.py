@@ -111,20 +111,25 @@ def propagate(graph: "Graph") -> None:
         inputs.append(val)
     allow = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True  # weights are real tensors read through get_attr
+    # Recomputing values must not narrow the graph's shapes: a guard an op takes here (the C++ upsample
+    # kernel below reads a symbolic batch as its example's value before it fails) would otherwise fix
+    # that size for good in the shape environment (HRNet's captured batch came out fixed at 2).
+    suppressed = mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext()
     try:
-        try:
-            # torch's fake tensors log a failing kernel at ERROR level; the error is raised anyway, and the
-            # one below is expected and retried (its traceback was printed on every successful refresh)
-            with quiet_logger("torch._subclasses.fake_tensor", logging.CRITICAL):
-                _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
-        except RuntimeError as error:
-            if "expected to contain only concrete integers" not in str(error):
-                raise
-            # as torch.export traces: ops whose C++ composite kernels need concrete sizes (upsample's
-            # ``.vec`` forms, given an output size computed from a symbolic input size) decompose in
-            # Python; only then, since the Python dispatcher makes every op slower (10-40% here)
-            with enable_python_dispatcher():
-                _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
+        with suppressed:
+            try:
+                # torch's fake tensors log a failing kernel at ERROR level; the error is raised anyway, and the
+                # one below is expected and retried (its traceback was printed on every successful refresh)
+                with quiet_logger("torch._subclasses.fake_tensor", logging.CRITICAL):
+                    _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
+            except RuntimeError as error:
+                if "expected to contain only concrete integers" not in str(error):
+                    raise
+                # as torch.export traces: ops whose C++ composite kernels need concrete sizes (upsample's
+                # ``.vec`` forms, given an output size computed from a symbolic input size) decompose in
+                # Python; only then, since the Python dispatcher makes every op slower (10-40% here)
+                with enable_python_dispatcher():
+                    _ValueProp(graph.module, mode=mode).propagate_dont_convert_inputs(*inputs)
     finally:
         mode.allow_non_fake_inputs = allow
     _record_data_dependent_sizes(graph)

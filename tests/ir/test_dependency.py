@@ -181,7 +181,8 @@ def test_in_place_and_other_pointwise_activations_pass_channels_on_and_prelu_slo
     _, groups = groups_of(model, torch.randn(2, 3, 4, 4))
     free = [name for name, group in groups.items() if not group.blocked]
     assert len(free) == len(activations) + 1, {name: g.blocked for name, g in groups.items()}
-    slopes = {s.param: s.role for g in groups.values() for s in g.slices if s.node.target == torch.ops.aten.prelu.default}
+    prelu = torch.ops.aten.prelu.default
+    slopes = {s.param: s.role for g in groups.values() for s in g.slices if s.node.target == prelu}
     assert slopes == {"25.weight": "attached"}  # the single slope of '27' is shared by every channel
 
 

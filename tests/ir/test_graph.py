@@ -138,6 +138,42 @@ def test_values_propagate_through_a_resize_to_a_symbolic_size():
         assert torch.allclose(graph.module(x), model(x))
 
 
+class ScaledBranches(torch.nn.Module):
+    """HRNet's fusion: a half-resolution branch upsampled by a scale factor and added to a full one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low = torch.nn.Conv2d(1, 4, 3, stride=2, padding=1)
+        self.high = torch.nn.Conv2d(1, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.high(x) + torch.nn.functional.interpolate(self.low(x), scale_factor=2.0, mode="nearest")
+
+
+def test_a_refresh_keeps_the_input_sizes_symbolic(tmp_path):
+    """The C++ upsample kernel reads a symbolic size as its example's value before it fails and the
+    values are recomputed in Python; that read fixed the batch, height and width of the whole graph at
+    the example's for good, so the ONNX export of any model resizing by a scale factor took only the
+    example's shape. Recomputing values takes no guard now."""
+    import onnxruntime
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    import bevel
+
+    model = ScaledBranches().eval()
+    graph = capture(model, (torch.randn(2, 1, 8, 8),))
+    graph.refresh()
+    x = next(graph.nodes(op="placeholder"))
+    assert not any(is_concrete_int(d) for d in x.meta["val"].shape[::2])  # batch and height
+    path = bevel.compile(model, "cleanup", example_inputs=(torch.randn(2, 1, 8, 8),)).export_onnx(
+        str(tmp_path / "model.onnx"))
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    other = torch.randn(3, 1, 12, 6)
+    with torch.no_grad():
+        expected = model(other).numpy()
+    assert abs(session.run(None, {session.get_inputs()[0].name: other.numpy()})[0] - expected).max() <= 1e-5
+
+
 def test_a_kernel_retried_under_the_python_dispatcher_logs_no_error(capfd):
     """Bloom's attention (baddbmm onto a bias built from symbolic sizes) fails in its C++ kernel on the
     first propagation and is retried; torch's fake tensors logged that failure with its traceback at

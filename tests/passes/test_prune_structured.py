@@ -119,8 +119,8 @@ class GhostNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.ghost1 = self.ghost_module(width, width, relu=True)
-        self.squeeze = nn.Sequential(nn.Conv2d(2 * width, width // 2, 1), nn.ReLU(), nn.Conv2d(width // 2, 2 * width, 1),
-                                     nn.Hardsigmoid())
+        self.squeeze = nn.Sequential(nn.Conv2d(2 * width, width // 2, 1), nn.ReLU(),
+                                     nn.Conv2d(width // 2, 2 * width, 1), nn.Hardsigmoid())
         self.ghost2 = self.ghost_module(2 * width, width // 2, relu=False)
         self.head = nn.Linear(width, classes)
 
