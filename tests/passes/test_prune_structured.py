@@ -1,6 +1,8 @@
 """prune.structured on random models covering each coupling: an MLP, a conv-BatchNorm net with a
-residual block, a net of inverted-residual blocks (depthwise convs, squeeze-and-excitation), HF BERT,
-HF Llama with grouped-query attention, timm ViT, timm ResNet and torchvision's MobileNetV3.
+residual block, a net of inverted-residual blocks (depthwise convs, squeeze-and-excitation), a ResNeXt
+bottleneck (a grouped conv), an HRNet-style fusion of two resolutions (upsampling), GhostNet blocks
+(runs of different lengths), HF BERT, HF Llama with grouped-query attention, timm ViT, timm ResNet and
+torchvision's MobileNetV3 and RegNetY.
 
 After the pass every model runs on fresh inputs, every weight the report lists is physically
 smaller, and the parameter count is the one the dependency analysis predicts for the removed units.
