@@ -156,8 +156,7 @@ class Consumer:
 @dataclass
 class ChannelGroup:
     """Channels that are pruned together. ``units`` is how many units each member has; ``name`` is the
-    weight of its first producer; ``kind`` is "heads" (it passes through attention), "conv" or "mlp";
-    ``blocks`` is how many blocks of equal width grouped convs split the channels into (1 if none)."""
+    weight of its first producer; ``kind`` is "heads" (it passes through attention), "conv" or "mlp"."""
 
     name: str
     kind: str
@@ -167,7 +166,13 @@ class ChannelGroup:
     shape_args: list[ShapeArg] = field(default_factory=list)
     consumers: list[Consumer] = field(default_factory=list)
     blocked: list[tuple[str, str]] = field(default_factory=list)  # (node name, why)
-    blocks: int = 1
+
+    @property
+    def blocks(self) -> int:
+        """How many blocks of equal width the grouped convs reading or writing the channels split them
+        into (1 where none does)."""
+        grouped = (_conv_groups(p)[1] for p in self.producers if p.target in CONV_OPS)
+        return math.lcm(*(c.groups for c in self.consumers), *(g for g in grouped if isinstance(g, int)))
 
     def widths(self) -> dict[str, int]:
         """Output channels of each producer, by weight name."""
@@ -203,7 +208,7 @@ _MOVES = (aten.transpose.int, aten.permute.default, aten.t.default, aten.unsquee
 _INDEXING = (aten.select.int, aten.unbind.int)
 _RESHAPES = {*VIEW_OPS, aten.flatten.using_ints, aten.unflatten.int}
 # ops on the spatial dims of [B, C, ...] that treat each channel on its own: pools and resizes
-_CHANNEL_POOLS = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+_PER_CHANNEL_SPATIAL = {aten.max_pool2d.default, aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
                   aten.max_pool1d.default, aten.avg_pool1d.default, aten.adaptive_avg_pool1d.default,
                   *(getattr(getattr(aten, op), overload) for overload in ("default", "vec") for op in (
                       "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
@@ -323,7 +328,7 @@ class _Pass:
             return self.move(node, _single(tracked))
         if target in _REDUCTIONS or target in (aten.softmax.int, aten._softmax.default, aten.log_softmax.int):
             return self.reduce(node, _single(tracked))
-        if target in _CHANNEL_POOLS or target == aten.max_pool2d_with_indices.default:
+        if target in _PER_CHANNEL_SPATIAL or target == aten.max_pool2d_with_indices.default:
             track = _single(tracked)
             if track.dim != 1:
                 raise Unsupported("pools or resizes along the channel dimension")
@@ -977,9 +982,6 @@ class DependencyAnalysis:
                                  units=units.pop() if len(units) == 1 else 0, producers=producers,
                                  slices=slices, shape_args=sweep.shape_args.get(root, []),
                                  consumers=sweep.consumers.get(root, []), blocked=sweep.blocked.get(root, []))
-            group.blocks = math.lcm(*(c.groups for c in group.consumers),
-                                    *(g for p in producers if p.target in CONV_OPS
-                                      and isinstance(g := _conv_groups(p)[1], int)))
             if root in sweep.unsplittable:
                 group.blocked.append((producers[0].name, _TOO_COARSE))
             if not group.consumers and not group.blocked:

@@ -205,7 +205,8 @@ class TwoWaysToOneUnit(nn.Module):
 
 def test_a_group_asked_for_units_coarser_than_its_width_is_left_alone_at_once():
     """Coarsening such a group would go on sweep after sweep (it did, until the sweep limit: CPU time,
-    and every group 'did not settle'); it is left alone, named, and the other groups are not."""
+    and every group 'did not settle'); it is left alone, named, and the conv with the depth multiplier
+    still makes a group of its own."""
     _, groups = groups_of(TwoWaysToOneUnit(), torch.randn(2, 3, 6, 6))
     assert groups["a.weight"].blocked[0][1] == "the ops its channels pass ask for units coarser than its layers' widths"
     assert not groups["multiplier.weight"].blocked or "output" in groups["multiplier.weight"].blocked[0][1]
