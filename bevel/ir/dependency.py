@@ -346,6 +346,10 @@ class _Pass:
             return self.split(node, _single(tracked))
         if target == aten.scaled_dot_product_attention.default:
             return self.attention_op(node)
+        if target == aten.index_copy.default and node.args[0].op == "placeholder":
+            # a decoder's KV cache: the caller allocates it, at the heads the model had
+            raise Unsupported(f"writes the channels into the input '{node.args[0].name}', which the caller "
+                              f"allocates at its present size")
         raise Unsupported(f"no channel rule for {target}")
 
     # -- rules ------------------------------------------------------------------------------------

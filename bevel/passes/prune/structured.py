@@ -81,6 +81,10 @@ class StructuredPrune(Pass):
                 if attention is not None:
                     notes.append(f"left alone: group '{g.name}' feeds attention '{attention}', but node "
                                  f"'{g.blocked[0][0]}' {g.blocked[0][1]}")
+        if p.target in ("heads", "all") and _writes_a_kv_cache(graph, analysis):
+            notes.append("a causal LM compiled with its KV cache (for generate()) keeps its attention heads: the "
+                         "cache is allocated with every KV head of the model; compile with decoder=False to prune "
+                         "the heads of its plain forward (which has no generate())")
         candidates = [g for g in analysis.groups if not g.blocked and _wanted(g, p.target)]
         for group in list(candidates):
             names = {s.param for s in group.slices}
@@ -177,6 +181,13 @@ class StructuredPrune(Pass):
 
 def _wanted(group: ChannelGroup, target: str) -> bool:
     return target == "all" or group.kind == target
+
+
+def _writes_a_kv_cache(graph: Graph, analysis: DependencyAnalysis) -> bool:
+    """Whether a group is blocked where it is written into a decoder step graph's KV cache input."""
+    caches = {n for n in graph.inputs() if n.name.startswith(("past_key_", "past_value_"))}
+    writes = {n.name for cache in caches for n in cache.users if n.target == torch.ops.aten.index_copy.default}
+    return any(name in writes for g in analysis.groups for name, _ in g.blocked)
 
 
 def _attention_fed(group: ChannelGroup) -> str | None:
