@@ -83,6 +83,7 @@ def compile_decoder(model: torch.nn.Module, pipeline: list[Pass], example_inputs
     manager = PassManager(pipeline, ctx, reference, on_start=on_pass_start, on_end=on_pass_end,
                           evaluate=None if quality is None else _graph_quality(quality, spec))
     graph, report.passes = manager.run(graph)
+    spec = spec.with_kv_heads_of(graph)  # prune.structured may have removed KV heads
     example = prefill_inputs(spec, example_ids, example_mask)
     return CompiledDecoder(lower(graph, device), example, report, report.pipeline, spec)
 
@@ -113,7 +114,8 @@ def _perplexity_probe(eval_text: Any, spec: DecoderSpec):
 def _graph_quality(quality, spec):
     """``quality`` applied to a step graph after a pass (through a throw-away CompiledDecoder)."""
     def evaluate(graph) -> dict[str, float]:
-        probe = CompiledDecoder(graph.module, graph.example_inputs, report=None, pipeline="", spec=spec)
+        probe = CompiledDecoder(graph.module, graph.example_inputs, report=None, pipeline="",
+                                spec=spec.with_kv_heads_of(graph))
         return {"perplexity": quality(probe)}
 
     return evaluate

@@ -96,11 +96,14 @@ class DecoderSpec:
     cache_policy: CachePolicy = CachePolicy()
     # where position embeddings are a table (GPT-2, OPT), its rows: no token may sit at a later position
     max_positions: int | None = None
+    # each layer's KV heads where a pass removed some (prune.structured); None: num_kv_heads in every layer
+    kv_heads: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable dict of the fields (the cache policy only when it is not the default,
         so that artifacts without one read as before)."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cache_policy"}
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cache_policy"
+                and not (f.name == "kv_heads" and self.kv_heads is None)}
         policy = self.cache_policy.to_json()
         return {**data, "cache_policy": policy} if policy else data
 
@@ -108,8 +111,9 @@ class DecoderSpec:
     def from_json(cls, data: dict[str, Any]) -> "DecoderSpec":
         """The spec :meth:`to_json` wrote (artifacts written before cache policies existed have none)."""
         fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
-        if isinstance(fields.get("eos_token_id"), list):  # JSON has no tuples
-            fields["eos_token_id"] = tuple(fields["eos_token_id"])
+        for name in ("eos_token_id", "kv_heads"):  # JSON has no tuples
+            if isinstance(fields.get(name), list):
+                fields[name] = tuple(fields[name])
         fields["cache_policy"] = CachePolicy.from_json(data.get("cache_policy"))
         return cls(**fields)
 
@@ -121,6 +125,17 @@ class DecoderSpec:
         merged = {**self.cache_policy.to_json(), **recorded}
         return dataclasses.replace(self, cache_policy=CachePolicy(**merged))
 
+    def with_kv_heads_of(self, graph: Graph) -> "DecoderSpec":
+        """This spec with each layer's KV heads as the step graph's cache inputs hold them (dimension 1
+        of ``past_key_i``), None where every layer keeps ``num_kv_heads``."""
+        inputs = {n.name: n.meta.get("val") for n in graph.inputs()}
+        heads = tuple(int(inputs[f"past_key_{i}"].shape[1]) for i in range(self.num_layers))
+        return dataclasses.replace(self, kv_heads=None if set(heads) == {self.num_kv_heads} else heads)
+
+    def layer_kv_heads(self, layer: int) -> int:
+        """KV heads of layer ``layer``'s cache."""
+        return self.num_kv_heads if self.kv_heads is None else self.kv_heads[layer]
+
     @property
     def dtype(self) -> torch.dtype:
         """The cache's torch dtype (the model's weights' dtype)."""
@@ -128,8 +143,8 @@ class DecoderSpec:
 
     def empty_cache(self, batch: int, length: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """Zeroed key and value tensors, interleaved per layer: k0, v0, k1, v1, ..."""
-        shape = (batch, self.num_kv_heads, length, self.head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(2 * self.num_layers)]
+        return [torch.zeros((batch, self.layer_kv_heads(layer), length, self.head_dim), dtype=self.dtype,
+                            device=device) for layer in range(self.num_layers) for _ in range(2)]
 
 
 def is_causal_lm(model: Any) -> bool:
@@ -350,6 +365,11 @@ def cache_names(num_layers: int, role: str = "past") -> list[str]:
     """``past_key_0, past_value_0, past_key_1, ...``: the cache inputs in order; with
     ``role="present"`` the names of the updated cache among the outputs."""
     return [f"{role}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def cache_input_names(graph: Graph) -> frozenset[str]:
+    """The KV cache inputs of a step graph (``past_key_i``, ``past_value_i``); none for another graph."""
+    return frozenset(n.name for n in graph.inputs() if n.name.startswith(("past_key_", "past_value_")))
 
 
 def left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

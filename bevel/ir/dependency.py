@@ -40,6 +40,11 @@ every block must keep the same width, so on both sides a unit is one channel pos
 ``G`` blocks (its unit's ``outer`` is a multiple of ``G``); its weight's input dimension, indexed
 within a block, loses that position once, and ``groups`` stays.
 
+A decoder step graph writes each layer's keys and values into its KV cache inputs (``index_copy``
+along the slots): where the caller allocates those inputs from the graph's own shapes
+(``resizable_inputs``), a KV head's channels go from the cache too, and the written cache may reach
+the graph's outputs, which come back as small as the inputs went in.
+
 Tensors whose channels lie in runs of different lengths meet (an add, a multiply) where each run can
 be cut into runs of equal length: GhostNet puts a conv's channels beside their depthwise-filtered
 copy ([A, A]) and adds that to a conv's 2A channels, whose unit then is a channel of each half. A
@@ -60,6 +65,7 @@ import torch.fx as fx
 
 from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, VIEW_OPS, read_counts
 from bevel.ir.graph import Graph
+from bevel.ir.input_guards import GUARDS
 from bevel.ir.meta import concrete
 
 aten = torch.ops.aten
@@ -115,7 +121,8 @@ class Track:
 class Slice:
     """A stored tensor cut along ``dim`` when the group drops units: ``role`` is "producer" (a layer's
     output rows and bias), "consumer" (a layer's input columns) or "attached" (BatchNorm statistics,
-    an added bias)."""
+    an added bias); or "input", a graph input named ``param`` that the caller allocates from the
+    graph's shapes (a decoder's KV cache)."""
 
     param: str
     dim: int
@@ -247,6 +254,7 @@ class _Pass:
         self.shape_args: dict[int, list[ShapeArg]] = {}
         self.consumers: dict[int, list[Consumer]] = {}
         self.attention: set[int] = set()
+        self.input_writes: set[fx.Node] = set()  # writes into resizable inputs: outputs that may shrink
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -295,6 +303,8 @@ class _Pass:
                     self.block(self.tracks.get(source), node, "is a submodule call the analysis cannot see into")
             elif node.op == "output":
                 for source in node.all_input_nodes:
+                    if source in self.input_writes:
+                        continue  # the caller takes the input back at the size it gave
                     self.block(self.tracks.get(source), node, "reaches the model's output, whose shape must stay")
 
     def visit(self, node: fx.Node) -> Any:
@@ -347,12 +357,33 @@ class _Pass:
         if target == aten.scaled_dot_product_attention.default:
             return self.attention_op(node)
         if target == aten.index_copy.default and node.args[0].op == "placeholder":
-            # a decoder's KV cache: the caller allocates it, at the heads the model had
-            raise Unsupported(f"writes the channels into the input '{node.args[0].name}', which the caller "
-                              f"allocates at its present size")
+            return self.input_write(node, tracked)
         raise Unsupported(f"no channel rule for {target}")
 
     # -- rules ------------------------------------------------------------------------------------
+
+    def input_write(self, node: fx.Node, tracked: dict[fx.Node, Track]) -> Track:
+        """``index_copy(input, dim, index, source)``: the source's channels written into a graph input
+        (a decoder's KV cache) at positions along another dimension. The input is cut with them where
+        its caller allocates it from the graph's shapes; the written tensor then holds the channels."""
+        target_input, dim, _, source = node.args
+        if target_input.name not in self.a.resizable_inputs:
+            raise Unsupported(f"writes the channels into the input '{target_input.name}', which the caller "
+                              f"allocates at its present size")
+        if set(tracked) != {source}:
+            raise Unsupported("indexes positions with the channels, or writes some into an input")
+        track = tracked[source]
+        if dim % len(_shape(node)) == track.dim:
+            raise Unsupported("writes along the channel dimension")
+        others = [u for u in target_input.users if u is not node and u.target != GUARDS and not (
+            u.target == aten.sym_size.int and u.args[1] % len(_shape(node)) != track.dim)]
+        if others:
+            raise Unsupported(f"writes the channels into the input '{target_input.name}', which '{others[0].name}' "
+                              f"reads as it is")
+        for segment, offset in zip(track.segments, track.offsets()):
+            self.add_slice(segment, offset, target_input.name, track.dim, "input", node)
+        self.input_writes.add(node)
+        return track
 
     def layer(self, node: fx.Node, tracked: dict[fx.Node, Track]) -> Track | None:
         weight = node.args[1]
@@ -924,8 +955,11 @@ class DependencyAnalysis:
 
     MAX_SWEEPS = 200
 
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, resizable_inputs: frozenset[str] = frozenset()) -> None:
         self.graph = graph
+        # graph inputs the caller allocates from the graph's own shapes (a decoder's KV cache): the channels
+        # written into one cut it too, and the write may reach the graph's outputs
+        self.resizable_inputs = resizable_inputs
         self.readers = read_counts(graph)
         # a depthwise convolution passes its input's channels on (see _Pass.depthwise): not a producer
         producers = [n for n in graph.nodes(op="call_function", target=LINEAR_OPS + CONV_OPS)
@@ -1001,6 +1035,8 @@ class DependencyAnalysis:
         for group in self.groups:
             dropped = removed_units.get(group.name, 0)
             for s in group.slices:
+                if s.role == "input":  # a graph input, not stored
+                    continue
                 key = (s.param, s.dim)
                 cut[key] = cut.get(key, 0) + dropped * s.layout.outer * s.layout.per
         removed = 0

@@ -277,6 +277,10 @@ def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
     dtype = decoder.get("cache_dtype", "float32")
     if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise bad("decoder.cache_dtype", "the name of a torch dtype, such as \"float32\"", dtype)
+    heads = decoder.get("kv_heads")
+    if heads is not None and not (isinstance(heads, list) and len(heads) == decoder.get("num_layers")
+                                  and all(_is_int(h) and h >= 1 for h in heads)):
+        raise bad("decoder.kv_heads", "null or a list of positive integers, one per layer", heads)
     policy = decoder.get("cache_policy", {})
     # kv.evict records its budget and recent share as fractions of the cache where given so
     if not isinstance(policy, dict) or not all(v is None or _is_number(v) for v in policy.values()):

@@ -51,21 +51,22 @@ class CacheTensors:
     def __init__(self, spec: DecoderSpec, batch: int, length: int, device: torch.device) -> None:
         policy = spec.cache_policy
         layout = StorageLayout.of(policy)
-        shape = (batch, spec.num_kv_heads, length)
+        # per layer: a pruned layer may keep fewer KV heads than another
+        shapes = [(batch, spec.layer_kv_heads(layer), length) for layer in range(spec.num_layers)]
         dim = spec.head_dim
         if layout.quantized:
             group = policy.group_size or dim
-            codes = (*shape, code_width(dim, policy.bits))
             dtype = torch.int8 if policy.bits == 8 else torch.uint8
-            self.kv = [torch.zeros(codes, dtype=dtype, device=device) for _ in range(2 * spec.num_layers)]
+            self.kv = [torch.zeros((*shape, code_width(dim, policy.bits)), dtype=dtype, device=device)
+                       for shape in shapes for _ in range(2)]
             self.params = [torch.zeros((*shape, dim // group, params_per_group(policy.bits)), device=device)
-                           for _ in range(2 * spec.num_layers)]
+                           for shape in shapes for _ in range(2)]
         else:
             self.kv = spec.empty_cache(batch, length, device)
             self.params = []
-        self.positions = ([torch.full(shape, -1, dtype=torch.long, device=device) for _ in range(spec.num_layers)]
+        self.positions = ([torch.full(shape, -1, dtype=torch.long, device=device) for shape in shapes]
                           if layout.per_layer_positions else [])
-        self.scores = [torch.zeros(shape, device=device) for _ in self.positions]
+        self.scores = [torch.zeros(p.shape, device=device) for p in self.positions]
 
     def stored(self) -> list[torch.Tensor]:
         """The tensors a step writes into (keys, values and parameters)."""

@@ -25,7 +25,6 @@ from bevel.errors import ParamError
 from bevel.ir import analysis, capture
 from bevel.ir.dependency import DependencyAnalysis
 from bevel.passes import PassContext, get_pass
-from bevel.runtime.compiled_decoder import CompiledDecoder
 from tests.models_zoo import MLP, padded_tokens, seeded
 
 
@@ -274,7 +273,7 @@ TARGETS = {"mlp": "all", "conv_residual": "conv", "inverted_residual": "conv", "
 def compile_pruned(model, make_inputs, passes, calibrated=True):
     example = make_inputs(seeded(0))
     calibration = [make_inputs(seeded(i)) for i in (1, 2)] if calibrated else None
-    # a causal LM's plain forward: heads cannot be pruned in a decoder's step graph (its cache fixes them)
+    # a causal LM's plain forward (its step graph with a KV cache: tests/passes/test_prune_structured_decoder.py)
     return bevel.compile(model, passes, example_inputs=example, calibration=calibration,
                          decoder=False if hasattr(model, "generate") else None)
 
@@ -342,22 +341,6 @@ def test_gqa_removes_kv_heads_with_their_query_heads():
         assert group["units"] == [2, 1]  # the two kv heads, each with its four query heads
         widths = {w.split(".")[-2]: v for w, v in group["widths"].items()}
         assert widths["q_proj"] == [32, 16] and widths["k_proj"] == [8, 4] and widths["v_proj"] == [8, 4]
-
-
-def test_heads_of_a_causal_lm_compiled_with_its_kv_cache_stay_and_the_report_says_why():
-    """The decoder step graph writes each layer's keys and values into cache inputs the runtime allocates
-    with every KV head, so no head can go there: the pass changes nothing, names the cache write that
-    stops each key and value group, and points to decoder=False (the plain forward, pruned above)."""
-    model, make_inputs = llama_gqa()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    compiled = bevel.compile(model, 'prune.structured(ratio=0.5, target="heads")',
-                             example_inputs=make_inputs(seeded(0)))
-    entry = compiled.report.passes[0]
-    assert isinstance(compiled, CompiledDecoder) and entry.status == "no change"
-    cache_writes = [n for n in entry.notes if "into the input 'past_" in n]
-    assert len(cache_writes) == 4  # the k and v groups of both layers
-    assert any("compile with decoder=False" in n for n in entry.notes)
-    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
 def test_mean_of_removed_neurons_is_folded_into_the_next_bias():

@@ -208,6 +208,8 @@ DECODER = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "vocab_size": 50, 
     ("decoder", {**DECODER, "eos_token_id": []}, "decoder.eos_token_id"),
     ("decoder", {**DECODER, "max_positions": "32"}, "decoder.max_positions"),
     ("decoder", {**DECODER, "cache_dtype": "nonsense"}, "decoder.cache_dtype"),
+    ("decoder", {**DECODER, "kv_heads": [2]}, "decoder.kv_heads"),  # one per layer
+    ("decoder", {**DECODER, "kv_heads": [2, 0]}, "decoder.kv_heads"),
     ("decoder", {**DECODER, "cache_policy": "x"}, "decoder.cache_policy"),
     ("decoder", {**DECODER, "cache_policy": {"window": "8"}}, "decoder.cache_policy"),
 ])

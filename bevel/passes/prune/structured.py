@@ -14,20 +14,28 @@ a handful of samples from a few images, and their noise compounds over the layer
 With that refit, activation importance is the output error the Linear layers reading a unit keep
 after it: units are removed one by one, each time the one whose removal the refit of the rest makes
 up for best (structured Optimal Brain Surgeon, see :func:`_surgeon_scores`).
+
+In a causal LM compiled with its KV cache (the decoder step graph), a KV head removed from the key and
+value projections leaves the cache inputs too: the graph's example inputs, the calibration batches
+and torch.export's input guards take the smaller cache (see :func:`_cut_inputs`), and the runtime
+allocates each layer's cache with the heads it kept (``DecoderSpec.kv_heads``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from bevel.errors import ParamError
 from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, param_count
+from bevel.ir.decoder import cache_input_names
 from bevel.ir.dependency import BATCH_NORMS, ChannelGroup, DependencyAnalysis, Layout
 from bevel.ir.graph import Graph
+from bevel.ir.input_guards import resize_guarded_inputs
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.prune.structured_stats import (ChannelStats, batch_norm_inputs, collect_channel_stats,
                                                  recalibrate_batch_norms, shrink)
@@ -72,7 +80,9 @@ class StructuredPrune(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         p = self.params
-        analysis = DependencyAnalysis(graph)
+        # a decoder's KV cache is allocated from the graph's shapes: a pruned KV head leaves it too
+        caches = cache_input_names(graph)
+        analysis = DependencyAnalysis(graph, resizable_inputs=caches)
         notes = [f"left alone: group '{g.name}' ({g.kind}): node '{g.blocked[0][0]}' {g.blocked[0][1]}"
                  for g in analysis.groups if g.blocked and _wanted(g, p.target)]
         if p.target == "heads":  # a group stopped before its attention never became "heads": say where
@@ -81,10 +91,6 @@ class StructuredPrune(Pass):
                 if attention is not None:
                     notes.append(f"left alone: group '{g.name}' feeds attention '{attention}', but node "
                                  f"'{g.blocked[0][0]}' {g.blocked[0][1]}")
-        if p.target in ("heads", "all") and _writes_a_kv_cache(graph, analysis):
-            notes.append("a causal LM compiled with its KV cache (for generate()) keeps its attention heads: the "
-                         "cache is allocated with every KV head of the model; compile with decoder=False to prune "
-                         "the heads of its plain forward (which has no generate())")
         candidates = [g for g in analysis.groups if not g.blocked and _wanted(g, p.target)]
         for group in list(candidates):
             names = {s.param for s in group.slices}
@@ -155,8 +161,11 @@ class StructuredPrune(Pass):
         batch_norms = batch_norm_inputs(graph, readers, ctx.calibration, BATCH_NORMS) if compensating else {}
         new_biases, fitted = _compensate(graph, chosen, removed, stats) if compensating else ({}, {})
         notes += few_rows_note(fitted)
-        dropped = _cut(graph, chosen, removed, new_biases)
+        dropped = _cut(graph, chosen, removed, new_biases, caches)
         folded = sum(graph.param(name).numel() for name in new_biases)
+        resized = {name: dims for name, dims in dropped.items() if name in caches}
+        if resized:
+            _cut_inputs(graph, ctx, resized)
         graph.refresh()
         recalibrated = []
         if compensating:
@@ -171,6 +180,8 @@ class StructuredPrune(Pass):
         result_stats = {"groups": report, "params": [before, param_count(graph)],
                         "predicted_params": predicted + folded, "bias_params_added": folded,
                         "importance": p.importance, "batch_norms_recalibrated": len(recalibrated)}
+        if resized:  # the cache comes back as small as it goes in
+            result_stats["reshaped_outputs"] = _outputs_written_into(graph, set(resized))
         return PassResult(changed=True, stats=result_stats, notes=notes)
 
     @staticmethod
@@ -181,13 +192,6 @@ class StructuredPrune(Pass):
 
 def _wanted(group: ChannelGroup, target: str) -> bool:
     return target == "all" or group.kind == target
-
-
-def _writes_a_kv_cache(graph: Graph, analysis: DependencyAnalysis) -> bool:
-    """Whether a group is blocked where it is written into a decoder step graph's KV cache input."""
-    caches = {n for n in graph.inputs() if n.name.startswith(("past_key_", "past_value_"))}
-    writes = {n.name for cache in caches for n in cache.users if n.target == torch.ops.aten.index_copy.default}
-    return any(name in writes for g in analysis.groups for name, _ in g.blocked)
 
 
 def _attention_fed(group: ChannelGroup) -> str | None:
@@ -243,6 +247,8 @@ def _importance(graph: Graph, group: ChannelGroup, importance: str, stats: dict,
         return score
     power = 1 if importance == "l1" else 2
     for s in group.slices:
+        if s.role == "input":  # a graph input (a KV cache) holds no weights
+            continue
         tensor = graph.param(s.param)
         if s.role in ("producer", "consumer") and tensor.dim() >= 2:
             magnitude = tensor.detach().float().abs().pow(power)
@@ -490,14 +496,50 @@ def _refit_linear(weight: torch.Tensor, gone: torch.Tensor, seen: ChannelStats) 
 
 def _without(tensor: torch.Tensor, gone: set[int], dim: int = 0) -> torch.Tensor:
     """``tensor`` without the indices ``gone`` along ``dim``."""
-    keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in gone], dtype=torch.long)
+    keep = torch.tensor([i for i in range(tensor.shape[dim]) if i not in gone], dtype=torch.long,
+                        device=tensor.device)
     return tensor.index_select(dim, keep)
 
 
+def _cut_inputs(graph: Graph, ctx: PassContext, cut: dict[str, dict[int, set[int]]]) -> None:
+    """Cut the graph inputs a caller allocates from the graph's shapes (a decoder's KV cache) where
+    their channels went: the inputs' example values, the graph's example inputs and the calibration
+    batches. The context gets new lists, so a pass the manager rolls back leaves it as it was."""
+    position = {node.name: i for i, node in enumerate(graph.inputs())}
+
+    def cut_batch(batch: tuple[Any, ...]) -> tuple[Any, ...]:
+        batch = list(batch)
+        for name, dims in cut.items():
+            for dim, gone in dims.items():
+                batch[position[name]] = _without(batch[position[name]], gone, dim)
+        return tuple(batch)
+
+    sizes = {}
+    for node in graph.inputs():
+        if node.name in cut:
+            value = node.meta["val"]
+            shape = [size - len(cut[node.name].get(dim, ())) for dim, size in enumerate(value.shape)]
+            node.meta["val"] = value.new_empty(shape)
+            sizes[node.name] = {dim: (shape[dim], value.shape[dim]) for dim in cut[node.name]}
+    resize_guarded_inputs(graph.module, sizes)
+    graph.example_inputs = cut_batch(graph.example_inputs)
+    ctx.calibration = [cut_batch(batch) for batch in ctx.calibration]
+    ctx.example_inputs = cut_batch(ctx.example_inputs)
+
+
+def _outputs_written_into(graph: Graph, inputs: set[str]) -> list[int]:
+    """Positions among the graph's flat outputs of the tensors written into the graph ``inputs``."""
+    (output,) = graph.nodes(op="output")
+    flat = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    return [i for i, value in enumerate(flat) if isinstance(value, fx.Node)
+            and value.target == torch.ops.aten.index_copy.default and value.args[0].name in inputs]
+
+
 def _cut(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[int]],
-         new_biases: dict[str, str]) -> dict[str, dict[int, set[int]]]:
-    """Slice every tensor and reshape size of the chosen groups; a bias created by folding loses the
-    output rows its layer's weight loses. Returns the indices each tensor lost, by name and dim."""
+         new_biases: dict[str, str], inputs: frozenset[str]) -> dict[str, dict[int, set[int]]]:
+    """Slice every stored tensor and reshape size of the chosen groups; a bias created by folding loses
+    the output rows its layer's weight loses. Returns the indices each tensor lost, by name and dim, the
+    graph ``inputs`` they write into among them (cut by :func:`_cut_inputs`)."""
     drop: dict[str, dict[int, set[int]]] = {}
     for name, group in groups.items():
         for s in group.slices:
@@ -506,6 +548,8 @@ def _cut(graph: Graph, groups: dict[str, ChannelGroup], removed: dict[str, list[
         if 0 in drop.get(weight, {}):
             drop[bias] = {0: drop[weight][0]}
     for param_name, dims in drop.items():
+        if param_name in inputs:
+            continue
         tensor = graph.param(param_name).detach()
         for dim, gone in dims.items():
             tensor = _without(tensor, gone, dim)
