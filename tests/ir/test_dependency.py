@@ -238,3 +238,30 @@ def test_runs_of_different_lengths_meet_only_where_cut_into_equal_runs():
     _, groups = groups_of(UnevenRuns(), torch.randn(2, 2, 4, 4))
     for name in ("a.weight", "b.weight", "c.weight"):
         assert groups[name].blocked == [("add", "combines channel runs of different lengths")]
+
+
+class CacheWrite(nn.Module):
+    """Keys written into a cache input at given slots, as a decoder step writes its KV cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key = nn.Linear(8, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor):
+        written = cache.index_copy(1, slots, self.key(x))  # [B, L, 6]: the new rows at ``slots``
+        return self.out(written), written
+
+
+def test_channels_written_into_an_input_cut_it_only_where_the_caller_allocates_it_from_the_graph():
+    """A user's input keeps the size the user gives it: the group is left alone, named. An input
+    allocated from the graph's shapes (a decoder's cache) is cut with the group, and the written
+    tensor may then reach the outputs."""
+    graph = capture(CacheWrite().eval(), (torch.randn(2, 3, 8), torch.tensor([0, 2, 4]), torch.zeros(2, 6, 6)))
+    (kept,) = [g for g in DependencyAnalysis(graph).groups if g.name == "key.weight"]
+    assert kept.blocked[0][1] == "writes the channels into the input 'cache', which the caller allocates at its " \
+                                 "present size"
+    (cut,) = [g for g in DependencyAnalysis(graph, resizable_inputs=frozenset({"cache"})).groups
+              if g.name == "key.weight"]
+    assert not cut.blocked and cut.units == 6
+    assert {(s.param, s.dim, s.role) for s in cut.slices} >= {("cache", 2, "input"), ("out.weight", 1, "consumer")}

@@ -94,3 +94,22 @@ def test_a_rolled_back_pruning_leaves_the_cache_to_the_passes_after_it():
         [p.reason for p in decoder.report.passes]
     assert decoder.spec.kv_heads is None
     assert decoder.generate(prompts(7), max_new_tokens=4).shape == (2, 11)
+
+
+class NamedLikeACache(torch.nn.Module):
+    """No decoder: its caller gives ``past_key_0``, whatever its name says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key, self.out = torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, past_key_0: torch.Tensor) -> torch.Tensor:
+        return self.out(past_key_0.index_copy(1, slots, self.key(x)))
+
+
+def test_another_models_input_keeps_its_size_whatever_its_name():
+    example = (torch.randn(2, 3, 8), torch.tensor([0, 2, 4]), torch.zeros(2, 6, 6))
+    compiled = bevel.compile(NamedLikeACache().eval(), 'prune.structured(target="all", ratio=0.5)',
+                             example_inputs=example)
+    assert compiled.report.passes[0].status == "no change"
+    assert any("into the input 'past_key_0', which the caller allocates" in n for n in compiled.report.passes[0].notes)

@@ -80,8 +80,9 @@ class StructuredPrune(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         p = self.params
-        # a decoder's KV cache is allocated from the graph's shapes: a pruned KV head leaves it too
-        caches = cache_input_names(graph)
+        # a decoder's KV cache is allocated from the graph's shapes: a pruned KV head leaves it too (another
+        # model's inputs are the caller's, whatever their names)
+        caches = cache_input_names(graph) if ctx.max_cache_len is not None else frozenset()
         analysis = DependencyAnalysis(graph, resizable_inputs=caches)
         notes = [f"left alone: group '{g.name}' ({g.kind}): node '{g.blocked[0][0]}' {g.blocked[0][1]}"
                  for g in analysis.groups if g.blocked and _wanted(g, p.target)]
