@@ -27,12 +27,23 @@ def prompts(seed: int, batch: int = 2, length: int = 7) -> torch.Tensor:
     return torch.randint(3, 300, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def compiled_both_ways(kind: str, passes: str = PRUNE_HEADS):
-    model = small_causal_lm(kind)
-    calibration = [(prompts(i, batch=4, length=12),) for i in (1, 2)]
-    decoder = bevel.compile(model, passes, example_inputs=(prompts(0),), calibration=calibration)
-    plain = bevel.compile(model, passes, example_inputs=(prompts(0),), calibration=calibration, decoder=False)
-    return model, decoder, plain
+@pytest.fixture(scope="module")
+def compiled_both_ways():
+    """``get(kind)``: the model, its decoder and its plain forward, pruned of half their heads; compiled
+    once per kind, for the tests that only read them."""
+    cache = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            model = small_causal_lm(kind)
+            calibration = [(prompts(i, batch=4, length=12),) for i in (1, 2)]
+            decoder = bevel.compile(model, PRUNE_HEADS, example_inputs=(prompts(0),), calibration=calibration)
+            plain = bevel.compile(model, PRUNE_HEADS, example_inputs=(prompts(0),), calibration=calibration,
+                                  decoder=False)
+            cache[kind] = model, decoder, plain
+        return cache[kind]
+
+    return get
 
 
 def logits(out):
@@ -40,7 +51,8 @@ def logits(out):
 
 
 @pytest.mark.parametrize("kind, kv_heads", [("llama", (1, 1)), ("gpt2", (2, 2))])
-def test_heads_go_from_the_cache_and_the_decoder_equals_the_pruned_plain_forward(kind, kv_heads):
+def test_heads_go_from_the_cache_and_the_decoder_equals_the_pruned_plain_forward(compiled_both_ways, kind,
+                                                                                    kv_heads):
     """Llama (4 query heads on 2 KV heads: a KV head goes with its two query heads) and GPT-2 (4 heads)."""
     model, decoder, plain = compiled_both_ways(kind)
     assert decoder.report.passes[-1].status == "applied", decoder.report.passes[-1].notes
@@ -58,7 +70,7 @@ def test_heads_go_from_the_cache_and_the_decoder_equals_the_pruned_plain_forward
     assert torch.equal(decoder.generate(fresh[:, :5], max_new_tokens=6), tokens)
 
 
-def test_a_pruned_decoder_saves_loads_and_exports_with_its_smaller_cache(tmp_path):
+def test_a_pruned_decoder_saves_loads_and_exports_with_its_smaller_cache(compiled_both_ways, tmp_path):
     _, decoder, _ = compiled_both_ways("llama")
     fresh = prompts(5, batch=3, length=8)
     loaded = bevel.load(decoder.save(str(tmp_path / "artifact")))
@@ -75,7 +87,7 @@ def test_a_pruned_decoder_saves_loads_and_exports_with_its_smaller_cache(tmp_pat
     assert abs(onnx_logits - decoder(fresh).detach().numpy()).max() <= 1e-4
 
 
-def test_the_step_graph_names_a_cache_given_at_the_heads_it_had():
+def test_the_step_graph_names_a_cache_given_at_the_heads_it_had(compiled_both_ways):
     _, decoder, _ = compiled_both_ways("llama")
     before = prefill_inputs(dataclasses.replace(decoder.spec, kv_heads=None), prompts(6))
     with pytest.raises(AssertionError, match="input 'past_key_0' must have size 1 in dimension 1"):
