@@ -77,6 +77,12 @@ _FLOPS: dict[Any, Callable[[fx.Node], int]] = {
 }
 
 
+def flat_outputs(graph: Graph) -> list[Any]:
+    """What the graph returns, as the flat list of its output node (the positions the fidelity check counts)."""
+    (output,) = graph.nodes(op="output")
+    return list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+
+
 def descendants(*nodes: fx.Node) -> set[fx.Node]:
     """Every node that reads one of ``nodes``, directly or not."""
     seen, stack = set(), [user for node in nodes for user in node.users]

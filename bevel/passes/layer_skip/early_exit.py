@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from bevel.errors import ParamError
-from bevel.ir.analysis import descendants
+from bevel.ir.analysis import descendants, flat_outputs
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.layer_skip.blocks import Block, find_blocks
@@ -106,7 +106,7 @@ def find_head(graph: Graph, last: Block) -> list[fx.Node] | str:
     """The nodes that turn the last block's hidden state into the prediction (the final norm and the
     head, ending at the logits output), in graph order; or why there are none."""
     (output,) = graph.nodes(op="output")
-    flat = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    flat = flat_outputs(graph)
     if last.hidden_out in flat:
         return (f"the model returns the last block's hidden state ({last.hidden_out.name}) itself, so it has no "
                 f"head to predict with (a base model: add its task head)")

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from bevel.compiler.fidelity import compare, run_batches
 from bevel.errors import ParamError
+from bevel.ir.analysis import flat_outputs
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.layer_skip.blocks import Block, find_blocks
@@ -248,7 +249,5 @@ def _fidelity(graph: Graph, blocks: list[Block], affine: dict, ctx: PassContext,
 
 def cache_outputs(graph: Graph, blocks: list[Block]) -> list[int]:
     """Positions among the graph's flat outputs of the cache tensors ``blocks`` write."""
-    (output,) = graph.nodes(op="output")
-    flat = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
     writes = {w for b in blocks for w in b.cache_writes}
-    return [i for i, value in enumerate(flat) if value in writes]
+    return [i for i, value in enumerate(flat_outputs(graph)) if value in writes]

@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from bevel.errors import ParamError
-from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, param_count
+from bevel.ir.analysis import CONV_OPS, LINEAR_OPS, flat_outputs, param_count
 from bevel.ir.decoder import cache_input_names
 from bevel.ir.dependency import BATCH_NORMS, ChannelGroup, DependencyAnalysis, Layout
 from bevel.ir.graph import Graph
@@ -530,9 +530,7 @@ def _cut_inputs(graph: Graph, ctx: PassContext, cut: dict[str, dict[int, set[int
 
 def _outputs_written_into(graph: Graph, inputs: set[str]) -> list[int]:
     """Positions among the graph's flat outputs of the tensors written into the graph ``inputs``."""
-    (output,) = graph.nodes(op="output")
-    flat = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
-    return [i for i, value in enumerate(flat) if isinstance(value, fx.Node)
+    return [i for i, value in enumerate(flat_outputs(graph)) if isinstance(value, fx.Node)
             and value.target == torch.ops.aten.index_copy.default and value.args[0].name in inputs]
 
 
