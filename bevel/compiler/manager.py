@@ -57,7 +57,6 @@ class PassManager:
         self.reference = reference_outputs
         self.reshaped: frozenset[int] = frozenset()  # flat outputs an applied pass changed the shape of
         self.unused: frozenset[int] = frozenset()  # flat outputs an applied pass made meaningless
-        self._inputs = ctx.calibration, ctx.example_inputs  # as the last kept pass left them
         self.on_start = on_start
         self.on_end = on_end
 
@@ -82,11 +81,11 @@ class PassManager:
         return graph, entries
 
     def _run_one(self, p: Pass, graph: Graph, before: GraphFigures) -> tuple[Graph, PassReport]:
+        inputs = self.ctx.calibration, self.ctx.example_inputs
         graph, entry = self._try(p, graph, before)
         if entry.status in ("rolled back", "failed"):
             # a pass that resizes graph inputs (a decoder's cache) gives the context new batches for them
-            self.ctx.calibration, self.ctx.example_inputs = self._inputs
-        self._inputs = self.ctx.calibration, self.ctx.example_inputs
+            self.ctx.calibration, self.ctx.example_inputs = inputs
         return graph, entry
 
     def _try(self, p: Pass, graph: Graph, before: GraphFigures) -> tuple[Graph, PassReport]:
