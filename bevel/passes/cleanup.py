@@ -1,6 +1,7 @@
 """``cleanup``: remove dropout and identity ops, fold constants, drop attention masks that mask
-nothing, write HF Conv1D layers as Linear layers (see :mod:`bevel.passes.addmm_linear`), drop dead
-code. Outputs are unchanged (up to the order of float sums where a Conv1D becomes a Linear)."""
+nothing, make Linear layers a model writes as matrix products (HF Conv1D, ``x @ W.T + b``) Linear ops (see
+:mod:`bevel.passes.linear_from_products`), drop dead code. Outputs are unchanged (up to the order of float
+sums where a product becomes a Linear)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_kn
 from bevel.ir.analysis import ancestors
 from bevel.ir.arguments import argument
 from bevel.ir.graph import Graph
-from bevel.passes.addmm_linear import addmm_as_linear
+from bevel.passes.linear_from_products import addmm_as_linear, matmul_as_linear
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
 from bevel.passes.registry import register_pass
 
@@ -37,7 +38,8 @@ _NEUTRAL_SCALARS = {aten.mul.Tensor: 1, aten.mul.Scalar: 1, aten.div.Tensor: 1, 
 @register_pass("cleanup")
 class Cleanup(Pass):
     """Remove dropout and ops that return their input unchanged, fold subgraphs that depend only on
-    constant buffers, and drop dead nodes and unused weights. Exact: outputs do not change."""
+    constant buffers, make Linear layers written as matrix products Linear ops, and drop dead nodes and
+    unused weights. Exact: outputs do not change (up to the order of float sums in a rewritten product)."""
 
     @dataclass
     class Params(PassParams):
@@ -49,6 +51,8 @@ class Cleanup(Pass):
         dropouts = _remove_dropout(graph)
         graph_mutates = _mutates(graph)  # removing identities and dropout adds or removes no writes
         identities = _remove_identities(graph, graph_mutates)
+        # before folding, which would store a weight's transpose under a new name (``<name>_folded``)
+        products = matmul_as_linear(graph)
         fold = self.params.fold_constants and not graph_mutates  # a buffer written in place is no constant
         folded = _fold_constants(graph, self.params.max_folded_elements) if fold else 0
         masks = 0 if graph_mutates else _drop_masks_that_mask_nothing(graph)  # a written buffer is no constant
@@ -56,8 +60,9 @@ class Cleanup(Pass):
         graph.refresh()
         removed = before - len(graph.fx_graph.nodes)
         stats = {"dropout_removed": dropouts, "identities_removed": identities, "constants_folded": folded,
-                 "masks_dropped": masks, "linears_from_addmm": linears, "nodes_removed": removed}
-        return PassResult(changed=removed > 0 or folded > 0 or masks > 0 or linears > 0, stats=stats)
+                 "masks_dropped": masks, "linears_from_addmm": linears, "linears_from_matmul": products,
+                 "nodes_removed": removed}
+        return PassResult(changed=removed > 0 or folded > 0 or masks > 0 or linears + products > 0, stats=stats)
 
 
 def _remove_dropout(graph: Graph) -> int:

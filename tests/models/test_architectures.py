@@ -1,7 +1,7 @@
 """Other architectures through compile, save/load and ONNX (random weights, small configs):
-a timm ViT, GPT-2 (its linears are HF Conv1D, i.e. addmm), Llama (rotary embeddings under a
-higher-order op) and a T5 encoder (relative position bias); the two causal LMs are captured as
-decoders, whose ONNX model takes the step inputs. Differential tolerance: cleanup is exact (1e-5);
+a timm ViT, GPT-2 (its linears are HF Conv1D, i.e. addmm), Falcon (its linears are ``x @ W.T``),
+Llama (rotary embeddings under a higher-order op) and a T5 encoder (relative position bias); the causal
+LMs are captured as decoders, whose ONNX model takes the step inputs. Differential tolerance: cleanup is exact (1e-5);
 pruning is checked by its count."""
 
 from __future__ import annotations
@@ -35,6 +35,17 @@ def gpt2(use_cache=False):
     return GPT2LMHeadModel(config).eval(), (ids,), (torch.randint(0, 128, (3, 13), generator=seeded(4)),)
 
 
+def falcon():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    # multi-query attention, parallel attention and MLP, as the Falcon 7B config
+    config = FalconConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, use_cache=False,
+                          bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 128, (2, 9), generator=seeded(9))
+    return FalconForCausalLM(config).eval(), (ids,), (torch.randint(0, 128, (3, 13), generator=seeded(10)),)
+
+
 def llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -62,7 +73,8 @@ def main_output(out):
 
 # T5 (relative position bias, `transpose(1, 2).contiguous().view(...)` after attention) once failed
 # only in the ONNX export
-@pytest.mark.parametrize("build", [vit, gpt2, llama, t5_encoder], ids=["vit", "gpt2", "llama", "t5_encoder"])
+@pytest.mark.parametrize("build", [vit, gpt2, falcon, llama, t5_encoder],
+                         ids=["vit", "gpt2", "falcon", "llama", "t5_encoder"])
 def test_compile_save_load_and_onnx(build, tmp_path):
     model, example, fresh = build()
     cm = bevel.compile(model, "cleanup | prune.magnitude(sparsity=0.3)", example_inputs=example)
@@ -73,7 +85,9 @@ def test_compile_save_load_and_onnx(build, tmp_path):
     weights = {n: w for n, w in cm.graph_module.named_parameters() if n in pruned}
     zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
     assert zeros == pytest.approx(0.3, abs=0.01)
-    if build is gpt2:
+    if build is falcon:  # cleanup made its 4 products per layer Linear layers, which the pass prunes
+        assert cm.report["cleanup"].stats["linears_from_matmul"] == 8 and len(pruned) == 8
+    if build in (gpt2, falcon):
         assert "model.lm_head.weight" not in pruned and "model.transformer.wte.weight" not in pruned
         assert any("tied" in note for note in cm.report["prune.magnitude"].notes)
 
@@ -91,6 +105,24 @@ def test_compile_save_load_and_onnx(build, tmp_path):
     (first, *_) = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
     # float32 with another summation order in onnxruntime; a wrong op would be off by orders more
     assert abs(first - out.numpy()).max() <= 1e-4
+
+
+def test_falcon_layers_are_quantized_and_pruned_after_cleanup_and_named_without_it():
+    model, example, fresh = falcon()
+    for name in ("quantize.int8_weight", "prune.structured"):  # without cleanup: nothing done, and why
+        entry = bevel.compile(model, name, example_inputs=example).report[name]
+        assert entry.status == "no change"
+        assert any(note.startswith("8 layers are written as a matrix product") and "`cleanup` earlier" in note
+                   for note in entry.notes)
+
+    cm = bevel.compile(model, 'cleanup | prune.structured(target="mlp", ratio=0.5) | quantize.int8_weight',
+                       example_inputs=example)
+    assert [p.status for p in cm.report.passes] == ["applied"] * 3
+    groups = cm.report["prune.structured"].stats["groups"]
+    assert len(groups) == 2 and all(g["units"][1] == g["units"][0] // 2 for g in groups.values())  # the FFNs
+    assert cm.report["quantize.int8_weight"].stats["quantized"] == 8  # all but the output layer tied to the table
+    tokens = cm.generate(fresh[0], max_new_tokens=5, eos_token_id=None)
+    assert tokens.shape == (3, 18) and torch.equal(tokens[:, :13], fresh[0])
 
 
 def test_a_backbone_that_would_return_its_kv_cache_is_captured_without_it():

@@ -253,3 +253,59 @@ def test_conv1d_layers_become_linear_layers_with_the_same_outputs():
     x = torch.randn(3, 7, 8)
     with torch.no_grad():
         assert (graph(x) - model(x)).abs().max() <= TOLERANCE  # the same products, summed in another order
+
+
+
+class MatmulLayers(nn.Module):
+    """Linear layers multiplied by hand in every spelling of the transpose (``x @ W.T + b`` as Falcon's
+    FalconLinear, ``W.t()``, ``W.mT``, ``W.transpose``, ``W.permute``, ``torch.mm``, a weight stored
+    [K, N] with its bias added first), and products that stay products or keep their add: by a buffer,
+    by a weight read twice, a product read twice, a bias of another dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+
+        def weight(*shape, dtype=torch.float32):
+            return nn.Parameter((torch.randn(*shape, generator=g) * 0.3).to(dtype))
+
+        self.numpy_t, self.numpy_t_bias = weight(12, 8), weight(12)
+        self.t, self.mt, self.transposed, self.permuted = weight(12, 12), weight(10, 12), weight(12, 10), weight(8, 12)
+        self.stored_kn, self.stored_kn_bias = weight(8, 12), weight(12)
+        self.mm = weight(12, 12)
+        self.register_buffer("rotation", torch.randn(12, 12, generator=g))
+        self.tied = weight(12, 12)
+        self.reused, self.reused_bias = weight(12, 12), weight(12)
+        self.wide, self.wide_bias = weight(12, 12), weight(12, dtype=torch.float64)
+
+    def forward(self, x):
+        h = x @ self.numpy_t.T + self.numpy_t_bias
+        h = torch.relu(h @ self.t.t())
+        h = h @ self.mt.mT
+        h = h @ self.transposed.transpose(1, 0)
+        h = h @ self.permuted.permute(1, 0)
+        h = self.stored_kn_bias + h @ self.stored_kn
+        h = torch.mm(h.reshape(-1, 12), self.mm.transpose(-1, -2)).reshape(h.shape)
+        h = h @ self.rotation  # a buffer: no layer
+        h = h @ self.tied.T + self.tied.sum()  # the weight is read twice: no layer of its own
+        reused = h @ self.reused.T
+        h = reused + self.reused_bias + reused  # the product is read twice: its bias add stays
+        return (h @ self.wide.T + self.wide_bias).float()  # the add promotes to float64: it stays
+
+
+def test_matmul_layers_become_linear_layers_with_the_same_outputs():
+    model = MatmulLayers().eval()
+    graph, result = run_cleanup(model, (torch.randn(2, 5, 8),))
+    assert result.stats["linears_from_matmul"] == 9
+    linears = {n.args[1].target: n.args[2:] for n in graph.nodes(target=aten.linear.default)}
+    assert set(linears) == {"numpy_t", "t", "mt", "transposed", "permuted", "stored_kn", "mm", "reused", "wide"}
+    with_bias = {name: bias[0].target for name, bias in linears.items() if bias and bias[0] is not None}
+    assert with_bias == {"numpy_t": "numpy_t_bias", "stored_kn": "stored_kn_bias"}
+    assert graph.param("stored_kn").shape == (12, 8)  # stored [K, N]: now [N, K], as a Linear stores it
+    assert graph.param("numpy_t").shape == (12, 8) and graph.param("transposed").shape == (12, 10)
+    products = list(graph.nodes(target=(aten.matmul.default, aten.mm.default)))
+    right = [n.args[1] if n.args[1].op == "get_attr" else n.args[1].args[0] for n in products]  # W or W.T
+    assert sorted(r.target for r in right) == ["rotation", "tied"]
+    x = torch.randn(3, 7, 8)
+    with torch.no_grad():
+        assert (graph(x) - model(x)).abs().max() <= TOLERANCE  # the same products, summed in another order

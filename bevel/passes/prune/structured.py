@@ -37,6 +37,7 @@ from bevel.ir.dependency import BATCH_NORMS, ChannelGroup, DependencyAnalysis, L
 from bevel.ir.graph import Graph
 from bevel.ir.input_guards import resize_guarded_inputs
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
+from bevel.passes.linear_from_products import products_of_weights_note
 from bevel.passes.prune.structured_stats import (ChannelStats, batch_norm_inputs, collect_channel_stats,
                                                  recalibrate_batch_norms, shrink)
 from bevel.passes.quantize.calibration import few_rows_note
@@ -114,6 +115,7 @@ class StructuredPrune(Pass):
                              f"(HF Conv1D, as GPT-2's), which the dependency analysis does not follow (first: "
                              f"'{written_as_addmm[0]}'); `cleanup` earlier in the pipeline writes them as Linear "
                              f"layers")
+            notes += products_of_weights_note(graph, "the dependency analysis does not follow")
             notes += rewritten_layers_note(graph, self.name)
             return PassResult(changed=False, stats={"groups": {}}, notes=notes + [f"no prunable {what} found: "
                                                                                   f"nothing changed"])

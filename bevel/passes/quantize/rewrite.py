@@ -19,6 +19,7 @@ import torch.fx as fx
 from bevel.ir.analysis import CONV_OPS, layer_weight
 from bevel.ir.graph import Graph
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
+from bevel.passes.linear_from_products import products_of_weights_note
 from bevel.passes.quantize.calibration import (InputStats, Resume, collect_input_stats, few_rows_note,
                                                quantization_stages)
 from bevel.passes.quantize.siblings import fuse_siblings
@@ -117,6 +118,7 @@ class QuantizePass(Pass):
         notes += _convolutions_note(graph)
         if not any(isinstance(s, LinearSite) for s in sites):
             notes += rewritten_layers_note(graph, self.name)
+            notes += products_of_weights_note(graph, "the quantize passes do not rewrite")
             notes.append("no Linear layers to quantize: the graph is unchanged")
             return PassResult(changed=False, notes=notes)
         notes += self.prepare(ctx)
