@@ -98,12 +98,16 @@ class DecoderSpec:
     max_positions: int | None = None
     # each layer's KV heads where a pass removed some (prune.structured); None: num_kv_heads in every layer
     kv_heads: tuple[int, ...] | None = None
+    # each layer's own sliding window (0: full attention) where the model slides one (Mistral, Gemma 2/3, Qwen2
+    # with use_sliding_window); None: no layer slides. The step graph's masks hold it; the decode loop's
+    # graphs, whose attention reads the cache as stored, need it spelled out (see runtime.cache_graph)
+    native_windows: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serializable dict of the fields (the cache policy only when it is not the default,
         so that artifacts without one read as before)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cache_policy"
-                and not (f.name == "kv_heads" and self.kv_heads is None)}
+                and not (f.name in ("kv_heads", "native_windows") and getattr(self, f.name) is None)}
         policy = self.cache_policy.to_json()
         return {**data, "cache_policy": policy} if policy else data
 
@@ -111,7 +115,7 @@ class DecoderSpec:
     def from_json(cls, data: dict[str, Any]) -> "DecoderSpec":
         """The spec :meth:`to_json` wrote (artifacts written before cache policies existed have none)."""
         fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
-        for name in ("eos_token_id", "kv_heads"):  # JSON has no tuples
+        for name in ("eos_token_id", "kv_heads", "native_windows"):  # JSON has no tuples
             if isinstance(fields.get(name), list):
                 fields[name] = tuple(fields[name])
         fields["cache_policy"] = CachePolicy.from_json(data.get("cache_policy"))
@@ -201,9 +205,11 @@ def decoder_spec(model: torch.nn.Module, max_cache_len: int | None = None) -> De
     first_eos = eos[0] if isinstance(eos, tuple) else eos
     pad = text.pad_token_id if isinstance(getattr(text, "pad_token_id", None), int) else (first_eos or 0)
     dtype = next(model.parameters()).dtype
+    windows = tuple(native_windows(model, int(layers)))
     return DecoderSpec(num_layers=int(layers), num_kv_heads=int(kv_heads), head_dim=int(head_dim),
                        vocab_size=int(text.vocab_size), max_cache_len=max_cache_len, eos_token_id=eos,
-                       pad_token_id=int(pad), cache_dtype=str(dtype).replace("torch.", ""), max_positions=table)
+                       pad_token_id=int(pad), cache_dtype=str(dtype).replace("torch.", ""), max_positions=table,
+                       native_windows=windows if any(windows) else None)
 
 
 def position_table_rows(model: torch.nn.Module, limit: int) -> int | None:
@@ -422,7 +428,7 @@ def capture_decoder(model: torch.nn.Module, spec: DecoderSpec, input_ids: torch.
                tuple(cache_shape for _ in range(2 * spec.num_layers)))
     graph = capture(DecoderStep(model, spec), args, dynamic_shapes=dynamic, defer_guards=True)
     name_inputs(graph.module, list(STEP_INPUTS) + cache_names(spec.num_layers))
-    graph.module.meta[NATIVE_WINDOWS] = native_windows(model, spec.num_layers)
+    graph.module.meta[NATIVE_WINDOWS] = list(spec.native_windows or [0] * spec.num_layers)
     return graph
 
 

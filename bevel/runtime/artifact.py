@@ -281,6 +281,10 @@ def _check_manifest_fields(manifest: dict[str, Any], path: str) -> None:
     if heads is not None and not (isinstance(heads, list) and len(heads) == decoder.get("num_layers")
                                   and all(_is_int(h) and h >= 1 for h in heads)):
         raise bad("decoder.kv_heads", "null or a list of positive integers, one per layer", heads)
+    windows = decoder.get("native_windows")
+    if windows is not None and not (isinstance(windows, list) and len(windows) == decoder.get("num_layers")
+                                    and all(_is_int(w) and w >= 0 for w in windows)):
+        raise bad("decoder.native_windows", "null or a list of integers >= 0 (0: no window), one per layer", windows)
     policy = decoder.get("cache_policy", {})
     # kv.evict records its budget and recent share as fractions of the cache where given so
     if not isinstance(policy, dict) or not all(v is None or _is_number(v) for v in policy.values()):

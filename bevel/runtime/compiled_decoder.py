@@ -30,14 +30,16 @@ _CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
            aten.sym_constrain_range_for_size.default)
 
 
-def runtime_graph(step: fx.GraphModule, num_layers: int, policy: CachePolicy | None = None) -> fx.GraphModule:
+def runtime_graph(step: fx.GraphModule, num_layers: int, policy: CachePolicy | None = None,
+                  native_windows: tuple[int, ...] | None = None) -> fx.GraphModule:
     """A copy of the step graph for the decode loop, sharing its weights: the cache kept as ``policy``
-    says (``bevel.runtime.cache_graph``; None: every token in float), the new keys and values written
+    says (``bevel.runtime.cache_graph``; None: every token in float; ``native_windows``: the model's own
+    sliding windows, ``DecoderSpec.native_windows``), the new keys and values written
     into the cache tensors it is given instead of returning updated copies (copying every layer's
     whole cache at each token would cost more than the token), without torch.export's input guards
     and tensor checks, taking and returning flat tensors: ``(logits, present_key_0, ...)``. A graph
     without a cache (``num_layers=0``) only loses its guards and takes flat inputs."""
-    kept = storage_graph(step, num_layers, policy or CachePolicy())
+    kept = storage_graph(step, num_layers, policy or CachePolicy(), native_windows)
     graph = kept.graph
     for node in list(graph.nodes):
         if node.target in _CHECKS or (node.op == "call_module" and node.target == "_guards_fn"):
@@ -86,9 +88,10 @@ class CompiledDecoder(CompiledModule):
         linears of each run on the library timed faster at its rows: a decode step multiplies one token
         per sequence (the example's batch), a prefill the example's prompts. After
         ``layer_skip.early_exit`` exited rows skip the blocks after their exit (same outputs)."""
-        kernels, policy = self._cpu_linear_kernels, self.spec.cache_policy
-        self.prefill_graph, prefill = on_cpu(runtime_graph(self.graph_module, self.spec.num_layers, policy), kernels)
-        self.decode_graph, decode = on_cpu(runtime_graph(self.graph_module, self.spec.num_layers, policy), kernels,
+        kernels, spec = self._cpu_linear_kernels, self.spec
+        layers, policy, windows = spec.num_layers, spec.cache_policy, spec.native_windows
+        self.prefill_graph, prefill = on_cpu(runtime_graph(self.graph_module, layers, policy, windows), kernels)
+        self.decode_graph, decode = on_cpu(runtime_graph(self.graph_module, layers, policy, windows), kernels,
                                            rows=self.example_inputs[0].shape[0])
         self.cpu_linears = list({c.key: c for c in prefill + decode}.values())
         self._keep_kernels()

@@ -210,6 +210,8 @@ DECODER = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "vocab_size": 50, 
     ("decoder", {**DECODER, "cache_dtype": "nonsense"}, "decoder.cache_dtype"),
     ("decoder", {**DECODER, "kv_heads": [2]}, "decoder.kv_heads"),  # one per layer
     ("decoder", {**DECODER, "kv_heads": [2, 0]}, "decoder.kv_heads"),
+    ("decoder", {**DECODER, "native_windows": [4]}, "decoder.native_windows"),  # one per layer
+    ("decoder", {**DECODER, "native_windows": [4, -1]}, "decoder.native_windows"),
     ("decoder", {**DECODER, "cache_policy": "x"}, "decoder.cache_policy"),
     ("decoder", {**DECODER, "cache_policy": {"window": "8"}}, "decoder.cache_policy"),
 ])
