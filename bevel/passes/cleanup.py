@@ -14,6 +14,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_kn
 
 from bevel.ir.analysis import ancestors
 from bevel.ir.arguments import argument
+from bevel.ir.evaluate import evaluate, is_pure
 from bevel.ir.graph import Graph
 from bevel.passes.linear_from_products import addmm_as_linear, matmul_as_linear
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
@@ -151,14 +152,8 @@ def _remove_identities(graph: Graph, graph_mutates: bool) -> int:
     return count
 
 
-def _is_pure(target: Any) -> bool:
-    """Whether ``target`` is an aten or prims op that neither draws random numbers nor writes its inputs."""
-    return isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "prims") \
-        and torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
-
-
 def _is_foldable_op(node: fx.Node) -> bool:
-    return _is_pure(node.target) and isinstance(node.meta.get("val"), torch.Tensor)
+    return is_pure(node.target) and isinstance(node.meta.get("val"), torch.Tensor)
 
 
 def _fold_constants(graph: Graph, max_elements: int) -> int:
@@ -242,16 +237,4 @@ def _constant_value(graph: Graph, node: fx.Node) -> torch.Tensor | None:
     needed = ancestors(node) | {node}
     if any(n.op == "placeholder" or isinstance(n.meta.get("val"), torch.SymInt) for n in needed):
         return None
-    values: dict[fx.Node, Any] = {}
-    for current in graph.nodes():
-        if current not in needed:
-            continue
-        if current.op == "get_attr" and graph.is_tensor_attr(current):
-            values[current] = graph.param(current.target)
-        elif current.op == "call_function" and _is_pure(current.target):
-            args, kwargs = fx.node.map_arg((current.args, current.kwargs), lambda n: values[n])
-            values[current] = current.target(*args, **kwargs)
-        else:
-            return None
-    value = values[node]
-    return value if isinstance(value, torch.Tensor) else None
+    return evaluate(graph, node, {})

@@ -272,6 +272,31 @@ def test_attention_that_is_not_recognized_is_named_and_left_alone():
             assert (got - want).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("pipeline", ["tome(r=2)", "tome.pitome(r=2)", "token_prune(r=2)", "unpad"])
+def test_a_causal_mask_built_with_the_padding_input_is_named_and_left_alone(pipeline):
+    """CLIP's text encoder builds its causal mask from the sizes and the padding input; its nodes differ
+    from a padding mask's by one comparison of positions. The token passes used to take it for a padding
+    mask and replace it: real tokens then saw later ones (max error 2.7 with unpad or token_prune)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = CLIPTextModel(config).eval()
+    ids = torch.randint(3, 100, (3, 12), generator=seeded(0))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    compiled = bevel.compile(model, f"cleanup | {pipeline}", example_inputs=(ids, mask))
+    entry = compiled.report.passes[-1]
+    assert entry.status == "no change"
+    assert any("left alone: attention 'scaled_dot_product_attention'" in note and "more than a padding mask" in note
+               for note in entry.notes), entry.notes
+    real = mask.bool()
+    with torch.no_grad():
+        got, want = compiled(ids, mask)["last_hidden_state"], model(ids, mask).last_hidden_state
+    assert (got[real] - want[real]).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("spec,message", [
     ("tome(r=-1)", "r=..."),
     ('tome(r=[8, "fast"])', "schedule"),

@@ -6,8 +6,9 @@ A block is recognized from its ``scaled_dot_product_attention`` node, however th
 is an ancestor of the attention's query is the residual add, and the *stream* is that add (pre-norm
 blocks) or the LayerNorm that alone reads it (post-norm blocks, as BERT). The stream must be
 [B, N, C] with the keys' B and N: that is where tokens can be merged before the MLP. The attention
-mask must be absent or built from one [B, N] graph input (a padding mask), which the token
-reducing passes then take over. What is not recognized is returned with the node and the reason.
+mask must be absent or built from one [B, N] graph input (a padding mask: with that input at ones it
+masks nothing, so a causal or local mask is no padding mask), which the token reducing passes then
+take over. What is not recognized is returned with the node and the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from bevel.ir.analysis import ancestors
 from bevel.ir.arguments import argument
+from bevel.ir.evaluate import evaluate, example_of
 from bevel.ir.graph import Graph
 
 aten = torch.ops.aten
@@ -107,7 +109,29 @@ def recognize(graph: Graph, attention: fx.Node) -> AttentionBlock | str:
         padding = _padding_input(graph, mask, tokens)
         if isinstance(padding, str):
             return padding
+        if not _masks_nothing_without_padding(graph, mask, padding):
+            return (f"its attention mask hides tokens even where '{padding.name}' marks every token real (1): it "
+                    f"is more than a padding mask (causal, as CLIP's text encoder, or local attention), which the "
+                    f"token passes would replace")
     return AttentionBlock(attention, keys, block_input, stream, padding)
+
+
+def _masks_nothing_without_padding(graph: Graph, mask: fx.Node, padding: fx.Node) -> bool:
+    """Whether ``mask``, computed with the padding input at ones (every token real) and every other input
+    it reads the size of at its example sizes, lets every query see every key: true for a padding mask,
+    false for a causal or local one built with it (their nodes differ from a padding mask's by one
+    comparison of positions), and false where it cannot be computed."""
+    inputs = {}
+    for node in ancestors(mask) | {mask}:
+        if node.op == "placeholder":
+            example = example_of(node)
+            if example is None:
+                return False
+            inputs[node] = torch.ones_like(example) if node is padding else example
+    value = evaluate(graph, mask, inputs)
+    if value is None:
+        return False
+    return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
 
 
 def _scores_softmax(graph: Graph, node: fx.Node) -> bool:
