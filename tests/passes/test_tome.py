@@ -202,6 +202,23 @@ def test_a_mask_built_from_sizes_alone_points_to_cleanup():
     assert any("reads no input" in note and "`cleanup` earlier in the pipeline" in note for note in entry.notes)
 
 
+def test_a_mask_built_from_symbolic_sizes_points_to_a_static_capture():
+    """DINOv2 sizes its all-true mask by the patch count, which a dynamic capture keeps symbolic: cleanup
+    cannot show that it masks nothing at every size, and the note says how to make it a constant."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                     image_size=32, patch_size=8)).eval()
+    example = (torch.randn(2, 3, 32, 32, generator=seeded(0)),)
+    entry = bevel.compile(model, "cleanup | tome(r=2)", example_inputs=example).report["tome"]
+    assert entry.status == "no change"
+    assert any("input sizes the capture keeps symbolic" in note and 'dynamic_shapes="static"' in note
+               for note in entry.notes), entry.notes
+    static = bevel.compile(model, "cleanup | tome(r=2)", example_inputs=example, dynamic_shapes="static")
+    assert static.report["tome"].stats["tokens"] == [17, 15, 13]
+
+
 def test_a_static_capture_whose_token_count_equals_another_size_is_left_unchanged_and_named():
     # captured with static shapes, sizes are numbers: 8 tokens and BERT's head dim of 8 cannot be told apart
     model, make_inputs = bert()

@@ -76,9 +76,14 @@ def _padding_input(graph: Graph, mask: fx.Node, tokens) -> fx.Node | None | str:
     padding = [n for n in inputs if (s := graph.shape(n)) is not None and len(s) == 2 and same_size(s[1], tokens)]
     if len(inputs) != 1 or len(padding) != 1:
         names = ", ".join(sorted(n.name for n in inputs))
-        if not names:  # built from sizes alone
-            return ("its attention mask is not a padding mask of one [batch, tokens] input (it reads no input; "
-                    "`cleanup` earlier in the pipeline drops such a mask where it masks nothing)")
+        if not names:  # a constant, or built from sizes alone
+            reason = ("its attention mask is not a padding mask of one [batch, tokens] input (it reads no input; "
+                      "`cleanup` earlier in the pipeline drops such a mask where it masks nothing)")
+            if any(isinstance(n.meta.get("val"), torch.SymInt) for n in ancestors(mask)):
+                reason += (": this one is computed from input sizes the capture keeps symbolic, at which cleanup "
+                           "cannot show that it masks nothing (as DINOv2's all-true mask); captured with fixed "
+                           "sizes (dynamic_shapes=\"static\") it is a constant")
+            return reason
         return f"its attention mask is not a padding mask of one [batch, tokens] input (it reads {names})"
     return padding[0]
 
