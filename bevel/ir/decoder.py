@@ -488,7 +488,10 @@ def attention_sites(graph: Graph) -> list[AttentionSite]:
         readers = [n for n in descendants(key_write) if n.target in targets]
         if not readers:
             raise BevelError(f"no scaled_dot_product_attention (or bevel attention op) reads {key_cache.name} in the "
-                             f"step graph")
+                             f"step graph: the model writes its attention out as matrix products and a softmax (HF's "
+                             f"attn_implementation=\"eager\"; Gemma 2's default, as it caps its scores with tanh), "
+                             f"which the attention and KV-cache passes do not rewrite; loaded with "
+                             f"attn_implementation=\"sdpa\", a model has one attention op per layer")
         attention = min(readers, key=order.__getitem__)  # later layers' attention reads it too
         attention.meta["bevel_attention"] = {"layer": layer}
         sites.append(AttentionSite(layer, attention, key_cache, value_cache, key_write, value_write))

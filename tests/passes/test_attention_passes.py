@@ -472,3 +472,19 @@ def test_window_and_kv_quantize_together_keep_a_ring_of_codes(model64, ref64, te
     stream = check_decode(cm, ref64, rule, seqs, [30], 3 * WINDOW, tol=QUANTIZED_TOL)
     assert stream.mode == "ring" and stream.cache.kv[0].dtype == torch.int8
     assert stream.cache.kv[0].shape[2] == WINDOW + SINKS
+
+
+def test_attention_written_out_as_products_is_named_with_the_way_to_one_op():
+    """A Llama loaded with eager attention: no attention op reads the cache; the pass fails, is rolled back
+    and says what the model does and how to load it with one attention op per layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=32, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    entry = bevel.compile(model, "kv.quantize(bits=8)", example_inputs=(ids,)).report.passes[-1]
+    assert entry.status == "failed"
+    assert "matrix products and a softmax" in entry.reason and 'attn_implementation="sdpa"' in entry.reason
