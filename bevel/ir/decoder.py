@@ -428,8 +428,14 @@ def capture_decoder(model: torch.nn.Module, spec: DecoderSpec, input_ids: torch.
                tuple(cache_shape for _ in range(2 * spec.num_layers)))
     graph = capture(DecoderStep(model, spec), args, dynamic_shapes=dynamic, defer_guards=True)
     name_inputs(graph.module, list(STEP_INPUTS) + cache_names(spec.num_layers))
-    graph.module.meta[NATIVE_WINDOWS] = list(spec.native_windows or [0] * spec.num_layers)
+    mark_native_windows(graph.module, spec)
     return graph
+
+
+def mark_native_windows(module: fx.GraphModule, spec: DecoderSpec) -> None:
+    """Note ``spec.native_windows`` in a step graph's meta, where :func:`bevel.ir.attention.decoder_attention`
+    reads them (a loaded step graph has no such meta of its own)."""
+    module.meta[NATIVE_WINDOWS] = list(spec.native_windows or [0] * spec.num_layers)
 
 
 def name_inputs(module: fx.GraphModule, names: list[str]) -> None:

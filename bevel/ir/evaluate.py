@@ -45,6 +45,12 @@ def evaluate(graph: Graph, node: fx.Node, inputs: dict[fx.Node, torch.Tensor]) -
     return value if isinstance(value, torch.Tensor) else None
 
 
+def masks_nothing(mask: torch.Tensor) -> bool:
+    """Whether an attention mask's value lets every query see every key: all true (boolean) or all zero
+    (added to the scores)."""
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
+
+
 # what graphs compute sizes with (``s0 * 4``, ``s1 // 2``)
 _SIZE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                     operator.neg, operator.pow, torch.sym_max, torch.sym_min, torch.sym_float, torch.sym_int)

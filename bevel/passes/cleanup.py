@@ -14,7 +14,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int, statically_kn
 
 from bevel.ir.analysis import ancestors
 from bevel.ir.arguments import argument
-from bevel.ir.evaluate import evaluate, is_pure
+from bevel.ir.evaluate import evaluate, is_pure, masks_nothing
 from bevel.ir.graph import Graph
 from bevel.passes.linear_from_products import addmm_as_linear, matmul_as_linear
 from bevel.passes.base import Pass, PassContext, PassParams, PassResult, param
@@ -216,7 +216,7 @@ def _drop_masks_that_mask_nothing(graph: Graph) -> int:
         while source.target in _BROADCASTS and isinstance(source.args[0], fx.Node):
             source = source.args[0]
         value = _constant_value(graph, source)
-        if value is None or not (bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())):
+        if value is None or not masks_nothing(value):
             continue
         if "attn_mask" in attention.kwargs:
             attention.update_kwarg("attn_mask", None)

@@ -135,7 +135,7 @@ def _added_bias(graph: Graph, product: fx.Node, width: int, readers: dict[str, i
 
 def _own_weight(graph: Graph, node: Any, readers: dict[str, int]) -> bool:
     """Whether ``node`` reads a parameter that no other op reads."""
-    return graph.is_parameter(node) and readers.get(node.target, 0) == 1
+    return graph.is_parameter(node) and _own_tensor(graph, node, readers)
 
 
 def _own_tensor(graph: Graph, node: Any, readers: dict[str, int]) -> bool:

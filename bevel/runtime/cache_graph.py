@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from bevel.errors import BevelError
 from bevel.ir.attention import Attention, decoder_attention
-from bevel.ir.decoder import NATIVE_WINDOWS, CachePolicy
+from bevel.ir.decoder import CachePolicy
 from bevel.ir.graph import Graph
 from bevel.runtime.ops.kv_quant import code_width, params_per_group
 
@@ -63,18 +63,16 @@ def positions_names(num_layers: int) -> list[str]:
     return [f"kv_positions_{i}" for i in range(num_layers)]
 
 
-def storage_graph(step: fx.GraphModule, num_layers: int, policy: CachePolicy,
-                  native_windows: tuple[int, ...] | None = None) -> fx.GraphModule:
+def storage_graph(step: fx.GraphModule, num_layers: int, policy: CachePolicy) -> fx.GraphModule:
     """A copy of ``step`` (sharing its weights) rewritten for ``policy`` as the module docstring says;
-    the copy itself when the policy needs nothing. ``native_windows`` (``DecoderSpec.native_windows``)
-    are the model's own sliding windows, which a captured attention's mask holds and
-    ``bevel::cache_attention`` must be told (a copied graph has none of ``step``'s meta, and a loaded
-    one never had it)."""
+    the copy itself when the policy needs nothing."""
     module = fx.GraphModule(step, copy.deepcopy(step.graph))
+    # GraphModule copies no meta: the model's own sliding windows (``NATIVE_WINDOWS``), which a captured
+    # attention's mask holds, must reach bevel::cache_attention
+    module.meta.update(step.meta)
     layout = StorageLayout.of(policy)
     if layout.plain:
         return module
-    module.meta[NATIVE_WINDOWS] = list(native_windows or [0] * num_layers)
     graph = Graph(module, ())
     attentions = decoder_attention(graph)
     if isinstance(attentions, str):

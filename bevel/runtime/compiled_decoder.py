@@ -12,7 +12,7 @@ import torch.fx as fx
 from bevel.compiler.report import Report
 from bevel.errors import GenerateError
 from bevel.ir.decoder import (CachePolicy, DecoderSpec, cache_names, is_token_id, left_pad_order,
-                              outside_vocabulary)
+                              mark_native_windows, outside_vocabulary)
 from bevel.runtime.cache_graph import params_names, storage_graph
 from bevel.runtime.compiled_module import CompiledModule, on_cpu
 from bevel.runtime.early_exit import EarlyExitRunner, early_exit_state, has_early_exit
@@ -30,16 +30,14 @@ _CHECKS = (aten._assert_tensor_metadata.default, aten._assert_scalar.default,
            aten.sym_constrain_range_for_size.default)
 
 
-def runtime_graph(step: fx.GraphModule, num_layers: int, policy: CachePolicy | None = None,
-                  native_windows: tuple[int, ...] | None = None) -> fx.GraphModule:
+def runtime_graph(step: fx.GraphModule, num_layers: int, policy: CachePolicy | None = None) -> fx.GraphModule:
     """A copy of the step graph for the decode loop, sharing its weights: the cache kept as ``policy``
-    says (``bevel.runtime.cache_graph``; None: every token in float; ``native_windows``: the model's own
-    sliding windows, ``DecoderSpec.native_windows``), the new keys and values written
+    says (``bevel.runtime.cache_graph``; None: every token in float), the new keys and values written
     into the cache tensors it is given instead of returning updated copies (copying every layer's
     whole cache at each token would cost more than the token), without torch.export's input guards
     and tensor checks, taking and returning flat tensors: ``(logits, present_key_0, ...)``. A graph
     without a cache (``num_layers=0``) only loses its guards and takes flat inputs."""
-    kept = storage_graph(step, num_layers, policy or CachePolicy(), native_windows)
+    kept = storage_graph(step, num_layers, policy or CachePolicy())
     graph = kept.graph
     for node in list(graph.nodes):
         if node.target in _CHECKS or (node.op == "call_module" and node.target == "_guards_fn"):
@@ -79,6 +77,7 @@ class CompiledDecoder(CompiledModule):
                  ) -> None:
         super().__init__(graph_module, example_inputs, report, pipeline, cpu_linear_kernels)
         self.spec = spec.with_policy(graph_module)
+        mark_native_windows(graph_module, self.spec)  # a loaded step graph has only the spec's
         if has_early_exit(graph_module):
             self.early_exit = early_exit_state(graph_module)
         self._build_runners()
@@ -88,10 +87,9 @@ class CompiledDecoder(CompiledModule):
         linears of each run on the library timed faster at its rows: a decode step multiplies one token
         per sequence (the example's batch), a prefill the example's prompts. After
         ``layer_skip.early_exit`` exited rows skip the blocks after their exit (same outputs)."""
-        kernels, spec = self._cpu_linear_kernels, self.spec
-        layers, policy, windows = spec.num_layers, spec.cache_policy, spec.native_windows
-        self.prefill_graph, prefill = on_cpu(runtime_graph(self.graph_module, layers, policy, windows), kernels)
-        self.decode_graph, decode = on_cpu(runtime_graph(self.graph_module, layers, policy, windows), kernels,
+        kernels, policy = self._cpu_linear_kernels, self.spec.cache_policy
+        self.prefill_graph, prefill = on_cpu(runtime_graph(self.graph_module, self.spec.num_layers, policy), kernels)
+        self.decode_graph, decode = on_cpu(runtime_graph(self.graph_module, self.spec.num_layers, policy), kernels,
                                            rows=self.example_inputs[0].shape[0])
         self.cpu_linears = list({c.key: c for c in prefill + decode}.values())
         self._keep_kernels()

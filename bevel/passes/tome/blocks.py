@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from bevel.ir.analysis import ancestors
 from bevel.ir.arguments import argument
-from bevel.ir.evaluate import evaluate, example_of
+from bevel.ir.evaluate import evaluate, example_of, masks_nothing
 from bevel.ir.graph import Graph
 
 aten = torch.ops.aten
@@ -134,9 +134,7 @@ def _masks_nothing_without_padding(graph: Graph, mask: fx.Node, padding: fx.Node
                 return False
             inputs[node] = torch.ones_like(example) if node is padding else example
     value = evaluate(graph, mask, inputs)
-    if value is None:
-        return False
-    return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())
+    return value is not None and masks_nothing(value)
 
 
 def _scores_softmax(graph: Graph, node: fx.Node) -> bool:
